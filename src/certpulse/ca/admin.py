@@ -1,0 +1,263 @@
+"""Administration of the CA's directory and catalogue: templates, principals, groups, issuers, API keys.
+
+Every change bumps the state generation (so serving processes reload their snapshot) and
+writes an audit row with the acting operator.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any
+
+from sqlalchemy import Connection, delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from certpulse.ca.model import IMPLICIT_GROUPS, MANAGER_ROLE, Caller, new_secret
+from certpulse.ca.service import CAService
+from certpulse.ca.state import bump_generation
+from certpulse.ca.templates import Template, parse_template, parse_template_toml
+from certpulse.errors import Reason, Refusal
+from certpulse.pki.certs import thumbprint
+from certpulse.pki.template_info import new_template_oid
+from certpulse.store import schema as t
+from certpulse.store.db import read, write
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ROLES = (MANAGER_ROLE,)
+KINDS = ("machine", "user")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME.match(name):
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+
+
+class CAAdmin:
+    def __init__(self, service: CAService, caller: Caller) -> None:
+        self.service = service
+        self.engine = service.engine
+        self.caller = caller
+
+    def _audit(self, conn: Connection, now: dt.datetime, action: str, **fields: Any) -> None:
+        self.service._audit(conn, now, self.caller.actor, action, **fields)
+
+    # -- templates ----------------------------------------------------------------------
+
+    def add_template(self, text: str, now: dt.datetime, issuers: list[str] | None = None) -> Template:
+        template = parse_template_toml(text, default_oid=new_template_oid())
+        with write(self.engine) as conn:
+            if conn.execute(select(t.templates.c.name).where(t.templates.c.name == template.name)).first():
+                raise Refusal(Reason.CONFLICT, f"template {template.name!r} exists; use 'template edit'")
+            self._check_references(conn, template)
+            try:
+                with conn.begin_nested():
+                    conn.execute(t.templates.insert().values(
+                        name=template.name, oid=template.oid, major_version=template.major_version,
+                        minor_version=template.minor_version, document=json.dumps(template.document()),
+                        created_at=now, updated_at=now))
+            except IntegrityError:
+                raise Refusal(Reason.CONFLICT, f"template OID {template.oid} is already used") from None
+            issuer_rows = conn.execute(
+                select(t.authorities.c.id, t.authorities.c.name).where(t.authorities.c.role == "issuer")
+            ).all()
+            chosen = [r for r in issuer_rows if issuers is None or r.name in issuers]
+            unknown = set(issuers or ()) - {r.name for r in issuer_rows}
+            if unknown:
+                raise Refusal(Reason.UNKNOWN_ISSUER, f"no issuer named {sorted(unknown)[0]!r}")
+            for row in chosen:
+                conn.execute(t.issuer_templates.insert().values(authority_id=row.id, template_name=template.name))
+            bump_generation(conn)
+            self._audit(conn, now, "template-added", template=template.name,
+                        detail=f"version {template.version}; issuers {', '.join(r.name for r in chosen) or 'none'}")
+        return template
+
+    def edit_template(self, name: str, text: str, now: dt.datetime) -> Template:
+        """Replace a template's settings; raises the minor version (no forced re-enrollment)."""
+        with write(self.engine) as conn:
+            row = self._template_row(conn, name)
+            template = parse_template_toml(text, default_oid=row.oid)
+            if template.name != name:
+                raise Refusal(Reason.INVALID_TEMPLATE, f"the file defines {template.name!r}, not {name!r}")
+            if template.oid != row.oid:
+                raise Refusal(Reason.INVALID_TEMPLATE, "a template's OID cannot change")
+            self._check_references(conn, template)
+            template = template.with_versions(row.major_version, row.minor_version + 1)
+            self._store_template(conn, template, now)
+            self._audit(conn, now, "template-edited", template=name, detail=f"version {template.version}")
+        return template
+
+    def reenroll_all(self, name: str, now: dt.datetime) -> Template:
+        """Raise the major version: every holder renews at its next pulse (the seed's "Reenroll All")."""
+        with write(self.engine) as conn:
+            row = self._template_row(conn, name)
+            template = parse_template(json.loads(row.document), default_oid=row.oid)
+            template = template.with_versions(row.major_version + 1, 0)
+            self._store_template(conn, template, now)
+            self._audit(conn, now, "template-reenroll-all", template=name, detail=f"version {template.version}")
+        return template
+
+    def _store_template(self, conn: Connection, template: Template, now: dt.datetime) -> None:
+        conn.execute(update(t.templates).where(t.templates.c.name == template.name).values(
+            major_version=template.major_version, minor_version=template.minor_version,
+            document=json.dumps(template.document()), updated_at=now))
+        bump_generation(conn)
+
+    @staticmethod
+    def _template_row(conn: Connection, name: str) -> Any:
+        row = conn.execute(select(t.templates).where(t.templates.c.name == name)).first()
+        if row is None:
+            raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {name!r}")
+        return row
+
+    @staticmethod
+    def _check_references(conn: Connection, template: Template) -> None:
+        known = set(conn.execute(select(t.templates.c.name)).scalars())
+        for old in template.supersedes:
+            if old not in known:
+                raise Refusal(Reason.INVALID_TEMPLATE, f"supersedes names unknown template {old!r}")
+
+    def templates(self) -> list[Template]:
+        with read(self.engine) as conn:
+            return sorted(self.service.snapshot(conn).templates.values(), key=lambda x: x.name)
+
+    def template(self, name: str) -> Template:
+        with read(self.engine) as conn:
+            template = self.service.snapshot(conn).templates.get(name)
+        if template is None:
+            raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {name!r}")
+        return template
+
+    # -- principals and groups ----------------------------------------------------------
+
+    def add_principal(self, name: str, kind: str, now: dt.datetime, groups: list[str] | None = None,
+                      roles: list[str] | None = None) -> dict[str, Any]:
+        _check_name("principal", name)
+        if kind not in KINDS:
+            raise Refusal(Reason.INVALID_ARGUMENT, f"kind must be one of {', '.join(KINDS)}")
+        for group in groups or ():
+            _check_name("group", group)
+        for role in roles or ():
+            if role not in ROLES:
+                raise Refusal(Reason.INVALID_ARGUMENT, f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+        with write(self.engine) as conn:
+            try:
+                with conn.begin_nested():
+                    principal_id = conn.execute(t.principals.insert().values(
+                        name=name, kind=kind, roles=",".join(sorted(set(roles or ()))), enabled=True,
+                        created_at=now).returning(t.principals.c.id)).scalar_one()
+            except IntegrityError:
+                raise Refusal(Reason.CONFLICT, f"principal {name!r} exists; use 'principal token' for a new token") from None
+            for group in sorted(set(groups or ())):
+                conn.execute(t.group_members.insert().values(group_name=group, principal_id=principal_id))
+            token, expires = self._new_token(conn, principal_id, now)
+            bump_generation(conn)
+            self._audit(conn, now, "principal-added", detail=f"{kind} {name}; groups {sorted(set(groups or ()))}")
+        return {"name": name, "kind": kind, "token": token, "expires_at": expires.isoformat()}
+
+    def new_token(self, name: str, now: dt.datetime) -> dict[str, Any]:
+        """A fresh one-time token (e.g. to re-bootstrap a rebuilt machine)."""
+        with write(self.engine) as conn:
+            principal_id = self._principal_id(conn, name)
+            token, expires = self._new_token(conn, principal_id, now)
+            self._audit(conn, now, "token-issued", detail=f"principal {name}")
+        return {"name": name, "token": token, "expires_at": expires.isoformat()}
+
+    def _new_token(self, conn: Connection, principal_id: int, now: dt.datetime) -> tuple[str, dt.datetime]:
+        token, digest = new_secret("cpe")
+        expires = now + self.service.token_lifetime
+        conn.execute(t.enrollment_tokens.insert().values(
+            token_hash=digest, principal_id=principal_id, expires_at=expires, created_at=now))
+        return token, expires
+
+    @staticmethod
+    def _principal_id(conn: Connection, name: str) -> int:
+        principal_id = conn.execute(select(t.principals.c.id).where(t.principals.c.name == name)).scalar()
+        if principal_id is None:
+            raise Refusal(Reason.NOT_FOUND, f"no principal named {name!r}")
+        return int(principal_id)
+
+    def set_groups(self, name: str, now: dt.datetime, add: list[str], remove: list[str]) -> None:
+        for group in add:
+            _check_name("group", group)
+        with write(self.engine) as conn:
+            principal_id = self._principal_id(conn, name)
+            current = set(conn.execute(select(t.group_members.c.group_name)
+                                       .where(t.group_members.c.principal_id == principal_id)).scalars())
+            for group in set(add) - current:
+                conn.execute(t.group_members.insert().values(group_name=group, principal_id=principal_id))
+            for group in set(remove) & current:
+                conn.execute(delete(t.group_members).where(
+                    (t.group_members.c.principal_id == principal_id) & (t.group_members.c.group_name == group)))
+            bump_generation(conn)
+            self._audit(conn, now, "principal-groups", detail=f"{name}: +{sorted(add)} -{sorted(remove)}")
+
+    def principals(self) -> list[dict[str, Any]]:
+        with read(self.engine) as conn:
+            members: dict[int, list[str]] = {}
+            for row in conn.execute(select(t.group_members)):
+                members.setdefault(row.principal_id, []).append(row.group_name)
+            return [
+                {"name": r.name, "kind": r.kind, "groups": sorted([*members.get(r.id, []), IMPLICIT_GROUPS[r.kind]]),
+                 "roles": [x for x in r.roles.split(",") if x], "enrolled": r.credential_hash is not None,
+                 "enabled": r.enabled, "created_at": r.created_at.isoformat()}
+                for r in conn.execute(select(t.principals).order_by(t.principals.c.name))
+            ]
+
+    # -- issuers ------------------------------------------------------------------------
+
+    def issuers(self) -> list[dict[str, Any]]:
+        with read(self.engine) as conn:
+            snap = self.service.snapshot(conn)
+        return [
+            {"name": a.name, "role": a.role, "cost": a.cost, "renewal_only": a.renewal_only,
+             "enabled": a.enabled, "templates": sorted(a.templates), "subject": a.certificate.subject.rfc4514_string(),
+             "not_after": a.certificate.not_valid_after_utc.isoformat(), "thumbprint": thumbprint(a.certificate)}
+            for a in snap.authorities
+        ]
+
+    def set_issuer(self, name: str, now: dt.datetime, *, cost: int | None = None,
+                   renewal_only: bool | None = None, enabled: bool | None = None,
+                   serve: list[str] | None = None, unserve: list[str] | None = None) -> None:
+        with write(self.engine) as conn:
+            row = conn.execute(select(t.authorities).where(
+                (t.authorities.c.name == name) & (t.authorities.c.role == "issuer"))).first()
+            if row is None:
+                raise Refusal(Reason.UNKNOWN_ISSUER, f"no issuer named {name!r}")
+            values: dict[str, Any] = {}
+            if cost is not None:
+                values["cost"] = cost
+            if renewal_only is not None:
+                values["renewal_only"] = renewal_only
+            if enabled is not None:
+                values["enabled"] = enabled
+            if values:
+                conn.execute(update(t.authorities).where(t.authorities.c.id == row.id).values(**values))
+            known = set(conn.execute(select(t.templates.c.name)).scalars())
+            served = set(conn.execute(select(t.issuer_templates.c.template_name)
+                                      .where(t.issuer_templates.c.authority_id == row.id)).scalars())
+            for template in serve or ():
+                if template not in known:
+                    raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {template!r}")
+                if template not in served:
+                    conn.execute(t.issuer_templates.insert().values(authority_id=row.id, template_name=template))
+            for template in unserve or ():
+                conn.execute(delete(t.issuer_templates).where(
+                    (t.issuer_templates.c.authority_id == row.id) & (t.issuer_templates.c.template_name == template)))
+            bump_generation(conn)
+            self._audit(conn, now, "issuer-changed", detail=f"{name}: {values}; +{serve or []} -{unserve or []}")
+
+    # -- API keys -----------------------------------------------------------------------
+
+    def add_api_key(self, name: str, now: dt.datetime) -> str:
+        _check_name("API key", name)
+        key, digest = new_secret("cpa")
+        with write(self.engine) as conn:
+            try:
+                with conn.begin_nested():
+                    conn.execute(t.api_keys.insert().values(key_hash=digest, name=name, role="admin", created_at=now))
+            except IntegrityError:
+                raise Refusal(Reason.CONFLICT, f"an API key named {name!r} exists") from None
+            self._audit(conn, now, "api-key-added", detail=name)
+        return key

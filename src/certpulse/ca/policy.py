@@ -1,0 +1,324 @@
+"""The request policy: an ordered chain of checks over state gathered beforehand. Pure.
+
+The service first gathers everything a decision needs (the caller, the template, the CA's
+authorities, what the database knows of presented certificates); :func:`decide` then runs
+the checks in the order the issue fixes and returns a :class:`Decision` or raises a
+:class:`~certpulse.errors.Refusal` naming the first one that failed:
+
+1. template exists, and the caller may read and enroll;
+2. the CSR parses and its signature verifies (proof of possession), with a modern hash;
+3. renewal evidence, RA co-signatures and key archival, when the request or template needs them;
+4. key type and size (global rules, then the template's);
+5. the subject and every SAN against the template's rules;
+6. an issuer that serves the template, and the validity window (never past its notAfter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from certpulse.ca.model import Authority, Caller, EnrollmentRequest, Evidence, KnownCertificate
+from certpulse.ca.templates import EKU_NAMES, Template
+from certpulse.errors import Reason, Refusal
+from certpulse.pki import key_archival
+from certpulse.pki.build import inclusive_not_after
+from certpulse.pki.certs import load_csr, thumbprint
+from certpulse.pki.keys import PrivateKey, PublicKey, check_public_key
+from certpulse.pki.names import (
+    RequestedNames,
+    dns_name_matches,
+    ip_in_ranges,
+    is_hostname,
+    requested_names,
+    to_general_names,
+)
+from certpulse.pki.signing import verify_bytes
+
+WEAK_HASHES = ("md5", "sha1", "md4", "md2")
+REQUEST_SUBJECT_ATTRIBUTES = {
+    NameOID.COMMON_NAME,
+    NameOID.ORGANIZATION_NAME,
+    NameOID.ORGANIZATIONAL_UNIT_NAME,
+    NameOID.COUNTRY_NAME,
+    NameOID.STATE_OR_PROVINCE_NAME,
+    NameOID.LOCALITY_NAME,
+}
+DEFAULT_RA_POLICY = EKU_NAMES["certificate_request_agent"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+    """Everything :func:`decide` may look at, read from the store before deciding."""
+
+    template: Template | None
+    authorities: tuple[Authority, ...]
+    known: Mapping[str, KnownCertificate]  # by thumbprint, for every presented certificate
+    kra_key: rsa.RSAPrivateKey | None = None
+    kra: Authority | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    template: Template
+    kind: str  # new | renewal
+    subject: x509.Name
+    names: RequestedNames
+    public_key: PublicKey
+    csr_der: bytes
+    issuer: Authority
+    not_before: dt.datetime
+    not_after: dt.datetime
+    pending: bool
+    renewal_of: KnownCertificate | None
+    archived_key: Mapping[str, str] | None
+
+    def sans(self) -> list[x509.GeneralName]:
+        return to_general_names(self.names)
+
+    def subject_text(self) -> str:
+        return self.subject.rfc4514_string()
+
+
+def decide(caller: Caller, req: EnrollmentRequest, state: Gathered, now: dt.datetime) -> Decision:
+    template = _check_template(caller, req, state)
+    csr = _check_csr(req.csr)
+    csr_der = csr.public_bytes(serialization.Encoding.DER)
+    renewal_of = _check_renewal(caller, req, template, state, csr_der, now)
+    _check_ra_signatures(req.ra_signatures, template, state, csr_der, now)
+    public_key = check_public_key(csr.public_key(), template.key_types)
+    archived = _check_key_archival(req, template, state, public_key)
+    subject, names = _check_names(caller, template, csr, req.renewal if renewal_of else None)
+    issuer = _choose_issuer(req, template, state, renewal=renewal_of is not None, now=now)
+    not_before = now
+    not_after = min(inclusive_not_after(now, template.validity), issuer.certificate.not_valid_after_utc)
+    return Decision(
+        template=template,
+        kind="renewal" if renewal_of else "new",
+        subject=subject,
+        names=names,
+        public_key=public_key,
+        csr_der=csr_der,
+        issuer=issuer,
+        not_before=not_before,
+        not_after=not_after,
+        pending=template.manager_approval,
+        renewal_of=renewal_of,
+        archived_key=archived,
+    )
+
+
+def _check_template(caller: Caller, req: EnrollmentRequest, state: Gathered) -> Template:
+    template = state.template
+    if template is None:
+        raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {req.template!r}")
+    rights = template.rights_of(caller.name, caller.groups) if caller.kind == "principal" else frozenset()
+    if "read" not in rights:
+        # Do not confirm to an unauthorised caller that the template exists.
+        raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {req.template!r}")
+    if "enroll" not in rights and "autoenroll" not in rights:
+        raise Refusal(
+            Reason.TEMPLATE_NOT_PERMITTED, f"{caller.actor} may not enroll for {template.name!r}"
+        )
+    return template
+
+
+def _check_csr(data: bytes) -> x509.CertificateSigningRequest:
+    csr = load_csr(data)
+    try:
+        valid = csr.is_signature_valid
+        algorithm = csr.signature_hash_algorithm
+    except Exception:  # unsupported algorithms and unparsable keys surface here
+        raise Refusal(Reason.MALFORMED_CSR, "the CSR's key or signature algorithm is not supported") from None
+    if not valid:
+        raise Refusal(Reason.BAD_CSR_SIGNATURE, "the CSR's signature does not verify with its own key")
+    if algorithm is None or algorithm.name in WEAK_HASHES:
+        name = algorithm.name if algorithm else "none"
+        raise Refusal(Reason.WEAK_SIGNATURE_ALGORITHM, f"CSR signed with {name}; use SHA-256 or better")
+    try:
+        csr.extensions  # noqa: B018 - parse them now so a broken one is a clear refusal
+    except Exception as exc:
+        raise Refusal(Reason.MALFORMED_CSR, f"unreadable extensions in the CSR: {exc}") from None
+    return csr
+
+
+def _issued_by_us(cert: x509.Certificate, state: Gathered) -> Authority | None:
+    for authority in state.authorities:
+        if authority.role != "issuer" or authority.certificate.subject != cert.issuer:
+            continue
+        try:
+            cert.verify_directly_issued_by(authority.certificate)
+        except (ValueError, TypeError, Exception):  # noqa: S112 - try the next authority
+            continue
+        return authority
+    return None
+
+
+def _check_renewal(
+    caller: Caller, req: EnrollmentRequest, template: Template, state: Gathered,
+    csr_der: bytes, now: dt.datetime,
+) -> KnownCertificate | None:
+    evidence = req.renewal
+    if evidence is None:
+        return None
+    cert = evidence.certificate
+    known = state.known.get(thumbprint(cert))
+    if _issued_by_us(cert, state) is None or known is None:
+        raise Refusal(Reason.RENEWAL_INVALID, "the certificate being renewed was not issued by this CA")
+    if known.principal_id is None or known.principal_id != caller.principal_id:
+        raise Refusal(Reason.RENEWAL_INVALID, "the certificate being renewed belongs to someone else")
+    if known.revoked_at is not None:
+        raise Refusal(Reason.RENEWAL_OF_REVOKED, "the certificate being renewed is revoked; make a new request")
+    if now > known.not_after:
+        raise Refusal(Reason.RENEWAL_OF_EXPIRED, "the certificate being renewed has expired; make a new request")
+    if now < known.not_before:
+        raise Refusal(Reason.RENEWAL_INVALID, "the certificate being renewed is not yet valid")
+    if known.template_name != template.name and known.template_name not in template.supersedes:
+        raise Refusal(
+            Reason.RENEWAL_INVALID,
+            f"a {known.template_name!r} certificate cannot be renewed as {template.name!r}",
+        )
+    if not verify_bytes(cert.public_key(), evidence.signature, csr_der):
+        raise Refusal(Reason.RENEWAL_INVALID, "the renewal signature does not verify with the old certificate's key")
+    return known
+
+
+def _check_ra_signatures(
+    evidence: tuple[Evidence, ...], template: Template, state: Gathered, csr_der: bytes, now: dt.datetime
+) -> None:
+    if template.ra_signatures == 0:
+        return
+    policy = template.ra_policy or DEFAULT_RA_POLICY
+    holders: set[int] = set()
+    for item in evidence:
+        cert = item.certificate
+        known = state.known.get(thumbprint(cert))
+        if known is None or known.revoked_at is not None or known.principal_id is None:
+            continue
+        if not known.not_before <= now <= known.not_after or _issued_by_us(cert, state) is None:
+            continue
+        try:
+            usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            continue
+        if x509.ObjectIdentifier(policy) not in usages:
+            continue
+        if verify_bytes(cert.public_key(), item.signature, csr_der):
+            holders.add(known.principal_id)
+    if len(holders) < template.ra_signatures:
+        raise Refusal(
+            Reason.RA_SIGNATURES_MISSING,
+            f"template {template.name!r} needs {template.ra_signatures} registration-authority "
+            f"signature(s) from different agents; {len(holders)} valid",
+        )
+
+
+def _check_key_archival(
+    req: EnrollmentRequest, template: Template, state: Gathered, public_key: PublicKey
+) -> Mapping[str, str] | None:
+    if not template.archive_private_key:
+        return None
+    if state.kra is None or state.kra_key is None:
+        raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, "the template archives keys but this CA has no KRA")
+    if req.archived_key is None:
+        raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, f"template {template.name!r} requires the private key, encrypted to the KRA")
+    if req.archived_key.get("kra") != thumbprint(state.kra.certificate):
+        raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, "the archived key is not encrypted to this CA's KRA")
+    private: PrivateKey = key_archival.open_envelope(req.archived_key, state.kra_key)
+    if not key_archival.matches(private, public_key):
+        raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, "the archived key is not the CSR's key")
+    return {str(k): str(v) for k, v in req.archived_key.items()}
+
+
+def _principal_names(caller: Caller) -> tuple[x509.Name, RequestedNames]:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, caller.name)])
+    if caller.principal_kind == "machine" and is_hostname(caller.name.lower(), allow_wildcard=False):
+        return subject, RequestedNames(dns=(caller.name.lower(),))
+    return subject, RequestedNames()
+
+
+def _check_names(
+    caller: Caller, template: Template, csr: x509.CertificateSigningRequest, renewing: Evidence | None
+) -> tuple[x509.Name, RequestedNames]:
+    if template.subject_source == "principal":
+        return _principal_names(caller)
+    if renewing is not None and template.renewal_subject_from_existing:
+        old = renewing.certificate
+        try:
+            san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            sans = [n for n in san]
+        except x509.ExtensionNotFound:
+            sans = []
+        names = RequestedNames(
+            dns=tuple(n.value for n in sans if isinstance(n, x509.DNSName)),
+            ip=tuple(str(n.value) for n in sans if isinstance(n, x509.IPAddress)),
+            email=tuple(n.value for n in sans if isinstance(n, x509.RFC822Name)),
+        )
+        return old.subject, names
+    rules = template.names
+    try:
+        subject = csr.subject
+        attributes = list(subject)
+    except ValueError as exc:
+        raise Refusal(Reason.MALFORMED_CSR, f"unreadable subject: {exc}") from None
+    for attr in attributes:
+        if attr.oid not in REQUEST_SUBJECT_ATTRIBUTES:
+            raise Refusal(Reason.NAME_NOT_ALLOWED, f"subject attribute {attr.oid.dotted_string} is not allowed")
+    names = requested_names(csr)
+    common_names = [str(a.value).lower() for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if len(common_names) > 1:
+        raise Refusal(Reason.NAME_NOT_ALLOWED, "the subject has more than one common name")
+    if not names.all() and common_names and is_hostname(common_names[0], allow_wildcard=rules.wildcard):
+        names = RequestedNames(dns=(common_names[0],))
+    if not names.all():
+        raise Refusal(Reason.NAME_NOT_ALLOWED, "the request names nothing (no SAN and no host name as CN)")
+    if len(names.all()) > rules.max:
+        raise Refusal(Reason.NAME_NOT_ALLOWED, f"at most {rules.max} names are allowed")
+    if common_names and common_names[0] not in [n.lower() for n in names.all()]:
+        raise Refusal(Reason.NAME_NOT_ALLOWED, f"the common name {common_names[0]!r} is not among the SANs")
+    for dns in names.dns:
+        if not is_hostname(dns, allow_wildcard=True):
+            raise Refusal(Reason.NAME_NOT_ALLOWED, f"{dns!r} is not a valid DNS name")
+        if dns.startswith("*.") and not rules.wildcard:
+            raise Refusal(Reason.NAME_NOT_ALLOWED, f"wildcard names such as {dns!r} are not allowed")
+        if not dns_name_matches(dns, rules.dns):
+            raise Refusal(Reason.NAME_NOT_ALLOWED, f"DNS name {dns!r} is not allowed by template {template.name!r}")
+    for ip in names.ip:
+        if not rules.ip:
+            raise Refusal(Reason.NAME_NOT_ALLOWED, f"IP address {ip} is not allowed by template {template.name!r}")
+        if rules.ip_ranges and not ip_in_ranges(ip, rules.ip_ranges):
+            raise Refusal(Reason.NAME_NOT_ALLOWED, f"IP address {ip} is outside the allowed ranges")
+    if names.email and not rules.email:
+        raise Refusal(Reason.NAME_NOT_ALLOWED, "e-mail names are not allowed by this template")
+    if names.uri:
+        raise Refusal(Reason.NAME_NOT_ALLOWED, "URI names are not allowed")
+    return subject, names
+
+
+def _choose_issuer(
+    req: EnrollmentRequest, template: Template, state: Gathered, *, renewal: bool, now: dt.datetime
+) -> Authority:
+    issuers = [a for a in state.authorities if a.role == "issuer"]
+    if req.issuer is not None:
+        named = [a for a in issuers if a.name == req.issuer]
+        if not named:
+            raise Refusal(Reason.UNKNOWN_ISSUER, f"no issuer named {req.issuer!r}")
+        issuer = named[0]
+        if not issuer.serves(template.name) or not issuer.valid_at(now):
+            raise Refusal(Reason.NO_ISSUER, f"issuer {issuer.name!r} does not serve {template.name!r}")
+        if issuer.renewal_only and not renewal:
+            raise Refusal(Reason.ISSUER_RENEWAL_ONLY, f"issuer {issuer.name!r} only renews certificates")
+        return issuer
+    candidates = sorted(
+        (a for a in issuers if a.serves(template.name) and a.valid_at(now) and (renewal or not a.renewal_only)),
+        key=lambda a: (a.cost, a.name),
+    )
+    if not candidates:
+        raise Refusal(Reason.NO_ISSUER, f"no issuer serves template {template.name!r} for this request")
+    return candidates[0]

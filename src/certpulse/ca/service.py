@@ -1,0 +1,528 @@
+"""The enrollment service: authentication, requests, approval, revocation, policy, audit.
+
+This is the part trusted to sign. It knows nothing of HTTP: the frontends call it with a
+:class:`Caller` and ``now`` and translate its :class:`Refusal` into their own terms. Every
+decision (issued, pending, denied, approved, revoked, refused) is written to the audit table;
+an issuance is one transaction that records the serial before the certificate is signed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from certpulse.ca import policy as request_policy
+from certpulse.ca.model import (
+    IMPLICIT_GROUPS,
+    Caller,
+    EnrollmentRequest,
+    KnownCertificate,
+    hash_secret,
+    new_secret,
+)
+from certpulse.ca.state import KeyRing, Snapshot, load_snapshot, read_generation
+from certpulse.ca.templates import Template
+from certpulse.errors import Reason, Refusal
+from certpulse.pki import template_info
+from certpulse.pki.build import build_end_entity, inclusive_not_after, random_serial
+from certpulse.pki.certs import der, parse_serial, pem, serial_hex, thumbprint
+from certpulse.pki.key_archival import dumps as envelope_json
+from certpulse.pki.keys import PublicKey
+from certpulse.pki.names import names_from_json, names_to_json
+from certpulse.store import schema as t
+from certpulse.store.db import read, write
+
+REVOCATION_REASONS = tuple(
+    r.name for r in x509.ReasonFlags if r not in (x509.ReasonFlags.remove_from_crl,)
+)
+
+
+class CAService:
+    def __init__(self, engine: Engine, keyring: KeyRing, *, policy_id: str, token_lifetime: dt.timedelta) -> None:
+        self.engine = engine
+        self.keyring = keyring
+        self.policy_id = policy_id
+        self.token_lifetime = token_lifetime
+        self._snapshot: Snapshot | None = None
+        self._lock = threading.Lock()
+
+    # -- state --------------------------------------------------------------------------
+
+    def snapshot(self, conn: Connection) -> Snapshot:
+        """The cached snapshot, reloaded when an administrative change moved the generation."""
+        generation = read_generation(conn)
+        current = self._snapshot
+        if current is None or current.generation != generation:
+            with self._lock:
+                current = load_snapshot(conn)
+                self._snapshot = current
+        return current
+
+    # -- audit --------------------------------------------------------------------------
+
+    @staticmethod
+    def _audit(
+        conn: Connection, now: dt.datetime, actor: str, action: str, *, template: str | None = None,
+        request_id: int | None = None, serial: str | None = None, names: Iterable[str] = (),
+        reason: str | None = None, detail: str | None = None,
+    ) -> None:
+        conn.execute(
+            t.audit.insert().values(
+                at=now, actor=actor, action=action, template_name=template, request_id=request_id,
+                serial=serial, names=json.dumps(list(names)) if names else None, reason=reason,
+                detail=detail[:2000] if detail else None,
+            )
+        )
+
+    def audit_refusal(self, actor: str, action: str, refusal: Refusal, now: dt.datetime, *,
+                      template: str | None = None, request_id: int | None = None) -> None:
+        """Record a refusal in its own transaction (the refused work wrote nothing)."""
+        with write(self.engine) as conn:
+            self._audit(conn, now, actor, action, template=template, request_id=request_id,
+                        reason=refusal.reason.value, detail=refusal.detail)
+
+    def audit_log(self, caller: Caller, *, limit: int = 100, request_id: int | None = None) -> list[dict[str, Any]]:
+        self._require_manager(caller)
+        query = select(t.audit).order_by(t.audit.c.id.desc()).limit(max(1, min(limit, 10_000)))
+        if request_id is not None:
+            query = query.where(t.audit.c.request_id == request_id)
+        with read(self.engine) as conn:
+            return [
+                {
+                    "id": row.id, "at": row.at.isoformat(), "actor": row.actor, "action": row.action,
+                    "template": row.template_name, "request_id": row.request_id, "serial": row.serial,
+                    "names": json.loads(row.names) if row.names else [], "reason": row.reason,
+                    "detail": row.detail,
+                }
+                for row in conn.execute(query)
+            ]
+
+    # -- authentication -----------------------------------------------------------------
+
+    def authenticate(self, secret: str | None) -> Caller:
+        if not secret:
+            raise Refusal(Reason.UNAUTHENTICATED, "no credential was presented")
+        digest = hash_secret(secret)
+        with read(self.engine) as conn:
+            if secret.startswith("cpa_"):
+                key = conn.execute(select(t.api_keys).where(t.api_keys.c.key_hash == digest)).first()
+                if key is not None:
+                    return Caller(kind="admin", name=key.name)
+            else:
+                row = conn.execute(
+                    select(t.principals).where(t.principals.c.credential_hash == digest)
+                ).first()
+                if row is not None and row.enabled:
+                    return self._principal_caller(conn, row)
+        raise Refusal(Reason.UNAUTHENTICATED, "the credential is not valid")
+
+    @staticmethod
+    def _principal_caller(conn: Connection, row: Any) -> Caller:
+        groups = set(
+            conn.execute(
+                select(t.group_members.c.group_name).where(t.group_members.c.principal_id == row.id)
+            ).scalars()
+        )
+        groups.add(IMPLICIT_GROUPS[row.kind])
+        return Caller(
+            kind="principal", name=row.name, principal_id=row.id, principal_kind=row.kind,
+            groups=frozenset(groups), roles=frozenset(r for r in row.roles.split(",") if r),
+        )
+
+    def exchange_token(self, token: str, now: dt.datetime) -> dict[str, str]:
+        """Trade a one-time enrollment token for the principal's long-lived credential."""
+        try:
+            with write(self.engine) as conn:
+                row = conn.execute(
+                    select(t.enrollment_tokens, t.principals.c.name, t.principals.c.kind)
+                    .join(t.principals, t.principals.c.id == t.enrollment_tokens.c.principal_id)
+                    .where(t.enrollment_tokens.c.token_hash == hash_secret(token))
+                ).first()
+                if row is None:
+                    raise Refusal(Reason.TOKEN_INVALID, "the enrollment token is not known")
+                if row.used_at is not None:
+                    raise Refusal(Reason.TOKEN_USED, "the enrollment token was already used")
+                if now >= row.expires_at:
+                    raise Refusal(Reason.TOKEN_EXPIRED, "the enrollment token has expired")
+                credential, digest = new_secret("cpc")
+                conn.execute(
+                    update(t.enrollment_tokens)
+                    .where(t.enrollment_tokens.c.token_hash == row.token_hash)
+                    .values(used_at=now)
+                )
+                conn.execute(
+                    update(t.principals).where(t.principals.c.id == row.principal_id)
+                    .values(credential_hash=digest)
+                )
+                self._audit(conn, now, f"principal:{row.name}", "token-exchanged")
+        except Refusal as refusal:
+            self.audit_refusal("anonymous:-", "token-refused", refusal, now)
+            raise
+        return {"principal": row.name, "kind": row.kind, "credential": credential}
+
+    # -- policy (the seed's CEP) --------------------------------------------------------
+
+    def policy(self, caller: Caller, now: dt.datetime) -> dict[str, Any]:
+        with read(self.engine) as conn:
+            snap = self.snapshot(conn)
+            directory = self._directory(conn, caller, now)
+        templates = []
+        for template in sorted(snap.templates.values(), key=lambda x: x.name):
+            rights = template.rights_of(caller.name, caller.groups) if caller.kind == "principal" else frozenset()
+            if caller.kind == "admin":
+                rights = frozenset({"read"})
+            if "read" not in rights:
+                continue
+            templates.append(template_policy(template, rights))
+        issuers = [
+            {
+                "name": a.name, "certificate": pem(a.certificate), "cost": a.cost,
+                "renewal_only": a.renewal_only, "templates": sorted(a.templates),
+                "thumbprint": thumbprint(a.certificate),
+            }
+            for a in snap.by_role("issuer") if a.enabled
+        ]
+        return {
+            "policy_id": self.policy_id,
+            "generated_at": now.isoformat(),
+            "refresh_after_seconds": 600,
+            "templates": templates,
+            "issuers": issuers,
+            "roots": [pem(a.certificate) for a in snap.by_role("root")],
+            "intermediates": [pem(a.certificate) for a in snap.by_role("issuer")],
+            "kra": [pem(a.certificate) for a in snap.by_role("kra") if a.enabled],
+            "directory": directory,
+        }
+
+    def _directory(self, conn: Connection, caller: Caller, now: dt.datetime) -> list[dict[str, Any]]:
+        """The caller's published, valid certificates (the seed's userCertificate attribute)."""
+        if caller.principal_id is None:
+            return []
+        rows = conn.execute(
+            select(t.certificates.c.template_name, t.certificates.c.serial, t.certificates.c.thumbprint,
+                   t.certificates.c.not_after)
+            .where(and_(
+                t.certificates.c.principal_id == caller.principal_id,
+                t.certificates.c.status == "issued",
+                t.certificates.c.revoked_at.is_(None),
+                t.certificates.c.not_after > now,
+            ))
+            .order_by(t.certificates.c.id)
+        )
+        return [
+            {"template": r.template_name, "serial": r.serial, "thumbprint": r.thumbprint,
+             "not_after": r.not_after.isoformat()}
+            for r in rows
+        ]
+
+    # -- requests -----------------------------------------------------------------------
+
+    def submit(self, caller: Caller, req: EnrollmentRequest, now: dt.datetime) -> dict[str, Any]:
+        """Check a request and either issue, leave it pending, or refuse it (audited either way)."""
+        try:
+            if caller.kind != "principal":
+                raise Refusal(Reason.FORBIDDEN, "only principals enroll; use the principal's credential")
+            with write(self.engine) as conn:
+                decision = request_policy.decide(caller, req, self._gather(conn, req), now)
+                request_id = self._insert_request(conn, caller, decision, now)
+                if decision.pending:
+                    self._audit(conn, now, caller.actor, "pending", template=decision.template.name,
+                                request_id=request_id, names=decision.names.all(),
+                                detail=f"{decision.kind} request awaits CA-manager approval")
+                    return {"id": request_id, "status": "pending"}
+                return self._issue(conn, caller.actor, request_id, decision, now, caller.principal_id)
+        except Refusal as refusal:
+            self.audit_refusal(caller.actor, "refused", refusal, now, template=req.template)
+            raise
+
+    def _gather(self, conn: Connection, req: EnrollmentRequest) -> request_policy.Gathered:
+        snap = self.snapshot(conn)
+        presented = [e.certificate for e in (*req.ra_signatures, *([req.renewal] if req.renewal else []))]
+        known: dict[str, KnownCertificate] = {}
+        if presented:
+            prints = [thumbprint(c) for c in presented]
+            for row in conn.execute(select(t.certificates).where(t.certificates.c.thumbprint.in_(prints))):
+                known[row.thumbprint] = KnownCertificate(
+                    id=row.id, authority_id=row.authority_id, serial=row.serial,
+                    principal_id=row.principal_id, template_name=row.template_name,
+                    not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
+                )
+        template = snap.templates.get(req.template)
+        kra = snap.kra() if template is not None and template.archive_private_key else None
+        return request_policy.Gathered(
+            template=template, authorities=snap.authorities, known=known,
+            kra=kra, kra_key=self.keyring.kra_key(kra),
+        )
+
+    @staticmethod
+    def _insert_request(conn: Connection, caller: Caller, d: request_policy.Decision, now: dt.datetime) -> int:
+        result = conn.execute(
+            t.requests.insert().values(
+                principal_id=caller.principal_id, requester=caller.actor, template_name=d.template.name,
+                template_major=d.template.major_version, template_minor=d.template.minor_version,
+                kind=d.kind, csr_der=d.csr_der, subject=d.subject_text(),
+                names=names_to_json(d.names),
+                renewal_of=d.renewal_of.id if d.renewal_of else None, authority_id=d.issuer.id,
+                status="pending" if d.pending else "issuing", created_at=now,
+            ).returning(t.requests.c.id)
+        )
+        request_id = int(result.scalar_one())
+        if d.archived_key is not None:
+            kra_id = conn.execute(
+                select(t.authorities.c.id).where(t.authorities.c.role == "kra").order_by(t.authorities.c.id)
+            ).scalar_one()
+            conn.execute(t.archived_keys.insert().values(
+                request_id=request_id, authority_id=kra_id,
+                envelope=envelope_json(dict(d.archived_key)), created_at=now,
+            ))
+        return request_id
+
+    def _issue(
+        self, conn: Connection, actor: str, request_id: int, d: request_policy.Decision,
+        now: dt.datetime, principal_id: int | None,
+    ) -> dict[str, Any]:
+        signer = self.keyring.signer(d.issuer)
+        serial = self._reserve_serial(conn, d, request_id, principal_id, now)
+        info = template_info.TemplateInfo(d.template.oid, d.template.major_version, d.template.minor_version)
+        cert = build_end_entity(
+            subject=d.subject, public_key=d.public_key, issuer_cert=d.issuer.certificate,
+            issuer_key=signer.key, serial=serial, not_before=d.not_before, not_after=d.not_after,
+            sans=d.sans(), key_usage=d.template.key_usage_extension(), ekus=d.template.ekus,
+            extra=(template_info.encode(info),),
+        )
+        print_ = thumbprint(cert)
+        conn.execute(
+            update(t.certificates)
+            .where(and_(t.certificates.c.authority_id == d.issuer.id,
+                        t.certificates.c.serial == serial_hex(serial)))
+            .values(status="issued", der=der(cert), thumbprint=print_)
+        )
+        cert_id = conn.execute(
+            select(t.certificates.c.id).where(and_(t.certificates.c.authority_id == d.issuer.id,
+                                                   t.certificates.c.serial == serial_hex(serial)))
+        ).scalar_one()
+        conn.execute(
+            update(t.requests).where(t.requests.c.id == request_id)
+            .values(status="issued", certificate_id=cert_id, decided_at=now,
+                    decided_by=actor if actor.startswith(("admin:", "operator:")) or d.pending else None)
+        )
+        self._audit(conn, now, actor, "issued", template=d.template.name, request_id=request_id,
+                    serial=serial_hex(serial), names=d.names.all() or (d.subject_text(),),
+                    detail=f"{d.kind}; issuer {d.issuer.name}; thumbprint {print_}")
+        return {
+            "id": request_id, "status": "issued", "serial": serial_hex(serial), "thumbprint": print_,
+            "certificate": pem(cert), "chain": self._chain_pems(d.issuer.id),
+        }
+
+    def _reserve_serial(self, conn: Connection, d: request_policy.Decision, request_id: int,
+                        principal_id: int | None, now: dt.datetime) -> int:
+        """Insert the serial's row before signing; the unique constraint forbids any reuse."""
+        for _ in range(5):
+            serial = random_serial()
+            try:
+                with conn.begin_nested():
+                    conn.execute(t.certificates.insert().values(
+                        authority_id=d.issuer.id, serial=serial_hex(serial), request_id=request_id,
+                        principal_id=principal_id, template_name=d.template.name,
+                        subject=d.subject_text(), names=names_to_json(d.names),
+                        not_before=d.not_before, not_after=d.not_after, status="reserved", created_at=now,
+                    ))
+                return serial
+            except IntegrityError:
+                continue
+        raise Refusal(Reason.STORE, "could not reserve a unique serial number")
+
+    def _chain_pems(self, issuer_id: int) -> list[str]:
+        with read(self.engine) as conn:
+            snap = self.snapshot(conn)
+        chain: list[str] = []
+        authority = snap.authority(issuer_id)
+        while True:
+            chain.append(pem(authority.certificate))
+            if authority.parent_id is None:
+                return chain
+            authority = snap.authority(authority.parent_id)
+
+    def get_request(self, caller: Caller, request_id: int) -> dict[str, Any]:
+        with read(self.engine) as conn:
+            row = conn.execute(select(t.requests).where(t.requests.c.id == request_id)).first()
+            if row is None or (not caller.is_manager and row.requester != caller.actor):
+                raise Refusal(Reason.NOT_FOUND, f"no request {request_id}")
+            result = _request_summary(row)
+            if row.status == "issued" and row.certificate_id is not None:
+                cert = conn.execute(
+                    select(t.certificates).where(t.certificates.c.id == row.certificate_id)
+                ).one()
+                result.update(
+                    serial=cert.serial, thumbprint=cert.thumbprint,
+                    certificate=pem(x509.load_der_x509_certificate(cert.der)),
+                )
+        if row.status == "issued":
+            result["chain"] = self._chain_pems(row.authority_id)
+        return result
+
+    def list_requests(self, caller: Caller, status: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        self._require_manager(caller)
+        query = select(t.requests).order_by(t.requests.c.id).limit(max(1, min(limit, 10_000)))
+        if status:
+            query = query.where(t.requests.c.status == status)
+        with read(self.engine) as conn:
+            return [_request_summary(row) for row in conn.execute(query)]
+
+    def approve(self, caller: Caller, request_id: int, now: dt.datetime) -> dict[str, Any]:
+        try:
+            self._require_manager(caller)
+            with write(self.engine) as conn:
+                row = self._pending_row(conn, request_id)
+                if row.requester == caller.actor:
+                    raise Refusal(Reason.SELF_APPROVAL, "a requester cannot approve its own request")
+                snap = self.snapshot(conn)
+                template = snap.templates.get(row.template_name)
+                if template is None:
+                    raise Refusal(Reason.UNKNOWN_TEMPLATE, f"template {row.template_name!r} no longer exists")
+                issuer = snap.authority(row.authority_id)
+                if not issuer.serves(template.name) or not issuer.valid_at(now):
+                    raise Refusal(Reason.NO_ISSUER, f"issuer {issuer.name!r} no longer serves {template.name!r}")
+                csr = x509.load_der_x509_csr(row.csr_der)
+                public_key: PublicKey = csr.public_key()  # type: ignore[assignment]
+                names = names_from_json(row.names)
+                decision = request_policy.Decision(
+                    template=template, kind=row.kind, subject=x509.Name.from_rfc4514_string(row.subject),
+                    names=names, public_key=public_key, csr_der=row.csr_der,
+                    issuer=issuer, not_before=now,
+                    not_after=min(inclusive_not_after(now, template.validity),
+                                  issuer.certificate.not_valid_after_utc),
+                    pending=True, renewal_of=None, archived_key=None,
+                )
+                self._audit(conn, now, caller.actor, "approved", template=template.name,
+                            request_id=request_id, names=names.all())
+                return self._issue(conn, caller.actor, request_id, decision, now, row.principal_id)
+        except Refusal as refusal:
+            self.audit_refusal(caller.actor, "approve-refused", refusal, now, request_id=request_id)
+            raise
+
+    def deny(self, caller: Caller, request_id: int, reason: str, now: dt.datetime) -> dict[str, Any]:
+        try:
+            self._require_manager(caller)
+            if not reason.strip():
+                raise Refusal(Reason.INVALID_ARGUMENT, "a denial needs a reason")
+            with write(self.engine) as conn:
+                row = self._pending_row(conn, request_id)
+                conn.execute(update(t.requests).where(t.requests.c.id == request_id).values(
+                    status="denied", reason=reason, decided_at=now, decided_by=caller.actor))
+                self._audit(conn, now, caller.actor, "denied", template=row.template_name,
+                            request_id=request_id, names=names_from_json(row.names).all(), reason="denied-by-manager",
+                            detail=reason)
+        except Refusal as refusal:
+            self.audit_refusal(caller.actor, "deny-refused", refusal, now, request_id=request_id)
+            raise
+        return {"id": request_id, "status": "denied", "reason": reason}
+
+    @staticmethod
+    def _pending_row(conn: Connection, request_id: int) -> Any:
+        row = conn.execute(select(t.requests).where(t.requests.c.id == request_id)).first()
+        if row is None:
+            raise Refusal(Reason.NOT_FOUND, f"no request {request_id}")
+        if row.status != "pending":
+            raise Refusal(Reason.NOT_PENDING, f"request {request_id} is {row.status}, not pending")
+        return row
+
+    @staticmethod
+    def _require_manager(caller: Caller) -> None:
+        if not caller.is_manager:
+            raise Refusal(Reason.FORBIDDEN, f"{caller.actor} is not a CA manager")
+
+    # -- revocation and status ----------------------------------------------------------
+
+    def revoke(self, caller: Caller, serial: str, reason: str, now: dt.datetime,
+               issuer: str | None = None) -> dict[str, Any]:
+        try:
+            self._require_manager(caller)
+            if reason not in REVOCATION_REASONS:
+                raise Refusal(Reason.INVALID_ARGUMENT,
+                              f"unknown revocation reason {reason!r}; use one of {', '.join(REVOCATION_REASONS)}")
+            with write(self.engine) as conn:
+                row = self._find_certificate(conn, serial, issuer)
+                if row.revoked_at is not None:
+                    raise Refusal(Reason.ALREADY_REVOKED, f"certificate {row.serial} was revoked at {row.revoked_at.isoformat()}")
+                conn.execute(update(t.certificates).where(t.certificates.c.id == row.id)
+                             .values(revoked_at=now, revocation_reason=reason))
+                self._audit(conn, now, caller.actor, "revoked", template=row.template_name,
+                            request_id=row.request_id, serial=row.serial, names=names_from_json(row.names).all(),
+                            reason=reason)
+        except Refusal as refusal:
+            self.audit_refusal(caller.actor, "revoke-refused", refusal, now)
+            raise
+        return {"serial": row.serial, "status": "revoked", "reason": reason, "revoked_at": now.isoformat()}
+
+    def _find_certificate(self, conn: Connection, serial: str, issuer: str | None) -> Any:
+        canonical = serial_hex(parse_serial(serial))
+        query = select(t.certificates, t.authorities.c.name.label("issuer_name")).join(
+            t.authorities, t.authorities.c.id == t.certificates.c.authority_id
+        ).where(and_(t.certificates.c.serial == canonical, t.certificates.c.status == "issued"))
+        if issuer is not None:
+            query = query.where(t.authorities.c.name == issuer)
+        rows = conn.execute(query).all()
+        if not rows:
+            raise Refusal(Reason.NOT_FOUND, f"no certificate with serial {canonical}")
+        if len(rows) > 1:
+            raise Refusal(Reason.INVALID_ARGUMENT, f"serial {canonical} exists at several issuers; name one")
+        return rows[0]
+
+    def status(self, serial: str, now: dt.datetime, issuer: str | None = None) -> dict[str, Any]:
+        with read(self.engine) as conn:
+            row = self._find_certificate(conn, serial, issuer)
+        state = "revoked" if row.revoked_at else ("expired" if now > row.not_after else "good")
+        return {
+            "serial": row.serial, "issuer": row.issuer_name, "status": state,
+            "template": row.template_name, "subject": row.subject,
+            "not_before": row.not_before.isoformat(), "not_after": row.not_after.isoformat(),
+            "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+            "revocation_reason": row.revocation_reason, "thumbprint": row.thumbprint,
+        }
+
+
+def template_policy(template: Template, rights: frozenset[str]) -> dict[str, Any]:
+    """What an agent needs to know about a template (the seed's CEP template attributes)."""
+    return {
+        "name": template.name,
+        "display_name": template.display_name,
+        "oid": template.oid,
+        "schema_version": template.schema_version,
+        "major_version": template.major_version,
+        "minor_version": template.minor_version,
+        "validity_seconds": int(template.validity.total_seconds()),
+        "renewal_period_seconds": int(template.renewal_period.total_seconds()),
+        "purpose": template.purpose,
+        "key": {"types": list(template.key_types), "default": template.default_key_type,
+                "archive": template.archive_private_key},
+        "key_usage": list(template.key_usage),
+        "ekus": list(template.ekus),
+        "subject_source": template.subject_source,
+        "renewal_subject_from_existing": template.renewal_subject_from_existing,
+        "manager_approval": template.manager_approval,
+        "ra_signatures": template.ra_signatures,
+        "ra_policy": template.ra_policy,
+        "supersedes": list(template.supersedes),
+        "old_certificate": template.old_certificate,
+        "user_interaction": template.user_interaction,
+        "check_directory": template.check_directory,
+        "rights": sorted(rights),
+    }
+
+
+def _request_summary(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id, "status": row.status, "template": row.template_name, "kind": row.kind,
+        "requester": row.requester, "subject": row.subject, "names": list(names_from_json(row.names).all()),
+        "created_at": row.created_at.isoformat(),
+        "decided_at": row.decided_at.isoformat() if row.decided_at else None,
+        "decided_by": row.decided_by, "reason": row.reason,
+    }

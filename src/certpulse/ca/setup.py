@@ -1,0 +1,176 @@
+"""Creating a CA on disk and opening it: keys, certificates, database, first admin key."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import uuid
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from sqlalchemy import Engine, select
+
+from certpulse.ca.admin import CAAdmin
+from certpulse.ca.config import CAConfig, CADir
+from certpulse.ca.model import Caller
+from certpulse.ca.service import CAService
+from certpulse.ca.state import KeyRing, bump_generation
+from certpulse.errors import Reason, Refusal
+from certpulse.pki.build import (
+    build_ca_certificate,
+    build_end_entity,
+    build_kra_certificate,
+    inclusive_not_after,
+    random_serial,
+    simple_name,
+)
+from certpulse.pki.certs import der, pem, serial_hex, thumbprint
+from certpulse.pki.keys import PrivateKey, generate_private_key, write_private_key
+from certpulse.store import schema as t
+from certpulse.store.db import make_engine, migrate, write
+
+ROOT_VALIDITY = dt.timedelta(days=20 * 365)
+ISSUER_VALIDITY = dt.timedelta(days=10 * 365)
+KRA_VALIDITY = dt.timedelta(days=5 * 365)
+TLS_VALIDITY = dt.timedelta(days=90)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def init_ca(ca_dir: CADir, *, name: str, key_type: str, now: dt.datetime,
+            database_url: str | None = None, issuer_validity: dt.timedelta = ISSUER_VALIDITY) -> str:
+    """Create a root CA, an issuing CA and a KRA in ``ca_dir``; return the admin API key (shown once)."""
+    if ca_dir.exists():
+        raise Refusal(Reason.CONFLICT, f"{ca_dir.root} already holds a CA")
+    root_key = generate_private_key(key_type)  # validates key_type before anything is written
+    _private_dir(ca_dir.root)
+    _private_dir(ca_dir.keys)
+    ca_dir.certs.mkdir(exist_ok=True)
+    config = CAConfig(name=name, database_url=database_url or ca_dir.default_database_url(),
+                      policy_id=str(uuid.uuid4()))
+    engine = make_engine(config.database_url)
+    try:
+        migrate(engine)
+        with write(engine) as conn:
+            if conn.execute(select(t.authorities.c.id)).first() is not None:
+                raise Refusal(Reason.CONFLICT, "the database already holds a CA")
+        root_cert = build_ca_certificate(
+            subject=simple_name(f"{name} Root CA", name), public_key=root_key.public_key(),
+            issuer_cert=None, signing_key=root_key, not_before=now,
+            not_after=inclusive_not_after(now, ROOT_VALIDITY), path_length=1)
+        write_private_key(ca_dir.keys / "root.key", root_key)
+        (ca_dir.certs / "root.pem").write_text(pem(root_cert))
+        kra_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        kra_cert = build_kra_certificate(
+            subject=simple_name(f"{name} Key Recovery Agent", name), public_key=kra_key.public_key(),
+            issuer_cert=root_cert, issuer_key=root_key, not_before=now,
+            not_after=inclusive_not_after(now, KRA_VALIDITY))
+        write_private_key(ca_dir.keys / "kra.key", kra_key)
+        (ca_dir.certs / "kra.pem").write_text(pem(kra_cert))
+        with write(engine) as conn:
+            root_id = conn.execute(t.authorities.insert().values(
+                name="root", role="root", certificate_der=der(root_cert), key_file="root.key",
+                cost=0, renewal_only=False, enabled=True, created_at=now).returning(t.authorities.c.id)).scalar_one()
+            conn.execute(t.authorities.insert().values(
+                name="kra", role="kra", certificate_der=der(kra_cert), key_file="kra.key",
+                parent_id=root_id, cost=0, renewal_only=False, enabled=True, created_at=now))
+            bump_generation(conn)
+        ca_dir.save(config)
+        service = open_service(ca_dir, engine=engine, config=config)
+        add_issuer(ca_dir, service, name="issuing-1", key_type=key_type, cost=10, templates=[],
+                   renewal_only=False, now=now, validity=issuer_validity, ca_name=name)
+        return CAAdmin(service, Caller(kind="operator", name="init")).add_api_key("admin", now)
+    finally:
+        engine.dispose()
+
+
+def open_service(ca_dir: CADir, *, engine: Engine | None = None, config: CAConfig | None = None,
+                 pool_size: int = 8) -> CAService:
+    config = config or ca_dir.load()
+    engine = engine or make_engine(config.database_url, pool_size=pool_size)
+    return CAService(engine, KeyRing(ca_dir.keys), policy_id=config.policy_id,
+                     token_lifetime=dt.timedelta(hours=config.token_lifetime_hours))
+
+
+def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, cost: int,
+               templates: list[str], renewal_only: bool, now: dt.datetime,
+               validity: dt.timedelta = ISSUER_VALIDITY, ca_name: str | None = None) -> None:
+    """A new issuing CA signed by the root, serving ``templates`` at ``cost``."""
+    with write(service.engine) as conn:
+        if conn.execute(select(t.authorities.c.id).where(t.authorities.c.name == name)).first():
+            raise Refusal(Reason.CONFLICT, f"an authority named {name!r} exists")
+        root = conn.execute(select(t.authorities).where(t.authorities.c.role == "root")).one()
+        known = set(conn.execute(select(t.templates.c.name)).scalars())
+    for template in templates:
+        if template not in known:
+            raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {template!r}")
+    root_cert = x509.load_der_x509_certificate(root.certificate_der)
+    root_key = service.keyring.load(root.key_file, "root")
+    key = generate_private_key(key_type)
+    org = ca_name or root_cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)[0].value
+    cert = build_ca_certificate(
+        subject=simple_name(f"{org} Issuing CA {name}", str(org)), public_key=key.public_key(),
+        issuer_cert=root_cert, signing_key=root_key, not_before=now,
+        not_after=min(inclusive_not_after(now, validity), root_cert.not_valid_after_utc), path_length=0)
+    key_file = f"issuer-{name}.key"
+    write_private_key(ca_dir.keys / key_file, key)
+    (ca_dir.certs / f"issuer-{name}.pem").write_text(pem(cert))
+    with write(service.engine) as conn:
+        authority_id = conn.execute(t.authorities.insert().values(
+            name=name, role="issuer", certificate_der=der(cert), key_file=key_file, parent_id=root.id,
+            cost=cost, renewal_only=renewal_only, enabled=True, created_at=now).returning(t.authorities.c.id)).scalar_one()
+        for template in templates:
+            conn.execute(t.issuer_templates.insert().values(authority_id=authority_id, template_name=template))
+        bump_generation(conn)
+        service._audit(conn, now, "operator:cli", "issuer-added",
+                       detail=f"{name}; cost {cost}; renewal-only {renewal_only}; thumbprint {thumbprint(cert)}")
+
+
+def ensure_tls_certificate(ca_dir: CADir, service: CAService, hosts: list[str], now: dt.datetime) -> tuple[Path, Path]:
+    """A serverAuth certificate for the API, issued by this CA and recorded like any other."""
+    cert_path, key_path = ca_dir.tls / "server.pem", ca_dir.tls / "server.key"
+    if cert_path.exists() and key_path.exists():
+        current = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+        if current.not_valid_after_utc - now > TLS_VALIDITY / 3:
+            return cert_path, key_path
+    _private_dir(ca_dir.tls)
+    with write(service.engine) as conn:
+        snap = service.snapshot(conn)
+    issuers = sorted((a for a in snap.by_role("issuer") if a.enabled and a.valid_at(now)), key=lambda a: a.cost)
+    if not issuers:
+        raise Refusal(Reason.NO_ISSUER, "no valid issuing CA to issue the server certificate")
+    issuer = issuers[0]
+    issuer_key = service.keyring.key(issuer)
+    key: PrivateKey = generate_private_key("ec-p256")
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    serial = random_serial()
+    not_after = min(inclusive_not_after(now, TLS_VALIDITY), issuer.certificate.not_valid_after_utc)
+    cert = build_end_entity(
+        subject=simple_name(hosts[0]), public_key=key.public_key(), issuer_cert=issuer.certificate,
+        issuer_key=issuer_key, serial=serial, not_before=now, not_after=not_after, sans=sans,
+        key_usage=x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                crl_sign=False, encipher_only=False, decipher_only=False),
+        ekus=(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,))
+    with write(service.engine) as conn:
+        conn.execute(t.certificates.insert().values(
+            authority_id=issuer.id, serial=serial_hex(serial), template_name="_api-server",
+            subject=cert.subject.rfc4514_string(), names='{"dns": []}', not_before=now, not_after=not_after,
+            status="issued", der=der(cert), thumbprint=thumbprint(cert), created_at=now))
+        service._audit(conn, now, "operator:serve", "issued", template="_api-server",
+                       serial=serial_hex(serial), names=hosts, detail="API server TLS certificate")
+    write_private_key(key_path, key)
+    chain = pem(cert) + pem(issuer.certificate)
+    cert_path.write_text(chain)
+    return cert_path, key_path

@@ -1,0 +1,126 @@
+"""A per-process snapshot of the slow-changing CA state: authorities, their keys, templates.
+
+Parsing keys and templates on every request is the kind of cost that shows at hundreds of
+requests a second, so a process keeps a snapshot and reloads it only when the database's
+``generation`` counter (bumped by every administrative change) moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import Connection, Integer, Text, select, update
+
+from certpulse.ca.model import Authority, Signer
+from certpulse.ca.templates import Template, parse_template
+from certpulse.errors import Reason, Refusal
+from certpulse.pki.keys import PrivateKey, load_private_key_pem
+from certpulse.store import schema as t
+
+GENERATION = "generation"
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    generation: int
+    authorities: tuple[Authority, ...]
+    templates: dict[str, Template]
+
+    def authority(self, authority_id: int) -> Authority:
+        for authority in self.authorities:
+            if authority.id == authority_id:
+                return authority
+        raise Refusal(Reason.STORE, f"authority {authority_id} is missing")
+
+    def by_role(self, role: str) -> list[Authority]:
+        return [a for a in self.authorities if a.role == role]
+
+    def kra(self) -> Authority | None:
+        kras = [a for a in self.authorities if a.role == "kra" and a.enabled]
+        return kras[0] if kras else None
+
+
+def bump_generation(conn: Connection) -> None:
+    result = conn.execute(
+        update(t.settings)
+        .where(t.settings.c.name == GENERATION)
+        .values(value=(t.settings.c.value.cast(Integer) + 1).cast(Text))
+    )
+    if result.rowcount == 0:
+        conn.execute(t.settings.insert().values(name=GENERATION, value="1"))
+
+
+def read_generation(conn: Connection) -> int:
+    value = conn.execute(select(t.settings.c.value).where(t.settings.c.name == GENERATION)).scalar()
+    return int(value) if value is not None else 0
+
+
+def load_snapshot(conn: Connection) -> Snapshot:
+    generation = read_generation(conn)
+    served: dict[int, set[str]] = {}
+    for row in conn.execute(select(t.issuer_templates)):
+        served.setdefault(row.authority_id, set()).add(row.template_name)
+    authorities = tuple(
+        Authority(
+            id=row.id,
+            name=row.name,
+            role=row.role,
+            certificate=x509.load_der_x509_certificate(row.certificate_der),
+            key_file=row.key_file,
+            cost=row.cost,
+            renewal_only=row.renewal_only,
+            enabled=row.enabled,
+            templates=frozenset(served.get(row.id, set())),
+            parent_id=row.parent_id,
+        )
+        for row in conn.execute(select(t.authorities).order_by(t.authorities.c.id))
+    )
+    templates = {
+        row.name: parse_template(json.loads(row.document), default_oid=row.oid).with_versions(
+            row.major_version, row.minor_version
+        )
+        for row in conn.execute(select(t.templates))
+    }
+    return Snapshot(generation, authorities, templates)
+
+
+class KeyRing:
+    """Private keys of the CA's authorities, read from disk once per process."""
+
+    def __init__(self, keys_dir: Path) -> None:
+        self._dir = keys_dir.resolve()
+        self._keys: dict[str, PrivateKey] = {}
+        self._lock = threading.Lock()
+
+    def key(self, authority: Authority) -> PrivateKey:
+        if authority.key_file is None:
+            raise Refusal(Reason.STORE, f"authority {authority.name!r} has no key on this server")
+        return self.load(authority.key_file, authority.name)
+
+    def load(self, key_file: str, label: str) -> PrivateKey:
+        with self._lock:
+            cached = self._keys.get(key_file)
+            if cached is None:
+                path = (self._dir / key_file).resolve()
+                if path.parent != self._dir:
+                    raise Refusal(Reason.STORE, f"key file of {label!r} is outside {self._dir}")
+                try:
+                    cached = load_private_key_pem(path.read_bytes())
+                except OSError as exc:
+                    raise Refusal(Reason.STORE, f"cannot read the key of {label!r}: {exc.strerror}") from None
+                self._keys[key_file] = cached
+            return cached
+
+    def signer(self, authority: Authority) -> Signer:
+        return Signer(authority, self.key(authority))
+
+    def kra_key(self, authority: Authority | None) -> rsa.RSAPrivateKey | None:
+        if authority is None:
+            return None
+        key = self.key(authority)
+        return key if isinstance(key, rsa.RSAPrivateKey) else None

@@ -1,0 +1,65 @@
+"""The ``certpulse`` command. Thin: parses arguments, calls the core, prints results.
+
+Errors never show a traceback: a refusal prints ``certpulse: error: REASON: detail`` on one
+line and exits 2; anything unexpected prints one line and exits 70.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from certpulse import __version__
+from certpulse.cli import ca_commands
+from certpulse.cli.output import err_console, fail_line
+from certpulse.errors import CertpulseError, Refusal
+
+app = typer.Typer(
+    name="certpulse",
+    help="Certificate autoenrollment, lifecycle notifications and rebind.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(ca_commands.ca_app, name="ca")
+app.add_typer(ca_commands.template_app, name="template")
+app.add_typer(ca_commands.principal_app, name="principal")
+app.add_typer(ca_commands.request_app, name="request")
+app.add_typer(ca_commands.apikey_app, name="apikey")
+app.command("revoke")(ca_commands.revoke)
+app.command("status")(ca_commands.status)
+app.command("audit")(ca_commands.audit)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="certpulse", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("certpulse: aborted", markup=False)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Refusal as refusal:
+        err_console.print(fail_line(f"certpulse: error: {refusal.reason.value}: {refusal.detail}"),
+                          markup=False, soft_wrap=True)
+        sys.exit(2)
+    except CertpulseError as exc:
+        err_console.print(fail_line(f"certpulse: error: {exc}"), markup=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # last line of defence: one line, never a traceback
+        err_console.print(fail_line(f"certpulse: internal error: {type(exc).__name__}: {exc}"),
+                          markup=False, soft_wrap=True)
+        sys.exit(70)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,339 @@
+"""Server-side commands: ca, template, principal, request, revoke, audit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from certpulse import clock
+from certpulse.ca.admin import CAAdmin
+from certpulse.ca.service import REVOCATION_REASONS
+from certpulse.ca.setup import add_issuer, ensure_tls_certificate, init_ca
+from certpulse.ca.templates import Template
+from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, service
+from certpulse.cli.output import console, emit_json, table
+from certpulse.durations import format_duration, parse_duration
+from certpulse.errors import Reason, Refusal
+from certpulse.pki.keys import KEY_SPECS
+from certpulse.store.db import make_engine, migrate
+
+ca_app = typer.Typer(help="Create and run an enrollment service (CA)", no_args_is_help=True)
+template_app = typer.Typer(help="Certificate templates", no_args_is_help=True)
+principal_app = typer.Typer(help="Principals (machines, users) and their groups", no_args_is_help=True)
+request_app = typer.Typer(help="Certificate requests: list, approve, deny", no_args_is_help=True)
+apikey_app = typer.Typer(help="API keys for CA managers", no_args_is_help=True)
+
+KEY_TYPES = ", ".join(s for s in KEY_SPECS if s != "ec-p521")
+
+
+def _admin(dir_: Path | None) -> CAAdmin:
+    return CAAdmin(service(dir_), operator())
+
+
+# -- ca ---------------------------------------------------------------------------------
+
+@ca_app.command("init")
+def ca_init(
+    dir_: DirOption = None,
+    key_type: Annotated[str, typer.Option("--key-type", help=KEY_TYPES)] = "ec-p256",
+    name: Annotated[str, typer.Option("--name", help="Name of the CA (used in its certificates)")] = "certpulse",
+    database: Annotated[str | None, typer.Option("--database", help="Database URL (default: SQLite in the CA folder)")] = None,
+    issuer_validity: Annotated[str, typer.Option("--issuer-validity", help="Lifetime of the issuing CA")] = "3650d",
+) -> None:
+    """Create a root CA, an issuing CA and a key recovery agent; print the admin API key once."""
+    if key_type not in KEY_SPECS or key_type == "ec-p521":
+        raise Refusal(Reason.INVALID_ARGUMENT, f"--key-type must be one of {KEY_TYPES}")
+    target = ca_dir(dir_)
+    key = init_ca(target, name=name, key_type=key_type, now=clock.now(), database_url=database,
+                  issuer_validity=parse_duration(issuer_validity))
+    console.print(f"[green]CA {name!r} created in {target.root}[/green] (root, issuer 'issuing-1', KRA)")
+    console.print("Admin API key (shown once, stored only as a hash):")
+    console.print(key, soft_wrap=True)
+
+
+@ca_app.command("serve")
+def ca_serve(
+    dir_: DirOption = None,
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on")] = "127.0.0.1:8443",
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes (one per core)")] = 1,
+    tls: Annotated[bool, typer.Option("--tls/--no-tls", help="HTTPS with a certificate this CA issues itself")] = False,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log")] = False,
+) -> None:
+    """Serve the enrollment API."""
+    import uvicorn
+
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"--listen must be HOST:PORT (got {listen!r})")
+    target = ca_dir(dir_)
+    config = target.load()
+    engine = make_engine(config.database_url, pool_size=1)
+    migrate(engine)
+    engine.dispose()
+    ssl: dict[str, str] = {}
+    if tls:
+        cert, key = ensure_tls_certificate(target, service(dir_), [host.strip("[]"), "localhost", "127.0.0.1"],
+                                           clock.now())
+        ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    os.environ["CERTPULSE_CA_DIR"] = str(target.root.resolve())
+    console.print(f"serving CA {config.name!r} on {'https' if tls else 'http'}://{listen} ({workers} worker(s))")
+    uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
+                port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
+                server_header=False, **ssl)  # type: ignore[arg-type]
+
+
+@ca_app.command("add-issuer")
+def ca_add_issuer(
+    name: str,
+    dir_: DirOption = None,
+    key_type: Annotated[str, typer.Option("--key-type", help=KEY_TYPES)] = "ec-p256",
+    cost: Annotated[int, typer.Option("--cost", help="Lower cost is preferred")] = 10,
+    templates: Annotated[list[str] | None, typer.Option("--template", help="A template it serves (repeat)")] = None,
+    renewal_only: Annotated[bool, typer.Option("--renewal-only", help="Serve renewals only")] = False,
+    validity: Annotated[str, typer.Option("--validity")] = "3650d",
+) -> None:
+    """Add another issuing CA, signed by the root."""
+    svc = service(dir_)
+    add_issuer(ca_dir(dir_), svc, name=name, key_type=key_type, cost=cost, templates=templates or [],
+               renewal_only=renewal_only, now=clock.now(), validity=parse_duration(validity))
+    console.print(f"[green]issuer {name!r} added[/green] (cost {cost}{', renewal only' if renewal_only else ''})")
+
+
+@ca_app.command("issuers")
+def ca_issuers(dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """List the CA's authorities: root, issuers, KRA."""
+    rows = _admin(dir_).issuers()
+    if json_:
+        emit_json(rows)
+        return
+    table("Authorities", ["name", "role", "cost", "renewal only", "enabled", "templates", "not after", "thumbprint"],
+          [(r["name"], r["role"], r["cost"] if r["role"] == "issuer" else "", r["renewal_only"], r["enabled"],
+            ", ".join(r["templates"]), r["not_after"][:10], r["thumbprint"]) for r in rows])
+
+
+@ca_app.command("set-issuer")
+def ca_set_issuer(
+    name: str,
+    dir_: DirOption = None,
+    cost: Annotated[int | None, typer.Option("--cost")] = None,
+    renewal_only: Annotated[bool | None, typer.Option("--renewal-only/--all-requests")] = None,
+    enabled: Annotated[bool | None, typer.Option("--enable/--disable")] = None,
+    serve: Annotated[list[str] | None, typer.Option("--serve", help="Start serving a template")] = None,
+    unserve: Annotated[list[str] | None, typer.Option("--unserve", help="Stop serving a template")] = None,
+) -> None:
+    """Change an issuer's cost, mode or the templates it serves."""
+    _admin(dir_).set_issuer(name, clock.now(), cost=cost, renewal_only=renewal_only, enabled=enabled,
+                            serve=serve, unserve=unserve)
+    console.print(f"[green]issuer {name!r} updated[/green]")
+
+
+# -- templates --------------------------------------------------------------------------
+
+def _template_row(x: Template) -> tuple[str, ...]:
+    return (x.name, x.version, format_duration(x.validity), format_duration(x.renewal_period), x.purpose,
+            x.subject_source, "yes" if x.manager_approval else "", ", ".join(x.supersedes))
+
+
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"cannot read {path}: {exc}") from None
+
+
+@template_app.command("add")
+def template_add(
+    file: Path,
+    dir_: DirOption = None,
+    issuers: Annotated[list[str] | None, typer.Option("--issuer", help="Issuer to serve it (default: all)")] = None,
+) -> None:
+    """Add a template from a TOML file."""
+    template = _admin(dir_).add_template(_read_file(file), clock.now(), issuers=issuers)
+    console.print(f"[green]template {template.name!r} added[/green] (version {template.version}, OID {template.oid})")
+
+
+@template_app.command("list")
+def template_list(dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """List templates."""
+    templates = _admin(dir_).templates()
+    if json_:
+        emit_json([x.document() for x in templates])
+        return
+    table("Templates", ["name", "version", "validity", "renewal period", "purpose", "subject", "approval", "supersedes"],
+          [_template_row(x) for x in templates])
+
+
+@template_app.command("show")
+def template_show(name: str, dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """Show every setting of a template (as TOML, or JSON)."""
+    import tomli_w
+
+    template = _admin(dir_).template(name)
+    if json_:
+        emit_json(template.document())
+    else:
+        console.print(tomli_w.dumps(template.document()), markup=False)
+
+
+@template_app.command("edit")
+def template_edit(name: str, file: Path, dir_: DirOption = None) -> None:
+    """Replace a template's settings from FILE; raises the minor version."""
+    template = _admin(dir_).edit_template(name, _read_file(file), clock.now())
+    console.print(f"[green]template {name!r} updated[/green] (version {template.version})")
+
+
+@template_app.command("reenroll-all")
+def template_reenroll_all(name: str, dir_: DirOption = None) -> None:
+    """Raise the major version: every holder renews at its next pulse."""
+    template = _admin(dir_).reenroll_all(name, clock.now())
+    console.print(f"[green]template {name!r} now at version {template.version}[/green]: holders re-enroll")
+
+
+# -- principals -------------------------------------------------------------------------
+
+@principal_app.command("add")
+def principal_add(
+    name: str,
+    dir_: DirOption = None,
+    kind: Annotated[str, typer.Option("--kind", help="machine or user")] = "machine",
+    groups: Annotated[list[str] | None, typer.Option("--group", help="Group to join (repeat)")] = None,
+    roles: Annotated[list[str] | None, typer.Option("--role", help="Role, e.g. ca-manager")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Add a principal and print its one-time enrollment token."""
+    result = _admin(dir_).add_principal(name, kind, clock.now(), groups=groups, roles=roles)
+    if json_:
+        emit_json(result)
+        return
+    console.print(f"[green]{kind} {name!r} added[/green]. One-time enrollment token (expires {result['expires_at']}):")
+    console.print(result["token"], soft_wrap=True)
+
+
+@principal_app.command("token")
+def principal_token(name: str, dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """Issue a new one-time enrollment token for an existing principal."""
+    result = _admin(dir_).new_token(name, clock.now())
+    if json_:
+        emit_json(result)
+        return
+    console.print(f"One-time enrollment token for {name!r} (expires {result['expires_at']}):")
+    console.print(result["token"], soft_wrap=True)
+
+
+@principal_app.command("list")
+def principal_list(dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """List principals with their groups."""
+    rows = _admin(dir_).principals()
+    if json_:
+        emit_json(rows)
+        return
+    table("Principals", ["name", "kind", "groups", "roles", "enrolled"],
+          [(r["name"], r["kind"], ", ".join(r["groups"]), ", ".join(r["roles"]), "yes" if r["enrolled"] else "no")
+           for r in rows])
+
+
+@principal_app.command("groups")
+def principal_groups(
+    name: str,
+    dir_: DirOption = None,
+    add: Annotated[list[str] | None, typer.Option("--add")] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove")] = None,
+) -> None:
+    """Add a principal to groups or remove it from them."""
+    _admin(dir_).set_groups(name, clock.now(), add or [], remove or [])
+    console.print(f"[green]groups of {name!r} updated[/green]")
+
+
+# -- requests, revocation, audit ----------------------------------------------------------
+
+@request_app.command("list")
+def request_list(
+    dir_: DirOption = None,
+    status: Annotated[str | None, typer.Option("--status", help="pending, issued, denied, failed")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """List requests."""
+    rows = service(dir_).list_requests(operator(), status)
+    if json_:
+        emit_json(rows)
+        return
+    table("Requests", ["id", "status", "template", "kind", "requester", "names", "created", "decided by"],
+          [(r["id"], r["status"], r["template"], r["kind"], r["requester"], ", ".join(r["names"]),
+            r["created_at"], r["decided_by"]) for r in rows])
+
+
+@request_app.command("show")
+def request_show(request_id: int, dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """Show one request (and its certificate once issued)."""
+    result = service(dir_).get_request(operator(), request_id)
+    if json_:
+        emit_json(result)
+        return
+    for key in ("id", "status", "template", "kind", "requester", "subject", "names", "created_at",
+                "decided_at", "decided_by", "reason", "serial", "thumbprint"):
+        if result.get(key) is not None:
+            console.print(f"[bold]{key}[/bold]: {result[key]}")
+
+
+@request_app.command("approve")
+def request_approve(request_id: int, dir_: DirOption = None) -> None:
+    """Approve a pending request: the certificate is issued now."""
+    result = service(dir_).approve(operator(), request_id, clock.now())
+    console.print(f"[green]request {request_id} approved[/green]: serial {result['serial']}")
+
+
+@request_app.command("deny")
+def request_deny(
+    request_id: int,
+    reason: Annotated[str, typer.Option("--reason", help="Why (told to the requester)")],
+    dir_: DirOption = None,
+) -> None:
+    """Deny a pending request."""
+    service(dir_).deny(operator(), request_id, reason, clock.now())
+    console.print(f"[yellow]request {request_id} denied[/yellow]")
+
+
+def revoke(
+    serial: str,
+    reason: Annotated[str, typer.Option("--reason", help=", ".join(REVOCATION_REASONS))] = "unspecified",
+    issuer: Annotated[str | None, typer.Option("--issuer", help="When the serial exists at several issuers")] = None,
+    dir_: DirOption = None,
+) -> None:
+    """Revoke a certificate by serial number (hex)."""
+    result = service(dir_).revoke(operator(), serial, reason, clock.now(), issuer=issuer)
+    console.print(f"[yellow]certificate {result['serial']} revoked[/yellow] ({reason})")
+
+
+def status(serial: str, dir_: DirOption = None, json_: JsonOption = False,
+           issuer: Annotated[str | None, typer.Option("--issuer")] = None) -> None:
+    """Show a certificate's status by serial number."""
+    result = service(dir_).status(serial, clock.now(), issuer=issuer)
+    if json_:
+        emit_json(result)
+        return
+    for key, value in result.items():
+        if value is not None:
+            console.print(f"[bold]{key}[/bold]: {value}")
+
+
+def audit(dir_: DirOption = None, json_: JsonOption = False,
+          limit: Annotated[int, typer.Option("--limit", min=1, max=10000)] = 50) -> None:
+    """Show the audit log, newest first."""
+    rows = service(dir_).audit_log(operator(), limit=limit)
+    if json_:
+        emit_json(rows)
+        return
+    table("Audit", ["at", "actor", "action", "template", "request", "serial", "reason", "detail"],
+          [(r["at"], r["actor"], r["action"], r["template"], r["request_id"], r["serial"], r["reason"],
+            (r["detail"] or "")[:80]) for r in rows])
+
+
+@apikey_app.command("add")
+def apikey_add(name: str, dir_: DirOption = None) -> None:
+    """Create a CA-manager API key; printed once."""
+    key = _admin(dir_).add_api_key(name, clock.now())
+    console.print(f"API key {name!r} (shown once):")
+    console.print(key, soft_wrap=True)

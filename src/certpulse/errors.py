@@ -1,0 +1,69 @@
+"""One error type for every refusal the system makes.
+
+A :class:`Refusal` carries a machine-readable :class:`Reason` and a human sentence. The core
+raises it; the edges translate it: the HTTP frontend into RFC 7807 problem JSON with a status
+code (the only place status codes exist), the CLI into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class Reason(enum.StrEnum):
+    """Why something was refused. The value is the slug used in problem ``type`` URIs."""
+
+    # who is asking
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    TOKEN_INVALID = "token-invalid"
+    TOKEN_USED = "token-used"
+    TOKEN_EXPIRED = "token-expired"
+    # what is asked about
+    NOT_FOUND = "not-found"
+    UNKNOWN_TEMPLATE = "unknown-template"
+    TEMPLATE_NOT_PERMITTED = "template-not-permitted"
+    UNKNOWN_ISSUER = "unknown-issuer"
+    NO_ISSUER = "no-issuer"
+    ISSUER_RENEWAL_ONLY = "issuer-renewal-only"
+    # the request itself
+    MALFORMED_REQUEST = "malformed-request"
+    MALFORMED_CSR = "malformed-csr"
+    BAD_CSR_SIGNATURE = "bad-csr-signature"
+    WEAK_SIGNATURE_ALGORITHM = "weak-signature-algorithm"
+    KEY_NOT_ALLOWED = "key-not-allowed"
+    NAME_NOT_ALLOWED = "name-not-allowed"
+    BODY_TOO_LARGE = "body-too-large"
+    # renewal and co-signatures
+    RENEWAL_INVALID = "renewal-invalid"
+    RENEWAL_OF_EXPIRED = "renewal-of-expired"
+    RENEWAL_OF_REVOKED = "renewal-of-revoked"
+    RA_SIGNATURES_MISSING = "ra-signatures-missing"
+    KEY_ARCHIVAL_REQUIRED = "key-archival-required"
+    # state
+    CONFLICT = "conflict"
+    NOT_PENDING = "not-pending"
+    SELF_APPROVAL = "self-approval"
+    ALREADY_REVOKED = "already-revoked"
+    # configuration
+    INVALID_TEMPLATE = "invalid-template"
+    INVALID_ARGUMENT = "invalid-argument"
+    STORE = "store"
+    # load
+    RATE_LIMITED = "rate-limited"
+    UNAVAILABLE = "unavailable"
+
+
+class CertpulseError(Exception):
+    """Base for every error certpulse raises on purpose."""
+
+
+class Refusal(CertpulseError):
+    """A decision not to do what was asked, with the reason named."""
+
+    def __init__(self, reason: Reason, detail: str, **extra: Any) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.extra = extra

@@ -1,0 +1,270 @@
+"""The enrollment service's REST API (FastAPI). Translates between HTTP and the CA core.
+
+Handlers are plain ``def`` functions: the core does blocking database and signing work, so
+they run in the server's thread pool. Every refusal leaves as RFC 7807 problem JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from cryptography import x509
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from certpulse import __version__, clock
+from certpulse.ca.config import CADir, resolve_ca_dir
+from certpulse.ca.model import ANONYMOUS, Caller, EnrollmentRequest, Evidence
+from certpulse.ca.service import REVOCATION_REASONS, CAService
+from certpulse.ca.setup import open_service
+from certpulse.errors import Reason, Refusal
+from certpulse.frontends.limits import BodyLimit
+from certpulse.frontends.problems import problem, status_for
+from certpulse.pki.certs import load_certificate
+
+log = logging.getLogger("certpulse.api")
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/problem+json": {}}}
+    for code, text in (
+        (400, "The request was refused; `reason` names why"),
+        (401, "No valid credential"),
+        (403, "Not allowed for this caller"),
+        (404, "Not found"),
+        (409, "Conflicts with the current state"),
+        (413, "Body over the size limit"),
+    )
+}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenExchange(_Body):
+    token: str = Field(max_length=200, description="The one-time enrollment token from 'principal add'")
+
+
+class Credential(BaseModel):
+    principal: str
+    kind: str
+    credential: str = Field(description="Bearer credential for every later call; shown once")
+
+
+class SignedEvidence(_Body):
+    certificate: str = Field(max_length=16_000, description="PEM certificate whose key signed the CSR")
+    signature: str = Field(max_length=4_000, description="base64 signature over the CSR's DER")
+
+
+class ArchivedKey(_Body):
+    kra: str = Field(max_length=64)
+    wrapped_key: str = Field(max_length=4_000)
+    nonce: str = Field(max_length=64)
+    ciphertext: str = Field(max_length=20_000)
+
+
+class EnrollmentBody(_Body):
+    template: str = Field(max_length=64)
+    csr: str = Field(max_length=40_000, description="PKCS#10 request: PEM, or base64 DER")
+    issuer: str | None = Field(default=None, max_length=64, description="Issuer chosen by the client (by cost)")
+    renewal: SignedEvidence | None = Field(default=None, description="Present for a renewal: the old certificate and its key's signature over the new CSR")
+    ra_signatures: list[SignedEvidence] = Field(default_factory=list, max_length=5)
+    archived_key: ArchivedKey | None = None
+
+
+class RequestResult(BaseModel):
+    id: int
+    status: Literal["pending", "issued", "denied", "failed"]
+    template: str | None = None
+    kind: str | None = None
+    requester: str | None = None
+    subject: str | None = None
+    names: list[str] | None = None
+    created_at: str | None = None
+    decided_at: str | None = None
+    decided_by: str | None = None
+    reason: str | None = None
+    serial: str | None = None
+    thumbprint: str | None = None
+    certificate: str | None = None
+    chain: list[str] | None = None
+
+
+class DenyBody(_Body):
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class RevokeBody(_Body):
+    reason: str = Field(default="unspecified", description=f"One of: {', '.join(REVOCATION_REASONS)}")
+    issuer: str | None = Field(default=None, max_length=64)
+
+
+def _decode_bytes(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refusal(Reason.MALFORMED_REQUEST, f"{what} is not valid base64") from None
+
+
+def _evidence(item: SignedEvidence, what: str) -> Evidence:
+    cert: x509.Certificate = load_certificate(item.certificate.encode("utf-8", "replace"))
+    return Evidence(cert, _decode_bytes(item.signature, f"{what} signature"))
+
+
+def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    """The authenticated caller from ``Authorization: Bearer``; refusals are audited."""
+    service: CAService = request.app.state.service
+    secret = None
+    if authorization and authorization.lower().startswith("bearer "):
+        secret = authorization[7:].strip()
+    try:
+        return service.authenticate(secret)
+    except Refusal as refusal:
+        service.audit_refusal(ANONYMOUS.actor, "unauthenticated", refusal, clock.now())
+        raise
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
+    app = FastAPI(
+        title="certpulse enrollment service",
+        version=__version__,
+        description="Certificate enrollment, policy (CEP), approval and revocation. "
+        "Errors are RFC 7807 problem documents whose `reason` names the refusal.",
+    )
+    app.state.service = service
+
+    @app.exception_handler(Refusal)
+    def on_refusal(request: Request, exc: Refusal) -> Response:
+        return problem(exc.reason, exc.detail, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        detail = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        service.audit_refusal(ANONYMOUS.actor, "malformed", Refusal(Reason.MALFORMED_REQUEST, detail), clock.now())
+        return problem(Reason.MALFORMED_REQUEST, detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        reason = Reason.NOT_FOUND if exc.status_code in (404, 405) else Reason.MALFORMED_REQUEST
+        return problem(reason, str(exc.detail), status=exc.status_code)
+
+    @app.exception_handler(OperationalError)
+    def on_store(request: Request, exc: OperationalError) -> Response:
+        log.error("database unavailable: %s", exc.orig)
+        return problem(Reason.UNAVAILABLE, "the certificate database is unavailable; retry later",
+                       status=503)
+
+    @app.exception_handler(Exception)
+    def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return problem(Reason.UNAVAILABLE, "internal error; the request had no effect", status=500)
+
+    @app.get("/healthz", tags=["service"], summary="Liveness")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.post("/v1/tokens/exchange", tags=["enrollment"], response_model=Credential,
+              summary="Trade a one-time enrollment token for the principal's credential",
+              responses=PROBLEM_RESPONSES)
+    def exchange(body: TokenExchange) -> dict[str, str]:
+        return service.exchange_token(body.token, clock.now())
+
+    @app.get("/v1/policy", tags=["enrollment"], summary="Enrollment policy (the seeds' CEP) for the caller",
+             responses=PROBLEM_RESPONSES)
+    def policy(who: CallerDep) -> dict[str, Any]:
+        return service.policy(who, clock.now())
+
+    @app.post("/v1/requests", tags=["enrollment"], status_code=201, response_model=RequestResult,
+              response_model_exclude_none=True,
+              summary="Submit a certificate request (new or renewal)",
+              responses={**PROBLEM_RESPONSES, 202: {"description": "Pending CA-manager approval",
+                                                    "model": RequestResult}})
+    def submit(body: EnrollmentBody, who: CallerDep) -> Any:
+        now = clock.now()
+        try:
+            req = EnrollmentRequest(
+                template=body.template, csr=body.csr.encode("utf-8", "replace"), issuer=body.issuer,
+                renewal=_evidence(body.renewal, "renewal") if body.renewal else None,
+                ra_signatures=tuple(_evidence(e, "RA") for e in body.ra_signatures),
+                archived_key=body.archived_key.model_dump() if body.archived_key else None,
+            )
+        except Refusal as refusal:
+            service.audit_refusal(who.actor, "refused", refusal, now, template=body.template)
+            raise
+        result = service.submit(who, req, now)
+        if result["status"] == "pending":
+            return JSONResponse(result, status_code=202)
+        return result
+
+    @app.get("/v1/requests", tags=["management"], response_model=list[RequestResult],
+             response_model_exclude_none=True, summary="List requests (CA managers)",
+             responses=PROBLEM_RESPONSES)
+    def list_requests(who: CallerDep,
+                      status: Annotated[Literal["pending", "issued", "denied", "failed"] | None, Query()] = None,
+                      limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> list[dict[str, Any]]:
+        return service.list_requests(who, status, limit)
+
+    @app.get("/v1/requests/{request_id}", tags=["enrollment"], response_model=RequestResult,
+             response_model_exclude_none=True, summary="A request's status and, once issued, its certificate",
+             responses=PROBLEM_RESPONSES)
+    def get_request(request_id: int, who: CallerDep) -> dict[str, Any]:
+        return service.get_request(who, request_id)
+
+    @app.post("/v1/requests/{request_id}/approve", tags=["management"], response_model=RequestResult,
+              response_model_exclude_none=True, summary="Approve a pending request (CA managers)",
+              responses=PROBLEM_RESPONSES)
+    def approve(request_id: int, who: CallerDep) -> dict[str, Any]:
+        return service.approve(who, request_id, clock.now())
+
+    @app.post("/v1/requests/{request_id}/deny", tags=["management"], response_model=RequestResult,
+              response_model_exclude_none=True, summary="Deny a pending request (CA managers)",
+              responses=PROBLEM_RESPONSES)
+    def deny(request_id: int, body: DenyBody, who: CallerDep) -> dict[str, Any]:
+        return service.deny(who, request_id, body.reason, clock.now())
+
+    @app.post("/v1/certificates/{serial}/revoke", tags=["management"], summary="Revoke a certificate",
+              responses=PROBLEM_RESPONSES)
+    def revoke(serial: str, body: RevokeBody, who: CallerDep) -> dict[str, Any]:
+        return service.revoke(who, serial, body.reason, clock.now(), issuer=body.issuer)
+
+    @app.get("/v1/certificates/{serial}", tags=["status"], summary="A certificate's status (good, revoked, expired)",
+             responses=PROBLEM_RESPONSES)
+    def status(serial: str, issuer: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+        return service.status(serial, clock.now(), issuer=issuer)
+
+    @app.get("/v1/audit", tags=["management"], summary="The audit log, newest first (CA managers)",
+             responses=PROBLEM_RESPONSES)
+    def audit(who: CallerDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+              request_id: Annotated[int | None, Query()] = None) -> list[dict[str, Any]]:
+        return service.audit_log(who, limit=limit, request_id=request_id)
+
+    def on_too_large(scope: dict[str, Any]) -> None:
+        service.audit_refusal(ANONYMOUS.actor, "refused",
+                              Refusal(Reason.BODY_TOO_LARGE, f"{scope.get('method')} {scope.get('path')}"),
+                              clock.now())
+
+    return BodyLimit(app, max_body, on_too_large)
+
+
+def app_from_environment() -> Any:
+    """The uvicorn factory: each worker process opens the CA named by ``CERTPULSE_CA_DIR``."""
+    ca_dir = CADir(resolve_ca_dir(Path(os.environ["CERTPULSE_CA_DIR"]) if "CERTPULSE_CA_DIR" in os.environ else None))
+    config = ca_dir.load()
+    return create_app(open_service(ca_dir, config=config), max_body=config.max_request_bytes)
+
+
+__all__ = ["app_from_environment", "create_app", "status_for"]

@@ -1,0 +1,49 @@
+"""RFC 7807 problem documents, and the one mapping from refusal reasons to HTTP status codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from certpulse.errors import Reason
+
+PROBLEM_TYPE = "urn:certpulse:problem:"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+STATUS: dict[Reason, int] = {
+    Reason.UNAUTHENTICATED: 401,
+    Reason.TOKEN_INVALID: 401,
+    Reason.TOKEN_EXPIRED: 401,
+    Reason.TOKEN_USED: 409,
+    Reason.FORBIDDEN: 403,
+    Reason.TEMPLATE_NOT_PERMITTED: 403,
+    Reason.SELF_APPROVAL: 403,
+    Reason.NOT_FOUND: 404,
+    Reason.CONFLICT: 409,
+    Reason.NOT_PENDING: 409,
+    Reason.ALREADY_REVOKED: 409,
+    Reason.BODY_TOO_LARGE: 413,
+    Reason.RATE_LIMITED: 429,
+    Reason.UNAVAILABLE: 503,
+    Reason.STORE: 503,
+}
+DEFAULT_STATUS = 400  # everything about the content of a request
+
+
+def status_for(reason: Reason) -> int:
+    return STATUS.get(reason, DEFAULT_STATUS)
+
+
+def problem(reason: Reason, detail: str, status: int | None = None, **extra: Any) -> JSONResponse:
+    code = status or status_for(reason)
+    body = {
+        "type": PROBLEM_TYPE + reason.value,
+        "title": reason.value.replace("-", " ").capitalize(),
+        "status": code,
+        "detail": detail,
+        "reason": reason.value,
+        **extra,
+    }
+    headers = {"WWW-Authenticate": 'Bearer realm="certpulse"'} if code == 401 else None
+    return JSONResponse(body, status_code=code, media_type=PROBLEM_MEDIA_TYPE, headers=headers)

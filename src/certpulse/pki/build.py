@@ -1,0 +1,157 @@
+"""Building certificates: CA certificates and end-entity certificates. Pure: no clock, no I/O.
+
+The caller passes the validity window and the serial; this module only assembles extensions
+and signs. End-entity extensions come from the template, never from the CSR.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from certpulse.pki.keys import PrivateKey, PublicKey
+
+SERIAL_BITS = 159  # < 2**159 keeps the DER INTEGER within 20 octets, always positive
+MIN_SERIAL = 2**64
+KRA_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.311.21.6")  # key recovery agent
+
+
+def random_serial() -> int:
+    """A positive serial with at least 64 (in practice ~159) bits from the OS CSPRNG."""
+    while True:
+        serial = secrets.randbits(SERIAL_BITS)
+        if serial >= MIN_SERIAL:
+            return serial
+
+
+def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384() if key.curve.key_size <= 384 else hashes.SHA512()
+    return hashes.SHA256()
+
+
+def simple_name(common_name: str, organization: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    return x509.Name(attrs)
+
+
+def inclusive_not_after(not_before: dt.datetime, validity: dt.timedelta) -> dt.datetime:
+    """RFC 5280 validity is inclusive of notAfter: a 1-day certificate ends 1 second early."""
+    return not_before + validity - dt.timedelta(seconds=1)
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+        encipher_only=False, decipher_only=False,
+    )
+
+
+def build_ca_certificate(
+    *,
+    subject: x509.Name,
+    public_key: PublicKey,
+    issuer_cert: x509.Certificate | None,
+    signing_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    path_length: int | None,
+) -> x509.Certificate:
+    """A root (``issuer_cert`` None: self-signed) or a subordinate CA certificate."""
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert else subject)
+        .public_key(public_key)
+        .serial_number(random_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(ski, critical=False)
+    )
+    if issuer_cert is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    return builder.sign(signing_key, signature_hash(signing_key))
+
+
+def build_end_entity(
+    *,
+    subject: x509.Name,
+    public_key: PublicKey,
+    issuer_cert: x509.Certificate,
+    issuer_key: PrivateKey,
+    serial: int,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    sans: list[x509.GeneralName],
+    key_usage: x509.KeyUsage,
+    ekus: tuple[str, ...],
+    extra: tuple[x509.ExtensionType, ...] = (),
+    issuer_ski: x509.SubjectKeyIdentifier | None = None,
+) -> x509.Certificate:
+    """An end-entity certificate whose extensions all come from the caller (the template)."""
+    aki = (
+        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski)
+        if issuer_ski is not None
+        else x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(aki, critical=False)
+    )
+    if ekus:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.ObjectIdentifier(e) for e in ekus]), critical=False
+        )
+    if sans:
+        # RFC 5280 4.2.1.6: critical when the subject is empty.
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(sans), critical=len(subject) == 0
+        )
+    for ext in extra:
+        builder = builder.add_extension(ext, critical=False)
+    return builder.sign(issuer_key, signature_hash(issuer_key))
+
+
+def build_kra_certificate(
+    *,
+    subject: x509.Name,
+    public_key: rsa.RSAPublicKey,
+    issuer_cert: x509.Certificate,
+    issuer_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """The key recovery agent's certificate: agents encrypt archived private keys to it."""
+    usage = x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=True,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )
+    return build_end_entity(
+        subject=subject, public_key=public_key, issuer_cert=issuer_cert, issuer_key=issuer_key,
+        serial=random_serial(), not_before=not_before, not_after=not_after, sans=[],
+        key_usage=usage, ekus=(KRA_EKU.dotted_string,),
+    )

@@ -1,0 +1,1 @@
+"""The CA's database: one SQLAlchemy Core implementation for SQLite and PostgreSQL."""

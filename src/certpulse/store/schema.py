@@ -1,0 +1,196 @@
+"""The tables. Migrations in ``migrations/versions`` build exactly this (a test compares them).
+
+Design notes:
+* ``certificates`` holds one row per serial, inserted (status ``reserved``) before the
+  certificate is signed, so a serial is recorded before it is used and the unique constraint
+  on (authority, serial) makes reuse impossible. Revocation lives in the same row
+  (``revoked_at``, ``revocation_reason``) so a CRL is one indexed query per authority and an
+  OCSP answer is one primary-key lookup: neither needs a migration to start.
+* Secrets (API keys, credentials, enrollment tokens) are stored only as SHA-256 hashes: they
+  are 256-bit random values, so a slow password hash would add cost and no safety.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from certpulse.store.types import UTCDateTime
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+settings = Table(
+    "settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+authorities = Table(
+    "authorities",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),  # root | issuer | kra
+    Column("certificate_der", LargeBinary, nullable=False),
+    Column("key_file", String(255), nullable=True),
+    Column("parent_id", Integer, ForeignKey("authorities.id"), nullable=True),
+    Column("cost", Integer, nullable=False, default=0),
+    Column("renewal_only", Boolean, nullable=False, default=False),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+issuer_templates = Table(
+    "issuer_templates",
+    metadata,
+    Column("authority_id", Integer, ForeignKey("authorities.id"), primary_key=True),
+    Column("template_name", String(64), primary_key=True),
+)
+
+templates = Table(
+    "templates",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("oid", String(128), nullable=False, unique=True),
+    Column("major_version", Integer, nullable=False),
+    Column("minor_version", Integer, nullable=False),
+    Column("document", Text, nullable=False),  # canonical JSON of the TOML document
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+principals = Table(
+    "principals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),  # machine | user
+    Column("roles", String(255), nullable=False, default=""),  # comma-separated, e.g. ca-manager
+    Column("credential_hash", String(64), nullable=True, unique=True),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+group_members = Table(
+    "group_members",
+    metadata,
+    Column("group_name", String(64), primary_key=True),
+    Column("principal_id", Integer, ForeignKey("principals.id"), primary_key=True),
+    Index(None, "principal_id"),
+)
+
+enrollment_tokens = Table(
+    "enrollment_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("principal_id", Integer, ForeignKey("principals.id"), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("used_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_hash", String(64), primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),  # admin
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("principal_id", Integer, ForeignKey("principals.id"), nullable=True),
+    Column("requester", String(128), nullable=False),  # principal:NAME or admin:NAME
+    Column("template_name", String(64), nullable=False),
+    Column("template_major", Integer, nullable=False),
+    Column("template_minor", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),  # new | renewal
+    Column("csr_der", LargeBinary, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("names", Text, nullable=False),  # JSON list of SAN values
+    Column("renewal_of", Integer, ForeignKey("certificates.id"), nullable=True),
+    Column("authority_id", Integer, ForeignKey("authorities.id"), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | issued | denied | failed
+    Column("reason", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("decided_at", UTCDateTime, nullable=True),
+    Column("decided_by", String(128), nullable=True),
+    Column("certificate_id", Integer, nullable=True),
+    Index(None, "status", "created_at"),
+    Index(None, "principal_id"),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("authority_id", Integer, ForeignKey("authorities.id"), nullable=False),
+    Column("serial", String(40), nullable=False),  # lower-case hex, no leading zeros
+    Column("request_id", Integer, nullable=True),
+    Column("principal_id", Integer, ForeignKey("principals.id"), nullable=True),
+    Column("template_name", String(64), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("names", Text, nullable=False),
+    Column("not_before", UTCDateTime, nullable=False),
+    Column("not_after", UTCDateTime, nullable=False),
+    Column("status", String(16), nullable=False),  # reserved | issued
+    Column("der", LargeBinary, nullable=True),
+    Column("thumbprint", String(40), nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("revocation_reason", String(32), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("authority_id", "serial"),
+    Index(None, "serial"),
+    Index(None, "not_after"),
+    Index(None, "principal_id", "template_name"),
+    Index(None, "authority_id", "revoked_at"),
+    Index(None, "thumbprint"),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("template_name", String(64), nullable=True),
+    Column("request_id", Integer, nullable=True),
+    Column("serial", String(40), nullable=True),
+    Column("names", Text, nullable=True),
+    Column("reason", String(64), nullable=True),
+    Column("detail", Text, nullable=True),
+    Index(None, "at"),
+    Index(None, "request_id"),
+)
+
+archived_keys = Table(
+    "archived_keys",
+    metadata,
+    Column("request_id", Integer, ForeignKey("requests.id"), primary_key=True),
+    Column("authority_id", Integer, ForeignKey("authorities.id"), nullable=False),  # the KRA
+    Column("envelope", Text, nullable=False),  # JSON: the key encrypted to the KRA certificate
+    Column("created_at", UTCDateTime, nullable=False),
+)
