@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import itertools
 import os
 import socket
 import subprocess
@@ -169,3 +170,48 @@ def assert_problem(response: httpx.Response, status: int, reason: str) -> dict[s
     assert body["reason"] == reason, body
     assert body["type"].endswith(reason) and body["status"] == status and body["detail"], body
     return body
+
+
+def load_cert(pem_text: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem_text.encode())
+
+
+def assert_chains_to_root(ca: CA, certificate: str, chain: list[str]) -> x509.Certificate:
+    """The leaf verifies with the first chain certificate, each link with the next, the last
+    link with the CA's root from ``certs/root.pem``; returns the leaf's issuer."""
+    root = x509.load_pem_x509_certificate((ca.dir / "certs" / "root.pem").read_bytes())
+    links = [load_cert(certificate), *(load_cert(p) for p in chain)]
+    if links[-1] != root:
+        links.append(root)
+    for child, parent in itertools.pairwise(links):
+        child.verify_directly_issued_by(parent)
+    return links[1]
+
+
+def cli_json(ca: CA, *args: str) -> Any:
+    """Run a ``--json`` CLI command against ``ca`` and parse its output."""
+    import json
+
+    return json.loads(ca.cli(*args, "--json").stdout)
+
+
+def audit_since(admin: Client, after_id: int) -> list[dict[str, Any]]:
+    """Audit rows newer than ``after_id``, oldest first, read through the admin API."""
+    response = admin.http.get("/v1/audit", params={"limit": 10_000})
+    assert response.status_code == 200, response.text
+    rows: list[dict[str, Any]] = response.json()
+    return sorted((row for row in rows if row["id"] > after_id), key=lambda row: row["id"])
+
+
+def newest_audit_id(admin: Client) -> int:
+    response = admin.http.get("/v1/audit", params={"limit": 1})
+    assert response.status_code == 200, response.text
+    rows: list[dict[str, Any]] = response.json()
+    return int(rows[0]["id"]) if rows else 0
+
+
+def request_count(admin: Client) -> int:
+    """How many certificate requests (any status) the CA has recorded."""
+    response = admin.http.get("/v1/requests", params={"limit": 10_000})
+    assert response.status_code == 200, response.text
+    return len(response.json())

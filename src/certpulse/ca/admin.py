@@ -148,7 +148,8 @@ class CAAdmin:
                         name=name, kind=kind, roles=",".join(sorted(set(roles or ()))), enabled=True,
                         created_at=now).returning(t.principals.c.id)).scalar_one()
             except IntegrityError:
-                raise Refusal(Reason.CONFLICT, f"principal {name!r} exists; use 'principal token' for a new token") from None
+                raise Refusal(Reason.CONFLICT,
+                              f"principal {name!r} exists; use 'principal token' for a new token") from None
             for group in sorted(set(groups or ())):
                 conn.execute(t.group_members.insert().values(group_name=group, principal_id=principal_id))
             token, expires = self._new_token(conn, principal_id, now)

@@ -20,7 +20,7 @@ import datetime as dt
 from collections.abc import Mapping
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
@@ -227,7 +227,8 @@ def _check_key_archival(
     if state.kra is None or state.kra_key is None:
         raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, "the template archives keys but this CA has no KRA")
     if req.archived_key is None:
-        raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, f"template {template.name!r} requires the private key, encrypted to the KRA")
+        raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED,
+                      f"template {template.name!r} requires the private key, encrypted to the KRA")
     if req.archived_key.get("kra") != thumbprint(state.kra.certificate):
         raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, "the archived key is not encrypted to this CA's KRA")
     private: PrivateKey = key_archival.open_envelope(req.archived_key, state.kra_key)

@@ -451,7 +451,8 @@ class CAService:
             with write(self.engine) as conn:
                 row = self._find_certificate(conn, serial, issuer)
                 if row.revoked_at is not None:
-                    raise Refusal(Reason.ALREADY_REVOKED, f"certificate {row.serial} was revoked at {row.revoked_at.isoformat()}")
+                    raise Refusal(Reason.ALREADY_REVOKED,
+                                  f"certificate {row.serial} was revoked at {row.revoked_at.isoformat()}")
                 conn.execute(update(t.certificates).where(t.certificates.c.id == row.id)
                              .values(revoked_at=now, revocation_reason=reason))
                 self._audit(conn, now, caller.actor, "revoked", template=row.template_name,

@@ -113,7 +113,7 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
     root_cert = x509.load_der_x509_certificate(root.certificate_der)
     root_key = service.keyring.load(root.key_file, "root")
     key = generate_private_key(key_type)
-    org = ca_name or root_cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)[0].value
+    org = ca_name or str(root_cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)[0].value)
     cert = build_ca_certificate(
         subject=simple_name(f"{org} Issuing CA {name}", str(org)), public_key=key.public_key(),
         issuer_cert=root_cert, signing_key=root_key, not_before=now,
@@ -124,7 +124,8 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
     with write(service.engine) as conn:
         authority_id = conn.execute(t.authorities.insert().values(
             name=name, role="issuer", certificate_der=der(cert), key_file=key_file, parent_id=root.id,
-            cost=cost, renewal_only=renewal_only, enabled=True, created_at=now).returning(t.authorities.c.id)).scalar_one()
+            cost=cost, renewal_only=renewal_only, enabled=True, created_at=now,
+        ).returning(t.authorities.c.id)).scalar_one()
         for template in templates:
             conn.execute(t.issuer_templates.insert().values(authority_id=authority_id, template_name=template))
         bump_generation(conn)

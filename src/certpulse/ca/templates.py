@@ -228,6 +228,13 @@ class _Reader:
             raise _invalid(self.where(key), f"must be one of {', '.join(options)} (got {value!r})")
         return value
 
+    def duration(self, key: str, default: str | None = None) -> dt.timedelta:
+        text = self.string(key, default)
+        try:
+            return parse_duration(text)
+        except Refusal as exc:
+            raise _invalid(self.where(key), f"is not a valid duration: {exc.detail}") from None
+
     def sub(self, key: str) -> _Reader:
         return _Reader(self._get(key, {}), self.where(key))
 
@@ -270,8 +277,8 @@ def parse_template(document: Mapping[str, Any], *, default_oid: str) -> Template
     schema_version = top.integer("schema_version", 2, 1, 4)
     major = top.integer("major_version", 1, 0, 2**31 - 1)
     minor = top.integer("minor_version", 0, 0, 2**31 - 1)
-    validity = parse_duration(top.string("validity"))
-    renewal_period = parse_duration(top.string("renewal_period", "6w"))
+    validity = top.duration("validity")
+    renewal_period = top.duration("renewal_period", "6w")
     purpose = top.choice("purpose", "signature", ("signature", "encryption", "both"))
     supersedes = top.strings("supersedes")
     if name in supersedes:

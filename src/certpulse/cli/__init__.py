@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from certpulse import __version__
@@ -40,26 +39,19 @@ def version() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. Usage errors are the argument parser's (exit 2, with usage); our own
+    refusals and anything unexpected become one line on standard error."""
     command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="certpulse", standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("certpulse: aborted", markup=False)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        command.main(args=argv, prog_name="certpulse", standalone_mode=True)
     except Refusal as refusal:
-        err_console.print(fail_line(f"certpulse: error: {refusal.reason.value}: {refusal.detail}"),
-                          markup=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(f"certpulse: error: {refusal.reason.value}: {refusal.detail}", 2)
     except CertpulseError as exc:
-        err_console.print(fail_line(f"certpulse: error: {exc}"), markup=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        _fail(f"certpulse: error: {exc}", 2)
     except Exception as exc:  # last line of defence: one line, never a traceback
-        err_console.print(fail_line(f"certpulse: internal error: {type(exc).__name__}: {exc}"),
-                          markup=False, soft_wrap=True)
-        sys.exit(70)
-    sys.exit(result if isinstance(result, int) else 0)
+        _fail(f"certpulse: internal error: {type(exc).__name__}: {exc}", 70)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(fail_line(message), markup=False, soft_wrap=True)
+    sys.exit(code)

@@ -40,7 +40,9 @@ def ca_init(
     dir_: DirOption = None,
     key_type: Annotated[str, typer.Option("--key-type", help=KEY_TYPES)] = "ec-p256",
     name: Annotated[str, typer.Option("--name", help="Name of the CA (used in its certificates)")] = "certpulse",
-    database: Annotated[str | None, typer.Option("--database", help="Database URL (default: SQLite in the CA folder)")] = None,
+    database: Annotated[
+        str | None, typer.Option("--database", help="Database URL (default: SQLite in the CA folder)")
+    ] = None,
     issuer_validity: Annotated[str, typer.Option("--issuer-validity", help="Lifetime of the issuing CA")] = "3650d",
 ) -> None:
     """Create a root CA, an issuing CA and a key recovery agent; print the admin API key once."""
@@ -162,7 +164,8 @@ def template_list(dir_: DirOption = None, json_: JsonOption = False) -> None:
     if json_:
         emit_json([x.document() for x in templates])
         return
-    table("Templates", ["name", "version", "validity", "renewal period", "purpose", "subject", "approval", "supersedes"],
+    table("Templates",
+          ["name", "version", "validity", "renewal period", "purpose", "subject", "approval", "supersedes"],
           [_template_row(x) for x in templates])
 
 

@@ -10,6 +10,7 @@ import base64
 import binascii
 import logging
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -76,7 +77,10 @@ class EnrollmentBody(_Body):
     template: str = Field(max_length=64)
     csr: str = Field(max_length=40_000, description="PKCS#10 request: PEM, or base64 DER")
     issuer: str | None = Field(default=None, max_length=64, description="Issuer chosen by the client (by cost)")
-    renewal: SignedEvidence | None = Field(default=None, description="Present for a renewal: the old certificate and its key's signature over the new CSR")
+    renewal: SignedEvidence | None = Field(
+        default=None,
+        description="Present for a renewal: the old certificate and its key's signature over the new CSR",
+    )
     ra_signatures: list[SignedEvidence] = Field(default_factory=list, max_length=5)
     archived_key: ArchivedKey | None = None
 
@@ -252,7 +256,7 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
               request_id: Annotated[int | None, Query()] = None) -> list[dict[str, Any]]:
         return service.audit_log(who, limit=limit, request_id=request_id)
 
-    def on_too_large(scope: dict[str, Any]) -> None:
+    def on_too_large(scope: MutableMapping[str, Any]) -> None:
         service.audit_refusal(ANONYMOUS.actor, "refused",
                               Refusal(Reason.BODY_TOO_LARGE, f"{scope.get('method')} {scope.get('path')}"),
                               clock.now())

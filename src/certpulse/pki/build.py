@@ -29,7 +29,7 @@ def random_serial() -> int:
             return serial
 
 
-def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384() if key.curve.key_size <= 384 else hashes.SHA512()
     return hashes.SHA256()

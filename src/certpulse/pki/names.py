@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import ipaddress
+import json
 import re
 
 from cryptography import x509

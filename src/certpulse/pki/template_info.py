@@ -54,8 +54,17 @@ def decode(cert: x509.Certificate) -> TemplateInfo | None:
     """The template a certificate names, or None when it names none (or names it badly)."""
     try:
         ext = cert.extensions.get_extension_for_oid(TEMPLATE_INFO_OID).value
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):  # ValueError: an extension is malformed
         return None
+    if isinstance(ext, x509.MSCertificateTemplate):
+        # cryptography parses this OID itself on certificates it loads.
+        if ext.major_version is None:
+            return None
+        return TemplateInfo(
+            oid=ext.template_id.dotted_string,
+            major=ext.major_version,
+            minor=ext.minor_version if ext.minor_version is not None else 0,
+        )
     if not isinstance(ext, x509.UnrecognizedExtension):
         return None
     try:

@@ -12,15 +12,16 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from certpulse.errors import Reason, Refusal
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 BUSY_TIMEOUT_MS = 10_000
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -72,6 +73,8 @@ def read(engine: Engine) -> Iterator[Connection]:
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config  # imported here: most commands never migrate
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -80,6 +83,8 @@ def alembic_config(url: str) -> Config:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest migration (creating it on an empty database)."""
+    from alembic import command
+
     try:
         with engine.begin() as conn:
             config = alembic_config(engine.url.render_as_string(hide_password=False))

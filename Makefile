@@ -1,0 +1,33 @@
+# certpulse: `make demo` runs the main job end to end; `make test` runs the whole suite.
+# Both create the virtualenv (.venv) on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test pytest lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python demo/demo.py
+
+# Lint and type checks first (fast), then the suite on SQLite and PostgreSQL, two workers.
+test: lint pytest
+
+pytest: $(STAMP)
+	$(BIN)/pytest -n 2 --dist loadscope -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests demo
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,142 @@
+"""certpulse demo: a CA, an enrollment over HTTP, an approval, a revocation — end to end.
+
+Runs the real ``certpulse`` command line and a real ``certpulse ca serve`` on a loopback
+port, in a temporary folder that is removed afterwards (SQLite, the embedded default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+console = Console(highlight=False)
+
+
+def certpulse(*args: str, ca_dir: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "certpulse", *args, "--dir", str(ca_dir)],
+                            capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "120"})
+    if result.returncode != 0:
+        raise SystemExit(f"demo: certpulse {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server(ca_dir: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None:
+                raise SystemExit("demo: ca serve exited early")
+            time.sleep(0.1)
+        else:
+            raise SystemExit("demo: ca serve did not start")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def new_csr() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def main() -> None:
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="certpulse-demo-"))
+    ca_dir = work / "ca"
+    steps: list[tuple[str, str, str]] = []
+    try:
+        console.rule("[bold]certpulse demo: enrollment service")
+        init_out = certpulse("ca", "init", "--name", "Demo", ca_dir=ca_dir)
+        admin_key = next(line.strip() for line in init_out.splitlines() if line.strip().startswith("cpa_"))
+        steps.append(("ca init", "ok", f"root, issuing CA and KRA in {ca_dir} (keys 0600)"))
+        for name in ("machine", "webserver", "approval-required", "encryption"):
+            certpulse("template", "add", str(REPO / "examples" / "templates" / f"{name}.toml"), ca_dir=ca_dir)
+        steps.append(("template add", "ok", "machine, webserver, approval-required, encryption"))
+        token = json.loads(certpulse("principal", "add", "web01.example.internal", "--json", ca_dir=ca_dir))["token"]
+        steps.append(("principal add", "ok", "machine web01.example.internal, one-time token printed once"))
+
+        with server(ca_dir) as base:
+            credential = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token}).json()["credential"]
+            http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {credential}"}, timeout=30)
+            steps.append(("token exchange", "ok", "agent credential received over HTTP"))
+            reuse = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token})
+            steps.append(("token reused", str(reuse.status_code), reuse.json()["reason"]))
+
+            issued: dict[str, Any] = http.post("/v1/requests", json={"template": "machine", "csr": new_csr()}).json()
+            cert = x509.load_pem_x509_certificate(issued["certificate"].encode())
+            issuer = x509.load_pem_x509_certificate(issued["chain"][0].encode())
+            cert.verify_directly_issued_by(issuer)
+            steps.append(("enroll machine", issued["status"],
+                          f"{cert.subject.rfc4514_string()} serial {issued['serial'][:16]}… until {cert.not_valid_after_utc:%Y-%m-%d}"))
+
+            pending = http.post("/v1/requests", json={"template": "approval-required", "csr": new_csr()})
+            request_id = pending.json()["id"]
+            steps.append(("enroll approval-required", pending.json()["status"], f"request {request_id} awaits a CA manager"))
+            certpulse("request", "approve", str(request_id), ca_dir=ca_dir)
+            fetched = http.get(f"/v1/requests/{request_id}").json()
+            steps.append(("request approve", fetched["status"], f"fetched by request id; serial {fetched['serial'][:16]}…"))
+
+            bad = http.post("/v1/requests", json={"template": "machine", "csr": "not a CSR"})
+            steps.append(("bad CSR", str(bad.status_code), bad.json()["reason"]))
+
+            certpulse("revoke", issued["serial"], "--reason", "superseded", ca_dir=ca_dir)
+            status = http.get(f"/v1/certificates/{issued['serial']}").json()
+            steps.append(("revoke", status["status"], f"reason {status['revocation_reason']}"))
+
+            audit = httpx.get(f"{base}/v1/audit", params={"limit": 8}, headers={"Authorization": f"Bearer {admin_key}"})
+
+        table = Table(title="What happened", header_style="bold cyan", title_justify="left")
+        for column in ("step", "outcome", "detail"):
+            table.add_column(column)
+        for step, outcome, detail in steps:
+            colour = "green" if outcome in ("ok", "issued", "revoked", "pending") else "yellow"
+            table.add_row(step, f"[{colour}]{outcome}[/{colour}]", detail)
+        console.print(table)
+        if audit.status_code == 200:
+            trail = Table(title="Audit trail (newest first)", header_style="bold cyan", title_justify="left")
+            for column in ("action", "actor", "template", "reason"):
+                trail.add_column(column)
+            for row in audit.json():
+                trail.add_row(row["action"], row["actor"], row["template"] or "", row["reason"] or "")
+            console.print(trail)
+        console.print(f"[bold green]demo finished[/bold green] in {time.monotonic() - started:.1f} s; cleaned up {work}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
