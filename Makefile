@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test pytest lint bench clean
+.PHONY: venv demo test pytest lint bench clean system-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ demo: $(STAMP)
 # Lint and type checks first (fast), then the suite on SQLite and PostgreSQL, two workers.
 test: lint pytest
 
-pytest: $(STAMP)
+pytest: $(STAMP) system-packages
 	$(BIN)/pytest -n 2 --dist loadscope -q
+
+# Debian packages the tests run as real processes (faketime); installed when missing.
+system-packages:
+	scripts/system-packages
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests demo

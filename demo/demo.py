@@ -101,14 +101,17 @@ def main() -> None:
             issuer = x509.load_pem_x509_certificate(issued["chain"][0].encode())
             cert.verify_directly_issued_by(issuer)
             steps.append(("enroll machine", issued["status"],
-                          f"{cert.subject.rfc4514_string()} serial {issued['serial'][:16]}… until {cert.not_valid_after_utc:%Y-%m-%d}"))
+                          f"{cert.subject.rfc4514_string()} serial {issued['serial'][:16]}… "
+                          f"until {cert.not_valid_after_utc:%Y-%m-%d}"))
 
             pending = http.post("/v1/requests", json={"template": "approval-required", "csr": new_csr()})
             request_id = pending.json()["id"]
-            steps.append(("enroll approval-required", pending.json()["status"], f"request {request_id} awaits a CA manager"))
+            steps.append(("enroll approval-required", pending.json()["status"],
+                          f"request {request_id} awaits a CA manager"))
             certpulse("request", "approve", str(request_id), ca_dir=ca_dir)
             fetched = http.get(f"/v1/requests/{request_id}").json()
-            steps.append(("request approve", fetched["status"], f"fetched by request id; serial {fetched['serial'][:16]}…"))
+            steps.append(("request approve", fetched["status"],
+                          f"fetched by request id; serial {fetched['serial'][:16]}…"))
 
             bad = http.post("/v1/requests", json={"template": "machine", "csr": "not a CSR"})
             steps.append(("bad CSR", str(bad.status_code), bad.json()["reason"]))
@@ -133,7 +136,8 @@ def main() -> None:
             for row in audit.json():
                 trail.add_row(row["action"], row["actor"], row["template"] or "", row["reason"] or "")
             console.print(trail)
-        console.print(f"[bold green]demo finished[/bold green] in {time.monotonic() - started:.1f} s; cleaned up {work}")
+        elapsed = time.monotonic() - started
+        console.print(f"[bold green]demo finished[/bold green] in {elapsed:.1f} s; cleaned up {work}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -7,6 +7,7 @@ import functools
 import ipaddress
 import secrets
 from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 from cryptography import x509
@@ -152,12 +153,8 @@ def test_random_serial_rejects_small_draws(draws: list[int]) -> None:
         assert bits == build.SERIAL_BITS
         return next(calls)
 
-    original = build.secrets.randbits
-    build.secrets.randbits = fake_randbits  # type: ignore[assignment]
-    try:
+    with mock.patch.object(secrets, "randbits", fake_randbits):
         serial = random_serial()
-    finally:
-        build.secrets.randbits = original  # type: ignore[assignment]
     assert serial == next(s for s in sequence if s >= MIN_SERIAL)
     assert MIN_SERIAL <= serial < 2**159
 

@@ -57,6 +57,7 @@ class EnrollmentRequest:
     renewal: Evidence | None = None
     ra_signatures: tuple[Evidence, ...] = ()
     archived_key: Mapping[str, Any] | None = None
+    idempotency_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from certpulse.ca.model import Authority, Caller, EnrollmentRequest, Evidence, KnownCertificate
@@ -42,6 +43,8 @@ from certpulse.pki.names import (
 from certpulse.pki.signing import verify_bytes
 
 WEAK_HASHES = ("md5", "sha1", "md4", "md2")
+# Signature algorithms over hashes so old that cryptography no longer names them (RFC 8017 A.2.4)
+UNNAMED_WEAK_SIGNATURES = {"1.2.840.113549.1.1.2": "md2", "1.2.840.113549.1.1.3": "md4"}
 REQUEST_SUBJECT_ATTRIBUTES = {
     NameOID.COMMON_NAME,
     NameOID.ORGANIZATION_NAME,
@@ -92,8 +95,8 @@ def decide(caller: Caller, req: EnrollmentRequest, state: Gathered, now: dt.date
     csr_der = csr.public_bytes(serialization.Encoding.DER)
     renewal_of = _check_renewal(caller, req, template, state, csr_der, now)
     _check_ra_signatures(req.ra_signatures, template, state, csr_der, now)
+    archived = _check_key_archival(req, template, state, csr.public_key())
     public_key = check_public_key(csr.public_key(), template.key_types)
-    archived = _check_key_archival(req, template, state, public_key)
     subject, names = _check_names(caller, template, csr, req.renewal if renewal_of else None)
     issuer = _choose_issuer(req, template, state, renewal=renewal_of is not None, now=now)
     not_before = now
@@ -135,12 +138,18 @@ def _check_csr(data: bytes) -> x509.CertificateSigningRequest:
         valid = csr.is_signature_valid
         algorithm = csr.signature_hash_algorithm
     except Exception:  # unsupported algorithms and unparsable keys surface here
+        weak = UNNAMED_WEAK_SIGNATURES.get(csr.signature_algorithm_oid.dotted_string)
+        if weak:
+            raise Refusal(Reason.WEAK_SIGNATURE_ALGORITHM,
+                          f"CSR signed with {weak}; use SHA-256 or better") from None
         raise Refusal(Reason.MALFORMED_CSR, "the CSR's key or signature algorithm is not supported") from None
+    # The hash first: cryptography reports a SHA-1 signature as invalid, which would hide the reason.
+    # No hash at all is EdDSA (Ed25519, Ed448): not weak; the key rules below refuse the key.
+    if algorithm is not None and algorithm.name in WEAK_HASHES:
+        raise Refusal(Reason.WEAK_SIGNATURE_ALGORITHM,
+                      f"CSR signed with {algorithm.name}; use SHA-256 or better")
     if not valid:
         raise Refusal(Reason.BAD_CSR_SIGNATURE, "the CSR's signature does not verify with its own key")
-    if algorithm is None or algorithm.name in WEAK_HASHES:
-        name = algorithm.name if algorithm else "none"
-        raise Refusal(Reason.WEAK_SIGNATURE_ALGORITHM, f"CSR signed with {name}; use SHA-256 or better")
     try:
         csr.extensions  # noqa: B018 - parse them now so a broken one is a clear refusal
     except Exception as exc:
@@ -220,7 +229,7 @@ def _check_ra_signatures(
 
 
 def _check_key_archival(
-    req: EnrollmentRequest, template: Template, state: Gathered, public_key: PublicKey
+    req: EnrollmentRequest, template: Template, state: Gathered, public_key: CertificatePublicKeyTypes
 ) -> Mapping[str, str] | None:
     if not template.archive_private_key:
         return None

@@ -32,7 +32,7 @@ from certpulse.ca.templates import Template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
 from certpulse.pki.build import build_end_entity, inclusive_not_after, random_serial
-from certpulse.pki.certs import der, parse_serial, pem, serial_hex, thumbprint
+from certpulse.pki.certs import der, load_csr, parse_serial, pem, serial_hex, thumbprint
 from certpulse.pki.key_archival import dumps as envelope_json
 from certpulse.pki.keys import PublicKey
 from certpulse.pki.names import names_from_json, names_to_json
@@ -40,7 +40,7 @@ from certpulse.store import schema as t
 from certpulse.store.db import read, write
 
 REVOCATION_REASONS = tuple(
-    r.name for r in x509.ReasonFlags if r not in (x509.ReasonFlags.remove_from_crl,)
+    r.value for r in x509.ReasonFlags if r not in (x509.ReasonFlags.remove_from_crl,)
 )
 
 
@@ -75,9 +75,10 @@ class CAService:
     ) -> None:
         conn.execute(
             t.audit.insert().values(
-                at=now, actor=actor, action=action, template_name=template, request_id=request_id,
+                at=now, actor=_storable(actor)[:128], action=action,
+                template_name=_storable(template)[:64] if template else None, request_id=request_id,
                 serial=serial, names=json.dumps(list(names)) if names else None, reason=reason,
-                detail=detail[:2000] if detail else None,
+                detail=_storable(detail)[:2000] if detail else None,
             )
         )
 
@@ -230,8 +231,12 @@ class CAService:
             if caller.kind != "principal":
                 raise Refusal(Reason.FORBIDDEN, "only principals enroll; use the principal's credential")
             with write(self.engine) as conn:
+                if req.idempotency_key is not None:
+                    replay = self._replay(conn, caller, req)
+                    if replay is not None:
+                        return replay
                 decision = request_policy.decide(caller, req, self._gather(conn, req), now)
-                request_id = self._insert_request(conn, caller, decision, now)
+                request_id = self._insert_request(conn, caller, decision, now, req.idempotency_key)
                 if decision.pending:
                     self._audit(conn, now, caller.actor, "pending", template=decision.template.name,
                                 request_id=request_id, names=decision.names.all(),
@@ -241,6 +246,30 @@ class CAService:
         except Refusal as refusal:
             self.audit_refusal(caller.actor, "refused", refusal, now, template=req.template)
             raise
+
+    def _replay(self, conn: Connection, caller: Caller, req: EnrollmentRequest) -> dict[str, Any] | None:
+        """The earlier request with the same idempotency key, if any: a retry after a lost answer
+        gets the first result (and never a second certificate)."""
+        row = conn.execute(select(t.requests).where(and_(
+            t.requests.c.principal_id == caller.principal_id,
+            t.requests.c.idempotency_key == req.idempotency_key,
+        ))).first()
+        if row is None:
+            return None
+        try:
+            same = x509.load_der_x509_csr(row.csr_der) == load_csr(req.csr)
+        except Refusal:
+            same = False
+        if not same or row.template_name != req.template:
+            raise Refusal(Reason.CONFLICT, "this idempotency key was used for a different request")
+        result = _request_summary(row)
+        if row.status == "issued" and row.certificate_id is not None:
+            cert = conn.execute(select(t.certificates).where(t.certificates.c.id == row.certificate_id)).one()
+            result.update(serial=cert.serial, thumbprint=cert.thumbprint,
+                          certificate=pem(x509.load_der_x509_certificate(cert.der)),
+                          chain=self._chain_pems(row.authority_id))
+        result["replayed"] = True
+        return result
 
     def _gather(self, conn: Connection, req: EnrollmentRequest) -> request_policy.Gathered:
         snap = self.snapshot(conn)
@@ -262,7 +291,8 @@ class CAService:
         )
 
     @staticmethod
-    def _insert_request(conn: Connection, caller: Caller, d: request_policy.Decision, now: dt.datetime) -> int:
+    def _insert_request(conn: Connection, caller: Caller, d: request_policy.Decision, now: dt.datetime,
+                        idempotency_key: str | None = None) -> int:
         result = conn.execute(
             t.requests.insert().values(
                 principal_id=caller.principal_id, requester=caller.actor, template_name=d.template.name,
@@ -270,7 +300,7 @@ class CAService:
                 kind=d.kind, csr_der=d.csr_der, subject=d.subject_text(),
                 names=names_to_json(d.names),
                 renewal_of=d.renewal_of.id if d.renewal_of else None, authority_id=d.issuer.id,
-                status="pending" if d.pending else "issuing", created_at=now,
+                status="pending" if d.pending else "issuing", created_at=now, idempotency_key=idempotency_key,
             ).returning(t.requests.c.id)
         )
         request_id = int(result.scalar_one())
@@ -488,6 +518,12 @@ class CAService:
             "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
             "revocation_reason": row.revocation_reason, "thumbprint": row.thumbprint,
         }
+
+
+def _storable(text: str) -> str:
+    """Caller-supplied text as every database takes it: NUL (which PostgreSQL text refuses)
+    and lone surrogates (which UTF-8 cannot encode) written as backslash escapes."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def template_policy(template: Template, rights: frozenset[str]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from certpulse import __version__
-from certpulse.cli import ca_commands
+from certpulse.cli import agent_commands, ca_commands
 from certpulse.cli.output import err_console, fail_line
 from certpulse.errors import CertpulseError, Refusal
 
@@ -27,6 +27,8 @@ app.add_typer(ca_commands.template_app, name="template")
 app.add_typer(ca_commands.principal_app, name="principal")
 app.add_typer(ca_commands.request_app, name="request")
 app.add_typer(ca_commands.apikey_app, name="apikey")
+app.add_typer(agent_commands.agent_app, name="agent")
+app.add_typer(agent_commands.cert_app, name="cert")
 app.command("revoke")(ca_commands.revoke)
 app.command("status")(ca_commands.status)
 app.command("audit")(ca_commands.audit)

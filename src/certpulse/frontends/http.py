@@ -101,6 +101,9 @@ class RequestResult(BaseModel):
     thumbprint: str | None = None
     certificate: str | None = None
     chain: list[str] | None = None
+    replayed: bool | None = Field(
+        default=None, description="True when an earlier request with the same Idempotency-Key answered"
+    )
 
 
 class DenyBody(_Body):
@@ -164,6 +167,8 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
     @app.exception_handler(StarletteHTTPException)
     def on_http(request: Request, exc: StarletteHTTPException) -> Response:
         reason = Reason.NOT_FOUND if exc.status_code in (404, 405) else Reason.MALFORMED_REQUEST
+        if reason is Reason.MALFORMED_REQUEST:  # e.g. a body that is not UTF-8 or nests too deep
+            service.audit_refusal(ANONYMOUS.actor, "malformed", Refusal(reason, str(exc.detail)), clock.now())
         return problem(reason, str(exc.detail), status=exc.status_code)
 
     @app.exception_handler(OperationalError)
@@ -197,7 +202,11 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
               summary="Submit a certificate request (new or renewal)",
               responses={**PROBLEM_RESPONSES, 202: {"description": "Pending CA-manager approval",
                                                     "model": RequestResult}})
-    def submit(body: EnrollmentBody, who: CallerDep) -> Any:
+    def submit(body: EnrollmentBody, who: CallerDep,
+               idempotency_key: Annotated[str | None, Header(
+                   pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                   description="Client-chosen key; a retry with the same key and CSR returns the first result",
+               )] = None) -> Any:
         now = clock.now()
         try:
             req = EnrollmentRequest(
@@ -205,6 +214,7 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
                 renewal=_evidence(body.renewal, "renewal") if body.renewal else None,
                 ra_signatures=tuple(_evidence(e, "RA") for e in body.ra_signatures),
                 archived_key=body.archived_key.model_dump() if body.archived_key else None,
+                idempotency_key=idempotency_key,
             )
         except Refusal as refusal:
             service.audit_refusal(who.actor, "refused", refusal, now, template=body.template)
@@ -212,6 +222,8 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
         result = service.submit(who, req, now)
         if result["status"] == "pending":
             return JSONResponse(result, status_code=202)
+        if result.get("replayed"):
+            return JSONResponse(result, status_code=200)
         return result
 
     @app.get("/v1/requests", tags=["management"], response_model=list[RequestResult],
@@ -220,7 +232,11 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
     def list_requests(who: CallerDep,
                       status: Annotated[Literal["pending", "issued", "denied", "failed"] | None, Query()] = None,
                       limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> list[dict[str, Any]]:
-        return service.list_requests(who, status, limit)
+        try:
+            return service.list_requests(who, status, limit)
+        except Refusal as refusal:
+            service.audit_refusal(who.actor, "list-refused", refusal, clock.now())
+            raise
 
     @app.get("/v1/requests/{request_id}", tags=["enrollment"], response_model=RequestResult,
              response_model_exclude_none=True, summary="A request's status and, once issued, its certificate",
@@ -254,7 +270,11 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
              responses=PROBLEM_RESPONSES)
     def audit(who: CallerDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
               request_id: Annotated[int | None, Query()] = None) -> list[dict[str, Any]]:
-        return service.audit_log(who, limit=limit, request_id=request_id)
+        try:
+            return service.audit_log(who, limit=limit, request_id=request_id)
+        except Refusal as refusal:
+            service.audit_refusal(who.actor, "audit-refused", refusal, clock.now())
+            raise
 
     def on_too_large(scope: MutableMapping[str, Any]) -> None:
         service.audit_refusal(ANONYMOUS.actor, "refused",

@@ -24,7 +24,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         if _BASE64.fullmatch(data):
             data = base64.b64decode(b"".join(data.split()))
         return x509.load_der_x509_csr(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise Refusal(Reason.MALFORMED_CSR, f"not a parseable PKCS#10 request: {exc}") from None
 
 
@@ -33,7 +33,7 @@ def load_certificate(data: bytes) -> x509.Certificate:
         if _PEM_CERT in data:
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise Refusal(Reason.MALFORMED_REQUEST, f"not a parseable certificate: {exc}") from None
 
 

@@ -16,11 +16,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.certs import thumbprint
-from certpulse.pki.keys import PrivateKey, PublicKey, load_private_key_pem, private_key_pem
+from certpulse.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
 
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
@@ -56,7 +57,7 @@ def open_envelope(envelope: Any, kra_key: rsa.RSAPrivateKey) -> PrivateKey:
         ) from None
 
 
-def matches(private_key: PrivateKey, public_key: PublicKey) -> bool:
+def matches(private_key: PrivateKey, public_key: CertificatePublicKeyTypes) -> bool:
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     enc = serialization.Encoding.DER
     return private_key.public_key().public_bytes(enc, fmt) == public_key.public_bytes(enc, fmt)

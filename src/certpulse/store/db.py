@@ -72,22 +72,22 @@ def read(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str, location: Path = MIGRATIONS) -> Config:
     from alembic.config import Config  # imported here: most commands never migrate
 
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(location))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
-def migrate(engine: Engine) -> None:
+def migrate(engine: Engine, location: Path = MIGRATIONS) -> None:
     """Bring the schema to the newest migration (creating it on an empty database)."""
     from alembic import command
 
     try:
         with engine.begin() as conn:
-            config = alembic_config(engine.url.render_as_string(hide_password=False))
+            config = alembic_config(engine.url.render_as_string(hide_password=False), location)
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
     except OperationalError as exc:

@@ -138,8 +138,12 @@ requests = Table(
     Column("decided_at", UTCDateTime, nullable=True),
     Column("decided_by", String(128), nullable=True),
     Column("certificate_id", Integer, nullable=True),
+    # Chosen by the client and sent again when it retries, so a retry after a lost answer
+    # gets the first request's result instead of a second certificate (migration 0002).
+    Column("idempotency_key", String(64), nullable=True),
     Index(None, "status", "created_at"),
     Index(None, "principal_id"),
+    UniqueConstraint("principal_id", "idempotency_key"),
 )
 
 certificates = Table(

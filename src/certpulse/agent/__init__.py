@@ -1,0 +1,1 @@
+"""The agent: keeps a machine's certificates enrolled and renewed. It never imports the CA."""

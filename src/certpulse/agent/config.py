@@ -1,0 +1,164 @@
+"""The agent's configuration: the seed's Group Policy settings, as TOML in the agent folder.
+
+Every client-side command takes ``--dir``; without it ``$CERTPULSE_DIR``, then
+``/var/lib/certpulse`` when running as root (the system context) and the user's data folder
+otherwise (the user context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from certpulse.durations import format_duration, parse_duration
+from certpulse.errors import Reason, Refusal
+
+SYSTEM_DIR = Path("/var/lib/certpulse")
+CONFIG_NAME = "agent.toml"
+CREDENTIAL_NAME = "credential"
+
+
+def default_dir() -> Path:
+    env = os.environ.get("CERTPULSE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return SYSTEM_DIR
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "certpulse"
+
+
+def resolve_dir(given: Path | None) -> Path:
+    return given if given is not None else default_dir()
+
+
+def context_for_uid() -> str:
+    """System context as root (machine certificates), user context otherwise."""
+    return "machine" if os.geteuid() == 0 else "user"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyServerConfig:
+    url: str
+    cost: int = 0
+    is_default: bool = True
+    ca_file: str | None = None  # PEM bundle to trust for https (default: the system's)
+    credential_file: str = CREDENTIAL_NAME
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    servers: tuple[PolicyServerConfig, ...]
+    principal: str
+    enabled: bool = True
+    enroll: bool = True
+    manage: bool = True
+    retrieve_pending: bool = True
+    refresh_interval: dt.timedelta = dt.timedelta(hours=8)
+    expiry_warning_percent: int = 10
+    additional_stores: tuple[str, ...] = ()
+    context: str = "machine"
+    backoff_cap: dt.timedelta = dt.timedelta(hours=1)
+    policy_refresh: dt.timedelta = dt.timedelta(minutes=10)  # the seed: templates cached >= 10 min
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "principal": self.principal,
+            "enabled": self.enabled,
+            "enroll": self.enroll,
+            "manage": self.manage,
+            "retrieve_pending": self.retrieve_pending,
+            "refresh_interval": format_duration(self.refresh_interval),
+            "expiry_warning_percent": self.expiry_warning_percent,
+            "additional_stores": list(self.additional_stores),
+            "context": self.context,
+            "backoff_cap": format_duration(self.backoff_cap),
+            "policy_refresh": format_duration(self.policy_refresh),
+            "policy_servers": [
+                {k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in self.servers
+            ],
+        }
+
+
+def _bool(data: dict[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{key} must be true or false")
+    return value
+
+
+def load_config(directory: Path) -> AgentConfig:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise Refusal(Reason.NOT_FOUND, f"no agent in {directory} (run 'certpulse agent init --dir {directory}' first)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"cannot read {path}: {exc}") from None
+    known = {"principal", "enabled", "enroll", "manage", "retrieve_pending", "refresh_interval",
+             "expiry_warning_percent", "additional_stores", "context", "backoff_cap", "policy_refresh",
+             "policy_servers"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: unknown setting {unknown[0]!r}")
+    servers = []
+    for raw in data.get("policy_servers", []):
+        if not isinstance(raw, dict) or not isinstance(raw.get("url"), str):
+            raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: every [[policy_servers]] needs a url")
+        servers.append(PolicyServerConfig(
+            url=raw["url"].rstrip("/"), cost=int(raw.get("cost", 0)), is_default=bool(raw.get("is_default", True)),
+            ca_file=raw.get("ca_file"), credential_file=str(raw.get("credential_file", CREDENTIAL_NAME))))
+    if not servers:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: no [[policy_servers]]")
+    percent = data.get("expiry_warning_percent", 10)
+    if not isinstance(percent, int) or not 0 < percent < 100:
+        raise Refusal(Reason.INVALID_ARGUMENT, "expiry_warning_percent must be a whole number from 1 to 99")
+    context = data.get("context", "machine")
+    if context not in ("machine", "user"):
+        raise Refusal(Reason.INVALID_ARGUMENT, "context must be machine or user")
+    stores = data.get("additional_stores", [])
+    if not isinstance(stores, list) or not all(isinstance(s, str) for s in stores):
+        raise Refusal(Reason.INVALID_ARGUMENT, "additional_stores must be a list of folders")
+    return AgentConfig(
+        servers=tuple(servers), principal=str(data.get("principal", "")),
+        enabled=_bool(data, "enabled", True), enroll=_bool(data, "enroll", True),
+        manage=_bool(data, "manage", True), retrieve_pending=_bool(data, "retrieve_pending", True),
+        refresh_interval=parse_duration(data.get("refresh_interval", "8h")),
+        expiry_warning_percent=percent, additional_stores=tuple(stores), context=context,
+        backoff_cap=parse_duration(data.get("backoff_cap", "1h")),
+        policy_refresh=parse_duration(data.get("policy_refresh", "10m")),
+    )
+
+
+def save_config(directory: Path, config: AgentConfig) -> None:
+    path = directory / CONFIG_NAME
+    header = ("# certpulse agent configuration (the seed's autoenrollment Group Policy).\n"
+              "# enabled / enroll / manage / retrieve_pending: the AE options; refresh_interval: pulse period\n"
+              "# (random jitter is added); expiry_warning_percent: share of lifetime left for event 1003;\n"
+              "# additional_stores: folders of PEM certificates that are only monitored for expiry;\n"
+              "# policy_refresh: how long a downloaded policy is reused (the seed: at least 10 minutes).\n")
+    path.write_text(header + tomli_w.dumps(config.document()))
+
+
+def read_credential(directory: Path, server: PolicyServerConfig) -> str:
+    path = directory / server.credential_file
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise Refusal(Reason.UNAUTHENTICATED, f"cannot read the agent credential {path}: {exc.strerror}") from None
+
+
+def write_credential(directory: Path, credential: str, name: str = CREDENTIAL_NAME) -> None:
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, credential.encode() + b"\n")
+    finally:
+        os.close(fd)

@@ -1,0 +1,262 @@
+"""Gather: read the policy servers and the local store into the planner's snapshots.
+
+This is where the network and the disk are read and where the hostile policy answer is
+checked field by field; the planner then decides with no I/O. Issuer and KRA certificates
+are validated against the roots (signature chain, validity at ``now``, CA constraints), and
+every stored certificate's chain is validated the same way (RFC 5280 path basics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from certpulse.agent.model import (
+    IssuerPolicy,
+    PendingRequest,
+    PolicyServer,
+    StoredCertificate,
+    StoreSnapshot,
+    TemplatePolicy,
+)
+from certpulse.agent.store import CertRecord, LocalStore
+from certpulse.errors import Reason, Refusal
+from certpulse.pki import template_info
+from certpulse.pki.certs import thumbprint
+
+RA_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.1")
+KRA_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.311.21.6")
+
+
+class PolicyError(Refusal):
+    def __init__(self, detail: str) -> None:
+        super().__init__(Reason.MALFORMED_REQUEST, f"bad policy from the server: {detail}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trust:
+    """Trust material from the policy (step 2): roots, valid issuer CAs, valid KRA certificates."""
+
+    roots: tuple[x509.Certificate, ...]
+    issuers: dict[str, x509.Certificate]
+    kra: tuple[x509.Certificate, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GatheredPolicy:
+    server: PolicyServer
+    trust: Trust
+
+
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise PolicyError(f"{key} is not a list")
+    return value
+
+
+def _pems(data: dict[str, Any], key: str) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    for item in _list(data, key):
+        if not isinstance(item, str):
+            raise PolicyError(f"{key} holds a non-string")
+        try:
+            certs.append(x509.load_pem_x509_certificate(item.encode()))
+        except ValueError:
+            raise PolicyError(f"{key} holds an unparsable certificate") from None
+    return certs
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, Exception):
+        return False
+    return True
+
+
+def _valid_at(cert: x509.Certificate, now: dt.datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def chain_valid(cert: x509.Certificate, intermediates: Iterable[x509.Certificate],
+                roots: Iterable[x509.Certificate], now: dt.datetime) -> bool:
+    """Leaf -> (CA intermediates)* -> a root, every link signed, CA-flagged and valid at ``now``."""
+    roots = list(roots)
+    pool = [c for c in intermediates if _is_ca(c)]
+    current = cert
+    for _ in range(6):
+        if not _valid_at(current, now):
+            return False
+        for root in roots:
+            if _issued_by(current, root) and _valid_at(root, now):
+                return True
+        parent = next((c for c in pool if _issued_by(current, c)), None)
+        if parent is None:
+            return False
+        current = parent
+    return False
+
+
+def _duration(value: Any, what: str) -> dt.timedelta:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PolicyError(f"{what} is not a positive number of seconds")
+    return dt.timedelta(seconds=value)
+
+
+def _str(item: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
+    value = item.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise PolicyError(f"template field {key} is missing or not a string")
+    return value
+
+
+def _strs(item: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = item.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PolicyError(f"{key} is not a list of strings")
+    return tuple(value)
+
+
+def _template(item: Any) -> TemplatePolicy:
+    if not isinstance(item, dict):
+        raise PolicyError("a template is not an object")
+    key = item.get("key")
+    if not isinstance(key, dict):
+        raise PolicyError("a template has no key settings")
+    major, minor, ra = item.get("major_version"), item.get("minor_version"), item.get("ra_signatures", 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (major, minor, ra)):
+        raise PolicyError("template versions and RA count must be whole numbers")
+    assert isinstance(major, int) and isinstance(minor, int) and isinstance(ra, int)
+    return TemplatePolicy(
+        name=_str(item, "name") or "", oid=_str(item, "oid") or "", major_version=major, minor_version=minor,
+        validity=_duration(item.get("validity_seconds"), "validity_seconds"),
+        renewal_period=_duration(item.get("renewal_period_seconds"), "renewal_period_seconds"),
+        purpose=_str(item, "purpose") or "signature", key_types=_strs(key, "types"),
+        default_key_type=_str(key, "default") or "ec-p256", archive_private_key=bool(key.get("archive", False)),
+        subject_source=_str(item, "subject_source") or "principal",
+        renewal_subject_from_existing=bool(item.get("renewal_subject_from_existing", False)),
+        manager_approval=bool(item.get("manager_approval", False)), ra_signatures=ra,
+        ra_policy=_str(item, "ra_policy", optional=True), supersedes=_strs(item, "supersedes"),
+        old_certificate=_str(item, "old_certificate") or "archive",
+        user_interaction=bool(item.get("user_interaction", False)),
+        check_directory=bool(item.get("check_directory", False)), rights=frozenset(_strs(item, "rights")),
+    )
+
+
+def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_default: bool,
+                 now: dt.datetime, unreachable: frozenset[str] = frozenset()) -> GatheredPolicy:
+    policy_id = data.get("policy_id")
+    if not isinstance(policy_id, str) or not policy_id or len(policy_id) > 64:
+        raise PolicyError("policy_id is missing")
+    roots = tuple(r for r in _pems(data, "roots") if _is_ca(r) and _issued_by(r, r) and _valid_at(r, now))
+    templates = tuple(_template(item) for item in _list(data, "templates"))
+    issuers: list[IssuerPolicy] = []
+    issuer_certs: dict[str, x509.Certificate] = {}
+    for item in _list(data, "issuers"):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("cost"), int):
+            raise PolicyError("an issuer has no name or cost")
+        certs = _pems({"c": [item.get("certificate")]}, "c")
+        cert = certs[0]
+        valid = _is_ca(cert) and _valid_at(cert, now) and chain_valid(cert, [], roots, now)
+        if valid:
+            issuer_certs[item["name"]] = cert
+        issuers.append(IssuerPolicy(name=item["name"], cost=item["cost"],
+                                    renewal_only=bool(item.get("renewal_only", False)),
+                                    templates=frozenset(_strs(item, "templates")), valid=valid,
+                                    reachable=item["name"] not in unreachable))
+    kra = tuple(k for k in _pems(data, "kra") if chain_valid(k, [], roots, now) and _has_eku(k, KRA_EKU))
+    directory: list[tuple[str, dt.datetime]] = []
+    for entry in _list(data, "directory"):
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("template"), str) and isinstance(entry.get("not_after"), str):
+            try:
+                directory.append((entry["template"], dt.datetime.fromisoformat(entry["not_after"])))
+            except ValueError:
+                raise PolicyError("a directory entry has a bad date") from None
+    server = PolicyServer(url=url, policy_id=policy_id, cost=cost, auth=auth, is_default=is_default,
+                          templates=templates, issuers=tuple(issuers), kra_valid=bool(kra),
+                          directory=tuple(directory))
+    return GatheredPolicy(server, Trust(roots, issuer_certs, kra))
+
+
+def _has_eku(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bool:
+    try:
+        return oid in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+
+
+def stored_certificate(record: CertRecord, cert: x509.Certificate, chain: list[x509.Certificate],
+                       trusts: Iterable[Trust], now: dt.datetime, *, revoked: bool = False,
+                       template_names: dict[str, str] | None = None) -> StoredCertificate:
+    trusts = list(trusts)
+    valid = any(chain_valid(cert, [*chain, *t.issuers.values()], t.roots, now) for t in trusts)
+    name = record.template_name
+    if record.template_oid and template_names and record.template_oid in template_names:
+        name = template_names[record.template_oid]
+    return StoredCertificate(
+        thumbprint=record.thumbprint, subject=record.subject, not_before=record.not_before,
+        not_after=record.not_after, template_oid=record.template_oid, template_name=name,
+        major_version=record.major_version, minor_version=record.minor_version,
+        source="manual" if record.source == "manual" else "auto", policy_id=record.policy_id,
+        archived=record.archived, chain_valid=valid, revoked=revoked, is_ra=_has_eku(cert, RA_EKU),
+    )
+
+
+def snapshot(store: LocalStore, policies: Iterable[GatheredPolicy], now: dt.datetime,
+             revoked: frozenset[str] = frozenset(), additional: Iterable[Path] = ()) -> StoreSnapshot:
+    policies = list(policies)
+    names = {t.oid: t.name for p in policies for t in p.server.templates}
+    trusts = [p.trust for p in policies]
+    certs = [stored_certificate(r, store.certificate(r.thumbprint), store.chain(r.thumbprint), trusts, now,
+                                revoked=r.thumbprint in revoked, template_names=names)
+             for r in store.certificates()]
+    certs += monitored(additional)
+    pending = tuple(
+        PendingRequest(request_id=f.request_id, template=f.template_name, issuer=f.issuer or "",
+                       policy_url=f.policy_url, submitted_at=f.submitted_at or f.created_at, renewal_of=f.renewal_of)
+        for f in store.flights() if f.status == "pending" and f.request_id is not None
+    )
+    return StoreSnapshot(certificates=tuple(certs), pending=pending)
+
+
+def monitored(folders: Iterable[Path]) -> list[StoredCertificate]:
+    """Certificates in additional stores: watched for expiry only, never renewed."""
+    found: list[StoredCertificate] = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in (".pem", ".crt", ".cer") or not path.is_file():
+                continue
+            try:
+                certs = x509.load_pem_x509_certificates(path.read_bytes())
+            except (ValueError, OSError):
+                continue
+            cert = certs[0]
+            info = template_info.decode(cert)
+            found.append(StoredCertificate(
+                thumbprint=thumbprint(cert), subject=cert.subject.rfc4514_string(),
+                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
+                template_oid=info.oid if info else None, template_name=None,
+                major_version=info.major if info else 0, minor_version=info.minor if info else 0,
+                source="manual", policy_id=None, store=str(folder)))
+    return found

@@ -1,0 +1,112 @@
+"""What a person does by hand: request a certificate (the seed's certreq), import, export."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from certpulse.agent.csr import build_csr
+from certpulse.agent.model import Action, Kind
+from certpulse.agent.pulse import ActionOutcome, Agent
+from certpulse.agent.store import CertRecord
+from certpulse.errors import Reason, Refusal
+from certpulse.pki import template_info
+from certpulse.pki.keys import generate_private_key
+
+
+def parse_san(value: str) -> x509.GeneralName:
+    """``dns:host``, ``ip:10.0.0.1``, ``email:a@b`` or a bare host name or address."""
+    kind, sep, rest = value.partition(":")
+    if sep and kind.lower() in ("dns", "ip", "email"):
+        if kind.lower() == "ip":
+            return x509.IPAddress(ipaddress.ip_address(rest))
+        return x509.DNSName(rest) if kind.lower() == "dns" else x509.RFC822Name(rest)
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        return x509.DNSName(value)
+
+
+def request_certificate(agent: Agent, template_name: str, now: dt.datetime, *, subject: str | None,
+                        sans: list[str]) -> ActionOutcome:
+    """Enroll by hand: the certificate is marked manually enrolled (renewed by ``manage``)."""
+    agent.fetch_policies(now, force=True)
+    for policy in agent.policies:
+        template = policy.server.template(template_name)
+        if template is None:
+            continue
+        if "enroll" not in template.rights and "autoenroll" not in template.rights:
+            raise Refusal(Reason.TEMPLATE_NOT_PERMITTED, f"this principal may not enroll for {template_name!r}")
+        issuers = sorted((i for i in policy.server.issuers if i.valid and template.name in i.templates
+                          and not i.renewal_only), key=lambda i: (i.cost, i.name))
+        if not issuers:
+            raise Refusal(Reason.NO_ISSUER, f"no issuer serves {template_name!r} for new requests")
+        try:
+            name = x509.Name.from_rfc4514_string(subject) if subject else None
+            general = [parse_san(s) for s in sans]
+        except ValueError as exc:
+            raise Refusal(Reason.INVALID_ARGUMENT, f"bad subject or SAN: {exc}") from None
+        key = generate_private_key(template.default_key_type)
+        csr = build_csr(key, name, general)
+        action = Action(Kind.RENEW_MANUAL, "manual:request", template=template.name,
+                        issuers=tuple(i.name for i in issuers), policy_url=policy.server.url, new_request=True)
+        flight = agent.store.begin_flight(
+            kind="request", template=template.name, policy_url=policy.server.url, issuers=action.issuers, key=key,
+            csr=csr, renewal_of=None, replaces=(), replace_action=None, source="manual", now=now)
+        return agent._submit(action, flight, now)
+    raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {template_name!r} in the policy")
+
+
+def import_p12(agent: Agent, path: Path, password: str | None, now: dt.datetime) -> CertRecord:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        key, cert, extra = pkcs12.load_key_and_certificates(data, password.encode() if password else None)
+    except ValueError:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{path} is not a PKCS#12 file, or the password is wrong") from None
+    if cert is None:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{path} holds no certificate")
+    if key is not None and not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise Refusal(Reason.KEY_NOT_ALLOWED, "only EC and RSA keys can be imported")
+    if key is not None:
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(serialization.Encoding.DER, spki) != cert.public_key().public_bytes(
+                serialization.Encoding.DER, spki):
+            raise Refusal(Reason.INVALID_ARGUMENT, f"the key in {path} does not belong to its certificate")
+    info = template_info.decode(cert)
+    name = None
+    if info is not None:
+        cached = [agent.store.get_state(f"policy:{s.url}") for s in agent.config.servers]
+        for entry in cached:
+            for template in (entry or {}).get("policy", {}).get("templates", []):
+                if isinstance(template, dict) and template.get("oid") == info.oid:
+                    name = str(template.get("name"))
+    return agent.store.install(key=key, cert=cert, chain=list(extra or []), source="manual", now=now,
+                               template_name=name)
+
+
+def export_p12(agent: Agent, prefix: str, path: Path, password: str) -> CertRecord:
+    record = agent.store.find(prefix)
+    if not record.has_key:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{record.thumbprint} has no private key to export")
+    if len(password) < 8:
+        raise Refusal(Reason.INVALID_ARGUMENT, "use a password of at least 8 characters")
+    data = pkcs12.serialize_key_and_certificates(
+        record.subject.encode()[:64] or None, agent.store.key(record.thumbprint),
+        agent.store.certificate(record.thumbprint), agent.store.chain(record.thumbprint) or None,
+        serialization.BestAvailableEncryption(password.encode()))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return record

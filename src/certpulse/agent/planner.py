@@ -1,0 +1,374 @@
+"""The autoenrollment planner: options + policy + store + ``now`` -> ordered actions. Pure.
+
+It follows SPEC "A pulse, in order" rule by rule; every action and every skip names the rule
+that caused it (``5:stale``, ``6a:threshold``, ``6b:missing``, ``6c:expired``, ``cleanup:…``).
+Skips are notes, not actions: a second pulse at the same instant, after the first one's actions
+were carried out, plans no action at all. The result never depends on the order in which the
+store lists its certificates.
+
+Interpretations (the seed is silent or self-contradictory; see README "Agent rules"):
+* A template counts as *superseded* only when a template that supersedes it is itself
+  applicable to this client (autoenroll permission and an issuer); otherwise a client that may
+  not enroll for the successor keeps renewing what it has instead of letting it lapse.
+* After a renewal the old certificate is always archived; a template that says "delete" has
+  archived certificates deleted once they are expired or revoked; encryption certificates are
+  never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable
+
+from certpulse.agent.model import (
+    AUTH_STRENGTH,
+    Action,
+    IssuerPolicy,
+    Kind,
+    Options,
+    PolicyServer,
+    StoredCertificate,
+    StoreSnapshot,
+    TemplatePolicy,
+)
+
+STALE_PENDING = dt.timedelta(days=60)
+LIFETIME_SHARE = 5  # renew when at most 1/5 (20 %) of the lifetime is left
+
+
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """Something the planner decided not to do, and the rule that says so."""
+
+    rule: str
+    template: str | None = None
+    thumbprint: str | None = None
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    notes: tuple[Note, ...]
+
+
+def renewal_window(cert: StoredCertificate, template: TemplatePolicy) -> dt.timedelta:
+    """``min(renewal period, 20 % of the lifetime)``: how much time is left when renewal starts."""
+    return min(template.renewal_period, cert.lifetime / LIFETIME_SHARE)
+
+
+def renewal_time(cert: StoredCertificate, template: TemplatePolicy) -> dt.datetime:
+    """When renewal becomes due: at 80 % of the lifetime or at the renewal period, the later."""
+    return cert.not_after - renewal_window(cert, template)
+
+
+def threshold_reached(cert: StoredCertificate, template: TemplatePolicy, now: dt.datetime) -> bool:
+    return cert.not_after - now <= renewal_window(cert, template)
+
+
+class _PolicyView:
+    """The policy servers, grouped by policy id and ordered by cost then authentication strength."""
+
+    def __init__(self, servers: Iterable[PolicyServer]) -> None:
+        groups: dict[str, list[PolicyServer]] = {}
+        for server in servers:
+            groups.setdefault(server.policy_id, []).append(server)
+        for members in groups.values():
+            members.sort(key=lambda s: (s.cost, AUTH_STRENGTH.get(s.auth, 9), s.url))
+        self.groups = sorted(
+            groups.values(), key=lambda g: (g[0].cost, AUTH_STRENGTH.get(g[0].auth, 9), g[0].policy_id))
+        default = [g for g in self.groups if any(s.is_default for s in g)]
+        self.default = default[0] if default else (self.groups[0] if self.groups else [])
+
+    def find(self, *, name: str | None = None, oid: str | None = None,
+             policy_id: str | None = None) -> tuple[TemplatePolicy, list[PolicyServer]] | None:
+        """A template by name or OID: in the certificate's own policy group first, then the default,
+        then any (the seed: the default policy renews certificates whose policy id is unknown)."""
+        ordered = [g for g in self.groups if g[0].policy_id == policy_id]
+        ordered += [self.default] if self.default and self.default not in ordered else []
+        ordered += [g for g in self.groups if g not in ordered]
+        for group in ordered:
+            for server in group:
+                template = server.template_by_oid(oid) if oid else server.template(name or "")
+                if template is not None:
+                    return template, group
+        return None
+
+    @staticmethod
+    def issuers_in(
+        group: list[PolicyServer], template: str, *, new_request: bool
+    ) -> list[tuple[PolicyServer, IssuerPolicy]]:
+        found = [
+            (server, issuer) for server in group for issuer in server.issuers
+            if issuer.valid and template in issuer.templates and not (new_request and issuer.renewal_only)
+        ]
+        return sorted(found, key=lambda pair: (not pair[1].reachable, pair[1].cost, pair[1].name))
+
+    def issuer_order(
+        self, template: str, group: list[PolicyServer], *, new_request: bool
+    ) -> tuple[list[str], str | None]:
+        """Issuers to try, best first: the template's group (or, for new requests, the default
+        policy) by cost, then any other policy's issuers that serve the template."""
+        first = self.default if new_request else group
+        pairs = self.issuers_in(first, template, new_request=new_request)
+        for other in self.groups:
+            if other is not first:
+                pairs += self.issuers_in(other, template, new_request=new_request)
+        names: list[str] = []
+        for _, issuer in pairs:
+            if issuer.name not in names:
+                names.append(issuer.name)
+        return names, (pairs[0][0].url if pairs else None)
+
+    def applicable(self, template: TemplatePolicy, group: list[PolicyServer]) -> bool:
+        """Autoenroll permission and some valid issuer in the group serves it."""
+        return template.autoenroll and bool(self.issuers_in(group, template.name, new_request=False))
+
+    def kra_valid(self, group: list[PolicyServer]) -> bool:
+        return any(server.kra_valid for server in group)
+
+    def superseded(self, template: TemplatePolicy) -> TemplatePolicy | None:
+        for group in self.groups:
+            for server in group:
+                for other in server.templates:
+                    if template.name in other.supersedes and self.applicable(other, group):
+                        return other
+        return None
+
+    def all_templates(self) -> list[tuple[TemplatePolicy, list[PolicyServer]]]:
+        seen: dict[str, tuple[TemplatePolicy, list[PolicyServer]]] = {}
+        for group in self.groups:
+            for server in group:
+                for template in server.templates:
+                    seen.setdefault(template.name, (template, group))
+        return [seen[name] for name in sorted(seen)]
+
+
+def plan(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot, now: dt.datetime) -> Plan:
+    """The whole pulse as an ordered list of actions (SPEC "A pulse, in order")."""
+    if not options.enabled:
+        return Plan((), (Note("1:disabled", detail="autoenrollment is disabled"),))
+    view = _PolicyView(servers)
+    certs = sorted(store.certificates, key=lambda c: c.thumbprint)
+    personal = [c for c in certs if c.store == "personal"]
+    actions: list[Action] = []
+    notes: list[Note] = []
+    pending_templates: set[str] = set()
+
+    # 5. Pending requests.
+    if options.retrieve_pending:
+        for request in sorted(store.pending, key=lambda p: p.request_id):
+            if now - request.submitted_at >= STALE_PENDING:
+                actions.append(Action(Kind.DROP_STALE_REQUEST, "5:stale", template=request.template,
+                                      request_id=request.request_id, thumbprint=request.renewal_of,
+                                      detail="pending for 60 days or more"))
+            else:
+                pending_templates.add(request.template)
+                actions.append(Action(Kind.POLL_PENDING, "5:poll", template=request.template,
+                                      request_id=request.request_id, issuers=(request.issuer,),
+                                      policy_url=request.policy_url, thumbprint=request.renewal_of))
+    else:
+        pending_templates.update(p.template for p in store.pending)
+
+    covered: set[str] = set()  # templates that hold, or are about to hold, a usable certificate
+    if options.enroll:
+        actions += _renew_autoenrolled(options, view, personal, pending_templates, covered, notes, now)
+        actions += _enroll_missing(options, view, personal, pending_templates, covered, notes, now)
+    if options.manage:
+        actions += _renew_manual(options, view, personal, pending_templates, notes, now)
+    actions += _cleanup(view, personal, now)
+    return Plan(tuple(actions), tuple(notes))
+
+
+def _newest_usable(certs: Iterable[StoredCertificate], template: str, now: dt.datetime) -> StoredCertificate | None:
+    usable = [c for c in certs if c.template_name == template and c.usable(now)]
+    return max(usable, key=lambda c: (c.not_after, c.not_before, c.thumbprint)) if usable else None
+
+
+def _has_ra_certificate(certs: Iterable[StoredCertificate], now: dt.datetime) -> bool:
+    return any(c.is_ra and c.usable(now) for c in certs)
+
+
+def _renew_autoenrolled(
+    options: Options, view: _PolicyView, personal: list[StoredCertificate], pending: set[str],
+    covered: set[str], notes: list[Note], now: dt.datetime,
+) -> list[Action]:
+    """6(a): renew certificates of templates set up for autoenrollment."""
+    actions: list[Action] = []
+    for cert in personal:
+        if cert.archived or cert.source != "auto" or cert.template_oid is None:
+            continue
+        found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
+        if found is None:
+            notes.append(Note("6a:no-template", cert.template_name, cert.thumbprint, "template not in any policy"))
+            continue
+        template, group = found
+        if not cert.usable(now):
+            # Failed validation, revoked or expired: never renewed; 6(b) makes a new request.
+            continue
+        newest = _newest_usable(personal, template.name, now)
+        if newest is not None and newest.thumbprint != cert.thumbprint:
+            continue  # an older copy: the newest one carries the template
+        skip = _autoenroll_skip(options, view, template, group)
+        if skip is not None:
+            notes.append(Note(skip[0], template.name, cert.thumbprint, skip[1]))
+            if skip[0] != "6a:ra-signatures":
+                covered.add(template.name)
+            continue
+        covered.add(template.name)
+        if template.name in pending:
+            notes.append(Note("6a:pending", template.name, cert.thumbprint, "a request for it is pending"))
+            continue
+        if threshold_reached(cert, template, now):
+            rule, why = "6a:threshold", f"renewal due since {renewal_time(cert, template).isoformat()}"
+        elif template.major_version > cert.major_version:
+            rule, why = "6a:major-version", f"template major version {template.major_version} > {cert.major_version}"
+        else:
+            continue
+        issuers, url = view.issuer_order(template.name, group, new_request=False)
+        actions.append(Action(Kind.RENEW, rule, template=template.name, thumbprint=cert.thumbprint,
+                              issuers=tuple(issuers), policy_url=url, replaces=(cert.thumbprint,),
+                              replace_action="renew", detail=why))
+    return actions
+
+
+def _autoenroll_skip(options: Options, view: _PolicyView, template: TemplatePolicy,
+                     group: list[PolicyServer]) -> tuple[str, str] | None:
+    """The seed's list of reasons a certificate of this template is not renewed silently."""
+    if not template.autoenroll:
+        return "6a:no-autoenroll", "no autoenroll permission"
+    if not view.issuers_in(group, template.name, new_request=False):
+        return "6a:no-issuer", "no valid issuer serves the template"
+    if template.archive_private_key and not view.kra_valid(group):
+        return "6a:no-kra", "key archival required and no valid KRA certificate"
+    if template.ra_signatures >= 2:
+        return "6a:ra-signatures", "2+ RA signatures required: a new request instead"
+    if template.subject_source == "request" and not template.renewal_subject_from_existing:
+        return "6a:subject-required", "the subject must be supplied and may not come from the old certificate"
+    if options.context == "machine" and template.user_interaction:
+        return "6a:user-interaction", "a machine template that requires user interaction"
+    successor = view.superseded(template)
+    if successor is not None:
+        return "6a:superseded", f"superseded by {successor.name!r}"
+    return None
+
+
+def _enroll_missing(
+    options: Options, view: _PolicyView, personal: list[StoredCertificate], pending: set[str],
+    covered: set[str], notes: list[Note], now: dt.datetime,
+) -> list[Action]:
+    """6(b): new requests for applicable templates that lack a valid certificate."""
+    actions: list[Action] = []
+    for template, group in view.all_templates():
+        if not view.applicable(template, group) or template.name in covered:
+            continue
+        if view.superseded(template) is not None:
+            continue  # its successor enrolls instead
+        if _newest_usable(personal, template.name, now) is not None:
+            continue
+        if template.name in pending:
+            notes.append(Note("6b:pending", template.name, detail="a request for it is pending"))
+            continue
+        in_directory = [t for (name, t) in _directory(group) if name == template.name and t > now]
+        skip: tuple[str, str] | None = None
+        if template.check_directory and in_directory:
+            skip = ("6b:directory", "a valid certificate is already published in the directory")
+        elif template.ra_signatures >= 2:
+            skip = ("6b:ra-signatures", "2+ RA signatures required")
+        elif template.ra_signatures == 1 and not _has_ra_certificate(personal, now):
+            skip = ("6b:no-ra-certificate", "1 RA signature required and no RA certificate to co-sign")
+        elif template.subject_source == "request":
+            skip = ("6b:subject-required", "the subject must be supplied: enroll by hand (cert request)")
+        elif options.context == "machine" and template.user_interaction:
+            skip = ("6b:user-interaction", "a machine template that requires user interaction")
+        elif template.archive_private_key and not view.kra_valid(group):
+            skip = ("6b:no-kra", "key archival required and no valid KRA certificate")
+        if skip is not None:
+            notes.append(Note(skip[0], template.name, detail=skip[1]))
+            continue
+        issuers, url = view.issuer_order(template.name, group, new_request=True)
+        if not issuers:
+            notes.append(Note("6b:no-issuer", template.name, detail="no issuer serves the template for new requests"))
+            continue
+        replaced = [c for c in personal if not c.archived and c.template_name == template.name]
+        superseded = [c for c in personal if not c.archived and c.template_name in template.supersedes
+                      and c.usable(now)]
+        replaces = tuple(c.thumbprint for c in (*superseded, *replaced))
+        action = "supersede" if superseded else ("renew" if replaced else None)
+        why = ("supersedes " + ", ".join(sorted({c.template_name or "" for c in superseded})) if superseded
+               else "no valid certificate" if replaced else "not enrolled yet")
+        actions.append(Action(Kind.ENROLL, "6b:supersede" if superseded else "6b:missing", template=template.name,
+                              issuers=tuple(issuers), policy_url=url, replaces=replaces, replace_action=action,
+                              new_request=True, detail=why))
+        covered.add(template.name)
+    return actions
+
+
+def _directory(group: list[PolicyServer]) -> list[tuple[str, dt.datetime]]:
+    return [entry for server in group for entry in server.directory]
+
+
+def _renew_manual(
+    options: Options, view: _PolicyView, personal: list[StoredCertificate], pending: set[str],
+    notes: list[Note], now: dt.datetime,
+) -> list[Action]:
+    """6(c): renew manually enrolled certificates (the ``manage`` option)."""
+    actions: list[Action] = []
+    for cert in personal:
+        if cert.archived or cert.source != "manual" or cert.template_oid is None:
+            continue
+        found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
+        if found is None:
+            continue
+        template, group = found
+        newer = [c for c in personal if c.template_name == template.name and c.usable(now)
+                 and c.thumbprint != cert.thumbprint and c.not_before > cert.not_before]
+        broken = not cert.usable(now)  # expired, revoked or failing validation: a new request
+        skip: tuple[str, str] | None = None
+        if not broken and not threshold_reached(cert, template, now):
+            continue
+        if newer:
+            skip = ("6c:newer", "a newer valid certificate of the template is in the store")
+        elif not template.autoenroll:
+            skip = ("6c:no-autoenroll", "no autoenroll permission")
+        elif template.archive_private_key and not view.kra_valid(group):
+            skip = ("6c:no-kra", "key archival required and no valid KRA certificate")
+        elif template.subject_source == "request" and not template.renewal_subject_from_existing:
+            skip = ("6c:subject-required", "the subject must be supplied and may not come from the old certificate")
+        elif options.context == "machine" and template.user_interaction:
+            skip = ("6c:user-interaction", "a machine template that requires user interaction")
+        elif template.ra_signatures >= 2 and not _has_ra_certificate(personal, now):
+            skip = ("6c:ra-signatures", "2+ RA signatures required and no RA certificate")
+        elif template.name in pending:
+            skip = ("6c:pending", "a request for it is pending")
+        if skip is not None:
+            notes.append(Note(skip[0], template.name, cert.thumbprint, skip[1]))
+            continue
+        issuers, url = view.issuer_order(template.name, group, new_request=broken)
+        if not issuers:
+            rule = "6c:renewal-only" if broken else "6c:no-issuer"
+            notes.append(Note(rule, template.name, cert.thumbprint, "no issuer takes this request"))
+            continue
+        actions.append(Action(
+            Kind.RENEW_MANUAL, "6c:expired" if broken else "6c:threshold", template=template.name,
+            thumbprint=cert.thumbprint, issuers=tuple(issuers), policy_url=url, replaces=(cert.thumbprint,),
+            replace_action="renew", new_request=broken, subject_from=cert.thumbprint if broken else None,
+            detail="new request from its subject" if broken else "renewal due"))
+    return actions
+
+
+def _cleanup(view: _PolicyView, personal: list[StoredCertificate], now: dt.datetime) -> list[Action]:
+    """Archived certificates of "delete" templates go once expired or revoked; encryption never."""
+    actions: list[Action] = []
+    for cert in personal:
+        if not cert.archived or not (cert.expired(now) or cert.revoked) or cert.template_oid is None:
+            continue
+        found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
+        if found is None:
+            continue
+        template = found[0]
+        if template.old_certificate == "delete" and template.purpose not in ("encryption", "both"):
+            actions.append(Action(Kind.DELETE, "cleanup:delete", template=template.name, thumbprint=cert.thumbprint,
+                                  detail="archived and " + ("revoked" if cert.revoked else "expired")))
+    return actions

@@ -1,0 +1,362 @@
+"""The agent's certificate store on disk.
+
+Layout under the store folder::
+
+    meta.db                 metadata (SQLite): certificates, flights (requests at the CA), state
+    certs/<THUMBPRINT>/     one folder per certificate version: key.pem (0600), cert.pem,
+                            chain.pem, fullchain.pem; written whole, then renamed into place
+    live/<template>         symlink to the current version's folder, swapped atomically
+    flights/<id>/key.pem    the key of a request that is at the CA (kept, never regenerated)
+
+A consumer resolves ``live/<template>`` once and reads key and certificate from the folder it
+points to: a version folder never changes after it is renamed into place, so a reader never
+sees a key with the wrong certificate, whenever the agent is killed. :meth:`recover` repairs a
+link left behind by a kill between the database commit and the link swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import Engine, delete, select, update
+
+from certpulse.agent import schema as t
+from certpulse.agent.faults import fault_point
+from certpulse.errors import Reason, Refusal
+from certpulse.pki import template_info
+from certpulse.pki.certs import pem, serial_hex, sha256_thumbprint, subject_names, thumbprint
+from certpulse.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
+from certpulse.store.db import make_engine, migrate, read, write
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+@dataclasses.dataclass(frozen=True)
+class CertRecord:
+    thumbprint: str
+    sha256: str
+    subject: str
+    names: tuple[str, ...]
+    serial: str
+    issuer: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    template_oid: str | None
+    template_name: str | None
+    major_version: int
+    minor_version: int
+    source: str
+    policy_id: str | None
+    issuer_name: str | None
+    has_key: bool
+    archived: bool
+    replaced_by: str | None
+    installed_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> CertRecord:
+        return cls(
+            thumbprint=row.thumbprint, sha256=row.sha256, subject=row.subject, names=tuple(json.loads(row.names)),
+            serial=row.serial, issuer=row.issuer, not_before=row.not_before, not_after=row.not_after,
+            template_oid=row.template_oid, template_name=row.template_name, major_version=row.major_version,
+            minor_version=row.minor_version, source=row.source, policy_id=row.policy_id,
+            issuer_name=row.issuer_name, has_key=row.has_key, archived=row.archived,
+            replaced_by=row.replaced_by, installed_at=row.installed_at,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("not_before", "not_after", "installed_at"):
+            data[key] = data[key].isoformat()
+        data["names"] = list(self.names)
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Flight:
+    id: str
+    kind: str
+    template_name: str
+    policy_url: str
+    issuers: tuple[str, ...]
+    issuer: str | None
+    request_id: int | None
+    status: str
+    csr_der: bytes
+    renewal_of: str | None
+    replaces: tuple[str, ...]
+    replace_action: str | None
+    source: str
+    created_at: dt.datetime
+    submitted_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Flight:
+        return cls(
+            id=row.id, kind=row.kind, template_name=row.template_name, policy_url=row.policy_url,
+            issuers=tuple(json.loads(row.issuers)), issuer=row.issuer, request_id=row.request_id,
+            status=row.status, csr_der=row.csr_der, renewal_of=row.renewal_of,
+            replaces=tuple(json.loads(row.replaces)), replace_action=row.replace_action, source=row.source,
+            created_at=row.created_at, submitted_at=row.submitted_at,
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.certs_dir = root / "certs"
+        self.live_dir = root / "live"
+        self.flights_dir = root / "flights"
+        for folder in (root, self.certs_dir, self.live_dir, self.flights_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.engine: Engine = make_engine(f"sqlite:///{(root / 'meta.db').resolve()}", pool_size=2)
+        migrate(self.engine, MIGRATIONS)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def certificates(self, *, include_archived: bool = True) -> list[CertRecord]:
+        query = select(t.certificates).order_by(t.certificates.c.installed_at, t.certificates.c.thumbprint)
+        if not include_archived:
+            query = query.where(t.certificates.c.archived.is_(False))
+        with read(self.engine) as conn:
+            return [CertRecord.from_row(r) for r in conn.execute(query)]
+
+    def find(self, prefix: str) -> CertRecord:
+        """A certificate by thumbprint or any unique prefix of it (case-insensitive)."""
+        wanted = prefix.strip().upper().replace(":", "").replace(" ", "")
+        if not wanted or any(c not in "0123456789ABCDEF" for c in wanted):
+            raise Refusal(Reason.INVALID_ARGUMENT, f"{prefix!r} is not a hexadecimal thumbprint")
+        with read(self.engine) as conn:
+            rows = conn.execute(select(t.certificates).where(t.certificates.c.thumbprint.like(f"{wanted}%"))).all()
+        if not rows:
+            raise Refusal(Reason.NOT_FOUND, f"no certificate with thumbprint {wanted}")
+        if len(rows) > 1:
+            raise Refusal(Reason.INVALID_ARGUMENT, f"thumbprint prefix {wanted} matches {len(rows)} certificates")
+        return CertRecord.from_row(rows[0])
+
+    def folder(self, thumbprint_: str) -> Path:
+        return self.certs_dir / thumbprint_
+
+    def certificate(self, thumbprint_: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((self.folder(thumbprint_) / "cert.pem").read_bytes())
+
+    def chain(self, thumbprint_: str) -> list[x509.Certificate]:
+        path = self.folder(thumbprint_) / "chain.pem"
+        data = path.read_bytes() if path.exists() else b""
+        return x509.load_pem_x509_certificates(data) if data.strip() else []
+
+    def key(self, thumbprint_: str) -> PrivateKey:
+        return load_private_key_pem((self.folder(thumbprint_) / "key.pem").read_bytes())
+
+    def live_link(self, template: str) -> Path:
+        return self.live_dir / template
+
+    # -- installing -----------------------------------------------------------------------
+
+    def install(
+        self, *, key: PrivateKey | None, cert: x509.Certificate, chain: list[x509.Certificate], source: str,
+        now: dt.datetime, policy_id: str | None = None, issuer_name: str | None = None,
+        replaces: tuple[str, ...] = (), flight_id: str | None = None, template_name: str | None = None,
+    ) -> CertRecord:
+        """Install a certificate version and, in the same step, archive what it replaces."""
+        print_ = thumbprint(cert)
+        info = template_info.decode(cert)
+        self._write_version(print_, key, cert, chain, replaces)
+        with write(self.engine) as conn:
+            exists = conn.execute(select(t.certificates.c.thumbprint)
+                                  .where(t.certificates.c.thumbprint == print_)).first()
+            if exists is None:
+                conn.execute(t.certificates.insert().values(
+                    thumbprint=print_, sha256=sha256_thumbprint(cert), subject=cert.subject.rfc4514_string(),
+                    names=json.dumps(subject_names(cert)), serial=serial_hex(cert.serial_number),
+                    issuer=cert.issuer.rfc4514_string(), not_before=cert.not_valid_before_utc,
+                    not_after=cert.not_valid_after_utc, template_oid=info.oid if info else None,
+                    template_name=template_name, major_version=info.major if info else 0,
+                    minor_version=info.minor if info else 0, source=source, policy_id=policy_id,
+                    issuer_name=issuer_name, has_key=key is not None, archived=False, installed_at=now))
+            for old in replaces:
+                if old != print_:
+                    conn.execute(update(t.certificates).where(t.certificates.c.thumbprint == old)
+                                 .values(archived=True, archived_at=now, replaced_by=print_))
+            if flight_id is not None:
+                conn.execute(delete(t.flights).where(t.flights.c.id == flight_id))
+        fault_point("before-link", self.root)
+        if template_name:
+            self._point_live(template_name, print_)
+        if flight_id is not None:
+            shutil.rmtree(self.flights_dir / flight_id, ignore_errors=True)
+        return self.find(print_)
+
+    def _write_version(self, print_: str, key: PrivateKey | None, cert: x509.Certificate,
+                       chain: list[x509.Certificate], replaces: tuple[str, ...]) -> None:
+        final = self.folder(print_)
+        if final.exists():
+            return  # a version folder never changes once in place (e.g. a resumed install)
+        staging = self.certs_dir / f".{print_}.{secrets.token_hex(4)}"
+        staging.mkdir(mode=0o700)
+        owner = self._key_owner(replaces)
+        cert_pem = pem(cert).encode()
+        chain_pem = "".join(pem(c) for c in chain).encode()
+        if key is not None:
+            _write_file(staging / "key.pem", private_key_pem(key), 0o600)
+            if owner is not None and os.geteuid() == 0:
+                os.chown(staging / "key.pem", owner[0], owner[1])
+        _write_file(staging / "cert.pem", cert_pem, 0o644)
+        _write_file(staging / "chain.pem", chain_pem, 0o644)
+        _write_file(staging / "fullchain.pem", cert_pem + chain_pem, 0o644)
+        os.chmod(staging, 0o755 if key is None else 0o711)
+        os.rename(staging, final)
+        _fsync_dir(self.certs_dir)
+
+    def _key_owner(self, replaces: tuple[str, ...]) -> tuple[int, int] | None:
+        """Owner and group of the key being replaced: carried over to its successor (mode stays 0600)."""
+        for old in replaces:
+            path = self.folder(old) / "key.pem"
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                return st.st_uid, st.st_gid
+        return None
+
+    def _point_live(self, template: str, print_: str) -> None:
+        link = self.live_link(template)
+        tmp = self.live_dir / f".{template}.{secrets.token_hex(4)}"
+        os.symlink(os.path.join("..", "certs", print_), tmp)
+        os.replace(tmp, link)
+        _fsync_dir(self.live_dir)
+
+    def recover(self) -> None:
+        """Repair what a kill can leave: half-written version folders and stale live links."""
+        for leftover in list(self.certs_dir.glob(".*")) + list(self.live_dir.glob(".*")):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        known_flights = {f.id for f in self.flights()}
+        for folder in self.flights_dir.iterdir():
+            # Its certificate was installed before a kill, or its row was never written. A folder
+            # younger than a minute may belong to a `cert request` running beside the daemon.
+            with contextlib.suppress(OSError):
+                if folder.name not in known_flights and time.time() - folder.stat().st_mtime > 60:
+                    shutil.rmtree(folder, ignore_errors=True)
+        current: dict[str, CertRecord] = {}
+        for record in self.certificates(include_archived=False):
+            if record.template_name and record.has_key:
+                best = current.get(record.template_name)
+                if best is None or (record.not_after, record.installed_at) > (best.not_after, best.installed_at):
+                    current[record.template_name] = record
+        for template, record in current.items():
+            link = self.live_link(template)
+            target = os.path.join("..", "certs", record.thumbprint)
+            if not link.is_symlink() or os.readlink(link) != target:
+                self._point_live(template, record.thumbprint)
+
+    def archive(self, print_: str, now: dt.datetime) -> None:
+        with write(self.engine) as conn:
+            conn.execute(update(t.certificates).where(t.certificates.c.thumbprint == print_)
+                         .values(archived=True, archived_at=now))
+
+    def delete(self, print_: str) -> CertRecord:
+        record = self.find(print_)
+        with write(self.engine) as conn:
+            conn.execute(delete(t.certificates).where(t.certificates.c.thumbprint == record.thumbprint))
+        if record.template_name:
+            link = self.live_link(record.template_name)
+            if link.is_symlink() and os.readlink(link).endswith(record.thumbprint):
+                link.unlink()
+        shutil.rmtree(self.folder(record.thumbprint), ignore_errors=True)
+        self.recover()
+        return record
+
+    # -- flights (requests at the CA) -----------------------------------------------------
+
+    def begin_flight(self, *, kind: str, template: str, policy_url: str, issuers: tuple[str, ...],
+                     key: PrivateKey, csr: x509.CertificateSigningRequest, renewal_of: str | None,
+                     replaces: tuple[str, ...], replace_action: str | None, source: str,
+                     now: dt.datetime) -> Flight:
+        """Persist the key and the request before anything is sent."""
+        flight_id = secrets.token_hex(16)
+        folder = self.flights_dir / flight_id
+        folder.mkdir(mode=0o700)
+        _write_file(folder / "key.pem", private_key_pem(key), 0o600)
+        _fsync_dir(self.flights_dir)
+        with write(self.engine) as conn:
+            conn.execute(t.flights.insert().values(
+                id=flight_id, kind=kind, template_name=template, policy_url=policy_url, issuers=json.dumps(issuers),
+                status="created", csr_der=csr.public_bytes(serialization.Encoding.DER), renewal_of=renewal_of,
+                replaces=json.dumps(replaces), replace_action=replace_action, source=source, created_at=now))
+        return self.flight(flight_id)
+
+    def flight(self, flight_id: str) -> Flight:
+        with read(self.engine) as conn:
+            row = conn.execute(select(t.flights).where(t.flights.c.id == flight_id)).one()
+        return Flight.from_row(row)
+
+    def flights(self) -> list[Flight]:
+        with read(self.engine) as conn:
+            return [Flight.from_row(r) for r in conn.execute(select(t.flights).order_by(t.flights.c.created_at))]
+
+    def flight_key(self, flight_id: str) -> PrivateKey:
+        return load_private_key_pem((self.flights_dir / flight_id / "key.pem").read_bytes())
+
+    def mark_pending(self, flight_id: str, issuer: str, request_id: int, now: dt.datetime) -> None:
+        with write(self.engine) as conn:
+            conn.execute(update(t.flights).where(t.flights.c.id == flight_id).values(
+                status="pending", issuer=issuer, request_id=request_id, submitted_at=now))
+
+    def drop_flight(self, flight_id: str) -> None:
+        with write(self.engine) as conn:
+            conn.execute(delete(t.flights).where(t.flights.c.id == flight_id))
+        shutil.rmtree(self.flights_dir / flight_id, ignore_errors=True)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def get_state(self, name: str) -> Any:
+        with read(self.engine) as conn:
+            value = conn.execute(select(t.state.c.value).where(t.state.c.name == name)).scalar()
+        return json.loads(value) if value is not None else None
+
+    def set_state(self, name: str, value: Any) -> None:
+        encoded = json.dumps(value, default=str)
+        with write(self.engine) as conn:
+            if conn.execute(update(t.state).where(t.state.c.name == name).values(value=encoded)).rowcount == 0:
+                conn.execute(t.state.insert().values(name=name, value=encoded))
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[LocalStore]:
+        try:
+            yield self
+        finally:
+            self.close()

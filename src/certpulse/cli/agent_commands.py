@@ -1,0 +1,323 @@
+"""Client-side commands: agent (init, pulse, run, status) and cert (list, show, request, ...)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from certpulse import clock
+from certpulse.agent.client import CAClient, ServerRefused, ServerUnavailable
+from certpulse.agent.config import (
+    AgentConfig,
+    PolicyServerConfig,
+    context_for_uid,
+    default_dir,
+    load_config,
+    resolve_dir,
+    save_config,
+    write_credential,
+)
+from certpulse.agent.daemon import AgentLock, run, signal_running_agent
+from certpulse.agent.gather import parse_policy, stored_certificate
+from certpulse.agent.manual import export_p12, import_p12, request_certificate
+from certpulse.agent.planner import renewal_time
+from certpulse.agent.pulse import Agent, PulseResult
+from certpulse.cli.output import console, emit_json, table
+from certpulse.durations import parse_duration
+from certpulse.errors import Reason, Refusal
+
+agent_app = typer.Typer(help="The autoenrollment agent", no_args_is_help=True)
+cert_app = typer.Typer(help="The agent's certificate store", no_args_is_help=True)
+
+AgentDir = Annotated[
+    Path | None,
+    typer.Option("--dir", envvar="CERTPULSE_DIR", show_default=False,
+                 help="Agent folder (default: $CERTPULSE_DIR, then /var/lib/certpulse as root, "
+                      "else ~/.local/share/certpulse)"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+
+
+def _open(dir_: Path | None) -> Agent:
+    directory = resolve_dir(dir_)
+    return Agent(directory, load_config(directory))
+
+
+def _unavailable(exc: ServerUnavailable) -> Refusal:
+    return Refusal(Reason.UNAVAILABLE, exc.detail)
+
+
+@agent_app.command("init")
+def agent_init(
+    server: Annotated[str, typer.Option("--server", help="Enrollment service URL")],
+    token: Annotated[str, typer.Option("--token", help="One-time enrollment token from 'principal add'")],
+    dir_: AgentDir = None,
+    ca_file: Annotated[Path | None, typer.Option("--ca-file", help="PEM to trust for an https server")] = None,
+    refresh_interval: Annotated[str, typer.Option("--refresh-interval")] = "8h",
+) -> None:
+    """Exchange the one-time token for this machine's credential and write the configuration."""
+    directory = resolve_dir(dir_)
+    if (directory / "agent.toml").exists():
+        raise Refusal(Reason.CONFLICT, f"{directory} already holds an agent")
+    interval = parse_duration(refresh_interval)
+    verify: Any = str(ca_file) if ca_file else True
+    try:
+        answer = CAClient.exchange_token(server.rstrip("/"), token, verify=verify)
+    except ServerUnavailable as exc:
+        raise _unavailable(exc) from None
+    except ServerRefused as exc:
+        raise Refusal(Reason.TOKEN_INVALID if exc.status == 401 else Reason.TOKEN_USED if exc.status == 409
+                      else Reason.FORBIDDEN, f"the server refused the token: {exc.reason}: {exc.detail}") from None
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stored_ca = None
+    if ca_file is not None:
+        shutil.copyfile(ca_file, directory / "server-ca.pem")
+        stored_ca = "server-ca.pem"
+    write_credential(directory, answer["credential"])
+    config = AgentConfig(servers=(PolicyServerConfig(url=server.rstrip("/"), ca_file=stored_ca),),
+                         principal=answer["principal"], refresh_interval=interval, context=context_for_uid())
+    save_config(directory, config)
+    Agent(directory, config).close()  # creates the store
+    console.print(f"[green]agent for {answer['principal']!r} initialised in {directory}[/green]")
+
+
+def _print_result(result: PulseResult, json_: bool) -> None:
+    if json_:
+        emit_json(result.to_dict())
+        return
+    colour = {"ok": "green", "failed": "red", "disabled": "yellow"}.get(result.outcome, "white")
+    console.print(f"pulse [{colour}]{result.outcome}[/{colour}]" + (f": {result.error}" if result.error else ""))
+    if result.outcomes:
+        table("Actions", ["action", "rule", "template", "outcome", "detail"],
+              [(o.action.kind.value, o.action.rule, o.action.template, o.outcome, o.detail or o.action.detail)
+               for o in result.outcomes])
+
+
+@agent_app.command("pulse")
+def agent_pulse(
+    dir_: AgentDir = None,
+    plan_only: Annotated[bool, typer.Option("--plan", help="Print the plan; change nothing")] = False,
+    json_: JsonOption = False,
+    refresh_policy: Annotated[bool, typer.Option("--refresh-policy", help="Ignore the cached policy")] = False,
+) -> None:
+    """Pulse now (as `certutil -pulse`): a running daemon is woken; otherwise pulse here."""
+    directory = resolve_dir(dir_)
+    config = load_config(directory)
+    if not plan_only:
+        pid = signal_running_agent(directory)
+        if pid is not None:
+            console.print(f"asked the running agent (pid {pid}) to pulse now")
+            return
+    agent = Agent(directory, config)
+    try:
+        now = clock.now()
+        if plan_only:
+            try:
+                plan = agent.plan(now, force_policy=refresh_policy)
+            except ServerUnavailable as exc:
+                raise _unavailable(exc) from None
+            if json_:
+                emit_json({"actions": [a.to_dict() for a in plan.actions],
+                           "notes": [n.__dict__ for n in plan.notes]})
+                return
+            table("Plan", ["#", "action", "rule", "template", "thumbprint", "issuers", "detail"],
+                  [(i + 1, a.kind.value, a.rule, a.template, (a.thumbprint or "")[:12], ", ".join(a.issuers), a.detail)
+                   for i, a in enumerate(plan.actions)])
+            if plan.notes:
+                table("Not done", ["rule", "template", "detail"], [(n.rule, n.template, n.detail) for n in plan.notes])
+            return
+        lock = AgentLock(directory)
+        lock.acquire()
+        try:
+            result = agent.pulse(now, force_policy=refresh_policy)
+        finally:
+            lock.release()
+    finally:
+        agent.close()
+    _print_result(result, json_)
+    if result.outcome == "failed":
+        raise typer.Exit(1)
+
+
+@agent_app.command("run")
+def agent_run(
+    dir_: AgentDir = None,
+    pulses: Annotated[int | None, typer.Option("--pulses", min=1, help="Stop after this many pulses")] = None,
+) -> None:
+    """Run the daemon: pulse at start, then every refresh interval; SIGHUP pulses now."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    directory = resolve_dir(dir_)
+    run(directory, load_config(directory), max_pulses=pulses)
+
+
+@agent_app.command("status")
+def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
+    """The last pulse, its outcome, the next one, and every certificate with its renewal time."""
+    agent = _open(dir_)
+    try:
+        last = agent.store.get_state("last_pulse")
+        next_pulse = agent.store.get_state("next_pulse")
+        running = AgentLock(agent.directory).holder()
+        templates = _cached_templates(agent)
+        rows = []
+        for record in agent.store.certificates(include_archived=False):
+            template = templates.get(record.template_oid or "")
+            renew_at = None
+            if template is not None:
+                stored = stored_certificate(record, agent.store.certificate(record.thumbprint), [], [], clock.now())
+                renew_at = renewal_time(stored, template).isoformat()
+            rows.append({**record.to_dict(), "renewal_time": renew_at})
+        pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
+                    "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in agent.store.flights()]
+    finally:
+        agent.close()
+    status = {"daemon_pid": running, "last_pulse": last, "next_pulse": next_pulse, "certificates": rows,
+              "pending": pending}
+    if json_:
+        emit_json(status)
+        return
+    console.print(f"daemon: {'running, pid ' + str(running) if running else 'not running'}")
+    if last:
+        console.print(f"last pulse: {last['started_at']} [bold]{last['outcome']}[/bold]"
+                      + (f" ({last['error']})" if last.get("error") else ""))
+    else:
+        console.print("last pulse: never")
+    console.print(f"next pulse: {next_pulse or 'when the daemon starts, or on agent pulse'}")
+    table("Certificates", ["thumbprint", "template", "version", "source", "not after", "renewal time"],
+          [(r["thumbprint"], r["template_name"], f"{r['major_version']}.{r['minor_version']}", r["source"],
+            r["not_after"], r["renewal_time"] or "") for r in rows])
+    if pending:
+        table("Pending requests", ["request", "template", "status", "submitted"],
+              [(p["request_id"], p["template"], p["status"], p["submitted_at"]) for p in pending])
+
+
+def _cached_templates(agent: Agent) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    now = clock.now()
+    for server in agent.config.servers:
+        cached = agent.store.get_state(f"policy:{server.url}")
+        if not cached:
+            continue
+        try:
+            gathered = parse_policy(cached["policy"], url=server.url, cost=server.cost, auth="token",
+                                    is_default=server.is_default, now=now)
+        except Refusal:
+            continue
+        for template in gathered.server.templates:
+            found.setdefault(template.oid, template)
+    return found
+
+
+# -- cert -------------------------------------------------------------------------------------
+
+@cert_app.command("list")
+def cert_list(
+    dir_: AgentDir = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include archived certificates")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """List the personal store."""
+    agent = _open(dir_)
+    try:
+        records = agent.store.certificates(include_archived=all_)
+    finally:
+        agent.close()
+    if json_:
+        emit_json([r.to_dict() for r in records])
+        return
+    table("Certificates", ["thumbprint", "template", "subject", "not after", "source", "archived"],
+          [(r.thumbprint, r.template_name, r.subject, r.not_after.isoformat(), r.source, "yes" if r.archived else "")
+           for r in records])
+
+
+@cert_app.command("show")
+def cert_show(thumbprint: str, dir_: AgentDir = None, json_: JsonOption = False) -> None:
+    """Show one certificate (any unique thumbprint prefix)."""
+    agent = _open(dir_)
+    try:
+        record = agent.store.find(thumbprint)
+        folder = agent.store.folder(record.thumbprint)
+    finally:
+        agent.close()
+    data = {**record.to_dict(), "folder": str(folder)}
+    if json_:
+        emit_json(data)
+        return
+    for key, value in data.items():
+        console.print(f"[bold]{key}[/bold]: {value}")
+
+
+@cert_app.command("request")
+def cert_request(
+    template: Annotated[str, typer.Option("--template")],
+    dir_: AgentDir = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="RFC 4514 subject, e.g. CN=web.example")] = None,
+    san: Annotated[list[str] | None, typer.Option("--san", help="dns:NAME, ip:ADDR or email:ADDR (repeat)")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Enroll by hand (the seeds' certreq): the certificate is marked manually enrolled."""
+    agent = _open(dir_)
+    try:
+        outcome = request_certificate(agent, template, clock.now(), subject=subject, sans=san or [])
+    except ServerUnavailable as exc:
+        raise _unavailable(exc) from None
+    finally:
+        agent.close()
+    if json_:
+        emit_json(outcome.to_dict())
+    else:
+        console.print(f"{outcome.outcome}: {outcome.detail}")
+    if outcome.outcome in ("refused", "unavailable"):
+        raise Refusal(Reason.FORBIDDEN if outcome.outcome == "refused" else Reason.UNAVAILABLE, outcome.detail)
+
+
+@cert_app.command("import")
+def cert_import(
+    file: Path,
+    dir_: AgentDir = None,
+    password: Annotated[str | None, typer.Option("--password", help="PKCS#12 password")] = None,
+) -> None:
+    """Import a PKCS#12 file (key and certificate) as a manually enrolled certificate."""
+    agent = _open(dir_)
+    try:
+        record = import_p12(agent, file, password, clock.now())
+    finally:
+        agent.close()
+    console.print(f"[green]imported {record.thumbprint}[/green] ({record.subject})")
+
+
+@cert_app.command("export")
+def cert_export(
+    thumbprint: str,
+    p12: Annotated[Path, typer.Option("--p12", help="PKCS#12 file to write (0600)")],
+    dir_: AgentDir = None,
+    password: Annotated[str | None, typer.Option("--password", help="Asked for when not given")] = None,
+) -> None:
+    """Export a certificate with its private key to PKCS#12."""
+    if password is None:
+        password = typer.prompt("PKCS#12 password", hide_input=True, confirmation_prompt=True)
+    agent = _open(dir_)
+    try:
+        record = export_p12(agent, thumbprint, p12, password)
+    finally:
+        agent.close()
+    console.print(f"[green]exported {record.thumbprint}[/green] to {p12}")
+
+
+@cert_app.command("delete")
+def cert_delete(thumbprint: str, dir_: AgentDir = None) -> None:
+    """Delete a certificate and its key from the store."""
+    agent = _open(dir_)
+    try:
+        record = agent.store.delete(thumbprint)
+    finally:
+        agent.close()
+    console.print(f"[yellow]deleted {record.thumbprint}[/yellow] ({record.subject})")
+
+
+__all__ = ["agent_app", "cert_app", "default_dir"]
