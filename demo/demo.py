@@ -1,4 +1,6 @@
-"""certpulse demo: a CA, an enrollment over HTTP, an approval, a revocation — end to end.
+"""certpulse demo: a CA, an enrollment over HTTP, an approval, a revocation, then an agent
+that enrolls from nothing, renews early when a template's major version is raised, and installs
+a request once a CA manager approves it — end to end.
 
 Runs the real ``certpulse`` command line and a real ``certpulse ca serve`` on a loopback
 port, in a temporary folder that is removed afterwards (SQLite, the embedded default).
@@ -79,7 +81,7 @@ def main() -> None:
     ca_dir = work / "ca"
     steps: list[tuple[str, str, str]] = []
     try:
-        console.rule("[bold]certpulse demo: enrollment service")
+        console.rule("[bold]certpulse demo: enrollment service and agent")
         init_out = certpulse("ca", "init", "--name", "Demo", ca_dir=ca_dir)
         admin_key = next(line.strip() for line in init_out.splitlines() if line.strip().startswith("cpa_"))
         steps.append(("ca init", "ok", f"root, issuing CA and KRA in {ca_dir} (keys 0600)"))
@@ -122,6 +124,8 @@ def main() -> None:
 
             audit = httpx.get(f"{base}/v1/audit", params={"limit": 8}, headers={"Authorization": f"Bearer {admin_key}"})
 
+            agent_steps = agent_story(base, ca_dir, work / "agent")
+
         table = Table(title="What happened", header_style="bold cyan", title_justify="left")
         for column in ("step", "outcome", "detail"):
             table.add_column(column)
@@ -129,6 +133,12 @@ def main() -> None:
             colour = "green" if outcome in ("ok", "issued", "revoked", "pending") else "yellow"
             table.add_row(step, f"[{colour}]{outcome}[/{colour}]", detail)
         console.print(table)
+        agent_table = Table(title="The agent: autoenrollment pulses", header_style="bold cyan", title_justify="left")
+        for column in ("step", "what the agent did"):
+            agent_table.add_column(column)
+        for step, detail in agent_steps:
+            agent_table.add_row(step, detail)
+        console.print(agent_table)
         if audit.status_code == 200:
             trail = Table(title="Audit trail (newest first)", header_style="bold cyan", title_justify="left")
             for column in ("action", "actor", "template", "reason"):
@@ -140,6 +150,51 @@ def main() -> None:
         console.print(f"[bold green]demo finished[/bold green] in {elapsed:.1f} s; cleaned up {work}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: list[str]) -> str:
+    result = subprocess.run([sys.executable, "-m", "certpulse", *args], capture_output=True, text=True,
+                            check=False, env={**os.environ, "COLUMNS": "120"})
+    if result.returncode != 0:
+        raise SystemExit(f"demo: certpulse {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def summarize(pulse: dict[str, Any]) -> str:
+    done = [f"{a['kind']} {a.get('template')} ({a['rule']}): {a['outcome']}" for a in pulse["actions"]]
+    return "; ".join(done) or "nothing to do"
+
+
+def agent_story(base: str, ca_dir: Path, agent_dir: Path) -> list[tuple[str, str]]:
+    """An agent enrolls from nothing, renews early on a major version, installs an approved request."""
+    steps: list[tuple[str, str]] = []
+    token = json.loads(certpulse("principal", "add", "app01.example.internal", "--json", ca_dir=ca_dir))["token"]
+    _run(["agent", "init", "--server", base, "--token", token, "--dir", str(agent_dir)])
+    steps.append(("agent init", "one-time token exchanged for the machine's credential"))
+    first = json.loads(_run(["agent", "pulse", "--json", "--dir", str(agent_dir)]))
+    steps.append(("pulse 1 (from nothing)", summarize(first)))
+    certpulse("template", "reenroll-all", "machine", ca_dir=ca_dir)
+    second = json.loads(_run(["agent", "pulse", "--json", "--refresh-policy", "--dir", str(agent_dir)]))
+    steps.append(("reenroll-all machine, pulse 2", summarize(second)))
+    pending = json.loads(certpulse("request", "list", "--status", "pending", "--json", ca_dir=ca_dir))
+    for request in pending:
+        if request["requester"] == "principal:app01.example.internal":
+            certpulse("request", "approve", str(request["id"]), ca_dir=ca_dir)
+            steps.append(("CA manager", f"approved request {request['id']} ({request['template']})"))
+    third = json.loads(_run(["agent", "pulse", "--json", "--dir", str(agent_dir)]))
+    steps.append(("pulse 3", summarize(third)))
+    fourth = json.loads(_run(["agent", "pulse", "--json", "--dir", str(agent_dir)]))
+    steps.append(("pulse 4 (same state)", summarize(fourth)))
+    status = json.loads(_run(["agent", "status", "--json", "--dir", str(agent_dir)]))
+    for cert in status["certificates"]:
+        steps.append((f"holds {cert['template_name']} v{cert['major_version']}.{cert['minor_version']}",
+                      f"{cert['thumbprint'][:16]}… renews at {(cert['renewal_time'] or '-')[:19]}"))
+    archived = json.loads(_run(["cert", "list", "--all", "--json", "--dir", str(agent_dir)]))
+    for cert in archived:
+        if cert["archived"]:
+            steps.append(("archived", f"{cert['thumbprint'][:16]}… {cert['template_name']} "
+                                      f"v{cert['major_version']}, replaced by {cert['replaced_by'][:16]}…"))
+    return steps
 
 
 if __name__ == "__main__":

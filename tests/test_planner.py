@@ -69,7 +69,7 @@ def tpl(name: str, **changes: Any) -> TemplatePolicy:
 
 def manual_tpl(name: str, **changes: Any) -> TemplatePolicy:
     """The classic manually enrolled template: the subject is supplied in the request, renewals reuse it."""
-    return tpl(name, subject_source="request", renewal_subject_from_existing=True, **changes)
+    return tpl(name, **{"subject_source": "request", "renewal_subject_from_existing": True, **changes})
 
 
 def issuer(name: str, *templates: str, cost: int = 1, renewal_only: bool = False, valid: bool = True,
@@ -639,26 +639,49 @@ def _seconds(draw: st.DrawFn, low: int, high: int) -> dt.timedelta:
 
 
 @st.composite
-def worlds(draw: st.DrawFn) -> World:
-    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=len(NAMES), unique=True))
+def templates_for(draw: st.DrawFn, names: Sequence[str]) -> list[TemplatePolicy]:
+    """About half the templates are plainly set up for autoenrollment; the rest vary every setting."""
     templates: list[TemplatePolicy] = []
     for i, name in enumerate(names):
-        templates.append(tpl(
-            name,
-            major_version=draw(st.integers(0, 3)), minor_version=draw(st.integers(0, 2)),
-            validity=_seconds(draw, 1, 3 * 365 * 86_400),
-            renewal_period=_seconds(draw, 0, 400 * 86_400),
-            purpose=draw(st.sampled_from(("signature", "encryption", "both"))),
-            archive_private_key=draw(st.booleans()),
-            subject_source=draw(st.sampled_from(("principal", "principal", "request"))),
-            renewal_subject_from_existing=draw(st.booleans()),
-            ra_signatures=draw(st.sampled_from((0, 0, 0, 1, 2))),
-            supersedes=tuple(draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=2))) if i else (),
-            old_certificate=draw(st.sampled_from(("archive", "delete"))),
-            user_interaction=draw(st.booleans()),
-            check_directory=draw(st.booleans()),
-            rights=draw(st.sampled_from((ALL_RIGHTS, ALL_RIGHTS, ALL_RIGHTS, ENROLL_ONLY, READ_ONLY))),
-        ))
+        common: dict[str, Any] = {
+            "major_version": draw(st.integers(0, 3)), "minor_version": draw(st.integers(0, 2)),
+            "validity": _seconds(draw, 1, 3 * 365 * 86_400),
+            "renewal_period": _seconds(draw, 0, 400 * 86_400),
+            "purpose": draw(st.sampled_from(("signature", "encryption", "both"))),
+            "supersedes": tuple(draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=2))) if i else (),
+            "old_certificate": draw(st.sampled_from(("archive", "delete"))),
+        }
+        if not draw(st.booleans()):
+            common.update(
+                archive_private_key=draw(st.booleans()),
+                subject_source=draw(st.sampled_from(("principal", "request"))),
+                renewal_subject_from_existing=draw(st.booleans()),
+                ra_signatures=draw(st.sampled_from((0, 1, 2))),
+                user_interaction=draw(st.booleans()),
+                check_directory=draw(st.booleans()),
+                rights=draw(st.sampled_from((ALL_RIGHTS, ENROLL_ONLY, READ_ONLY))))
+        templates.append(tpl(name, **common))
+    return templates
+
+
+def _times(draw: st.DrawFn, template: TemplatePolicy | None) -> tuple[dt.datetime, dt.datetime]:
+    """Validity of a stored certificate, often on or next to a boundary the planner cares about."""
+    if template is not None and draw(st.booleans()):
+        lifetime = template.validity
+    else:
+        lifetime = _seconds(draw, 1, 3 * 365 * 86_400)
+    window = min(template.renewal_period, lifetime / 5) if template else lifetime / 5
+    left = draw(st.one_of(
+        st.sampled_from((window, window + SECOND, window - SECOND, dt.timedelta(0), -SECOND, lifetime)),
+        st.builds(lambda s: dt.timedelta(seconds=s), st.integers(-400 * 86_400, 3 * 365 * 86_400))))
+    left = min(left, lifetime + 10 * DAY)  # not issued more than ten days in the future
+    return NOW + left - lifetime, NOW + left
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> World:
+    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=len(NAMES), unique=True))
+    templates = draw(templates_for(names))
     servers: list[PolicyServer] = []
     issuer_names: list[str] = []
     for s in range(draw(st.integers(1, 3))):
@@ -666,37 +689,39 @@ def worlds(draw: st.DrawFn) -> World:
         for j in range(draw(st.integers(1, 2))):
             name = f"CA{s}{j}"
             issuer_names.append(name)
+            served = draw(st.one_of(st.just(set(names)), st.sets(st.sampled_from(names))))
             issuers.append(issuer(
-                name, *draw(st.sets(st.sampled_from(names))), cost=draw(st.integers(0, 3)),
-                renewal_only=draw(st.sampled_from((False, False, True))),
+                name, *sorted(served), cost=draw(st.integers(0, 3)),
+                renewal_only=draw(st.sampled_from((False, False, False, True))),
                 valid=draw(st.sampled_from((True, True, True, False))), reachable=draw(st.booleans())))
+        listed = [t for t in templates if draw(st.sampled_from((True, True, False)))] or templates[:1]
         servers.append(server(
-            *[t for t in templates if draw(st.booleans())] or templates[:1],
-            issuers=issuers, policy_id=draw(st.sampled_from(POLICY_IDS)), url=f"https://s{s}.example/cep",
+            *listed, issuers=issuers, policy_id=draw(st.sampled_from(POLICY_IDS)), url=f"https://s{s}.example/cep",
             cost=draw(st.integers(0, 3)), auth=draw(st.sampled_from(("certificate", "token", "password"))),
-            is_default=draw(st.booleans()), kra_valid=draw(st.booleans()),
+            is_default=draw(st.booleans()), kra_valid=draw(st.sampled_from((True, True, False))),
             directory=[(draw(st.sampled_from(names)), NOW + _seconds(draw, -30 * 86_400, 30 * 86_400))
                        for _ in range(draw(st.integers(0, 2)))]))
     by_name = {t.name: t for t in templates}
     certs: list[StoredCertificate] = []
     for i in range(draw(st.integers(0, 6))):
-        template = by_name.get(draw(st.sampled_from((*names, "Z", None))) or "", None)
-        unknown = tpl("Z") if template is None and draw(st.booleans()) else None
-        lifetime = _seconds(draw, 1, 3 * 365 * 86_400)
-        not_before = NOW - _seconds(draw, -10 * 86_400, 4 * 365 * 86_400)
-        c = cert(f"{i:02d}" * 20, template or unknown, lifetime=lifetime)
+        choice = draw(st.sampled_from((*names, *names, "Z", None)))
+        template = by_name.get(choice) if choice in by_name else (tpl("Z") if choice == "Z" else None)
+        not_before, not_after = _times(draw, template)
+        major = template.major_version if template else 0
+        c = cert(f"{i:02d}" * 20, template)
         certs.append(dataclasses.replace(
-            c, not_before=not_before, not_after=not_before + lifetime,
-            major_version=draw(st.integers(0, 3)), minor_version=draw(st.integers(0, 2)),
+            c, not_before=not_before, not_after=not_after,
+            major_version=draw(st.sampled_from((major, major, max(major - 1, 0), major + 1))),
+            minor_version=draw(st.integers(0, 2)),
             source=draw(st.sampled_from(("auto", "auto", "manual"))),
-            policy_id=draw(st.sampled_from((*POLICY_IDS, None))),
-            archived=draw(st.sampled_from((False, False, True))),
-            chain_valid=draw(st.sampled_from((True, True, True, False))),
-            revoked=draw(st.sampled_from((False, False, False, True))),
-            is_ra=draw(st.sampled_from((False, False, True))),
+            policy_id=draw(st.sampled_from((*[srv.policy_id for srv in servers], None))),
+            archived=draw(st.sampled_from((False, False, False, True))),
+            chain_valid=draw(st.sampled_from((True, True, True, True, False))),
+            revoked=draw(st.sampled_from((False, False, False, False, True))),
+            is_ra=draw(st.sampled_from((False, False, False, True))),
             store=draw(st.sampled_from(("personal", "personal", "personal", "/srv/extra")))))
     pending: list[PendingRequest] = []
-    for r in range(draw(st.integers(0, 3))):
+    for r in range(draw(st.integers(0, 2))):
         age = draw(st.one_of(st.sampled_from((59 * DAY, 60 * DAY, 60 * DAY - SECOND)),
                              st.builds(lambda s: dt.timedelta(seconds=s), st.integers(0, 120 * 86_400))))
         pending.append(PendingRequest(
@@ -705,8 +730,9 @@ def worlds(draw: st.DrawFn) -> World:
             submitted_at=NOW - age,
             renewal_of=draw(st.sampled_from((None, *(c.thumbprint for c in certs))))))
     options = Options(
-        enabled=draw(st.sampled_from((True, True, True, False))), enroll=draw(st.booleans()),
-        manage=draw(st.booleans()), retrieve_pending=draw(st.booleans()),
+        enabled=draw(st.sampled_from((True, True, True, True, False))),
+        enroll=draw(st.sampled_from((True, True, False))), manage=draw(st.sampled_from((True, True, False))),
+        retrieve_pending=draw(st.sampled_from((True, True, False))),
         context=draw(st.sampled_from(("machine", "user"))))
     return World(options, tuple(servers), StoreSnapshot(tuple(certs), tuple(pending)))
 

@@ -145,7 +145,7 @@ class Agent:
             self._record(result)
             return result
         try:
-            self.store.recover()
+            self.store.recover(now)
             self.fetch_policies(now, force=force_policy)
             for flight in self.store.flights():
                 if flight.status == "created":

@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,7 +256,7 @@ class LocalStore:
         os.replace(tmp, link)
         _fsync_dir(self.live_dir)
 
-    def recover(self) -> None:
+    def recover(self, now: dt.datetime) -> None:
         """Repair what a kill can leave: half-written version folders and stale live links."""
         for leftover in list(self.certs_dir.glob(".*")) + list(self.live_dir.glob(".*")):
             if leftover.is_dir() and not leftover.is_symlink():
@@ -269,8 +268,12 @@ class LocalStore:
             # Its certificate was installed before a kill, or its row was never written. A folder
             # younger than a minute may belong to a `cert request` running beside the daemon.
             with contextlib.suppress(OSError):
-                if folder.name not in known_flights and time.time() - folder.stat().st_mtime > 60:
+                if folder.name not in known_flights and now.timestamp() - folder.stat().st_mtime > 60:
                     shutil.rmtree(folder, ignore_errors=True)
+        self._repair_links()
+
+    def _repair_links(self) -> None:
+        """Point every template's live link at its newest current version."""
         current: dict[str, CertRecord] = {}
         for record in self.certificates(include_archived=False):
             if record.template_name and record.has_key:
@@ -297,7 +300,7 @@ class LocalStore:
             if link.is_symlink() and os.readlink(link).endswith(record.thumbprint):
                 link.unlink()
         shutil.rmtree(self.folder(record.thumbprint), ignore_errors=True)
-        self.recover()
+        self._repair_links()
         return record
 
     # -- flights (requests at the CA) -----------------------------------------------------
