@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -77,19 +78,21 @@ def init_ca(directory: Path, database_url: str, *extra: str) -> CA:
 def serve(ca: CA, *extra: str, tls: bool = False) -> Iterator[str]:
     """A real ``certpulse ca serve`` on a free loopback port; yields its base URL."""
     port = free_port()
-    args = [*CERTPULSE, "ca", "serve", "--dir", str(ca.dir), "--listen", f"127.0.0.1:{port}", *extra]
+    args = [*CERTPULSE, "ca", "serve", "--dir", str(ca.dir), "--listen", f"127.0.0.1:{port}",
+            *extra]
     if tls:
         args.append("--tls")
     log = (ca.dir / f"serve-{port}.log").open("w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     scheme = "https" if tls else "http"
     base = f"{scheme}://127.0.0.1:{port}"
-    verify: Any = str(ca.dir / "certs" / "root.pem") if tls else True
+    verify: Any = ssl.create_default_context(cafile=str(ca.dir / "certs" / "root.pem")) if tls else True
     try:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"ca serve exited {proc.returncode}: {(ca.dir / f'serve-{port}.log').read_text()}")
+                output = (ca.dir / f"serve-{port}.log").read_text()
+                raise AssertionError(f"ca serve exited {proc.returncode}: {output}")
             try:
                 if httpx.get(f"{base}/healthz", timeout=1, verify=verify).status_code == 200:
                     break

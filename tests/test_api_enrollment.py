@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from certpulse.pki import key_archival, template_info
 from certpulse.pki.keys import PrivateKey
@@ -137,9 +137,9 @@ def test_machine_certificate_is_built_from_the_template_not_the_csr(ca: CA, mach
     assert constraints.critical and constraints.value.ca is False
     present = {ext.oid for ext in cert.extensions}
     assert present == {
-        x509.ExtensionOID.BASIC_CONSTRAINTS, x509.ExtensionOID.KEY_USAGE,
-        x509.ExtensionOID.EXTENDED_KEY_USAGE, x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
-        x509.ExtensionOID.SUBJECT_KEY_IDENTIFIER, x509.ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+        ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE,
+        ExtensionOID.EXTENDED_KEY_USAGE, ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
         template_info.TEMPLATE_INFO_OID,
     }
 
@@ -264,6 +264,8 @@ rights = ["read", "enroll"]
     assert_problem(response, 400, "renewal-of-expired")
     status = httpx.get(f"{server}/v1/certificates/{old['serial']}", timeout=30)
     assert status.json()["status"] == "expired"
+    directory = machine.http.get("/v1/policy").json()["directory"]
+    assert old["serial"] not in [x["serial"] for x in directory]
     # A new request (no renewal evidence) is still fine.
     issued(machine.submit("short-lived", csr))
 
@@ -398,6 +400,11 @@ def test_policy_describes_what_the_caller_may_use(ca: CA, server: str, admin: Cl
 
     names = {x["name"] for x in policy["templates"]}
     assert names == _readable(documents, name, {"machines", "webservers"})
+    # A CA manager's key sees every template, with no right to enroll.
+    everything = admin.http.get("/v1/policy").json()
+    assert {x["name"] for x in everything["templates"]} == {d["name"] for d in documents}
+    assert {tuple(x["rights"]) for x in everything["templates"]} == {("read",)}
+    assert everything["directory"] == []
     assert {"machine", "webserver", "approval-required", "encryption"} <= names
     by_name = {x["name"]: x for x in policy["templates"]}
     by_doc = {d["name"]: d for d in documents}
@@ -476,7 +483,8 @@ def test_tls_server_certificate_chains_to_the_ca_root(ca: CA) -> None:
         assert base.startswith("https://")
         response = httpx.get(f"{base}/healthz", verify=trust, timeout=30)
         assert response.status_code == 200 and response.json()["status"] == "ok"
-        policy = Client(base, ca.admin_key, verify=trust).http.get("/v1/policy")
+        with Client(base, ca.admin_key, verify=trust).http as http:
+            policy = http.get("/v1/policy")
         assert policy.status_code == 200, policy.text
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/healthz", verify=ssl.create_default_context(), timeout=30)

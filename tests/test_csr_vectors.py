@@ -64,7 +64,7 @@ EXPECTED: dict[str, Expected] = {
     "bad-version.pem": refused(MALFORMED, "version field is 1 (only v1 = 0 exists); unparseable"),
     "basic_constraints.pem": refused(WEAK, "RSA-2048 signed with SHA-1 (its signature fails too)"),
     "challenge-invalid.der": refused(
-        BAD_SIGNATURE, "SHA-256, but the signature does not verify (hand-edited challengePassword)"),
+        BAD_SIGNATURE, "SHA-256, challengePassword of an invalid type; the signature does not verify"),
     "challenge-multi-valued.der": refused(
         BAD_SIGNATURE, "SHA-256, multi-valued challengePassword; the signature does not verify"),
     "challenge-unstructured.pem": issued(
@@ -77,7 +77,7 @@ EXPECTED: dict[str, Expected] = {
     "ec_sha256_old_header.pem": issued(
         "the same request under the old 'BEGIN NEW CERTIFICATE REQUEST' PEM header"),
     "freeipa-bad-critical.pem": refused(
-        MALFORMED, "extensionRequest attribute with several values; the extensions are unreadable"),
+        MALFORMED, "FreeIPA request whose extensions encode critical=FALSE explicitly (not DER): unreadable"),
     "invalid_signature.pem": refused(BAD_SIGNATURE, "RSA-1024/SHA-256 whose signature does not verify"),
     "long-form-attribute.pem": refused(
         BAD_SIGNATURE, "SHA-256, attribute with a long-form tag; the signature does not verify"),
@@ -94,7 +94,7 @@ EXPECTED: dict[str, Expected] = {
     "unsupported_extension.pem": refused(WEAK, "SHA-1 (and an unknown non-critical extension)"),
     "unsupported_extension_critical.pem": refused(WEAK, "SHA-1 (and an unknown critical extension)"),
     "zero-element-attribute.pem": refused(
-        MALFORMED, "an attribute with an empty SET of values; the attributes are unreadable"),
+        MALFORMED, "an extensionRequest attribute whose SET of values is empty: unreadable"),
 }
 
 

@@ -671,9 +671,9 @@ def _times(draw: st.DrawFn, template: TemplatePolicy | None) -> tuple[dt.datetim
     else:
         lifetime = _seconds(draw, 1, 3 * 365 * 86_400)
     window = min(template.renewal_period, lifetime / 5) if template else lifetime / 5
-    left = draw(st.one_of(
-        st.sampled_from((window, window + SECOND, window - SECOND, dt.timedelta(0), -SECOND, lifetime)),
-        st.builds(lambda s: dt.timedelta(seconds=s), st.integers(-400 * 86_400, 3 * 365 * 86_400))))
+    boundaries = st.sampled_from((window, window + SECOND, window - SECOND, dt.timedelta(0), -SECOND, lifetime))
+    anywhere = st.builds(lambda s: dt.timedelta(seconds=s), st.integers(-400 * 86_400, 3 * 365 * 86_400))
+    left = draw(st.one_of(boundaries, boundaries, anywhere))
     left = min(left, lifetime + 10 * DAY)  # not issued more than ten days in the future
     return NOW + left - lifetime, NOW + left
 

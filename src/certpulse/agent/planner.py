@@ -54,8 +54,11 @@ class Plan:
 
 
 def renewal_window(cert: StoredCertificate, template: TemplatePolicy) -> dt.timedelta:
-    """``min(renewal period, 20 % of the lifetime)``: how much time is left when renewal starts."""
-    return min(template.renewal_period, cert.lifetime / LIFETIME_SHARE)
+    """``min(renewal period, 20 % of the lifetime)``: how much time is left when renewal starts.
+
+    Never negative: a (nonsensical) negative renewal period counts as zero, so renewal never
+    falls due after the certificate has expired."""
+    return max(dt.timedelta(0), min(template.renewal_period, cert.lifetime / LIFETIME_SHARE))
 
 
 def renewal_time(cert: StoredCertificate, template: TemplatePolicy) -> dt.datetime:
@@ -84,16 +87,22 @@ class _PolicyView:
     def find(self, *, name: str | None = None, oid: str | None = None,
              policy_id: str | None = None) -> tuple[TemplatePolicy, list[PolicyServer]] | None:
         """A template by name or OID: in the certificate's own policy group first, then the default,
-        then any (the seed: the default policy renews certificates whose policy id is unknown)."""
+        then any (the seed: the default policy renews certificates whose policy id is unknown).
+        The first group in which the template is applicable wins; when it is applicable in none,
+        the first group that lists it (so the skip can be explained)."""
         ordered = [g for g in self.groups if g[0].policy_id == policy_id]
         ordered += [self.default] if self.default and self.default not in ordered else []
         ordered += [g for g in self.groups if g not in ordered]
+        first: tuple[TemplatePolicy, list[PolicyServer]] | None = None
         for group in ordered:
             for server in group:
                 template = server.template_by_oid(oid) if oid else server.template(name or "")
                 if template is not None:
-                    return template, group
-        return None
+                    if self.applicable(template, group):
+                        return template, group
+                    first = first or (template, group)
+                    break
+        return first
 
     @staticmethod
     def issuers_in(
@@ -137,12 +146,10 @@ class _PolicyView:
         return None
 
     def all_templates(self) -> list[tuple[TemplatePolicy, list[PolicyServer]]]:
-        seen: dict[str, tuple[TemplatePolicy, list[PolicyServer]]] = {}
-        for group in self.groups:
-            for server in group:
-                for template in server.templates:
-                    seen.setdefault(template.name, (template, group))
-        return [seen[name] for name in sorted(seen)]
+        """Every template by name, each from the first group (default first) where it applies."""
+        names = sorted({t.name for group in self.groups for server in group for t in server.templates})
+        found = [self.find(name=name) for name in names]
+        return [entry for entry in found if entry is not None]
 
 
 def plan(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot, now: dt.datetime) -> Plan:
@@ -169,21 +176,51 @@ def plan(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot
                                       request_id=request.request_id, issuers=(request.issuer,),
                                       policy_url=request.policy_url, thumbprint=request.renewal_of))
     else:
-        pending_templates.update(p.template for p in store.pending)
+        # Not examined, not dropped; but a request 60 days old is dead and no longer blocks.
+        pending_templates.update(p.template for p in store.pending if now - p.submitted_at < STALE_PENDING)
 
     covered: set[str] = set()  # templates that hold, or are about to hold, a usable certificate
     if options.enroll:
         actions += _renew_autoenrolled(options, view, personal, pending_templates, covered, notes, now)
         actions += _enroll_missing(options, view, personal, pending_templates, covered, notes, now)
     if options.manage:
-        actions += _renew_manual(options, view, personal, pending_templates, notes, now)
+        replaced = {thumb for action in actions for thumb in action.replaces}
+        actions += _renew_manual(options, view, personal, pending_templates, replaced, notes, now)
     actions += _cleanup(view, personal, now)
-    return Plan(tuple(actions), tuple(notes))
+    return Plan(tuple(_with_deletions(view, personal, action, now) for action in actions), tuple(notes))
+
+
+def _deletable(view: _PolicyView, cert: StoredCertificate, now: dt.datetime) -> bool:
+    """Cleanup: the template says "delete revoked or expired" and it is; encryption never goes."""
+    if not (cert.expired(now) or cert.revoked) or cert.template_oid is None:
+        return False
+    found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
+    return (found is not None and found[0].old_certificate == "delete"
+            and found[0].purpose not in ("encryption", "both"))
+
+
+def _with_deletions(view: _PolicyView, personal: list[StoredCertificate], action: Action,
+                    now: dt.datetime) -> Action:
+    """Name the replaced certificates the executor deletes instead of archiving: cleanup would
+    delete them at the next pulse anyway, since they are already expired or revoked."""
+    if action.kind is Kind.POLL_PENDING:
+        replaced: tuple[str, ...] = (action.thumbprint,) if action.thumbprint else ()
+    elif action.kind in (Kind.RENEW, Kind.ENROLL, Kind.RENEW_MANUAL):
+        replaced = action.replaces
+    else:
+        return action
+    by_thumb = {c.thumbprint: c for c in personal}
+    doomed = tuple(t for t in replaced if t in by_thumb and _deletable(view, by_thumb[t], now))
+    return dataclasses.replace(action, delete_replaced=doomed) if doomed else action
+
+
+def _recency(cert: StoredCertificate) -> tuple[dt.datetime, dt.datetime, str]:
+    return cert.not_after, cert.not_before, cert.thumbprint
 
 
 def _newest_usable(certs: Iterable[StoredCertificate], template: str, now: dt.datetime) -> StoredCertificate | None:
     usable = [c for c in certs if c.template_name == template and c.usable(now)]
-    return max(usable, key=lambda c: (c.not_after, c.not_before, c.thumbprint)) if usable else None
+    return max(usable, key=_recency) if usable else None
 
 
 def _has_ra_certificate(certs: Iterable[StoredCertificate], now: dt.datetime) -> bool:
@@ -270,7 +307,7 @@ def _enroll_missing(
         if template.name in pending:
             notes.append(Note("6b:pending", template.name, detail="a request for it is pending"))
             continue
-        in_directory = [t for (name, t) in _directory(group) if name == template.name and t > now]
+        in_directory = [t for (name, t) in _directory(group) if name == template.name and now <= t]
         skip: tuple[str, str] | None = None
         if template.check_directory and in_directory:
             skip = ("6b:directory", "a valid certificate is already published in the directory")
@@ -311,9 +348,14 @@ def _directory(group: list[PolicyServer]) -> list[tuple[str, dt.datetime]]:
 
 def _renew_manual(
     options: Options, view: _PolicyView, personal: list[StoredCertificate], pending: set[str],
-    notes: list[Note], now: dt.datetime,
+    replaced: set[str], notes: list[Note], now: dt.datetime,
 ) -> list[Action]:
-    """6(c): renew manually enrolled certificates (the ``manage`` option)."""
+    """6(c): renew manually enrolled certificates (the ``manage`` option).
+
+    A usable certificate at its threshold is renewed (signed with its key). One that is expired,
+    revoked or fails validation gets a new request built from its subject; all such manual
+    certificates of one template share that single request, made from the most recent of them.
+    """
     actions: list[Action] = []
     for cert in personal:
         if cert.archived or cert.source != "manual" or cert.template_oid is None:
@@ -322,14 +364,22 @@ def _renew_manual(
         if found is None:
             continue
         template, group = found
-        newer = [c for c in personal if c.template_name == template.name and c.usable(now)
-                 and c.thumbprint != cert.thumbprint and c.not_before > cert.not_before]
         broken = not cert.usable(now)  # expired, revoked or failing validation: a new request
-        skip: tuple[str, str] | None = None
         if not broken and not threshold_reached(cert, template, now):
             continue
-        if newer:
-            skip = ("6c:newer", "a newer valid certificate of the template is in the store")
+        if cert.thumbprint in replaced:
+            notes.append(Note("6c:replaced", template.name, cert.thumbprint, "a request planned in 6(b) replaces it"))
+            continue
+        siblings: list[StoredCertificate] = []
+        if broken:
+            siblings = [c for c in personal if not c.archived and c.source == "manual" and not c.usable(now)
+                        and c.template_name == cert.template_name and c.thumbprint not in replaced]
+            if max(siblings, key=_recency).thumbprint != cert.thumbprint:
+                continue  # the most recent broken one speaks for the template, and replaces this one too
+        newest = _newest_usable(personal, template.name, now)
+        skip: tuple[str, str] | None = None
+        if newest is not None and newest.thumbprint != cert.thumbprint:
+            skip = ("6c:newer", f"a newer valid certificate of the template is in the store ({newest.thumbprint})")
         elif not template.autoenroll:
             skip = ("6c:no-autoenroll", "no autoenroll permission")
         elif template.archive_private_key and not view.kra_valid(group):
@@ -347,14 +397,23 @@ def _renew_manual(
             continue
         issuers, url = view.issuer_order(template.name, group, new_request=broken)
         if not issuers:
-            rule = "6c:renewal-only" if broken else "6c:no-issuer"
-            notes.append(Note(rule, template.name, cert.thumbprint, "no issuer takes this request"))
+            renewal_only = broken and bool(view.issuer_order(template.name, group, new_request=False)[0])
+            rule = "6c:renewal-only" if renewal_only else "6c:no-issuer"
+            why = "only renewal-only issuers serve it, and this is a new request" if renewal_only \
+                else "no valid issuer serves the template"
+            notes.append(Note(rule, template.name, cert.thumbprint, why))
             continue
-        actions.append(Action(
-            Kind.RENEW_MANUAL, "6c:expired" if broken else "6c:threshold", template=template.name,
-            thumbprint=cert.thumbprint, issuers=tuple(issuers), policy_url=url, replaces=(cert.thumbprint,),
-            replace_action="renew", new_request=broken, subject_from=cert.thumbprint if broken else None,
-            detail="new request from its subject" if broken else "renewal due"))
+        if broken:
+            rule = "6c:expired" if cert.expired(now) else "6c:revoked" if cert.revoked else "6c:invalid"
+            actions.append(Action(
+                Kind.RENEW_MANUAL, rule, template=template.name, thumbprint=cert.thumbprint, issuers=tuple(issuers),
+                policy_url=url, replaces=tuple(sorted(c.thumbprint for c in siblings)), replace_action="renew",
+                new_request=True, subject_from=cert.thumbprint, detail="new request from its subject"))
+        else:
+            actions.append(Action(
+                Kind.RENEW_MANUAL, "6c:threshold", template=template.name, thumbprint=cert.thumbprint,
+                issuers=tuple(issuers), policy_url=url, replaces=(cert.thumbprint,), replace_action="renew",
+                detail="renewal due"))
     return actions
 
 
@@ -362,13 +421,7 @@ def _cleanup(view: _PolicyView, personal: list[StoredCertificate], now: dt.datet
     """Archived certificates of "delete" templates go once expired or revoked; encryption never."""
     actions: list[Action] = []
     for cert in personal:
-        if not cert.archived or not (cert.expired(now) or cert.revoked) or cert.template_oid is None:
-            continue
-        found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
-        if found is None:
-            continue
-        template = found[0]
-        if template.old_certificate == "delete" and template.purpose not in ("encryption", "both"):
-            actions.append(Action(Kind.DELETE, "cleanup:delete", template=template.name, thumbprint=cert.thumbprint,
+        if cert.archived and _deletable(view, cert, now):
+            actions.append(Action(Kind.DELETE, "cleanup:delete", template=cert.template_name, thumbprint=cert.thumbprint,
                                   detail="archived and " + ("revoked" if cert.revoked else "expired")))
     return actions

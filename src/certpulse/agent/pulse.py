@@ -39,6 +39,7 @@ class ActionOutcome:
     outcome: str  # done | pending | refused | unavailable | skipped
     detail: str = ""
     thumbprint: str | None = None
+    retry_after: float | None = None  # the server's Retry-After, when it was unavailable
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.action.to_dict(), "outcome": self.outcome, "outcome_detail": self.detail,
@@ -91,11 +92,15 @@ class Agent:
         """Policy from every server; cached, refreshed no more often than every 10 minutes."""
         gathered: list[gather_mod.GatheredPolicy] = []
         errors: list[str] = []
+        retry_after: list[float] = []
         for server in self.config.servers:
             cache_key = f"policy:{server.url}"
             cached = self.store.get_state(cache_key)
             data: dict[str, Any] | None = None
-            if cached and not force and now - dt.datetime.fromisoformat(cached["fetched_at"]) < self.policy_cache:
+            # A policy "fetched" after now was cached under a clock that has since been set back:
+            # stale, not fresh for as long as the clock was ahead.
+            age = now - dt.datetime.fromisoformat(cached["fetched_at"]) if cached else None
+            if cached and not force and age is not None and dt.timedelta(0) <= age < self.policy_cache:
                 data = cached["policy"]
             else:
                 try:
@@ -103,12 +108,14 @@ class Agent:
                     self.store.set_state(cache_key, {"fetched_at": now.isoformat(), "policy": data})
                 except ServerUnavailable as exc:
                     errors.append(exc.detail)
+                    retry_after += [exc.retry_after] if exc.retry_after is not None else []
                     data = cached["policy"] if cached else None
             if data is not None:
                 gathered.append(gather_mod.parse_policy(
                     data, url=server.url, cost=server.cost, auth="token", is_default=server.is_default, now=now))
         if not gathered:
-            raise ServerUnavailable("no policy server answered: " + "; ".join(errors))
+            raise ServerUnavailable("no policy server answered: " + "; ".join(errors),
+                                    max(retry_after) if retry_after else None)
         self.policies = gathered
         return gathered
 
@@ -158,6 +165,9 @@ class Agent:
         if any(o.outcome == "unavailable" for o in result.outcomes):
             result.outcome = "failed"
             result.error = result.error or "; ".join(o.detail for o in result.outcomes if o.outcome == "unavailable")
+            # Honour the longest Retry-After any server gave (the daemon waits at least that long).
+            delays = [d for d in (result.retry_after, *(o.retry_after for o in result.outcomes)) if d is not None]
+            result.retry_after = max(delays) if delays else None
         self._record(result)
         return result
 
@@ -191,7 +201,7 @@ class Agent:
                 self.store.archive(action.thumbprint, now)
                 return ActionOutcome(action, "done")
         except ServerUnavailable as exc:
-            return ActionOutcome(action, "unavailable", exc.detail)
+            return ActionOutcome(action, "unavailable", exc.detail, retry_after=exc.retry_after)
         except ServerRefused as exc:
             return ActionOutcome(action, "refused", f"{exc.reason}: {exc.detail}")
         return ActionOutcome(action, "skipped", "nothing to do")
@@ -221,12 +231,14 @@ class Agent:
             renewal = (pem(self.store.certificate(flight.renewal_of)),
                        renewal_signature(self.store.key(flight.renewal_of), csr))
         unavailable: list[str] = []
+        retry_after: list[float] = []
         for issuer in flight.issuers:
             try:
                 answer = client.submit(template=flight.template_name, csr_pem=csr_pem(csr), issuer=issuer,
                                        idempotency_key=flight.id, renewal=renewal)
             except ServerUnavailable as exc:
                 unavailable.append(f"{issuer}: {exc.detail}")
+                retry_after += [exc.retry_after] if exc.retry_after is not None else []
                 continue
             except ServerRefused as exc:
                 if exc.reason in ("no-issuer", "unknown-issuer", "issuer-renewal-only"):
@@ -237,7 +249,8 @@ class Agent:
                     self._remember_revoked(flight.renewal_of)
                 return ActionOutcome(action, "refused", f"{exc.reason}: {exc.detail}")
             return self._settle(action, flight, issuer, answer, now)
-        return ActionOutcome(action, "unavailable", "; ".join(unavailable) or "no issuer to try")
+        return ActionOutcome(action, "unavailable", "; ".join(unavailable) or "no issuer to try",
+                             retry_after=max(retry_after) if retry_after else None)
 
     def _remember_revoked(self, print_: str) -> None:
         known = set(self.store.get_state("revoked") or [])

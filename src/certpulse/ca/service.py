@@ -153,11 +153,14 @@ class CAService:
                 if now >= row.expires_at:
                     raise Refusal(Reason.TOKEN_EXPIRED, "the enrollment token has expired")
                 credential, digest = new_secret("cpc")
-                conn.execute(
+                claimed = conn.execute(
                     update(t.enrollment_tokens)
-                    .where(t.enrollment_tokens.c.token_hash == row.token_hash)
+                    .where(and_(t.enrollment_tokens.c.token_hash == row.token_hash,
+                                t.enrollment_tokens.c.used_at.is_(None)))
                     .values(used_at=now)
                 )
+                if claimed.rowcount != 1:  # a concurrent exchange of the same token won
+                    raise Refusal(Reason.TOKEN_USED, "the enrollment token was already used")
                 conn.execute(
                     update(t.principals).where(t.principals.c.id == row.principal_id)
                     .values(credential_hash=digest)
@@ -457,7 +460,11 @@ class CAService:
 
     @staticmethod
     def _pending_row(conn: Connection, request_id: int) -> Any:
-        row = conn.execute(select(t.requests).where(t.requests.c.id == request_id)).first()
+        # FOR UPDATE: concurrent approvals/denials of one request on PostgreSQL queue here, and all
+        # but the first then see it decided (SQLite's BEGIN IMMEDIATE already serialises them).
+        row = conn.execute(
+            select(t.requests).where(t.requests.c.id == request_id).with_for_update()
+        ).first()
         if row is None:
             raise Refusal(Reason.NOT_FOUND, f"no request {request_id}")
         if row.status != "pending":
@@ -483,8 +490,12 @@ class CAService:
                 if row.revoked_at is not None:
                     raise Refusal(Reason.ALREADY_REVOKED,
                                   f"certificate {row.serial} was revoked at {row.revoked_at.isoformat()}")
-                conn.execute(update(t.certificates).where(t.certificates.c.id == row.id)
-                             .values(revoked_at=now, revocation_reason=reason))
+                revoked = conn.execute(
+                    update(t.certificates)
+                    .where(and_(t.certificates.c.id == row.id, t.certificates.c.revoked_at.is_(None)))
+                    .values(revoked_at=now, revocation_reason=reason))
+                if revoked.rowcount != 1:  # a concurrent call revoked it after we read the row
+                    raise Refusal(Reason.ALREADY_REVOKED, f"certificate {row.serial} was revoked meanwhile")
                 self._audit(conn, now, caller.actor, "revoked", template=row.template_name,
                             request_id=row.request_id, serial=row.serial, names=names_from_json(row.names).all(),
                             reason=reason)
