@@ -498,3 +498,13 @@ def test_a_request_or_revocation_is_decided_exactly_once(
     assert sorted(r.status_code for r in results) == [200] + [409] * 5, [r.text for r in results]
     for refused in (r for r in results if r.status_code == 409):
         assert_problem(refused, 409, "already-revoked")
+
+
+def test_an_enrollment_token_is_exchanged_exactly_once(ca: CA, server: str) -> None:
+    token = ca.add_principal("race-token.example.internal")
+    results = race(server, "", [("POST", "/v1/tokens/exchange", {"token": token})] * 6)
+    assert sorted(r.status_code for r in results) == [200] + [409] * 5, [r.text for r in results]
+    for refused in (r for r in results if r.status_code == 409):
+        assert_problem(refused, 409, "token-used")
+    credential = next(r for r in results if r.status_code == 200).json()["credential"]
+    assert Client(server, credential).http.get("/v1/policy").status_code == 200
