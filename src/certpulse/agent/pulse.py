@@ -154,11 +154,25 @@ class Agent:
         try:
             self.store.recover(now)
             self.fetch_policies(now, force=force_policy)
+            resumed: set[str] = set()
             for flight in self.store.flights():
                 if flight.status == "created":
-                    result.outcomes.append(self._resume(flight, now))
+                    outcome = self._resume(flight, now)
+                    result.outcomes.append(outcome)
+                    if outcome.outcome != "refused":
+                        resumed.add(flight.template_name)
             result.plan = plan(self.options, [p.server for p in self.policies], self.snapshot(now), now)
+            # No new request, in this pulse, for a template whose interrupted request was just resent:
+            # * still unreachable, it stays in flight (key and idempotency key kept) and a second
+            #   request would, once the CA is back, get a second certificate (the snapshot only shows
+            #   requests the CA acknowledged);
+            # * issued, its certificate starts after this pulse's ``now``, so the plan (made at ``now``)
+            #   does not count it as valid yet and would enroll once more.
             for action in result.plan.actions:
+                if action.kind in (Kind.RENEW, Kind.ENROLL, Kind.RENEW_MANUAL) and action.template in resumed:
+                    result.outcomes.append(ActionOutcome(
+                        action, "skipped", "an interrupted request for this template was resent in this pulse"))
+                    continue
                 result.outcomes.append(self.execute(action, now))
         except ServerUnavailable as exc:
             result.outcome, result.error, result.retry_after = "failed", exc.detail, exc.retry_after
