@@ -137,16 +137,17 @@ class Case:
     servers: tuple[PolicyServer, ...]
     certs: tuple[StoredCertificate, ...] = ()
     pending: tuple[PendingRequest, ...] = ()
-    options: Options = Options()
+    options: Options = dataclasses.field(default_factory=Options)
     actions: tuple[Expect, ...] = ()  # the exact, ordered list of actions
     notes: tuple[Expect, ...] = ()  # notes that must be among the plan's notes
     no_notes: tuple[str, ...] = ()  # note rules that must not appear
     all_notes: tuple[str, ...] | None = None  # when given: exactly these note rules, in order
     now: dt.datetime = NOW
+    in_flight: tuple[str, ...] = ()  # templates with a request the CA has not acknowledged
 
     @property
     def store(self) -> StoreSnapshot:
-        return StoreSnapshot(certificates=self.certs, pending=self.pending)
+        return StoreSnapshot(certificates=self.certs, pending=self.pending, in_flight=self.in_flight)
 
 
 def run(case: Case) -> Plan:
@@ -183,7 +184,25 @@ SUBJ_REUSE = tpl("SubjectReuse", subject_source="request", renewal_subject_from_
 DIR = tpl("Directory", check_directory=True)
 NO_AUTO = tpl("EnrollOnly", rights=ENROLL_ONLY)
 
+T_NEW_NEEDS_SUBJECT = tpl("New", supersedes=("Old",), subject_source="request")
+MINUTE = dt.timedelta(minutes=1)
+
 CASES: list[Case] = [
+    # -- requests the CA has not acknowledged: resent as they were, never doubled --------------
+    Case("in-flight-request-blocks-a-new-request", (server(M),), in_flight=("Machine",),
+         actions=(), notes=(note("5:in-flight", "Machine"),), no_notes=("6b:missing",)),
+    Case("in-flight-request-blocks-a-due-renewal", (server(M),), certs=(cert("t1", M, left=DUE),),
+         in_flight=("Machine",), actions=(), notes=(note("5:in-flight", "Machine"), note("6a:pending", "Machine"))),
+    # -- a successor this client cannot get silently does not stop the old template renewing ---
+    Case("successor-needing-a-supplied-subject-leaves-the-old-template-renewing",
+         (server(T_OLD, T_NEW_NEEDS_SUBJECT),), certs=(cert("t1", T_OLD, left=DUE),),
+         actions=(act(Kind.RENEW, "6a:threshold", "Old", "t1"),), no_notes=("6a:superseded",)),
+    # -- clock skew: a certificate the CA dated a little ahead of this machine counts as held --
+    Case("certificate-starting-within-the-clock-skew-counts-as-held", (server(M),),
+         certs=(cert("t1", M, left=YEAR + 2 * MINUTE),), actions=()),
+    Case("certificate-starting-beyond-the-clock-skew-is-not-held", (server(M),),
+         certs=(cert("t1", M, left=YEAR + 10 * MINUTE),),
+         actions=(act(Kind.ENROLL, "6b:missing", "Machine", replaces=("t1",)),)),
     # 1. Options ------------------------------------------------------------------------------
     Case("disabled-plans-nothing", (server(M, WEB),),
          certs=(cert("c1", M, left=DAY), manual("m1", WEB, left=-DAY)),
@@ -258,6 +277,10 @@ CASES: list[Case] = [
          actions=(act(Kind.RENEW, "6a:threshold", "Machine", "c1", new_request=False),)),
     Case("only-the-newest-copy-carries-the-template", (server(M),),
          certs=(cert("c-old", M, left=DAY), cert("c-new", M, left=300 * DAY))),
+    Case("renewal-waits-while-another-copy-is-not-due", (server(M),),
+         certs=(cert("c-long", M, left=DUE), cert("c-short", M, lifetime=100 * DAY, left=30 * DAY))),
+    Case("major-version-renewal-not-needed-beside-a-current-copy", (server(tpl("Machine", major_version=3)),),
+         certs=(cert("c-old", M, left=300 * DAY, major_version=2), cert("c-cur", M, left=200 * DAY, major_version=3))),
     Case("certificate-without-template-ignored", (server(M),),
          certs=(cert("c0", None, left=DAY), cert("c1", M)), no_notes=("6a:no-template",)),
     Case("certificate-of-unknown-template-noted", (server(M),),
@@ -283,6 +306,10 @@ CASES: list[Case] = [
     Case("superseded-template-replaced-before-its-threshold", (server(T_OLD, T_NEW),),
          certs=(cert("t1", T_OLD, left=300 * DAY),),
          actions=(act(Kind.ENROLL, "6b:supersede", "New", replaces=("t1",), replace_action="supersede"),)),
+    Case("superseding-enrollment-replaces-every-certificate-of-the-old-template", (server(T_OLD, T_NEW),),
+         certs=(cert("t1", T_OLD, left=300 * DAY), manual("t0", T_OLD, left=-DAY)),
+         actions=(act(Kind.ENROLL, "6b:supersede", "New", replaces=("t0", "t1"), replace_action="supersede"),),
+         notes=(note("6a:superseded", "Old", "t1"), note("6c:replaced", "Old", "t0"))),
     Case("superseded-template-not-enrolled-without-certificate", (server(T_OLD, T_NEW),),
          actions=(act(Kind.ENROLL, "6b:missing", "New", replaces=(), replace_action=None),)),
     Case("successor-without-autoenroll-right-old-keeps-renewing", (server(T_OLD, T_NEW_NO_RIGHT),),
@@ -412,6 +439,23 @@ CASES: list[Case] = [
           server(tpl("B1"), policy_id="pol-b", cost=2, is_default=False, issuers=(issuer("CA-b", "B1", cost=0),))),
          actions=(act(Kind.ENROLL, "6b:missing", "A1", issuers=("CA-a",), policy_url=URL_A),
                   act(Kind.ENROLL, "6b:missing", "B1", issuers=("CA-b",), policy_url=URL_B))),
+    Case("without-a-default-the-cheapest-policy-group-comes-first",
+         (server(M, policy_id="pol-a", cost=2, is_default=False, issuers=(issuer("CA-a", "Machine", cost=0),)),
+          server(M, policy_id="pol-b", cost=1, is_default=False, issuers=(issuer("CA-b", "Machine", cost=9),))),
+         actions=(act(Kind.ENROLL, "6b:missing", "Machine", issuers=("CA-b", "CA-a"), policy_url=URL_B),)),
+    Case("equal-cost-groups-ordered-by-authentication-strength",
+         (server(M, policy_id="pol-a", cost=1, auth="password", is_default=False,
+                 issuers=(issuer("CA-a", "Machine", cost=0),)),
+          server(M, policy_id="pol-b", cost=1, auth="certificate", is_default=False,
+                 issuers=(issuer("CA-b", "Machine", cost=9),))),
+         actions=(act(Kind.ENROLL, "6b:missing", "Machine", issuers=("CA-b", "CA-a"), policy_url=URL_B),)),
+    Case("servers-of-one-policy-id-form-one-group",
+         (server(M, policy_id="pol-a", url="https://one.example/cep", auth="certificate",
+                 issuers=(issuer("CA-1", "Machine", cost=5),)),
+          server(M, policy_id="pol-a", url="https://two.example/cep", auth="token",
+                 issuers=(issuer("CA-2", "Machine", cost=1),))),
+         actions=(act(Kind.ENROLL, "6b:missing", "Machine", issuers=("CA-2", "CA-1"),
+                      policy_url="https://two.example/cep"),)),
     # 6(c) Manually enrolled certificates ---------------------------------------------------------
     Case("manual-expired-new-request-from-its-subject", (server(WEB),),
          certs=(manual("m1", WEB, left=-SECOND),),
@@ -438,9 +482,11 @@ CASES: list[Case] = [
          actions=(act(Kind.RENEW_MANUAL, "6c:revoked", "WebServer", "m1", new_request=True, subject_from="m1"),)),
     Case("manual-without-autoenroll-right", (server(manual_tpl("WebServer", rights=ENROLL_ONLY)),),
          certs=(manual("m1", WEB, left=DUE),), notes=(note("6c:no-autoenroll", "WebServer", "m1"),)),
-    Case("manual-key-archival-without-kra", (server(manual_tpl("WebServer", archive_private_key=True), kra_valid=False),),
+    Case("manual-key-archival-without-kra",
+         (server(manual_tpl("WebServer", archive_private_key=True), kra_valid=False),),
          certs=(manual("m1", WEB, left=DUE),), notes=(note("6c:no-kra", "WebServer", "m1"),)),
-    Case("manual-key-archival-with-kra", (server(manual_tpl("WebServer", archive_private_key=True), kra_valid=True),),
+    Case("manual-key-archival-with-kra",
+         (server(manual_tpl("WebServer", archive_private_key=True), kra_valid=True),),
          certs=(manual("m1", WEB, left=DUE),), actions=(act(Kind.RENEW_MANUAL, "6c:threshold", "WebServer", "m1"),)),
     Case("manual-subject-required-without-reuse",
          (server(manual_tpl("WebServer", renewal_subject_from_existing=False)),),
@@ -596,7 +642,8 @@ def simulate(result: Plan, servers: Sequence[PolicyServer], store: StoreSnapshot
             del certs[action.thumbprint]
         else:
             raise AssertionError(f"the planner is not expected to plan {action.kind}")
-    return StoreSnapshot(certificates=tuple(certs.values()), pending=tuple(pending.values()))
+    return StoreSnapshot(certificates=tuple(certs.values()), pending=tuple(pending.values()),
+                         in_flight=store.in_flight)  # unanswered: still in flight
 
 
 # -- properties -------------------------------------------------------------------------------
@@ -666,10 +713,8 @@ def templates_for(draw: st.DrawFn, names: Sequence[str]) -> list[TemplatePolicy]
 
 def _times(draw: st.DrawFn, template: TemplatePolicy | None) -> tuple[dt.datetime, dt.datetime]:
     """Validity of a stored certificate, often on or next to a boundary the planner cares about."""
-    if template is not None and draw(st.booleans()):
-        lifetime = template.validity
-    else:
-        lifetime = _seconds(draw, 1, 3 * 365 * 86_400)
+    own = template is not None and draw(st.booleans())
+    lifetime = template.validity if template is not None and own else _seconds(draw, 1, 3 * 365 * 86_400)
     window = min(template.renewal_period, lifetime / 5) if template else lifetime / 5
     boundaries = st.sampled_from((window, window + SECOND, window - SECOND, dt.timedelta(0), -SECOND, lifetime))
     anywhere = st.builds(lambda s: dt.timedelta(seconds=s), st.integers(-400 * 86_400, 3 * 365 * 86_400))
@@ -724,11 +769,12 @@ def worlds(draw: st.DrawFn) -> World:
     for r in range(draw(st.integers(0, 2))):
         age = draw(st.one_of(st.sampled_from((59 * DAY, 60 * DAY, 60 * DAY - SECOND)),
                              st.builds(lambda s: dt.timedelta(seconds=s), st.integers(0, 120 * 86_400))))
+        template_name = draw(st.sampled_from(names))
+        renewable = [c.thumbprint for c in certs if c.template_name == template_name]  # as the executor records it
         pending.append(PendingRequest(
-            request_id=100 + r, template=draw(st.sampled_from(names)),
+            request_id=100 + r, template=template_name,
             issuer=draw(st.sampled_from(issuer_names)), policy_url=draw(st.sampled_from([s.url for s in servers])),
-            submitted_at=NOW - age,
-            renewal_of=draw(st.sampled_from((None, *(c.thumbprint for c in certs))))))
+            submitted_at=NOW - age, renewal_of=draw(st.sampled_from((None, *renewable)))))
     options = Options(
         enabled=draw(st.sampled_from((True, True, True, True, False))),
         enroll=draw(st.sampled_from((True, True, False))), manage=draw(st.sampled_from((True, True, False))),

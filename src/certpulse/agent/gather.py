@@ -17,6 +17,7 @@ from typing import Any
 from cryptography import x509
 
 from certpulse.agent.model import (
+    CLOCK_SKEW,
     IssuerPolicy,
     PendingRequest,
     PolicyServer,
@@ -208,7 +209,9 @@ def stored_certificate(record: CertRecord, cert: x509.Certificate, chain: list[x
                        trusts: Iterable[Trust], now: dt.datetime, *, revoked: bool = False,
                        template_names: dict[str, str] | None = None) -> StoredCertificate:
     trusts = list(trusts)
-    valid = any(chain_valid(cert, [*chain, *t.issuers.values()], t.roots, now) for t in trusts)
+    # A certificate that starts within the allowed clock skew is validated at its start.
+    at = now if cert.not_valid_before_utc <= now else min(cert.not_valid_before_utc, now + CLOCK_SKEW)
+    valid = any(chain_valid(cert, [*chain, *t.issuers.values()], t.roots, at) for t in trusts)
     name = record.template_name
     if record.template_oid and template_names and record.template_oid in template_names:
         name = template_names[record.template_oid]
@@ -235,7 +238,8 @@ def snapshot(store: LocalStore, policies: Iterable[GatheredPolicy], now: dt.date
                        policy_url=f.policy_url, submitted_at=f.submitted_at or f.created_at, renewal_of=f.renewal_of)
         for f in store.flights() if f.status == "pending" and f.request_id is not None
     )
-    return StoreSnapshot(certificates=tuple(certs), pending=pending)
+    in_flight = tuple(sorted({f.template_name for f in store.flights() if f.status == "created"}))
+    return StoreSnapshot(certificates=tuple(certs), pending=pending, in_flight=in_flight)
 
 
 def monitored(folders: Iterable[Path]) -> list[StoredCertificate]:

@@ -15,6 +15,7 @@ from typing import Literal
 Context = Literal["machine", "user"]
 Source = Literal["auto", "manual"]
 AUTH_STRENGTH = {"certificate": 0, "token": 1, "password": 2}
+CLOCK_SKEW = dt.timedelta(minutes=5)  # how far ahead of this machine the CA's clock may run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +124,13 @@ class StoredCertificate:
         return now > self.not_after
 
     def usable(self, now: dt.datetime) -> bool:
-        """Valid, unexpired, not revoked, not archived: counts as holding the template."""
+        """Valid, unexpired, not revoked, not archived: counts as holding the template.
+
+        A certificate that starts up to :data:`CLOCK_SKEW` after ``now`` counts too: the CA's
+        clock may be a little ahead of this machine's, and a certificate issued a moment ago
+        must not look missing (that would request another one at every pulse)."""
         return (not self.archived and self.chain_valid and not self.revoked
-                and self.not_before <= now <= self.not_after)
+                and self.not_before - CLOCK_SKEW <= now <= self.not_after)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +147,9 @@ class PendingRequest:
 class StoreSnapshot:
     certificates: tuple[StoredCertificate, ...] = ()
     pending: tuple[PendingRequest, ...] = ()
+    # Templates with a request sent (or about to be) that the CA has not acknowledged yet: it is
+    # resent with the same key and idempotency key, so no other request may be made for them.
+    in_flight: tuple[str, ...] = ()
 
 
 class Kind(enum.StrEnum):

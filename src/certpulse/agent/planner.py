@@ -6,13 +6,36 @@ Skips are notes, not actions: a second pulse at the same instant, after the firs
 were carried out, plans no action at all. The result never depends on the order in which the
 store lists its certificates.
 
-Interpretations (the seed is silent or self-contradictory; see README "Agent rules"):
+Interpretations (the seed is silent or self-contradictory; SPEC's text wins over the seed where
+they differ). Each is pinned by a case in ``tests/test_planner.py``:
 * A template counts as *superseded* only when a template that supersedes it is itself
   applicable to this client (autoenroll permission and an issuer); otherwise a client that may
-  not enroll for the successor keeps renewing what it has instead of letting it lapse.
+  not enroll for the successor keeps renewing what it has instead of letting it lapse (the
+  question in the seed's comments, left unanswered there). The superseding enrollment replaces
+  every unarchived personal certificate of the superseded templates, usable or not.
+* A template listed by several policy groups is taken from the first group (the certificate's
+  own, then the default, then by cost) in which it is applicable.
+* One certificate per template is renewed: the most recent usable one (latest ``not_after``),
+  and none while another usable certificate of the template is not due (a freshly installed
+  certificate settles the template; older copies lapse and are not renewed).
 * After a renewal the old certificate is always archived; a template that says "delete" has
-  archived certificates deleted once they are expired or revoked; encryption certificates are
-  never deleted.
+  archived certificates deleted once they are expired or revoked (``cleanup:delete``);
+  encryption certificates (purpose ``encryption`` or ``both``) are never deleted. When the
+  certificate a request replaces is *already* expired or revoked under a "delete" template, the
+  action lists it in ``delete_replaced``: the executor deletes it instead of archiving it once
+  the new certificate is installed (SPEC 5: "archive the old certificate (or delete it if the
+  template says so)"), so that the next pulse has no cleanup left to do.
+* With ``retrieve_pending`` off, pending requests are neither polled nor dropped, but a request
+  60 days old or more no longer blocks a new request for its template (it is dead by rule 5).
+* Additional stores are monitored only (SPEC deviates from the seed): their certificates are
+  never renewed and do not count as holding a template.
+* 6(c): a manually enrolled certificate that is expired, revoked or fails validation gets a new
+  request built from its subject (``6c:expired`` / ``6c:revoked`` / ``6c:invalid``); all such
+  certificates of one template share one request. Any usable certificate of the template blocks
+  that (``6c:newer``: the seed's "existing valid and non-expired certificate ... is found"), and
+  a certificate that a 6(b) request already replaces is left to it (``6c:replaced``).
+* A published directory certificate, like a stored one, is valid up to and including its
+  ``not_after``. A negative renewal period counts as zero.
 """
 
 from __future__ import annotations
@@ -137,11 +160,18 @@ class _PolicyView:
     def kra_valid(self, group: list[PolicyServer]) -> bool:
         return any(server.kra_valid for server in group)
 
-    def superseded(self, template: TemplatePolicy) -> TemplatePolicy | None:
+    def superseded(self, template: TemplatePolicy, context: str) -> TemplatePolicy | None:
+        """The template that replaces this one, when this client can enroll for it silently:
+        applicable, subject not required in the request, fewer than two RA signatures, no user
+        interaction on a machine, and a KRA when it archives keys. A successor this client cannot
+        get leaves the old template renewing, rather than lapsing with nothing in its place."""
         for group in self.groups:
             for server in group:
                 for other in server.templates:
-                    if template.name in other.supersedes and self.applicable(other, group):
+                    if (template.name in other.supersedes and self.applicable(other, group)
+                            and other.subject_source != "request" and other.ra_signatures < 2
+                            and not (context == "machine" and other.user_interaction)
+                            and (not other.archive_private_key or self.kra_valid(group))):
                         return other
         return None
 
@@ -179,6 +209,10 @@ def plan(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot
         # Not examined, not dropped; but a request 60 days old is dead and no longer blocks.
         pending_templates.update(p.template for p in store.pending if now - p.submitted_at < STALE_PENDING)
 
+    for template in sorted(set(store.in_flight)):
+        if template not in pending_templates:
+            pending_templates.add(template)
+            notes.append(Note("5:in-flight", template, detail="a request awaits an answer; it is resent as it was"))
     covered: set[str] = set()  # templates that hold, or are about to hold, a usable certificate
     if options.enroll:
         actions += _renew_autoenrolled(options, view, personal, pending_templates, covered, notes, now)
@@ -210,7 +244,9 @@ def _with_deletions(view: _PolicyView, personal: list[StoredCertificate], action
     else:
         return action
     by_thumb = {c.thumbprint: c for c in personal}
-    doomed = tuple(t for t in replaced if t in by_thumb and _deletable(view, by_thumb[t], now))
+    # Archived ones are left to cleanup, which deletes them in this very pulse.
+    doomed = tuple(t for t in replaced if t in by_thumb and not by_thumb[t].archived
+                   and _deletable(view, by_thumb[t], now))
     return dataclasses.replace(action, delete_replaced=doomed) if doomed else action
 
 
@@ -221,6 +257,21 @@ def _recency(cert: StoredCertificate) -> tuple[dt.datetime, dt.datetime, str]:
 def _newest_usable(certs: Iterable[StoredCertificate], template: str, now: dt.datetime) -> StoredCertificate | None:
     usable = [c for c in certs if c.template_name == template and c.usable(now)]
     return max(usable, key=_recency) if usable else None
+
+
+def _carried_elsewhere(personal: list[StoredCertificate], cert: StoredCertificate, template: TemplatePolicy,
+                       now: dt.datetime, *, major: bool) -> StoredCertificate | None:
+    """Another usable certificate of the template that carries it instead of ``cert``: a more
+    recent one, or one that is not due (threshold not reached and, with ``major``, not of an
+    older major version). One certificate per template is renewed, and never while another
+    one needs no renewal: so a freshly installed certificate settles the template."""
+    for other in personal:
+        if other.thumbprint == cert.thumbprint or other.template_name != template.name or not other.usable(now):
+            continue
+        outdated = major and template.major_version > other.major_version
+        if _recency(other) > _recency(cert) or not (threshold_reached(other, template, now) or outdated):
+            return other
+    return None
 
 
 def _has_ra_certificate(certs: Iterable[StoredCertificate], now: dt.datetime) -> bool:
@@ -244,9 +295,8 @@ def _renew_autoenrolled(
         if not cert.usable(now):
             # Failed validation, revoked or expired: never renewed; 6(b) makes a new request.
             continue
-        newest = _newest_usable(personal, template.name, now)
-        if newest is not None and newest.thumbprint != cert.thumbprint:
-            continue  # an older copy: the newest one carries the template
+        if _carried_elsewhere(personal, cert, template, now, major=True) is not None:
+            continue  # an older copy, or one beside a certificate that is not due: the template is held
         skip = _autoenroll_skip(options, view, template, group)
         if skip is not None:
             notes.append(Note(skip[0], template.name, cert.thumbprint, skip[1]))
@@ -285,7 +335,7 @@ def _autoenroll_skip(options: Options, view: _PolicyView, template: TemplatePoli
         return "6a:subject-required", "the subject must be supplied and may not come from the old certificate"
     if options.context == "machine" and template.user_interaction:
         return "6a:user-interaction", "a machine template that requires user interaction"
-    successor = view.superseded(template)
+    successor = view.superseded(template, options.context)
     if successor is not None:
         return "6a:superseded", f"superseded by {successor.name!r}"
     return None
@@ -300,7 +350,7 @@ def _enroll_missing(
     for template, group in view.all_templates():
         if not view.applicable(template, group) or template.name in covered:
             continue
-        if view.superseded(template) is not None:
+        if view.superseded(template, options.context) is not None:
             continue  # its successor enrolls instead
         if _newest_usable(personal, template.name, now) is not None:
             continue
@@ -329,8 +379,9 @@ def _enroll_missing(
             notes.append(Note("6b:no-issuer", template.name, detail="no issuer serves the template for new requests"))
             continue
         replaced = [c for c in personal if not c.archived and c.template_name == template.name]
-        superseded = [c for c in personal if not c.archived and c.template_name in template.supersedes
-                      and c.usable(now)]
+        # Every certificate of a superseded template is replaced, usable or not: none of them is
+        # renewed any more (6a), so leaving a broken one behind would only invite 6(c) to renew it.
+        superseded = [c for c in personal if not c.archived and c.template_name in template.supersedes]
         replaces = tuple(c.thumbprint for c in (*superseded, *replaced))
         action = "supersede" if superseded else ("renew" if replaced else None)
         why = ("supersedes " + ", ".join(sorted({c.template_name or "" for c in superseded})) if superseded
@@ -376,10 +427,11 @@ def _renew_manual(
                         and c.template_name == cert.template_name and c.thumbprint not in replaced]
             if max(siblings, key=_recency).thumbprint != cert.thumbprint:
                 continue  # the most recent broken one speaks for the template, and replaces this one too
-        newest = _newest_usable(personal, template.name, now)
+        holder = (_newest_usable(personal, template.name, now) if broken
+                  else _carried_elsewhere(personal, cert, template, now, major=False))
         skip: tuple[str, str] | None = None
-        if newest is not None and newest.thumbprint != cert.thumbprint:
-            skip = ("6c:newer", f"a newer valid certificate of the template is in the store ({newest.thumbprint})")
+        if holder is not None:
+            skip = ("6c:newer", f"another valid certificate of the template is in the store ({holder.thumbprint})")
         elif not template.autoenroll:
             skip = ("6c:no-autoenroll", "no autoenroll permission")
         elif template.archive_private_key and not view.kra_valid(group):
@@ -422,6 +474,7 @@ def _cleanup(view: _PolicyView, personal: list[StoredCertificate], now: dt.datet
     actions: list[Action] = []
     for cert in personal:
         if cert.archived and _deletable(view, cert, now):
-            actions.append(Action(Kind.DELETE, "cleanup:delete", template=cert.template_name, thumbprint=cert.thumbprint,
+            actions.append(Action(Kind.DELETE, "cleanup:delete", template=cert.template_name,
+                                  thumbprint=cert.thumbprint,
                                   detail="archived and " + ("revoked" if cert.revoked else "expired")))
     return actions

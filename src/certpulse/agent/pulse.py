@@ -9,6 +9,7 @@ point never leads to a second certificate for the same request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -26,6 +27,7 @@ from certpulse.agent.faults import fault_point
 from certpulse.agent.model import Action, Kind, Options, StoreSnapshot, TemplatePolicy
 from certpulse.agent.planner import Plan, plan
 from certpulse.agent.store import Flight, LocalStore
+from certpulse.errors import Refusal
 from certpulse.pki import template_info
 from certpulse.pki.certs import pem
 from certpulse.pki.keys import generate_private_key
@@ -154,25 +156,14 @@ class Agent:
         try:
             self.store.recover(now)
             self.fetch_policies(now, force=force_policy)
-            resumed: set[str] = set()
             for flight in self.store.flights():
                 if flight.status == "created":
-                    outcome = self._resume(flight, now)
-                    result.outcomes.append(outcome)
-                    if outcome.outcome != "refused":
-                        resumed.add(flight.template_name)
+                    # Sent (or about to be) when the agent stopped: resent with the same key and
+                    # idempotency key. One still unanswered stays in flight, and the planner makes no
+                    # other request for its template.
+                    result.outcomes.append(self._resume(flight, now))
             result.plan = plan(self.options, [p.server for p in self.policies], self.snapshot(now), now)
-            # No new request, in this pulse, for a template whose interrupted request was just resent:
-            # * still unreachable, it stays in flight (key and idempotency key kept) and a second
-            #   request would, once the CA is back, get a second certificate (the snapshot only shows
-            #   requests the CA acknowledged);
-            # * issued, its certificate starts after this pulse's ``now``, so the plan (made at ``now``)
-            #   does not count it as valid yet and would enroll once more.
             for action in result.plan.actions:
-                if action.kind in (Kind.RENEW, Kind.ENROLL, Kind.RENEW_MANUAL) and action.template in resumed:
-                    result.outcomes.append(ActionOutcome(
-                        action, "skipped", "an interrupted request for this template was resent in this pulse"))
-                    continue
                 result.outcomes.append(self.execute(action, now))
         except ServerUnavailable as exc:
             result.outcome, result.error, result.retry_after = "failed", exc.detail, exc.retry_after
@@ -190,8 +181,9 @@ class Agent:
 
     # -- executor -------------------------------------------------------------------------
 
-    def _template(self, name: str | None) -> tuple[TemplatePolicy, gather_mod.GatheredPolicy]:
-        for policy in self.policies:
+    def _template(self, name: str | None, url: str | None = None) -> tuple[TemplatePolicy, gather_mod.GatheredPolicy]:
+        """The template as the policy server at ``url`` describes it (any server when None)."""
+        for policy in sorted(self.policies, key=lambda p: p.server.url != url):
             template = policy.server.template(name or "")
             if template is not None:
                 return template, policy
@@ -221,7 +213,7 @@ class Agent:
         return ActionOutcome(action, "skipped", "nothing to do")
 
     def _request(self, action: Action, now: dt.datetime) -> ActionOutcome:
-        template, policy = self._template(action.template)
+        template, policy = self._template(action.template, action.policy_url)
         old = self.store.find(action.thumbprint) if action.thumbprint else None
         old_cert = self.store.certificate(old.thumbprint) if old else None
         subject: x509.Name | None = None
@@ -287,12 +279,16 @@ class Agent:
             return ActionOutcome(action, "refused", f"certificate refused: {problem}")
         cert = x509.load_pem_x509_certificate(answer.certificate.encode())
         chain = [x509.load_pem_x509_certificate(c.encode()) for c in answer.chain]
-        template, policy = self._template(flight.template_name)
+        template, policy = self._template(flight.template_name, flight.policy_url)
         fault_point("before-install", self.store.root)
         record = self.store.install(
             key=self.store.flight_key(flight.id), cert=cert, chain=chain, source=flight.source, now=now,
             policy_id=policy.server.policy_id, issuer_name=issuer, replaces=flight.replaces, flight_id=flight.id,
             template_name=template.name)
+        for doomed in action.delete_replaced:
+            # Replaced and already expired or revoked under a "delete" template: cleanup's rule.
+            with contextlib.suppress(Refusal):
+                self.store.delete(doomed)
         return ActionOutcome(action, "done", f"installed {record.thumbprint}", record.thumbprint)
 
     def _check_answer(self, flight: Flight, answer: RequestAnswer) -> str | None:
@@ -307,7 +303,7 @@ class Agent:
         if cert.public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
                 serialization.Encoding.DER, spki):
             return "it does not hold the key this agent generated"
-        template, policy = self._template(flight.template_name)
+        template, policy = self._template(flight.template_name, flight.policy_url)
         trust = policy.trust
         if not gather_mod.chain_valid(cert, [*chain, *trust.issuers.values()], trust.roots, cert.not_valid_before_utc):
             return "it does not chain to the policy's roots"
