@@ -1,0 +1,114 @@
+"""Agent pieces with no server: the daemon's backoff arithmetic and the store's file rules."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from certpulse.agent.daemon import BACKOFF_FLOOR, next_delay
+from certpulse.agent.store import LocalStore
+from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
+
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+HOUR = dt.timedelta(hours=1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(failures=st.integers(0, 40), retry_after=st.one_of(st.none(), st.floats(0, 86400)),
+       refresh_s=st.integers(60, 86400), cap_s=st.integers(60, 86400), seed=st.integers(0, 2**32))
+def test_next_delay_bounds(failures: int, retry_after: float | None, refresh_s: int, cap_s: int, seed: int) -> None:
+    refresh, cap = dt.timedelta(seconds=refresh_s), dt.timedelta(seconds=cap_s)
+    delay = next_delay(refresh=refresh, failures=failures, retry_after=retry_after, cap=cap, rng=random.Random(seed))
+    if failures == 0:
+        assert refresh_s <= delay <= refresh_s * 1.1  # the refresh interval plus jitter
+    else:
+        assert delay >= BACKOFF_FLOOR  # never hammers a CA that is down
+        assert delay <= max(cap_s, BACKOFF_FLOOR, retry_after or 0)
+        assert delay >= (retry_after or 0)  # Retry-After is honoured
+
+
+def test_backoff_grows_then_stops_at_the_cap() -> None:
+    rng = random.Random(7)
+    ceilings = [max(next_delay(refresh=8 * HOUR, failures=n, retry_after=None, cap=HOUR, rng=rng)
+                    for _ in range(200)) for n in range(1, 10)]
+    assert ceilings[0] <= 60 and ceilings[2] > 120 and ceilings[-1] <= 3600
+    assert ceilings[-1] > 1800  # reached the cap's neighbourhood, and no further
+
+
+Issued = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
+World = tuple[LocalStore, ec.EllipticCurvePrivateKey, x509.Certificate]
+
+
+def _issue(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, name: str) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build_end_entity(subject=simple_name(name), public_key=key.public_key(), issuer_cert=ca, issuer_key=ca_key,
+                            serial=random_serial(), not_before=NOW, not_after=NOW + 365 * 24 * HOUR, sans=[],
+                            key_usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                            ekus=())
+    return key, cert
+
+
+@pytest.fixture
+def store_and_ca(tmp_path: Path) -> Iterator[World]:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = build_ca_certificate(subject=simple_name("Test CA"), public_key=ca_key.public_key(), issuer_cert=None,
+                              signing_key=ca_key, not_before=NOW, not_after=NOW + 3650 * 24 * HOUR, path_length=0)
+    store = LocalStore(tmp_path / "store")
+    yield store, ca_key, ca
+    store.close()
+
+
+def test_key_files_are_0600_and_the_live_link_names_a_matching_pair(store_and_ca: World) -> None:
+    store, ca_key, ca = store_and_ca
+    key, cert = _issue(ca_key, ca, "one")
+    record = store.install(key=key, cert=cert, chain=[ca], source="auto", now=NOW, template_name="machine")
+    folder = Path(os.path.realpath(store.live_link("machine")))
+    assert folder == store.folder(record.thumbprint)
+    assert stat.S_IMODE((folder / "key.pem").stat().st_mode) == 0o600
+    loaded = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
+    assert loaded.public_key() == store.key(record.thumbprint).public_key()
+    assert cert.fingerprint(hashes.SHA1()).hex().upper() == record.thumbprint  # noqa: S303
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root; CI runs as root")
+def test_renewal_keeps_the_key_owner_and_group(store_and_ca: World) -> None:
+    store, ca_key, ca = store_and_ca
+    key, cert = _issue(ca_key, ca, "old")
+    old = store.install(key=key, cert=cert, chain=[ca], source="auto", now=NOW, template_name="machine")
+    os.chown(store.folder(old.thumbprint) / "key.pem", 4321, 8765)
+    new_key, new_cert = _issue(ca_key, ca, "new")
+    new = store.install(key=new_key, cert=new_cert, chain=[ca], source="auto", now=NOW, template_name="machine",
+                        replaces=(old.thumbprint,))
+    st_new = (store.folder(new.thumbprint) / "key.pem").stat()
+    assert (st_new.st_uid, st_new.st_gid) == (4321, 8765)
+    assert stat.S_IMODE(st_new.st_mode) == 0o600
+    assert store.find(old.thumbprint).archived and store.find(old.thumbprint).replaced_by == new.thumbprint
+    assert os.path.realpath(store.live_link("machine")) == str(store.folder(new.thumbprint))
+
+
+def test_recover_points_a_stale_link_at_the_current_version(store_and_ca: World) -> None:
+    store, ca_key, ca = store_and_ca
+    key, cert = _issue(ca_key, ca, "old")
+    old = store.install(key=key, cert=cert, chain=[ca], source="auto", now=NOW, template_name="machine")
+    new_key, new_cert = _issue(ca_key, ca, "new")
+    new = store.install(key=new_key, cert=new_cert, chain=[ca], source="auto", now=NOW, template_name="machine",
+                        replaces=(old.thumbprint,))
+    # What a kill between the database commit and the link swap leaves behind:
+    link = store.live_link("machine")
+    link.unlink()
+    link.symlink_to(os.path.join("..", "certs", old.thumbprint))
+    (store.certs_dir / ".HALF.abcd").mkdir()
+    store.recover(NOW)
+    assert os.path.realpath(link) == str(store.folder(new.thumbprint))
+    assert not (store.certs_dir / ".HALF.abcd").exists()
