@@ -265,12 +265,7 @@ class CAService:
             same = False
         if not same or row.template_name != req.template:
             raise Refusal(Reason.CONFLICT, "this idempotency key was used for a different request")
-        result = _request_summary(row)
-        if row.status == "issued" and row.certificate_id is not None:
-            cert = conn.execute(select(t.certificates).where(t.certificates.c.id == row.certificate_id)).one()
-            result.update(serial=cert.serial, thumbprint=cert.thumbprint,
-                          certificate=pem(x509.load_der_x509_certificate(cert.der)),
-                          chain=self._chain_pems(row.authority_id))
+        result = self._with_certificate(conn, row, _request_summary(row))
         result["replayed"] = True
         return result
 
@@ -351,7 +346,7 @@ class CAService:
                     detail=f"{d.kind}; issuer {d.issuer.name}; thumbprint {print_}")
         return {
             "id": request_id, "status": "issued", "serial": serial_hex(serial), "thumbprint": print_,
-            "certificate": pem(cert), "chain": self._chain_pems(d.issuer.id),
+            "certificate": pem(cert), "chain": self._chain_pems(conn, d.issuer.id),
         }
 
     def _reserve_serial(self, conn: Connection, d: request_policy.Decision, request_id: int,
@@ -372,9 +367,9 @@ class CAService:
                 continue
         raise Refusal(Reason.STORE, "could not reserve a unique serial number")
 
-    def _chain_pems(self, issuer_id: int) -> list[str]:
-        with read(self.engine) as conn:
-            snap = self.snapshot(conn)
+    def _chain_pems(self, conn: Connection, issuer_id: int) -> list[str]:
+        """The issuer's certificate and its parents up to the root, from the cached snapshot."""
+        snap = self.snapshot(conn)
         chain: list[str] = []
         authority = snap.authority(issuer_id)
         while True:
@@ -388,17 +383,15 @@ class CAService:
             row = conn.execute(select(t.requests).where(t.requests.c.id == request_id)).first()
             if row is None or (not caller.is_manager and row.requester != caller.actor):
                 raise Refusal(Reason.NOT_FOUND, f"no request {request_id}")
-            result = _request_summary(row)
-            if row.status == "issued" and row.certificate_id is not None:
-                cert = conn.execute(
-                    select(t.certificates).where(t.certificates.c.id == row.certificate_id)
-                ).one()
-                result.update(
-                    serial=cert.serial, thumbprint=cert.thumbprint,
-                    certificate=pem(x509.load_der_x509_certificate(cert.der)),
-                )
-        if row.status == "issued":
-            result["chain"] = self._chain_pems(row.authority_id)
+            return self._with_certificate(conn, row, _request_summary(row))
+
+    def _with_certificate(self, conn: Connection, row: Any, result: dict[str, Any]) -> dict[str, Any]:
+        """A request's summary, with its certificate and chain once it is issued."""
+        if row.status == "issued" and row.certificate_id is not None:
+            cert = conn.execute(select(t.certificates).where(t.certificates.c.id == row.certificate_id)).one()
+            result.update(serial=cert.serial, thumbprint=cert.thumbprint,
+                          certificate=pem(x509.load_der_x509_certificate(cert.der)),
+                          chain=self._chain_pems(conn, row.authority_id))
         return result
 
     def list_requests(self, caller: Caller, status: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
