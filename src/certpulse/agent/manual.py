@@ -18,7 +18,7 @@ from certpulse.agent.pulse import ActionOutcome, Agent
 from certpulse.agent.store import CertRecord
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
-from certpulse.pki.keys import generate_private_key
+from certpulse.pki.keys import generate_private_key, key_matches
 
 
 def parse_san(value: str) -> x509.GeneralName:
@@ -77,19 +77,11 @@ def import_p12(agent: Agent, path: Path, password: str | None, now: dt.datetime)
         raise Refusal(Reason.INVALID_ARGUMENT, f"{path} holds no certificate")
     if key is not None and not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise Refusal(Reason.KEY_NOT_ALLOWED, "only EC and RSA keys can be imported")
-    if key is not None:
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        if key.public_key().public_bytes(serialization.Encoding.DER, spki) != cert.public_key().public_bytes(
-                serialization.Encoding.DER, spki):
-            raise Refusal(Reason.INVALID_ARGUMENT, f"the key in {path} does not belong to its certificate")
+    if key is not None and not key_matches(key, cert.public_key()):
+        raise Refusal(Reason.INVALID_ARGUMENT, f"the key in {path} does not belong to its certificate")
     info = template_info.decode(cert)
-    name = None
-    if info is not None:
-        cached = [agent.store.get_state(f"policy:{s.url}") for s in agent.config.servers]
-        for entry in cached:
-            for template in (entry or {}).get("policy", {}).get("templates", []):
-                if isinstance(template, dict) and template.get("oid") == info.oid:
-                    name = str(template.get("name"))
+    template = agent.cached_templates(now).get(info.oid) if info is not None else None
+    name = template.name if template is not None else None
     return agent.store.install(key=key, cert=cert, chain=list(extra or []), source="manual", now=now,
                                template_name=name)
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from certpulse.agent import gather as gather_mod
 from certpulse.agent.client import CAClient, RequestAnswer, ServerRefused, ServerUnavailable
@@ -30,9 +29,13 @@ from certpulse.agent.store import Flight, LocalStore
 from certpulse.errors import Refusal
 from certpulse.pki import template_info
 from certpulse.pki.certs import pem
-from certpulse.pki.keys import generate_private_key
+from certpulse.pki.keys import PrivateKey, generate_private_key, key_matches
 
 log = logging.getLogger("certpulse.agent")
+
+
+def _policy_cache_key(url: str) -> str:
+    return f"policy:{url}"
 
 
 @dataclasses.dataclass
@@ -96,7 +99,7 @@ class Agent:
         errors: list[str] = []
         retry_after: list[float] = []
         for server in self.config.servers:
-            cache_key = f"policy:{server.url}"
+            cache_key = _policy_cache_key(server.url)
             cached = self.store.get_state(cache_key)
             data: dict[str, Any] | None = None
             # A policy "fetched" after now was cached under a clock that has since been set back:
@@ -121,13 +124,29 @@ class Agent:
         self.policies = gathered
         return gathered
 
+    def cached_templates(self, now: dt.datetime) -> dict[str, TemplatePolicy]:
+        """Templates by OID from the last policy each server gave (no network)."""
+        found: dict[str, TemplatePolicy] = {}
+        for server in self.config.servers:
+            cached = self.store.get_state(_policy_cache_key(server.url))
+            if not cached:
+                continue
+            try:
+                gathered = gather_mod.parse_policy(cached["policy"], url=server.url, cost=server.cost, auth="token",
+                                                   is_default=server.is_default, now=now)
+            except Refusal:
+                continue
+            for template in gathered.server.templates:
+                found.setdefault(template.oid, template)
+        return found
+
     def snapshot(self, now: dt.datetime) -> StoreSnapshot:
         return gather_mod.snapshot(self.store, self.policies, now, revoked=self._revoked(now),
                                    additional=[Path(p) for p in self.config.additional_stores])
 
     def _revoked(self, now: dt.datetime) -> frozenset[str]:
         """Revocation status from the CA; offline or unknown is ignored (the seed's rule)."""
-        known = set(self.store.get_state("revoked") or [])
+        known = self._revoked_set()
         client = next(iter(self.clients.values()))
         for record in self.store.certificates(include_archived=False):
             if record.issuer_name is None or record.thumbprint in known or record.not_after < now:
@@ -258,10 +277,12 @@ class Agent:
         return ActionOutcome(action, "unavailable", "; ".join(unavailable) or "no issuer to try",
                              retry_after=max(retry_after) if retry_after else None)
 
+    def _revoked_set(self) -> set[str]:
+        """Thumbprints known to be revoked (from status answers and refused renewals)."""
+        return set(self.store.get_state("revoked") or [])
+
     def _remember_revoked(self, print_: str) -> None:
-        known = set(self.store.get_state("revoked") or [])
-        known.add(print_)
-        self.store.set_state("revoked", sorted(known))
+        self.store.set_state("revoked", sorted(self._revoked_set() | {print_}))
 
     def _settle(self, action: Action, flight: Flight, issuer: str, answer: RequestAnswer,
                 now: dt.datetime) -> ActionOutcome:
@@ -272,17 +293,21 @@ class Agent:
             self.store.drop_flight(flight.id)
             why = f"request {answer.request_id} {answer.status}: {answer.reason or ''}"
             return ActionOutcome(action, "refused", why)
-        problem = self._check_answer(flight, answer)
+        template, policy = self._template(flight.template_name, flight.policy_url)
+        key = self.store.flight_key(flight.id)
+        try:
+            cert = x509.load_pem_x509_certificate(answer.certificate.encode())
+            chain = [x509.load_pem_x509_certificate(c.encode()) for c in answer.chain]
+            problem = self._check_answer(flight, cert, chain, key, template, policy.trust)
+        except ValueError:
+            problem = "not a parseable certificate"
         if problem is not None:
             log.warning("refusing the certificate for %s: %s", flight.template_name, problem)
             self.store.drop_flight(flight.id)
             return ActionOutcome(action, "refused", f"certificate refused: {problem}")
-        cert = x509.load_pem_x509_certificate(answer.certificate.encode())
-        chain = [x509.load_pem_x509_certificate(c.encode()) for c in answer.chain]
-        template, policy = self._template(flight.template_name, flight.policy_url)
         fault_point("before-install", self.store.root)
         record = self.store.install(
-            key=self.store.flight_key(flight.id), cert=cert, chain=chain, source=flight.source, now=now,
+            key=key, cert=cert, chain=chain, source=flight.source, now=now,
             policy_id=policy.server.policy_id, issuer_name=issuer, replaces=flight.replaces, flight_id=flight.id,
             template_name=template.name)
         for doomed in action.delete_replaced:
@@ -291,20 +316,11 @@ class Agent:
                 self.store.delete(doomed)
         return ActionOutcome(action, "done", f"installed {record.thumbprint}", record.thumbprint)
 
-    def _check_answer(self, flight: Flight, answer: RequestAnswer) -> str | None:
+    def _check_answer(self, flight: Flight, cert: x509.Certificate, chain: list[x509.Certificate],
+                      key: PrivateKey, template: TemplatePolicy, trust: gather_mod.Trust) -> str | None:
         """Why an issued certificate must not be installed, or None when it is acceptable."""
-        try:
-            cert = x509.load_pem_x509_certificate((answer.certificate or "").encode())
-            chain = [x509.load_pem_x509_certificate(c.encode()) for c in answer.chain]
-        except ValueError:
-            return "not a parseable certificate"
-        key = self.store.flight_key(flight.id)
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        if cert.public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
-                serialization.Encoding.DER, spki):
+        if not key_matches(key, cert.public_key()):
             return "it does not hold the key this agent generated"
-        template, policy = self._template(flight.template_name, flight.policy_url)
-        trust = policy.trust
         if not gather_mod.chain_valid(cert, [*chain, *trust.issuers.values()], trust.roots, cert.not_valid_before_utc):
             return "it does not chain to the policy's roots"
         info = template_info.decode(cert)

@@ -31,7 +31,7 @@ from certpulse.errors import Reason, Refusal
 from certpulse.pki import key_archival
 from certpulse.pki.build import inclusive_not_after
 from certpulse.pki.certs import load_csr, thumbprint
-from certpulse.pki.keys import PrivateKey, PublicKey, check_public_key
+from certpulse.pki.keys import PrivateKey, PublicKey, check_public_key, key_matches
 from certpulse.pki.names import (
     RequestedNames,
     dns_name_matches,
@@ -241,7 +241,7 @@ def _check_key_archival(
     if req.archived_key.get("kra") != thumbprint(state.kra.certificate):
         raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, "the archived key is not encrypted to this CA's KRA")
     private: PrivateKey = key_archival.open_envelope(req.archived_key, state.kra_key)
-    if not key_archival.matches(private, public_key):
+    if not key_matches(private, public_key):
         raise Refusal(Reason.KEY_ARCHIVAL_REQUIRED, "the archived key is not the CSR's key")
     return {str(k): str(v) for k, v in req.archived_key.items()}
 

@@ -21,7 +21,7 @@ from certpulse.agent.config import (
     write_credential,
 )
 from certpulse.agent.daemon import AgentLock, run, signal_running_agent
-from certpulse.agent.gather import parse_policy, stored_certificate
+from certpulse.agent.gather import stored_certificate
 from certpulse.agent.manual import export_p12, import_p12, request_certificate
 from certpulse.agent.planner import renewal_time
 from certpulse.agent.pulse import Agent, PulseResult
@@ -163,7 +163,7 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         last = agent.store.get_state("last_pulse")
         next_pulse = agent.store.get_state("next_pulse")
         running = AgentLock(agent.directory).holder()
-        templates = _cached_templates(agent)
+        templates = agent.cached_templates(clock.now())
         rows = []
         for record in agent.store.certificates(include_archived=False):
             template = templates.get(record.template_oid or "")
@@ -194,23 +194,6 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     if pending:
         table("Pending requests", ["request", "template", "status", "submitted"],
               [(p["request_id"], p["template"], p["status"], p["submitted_at"]) for p in pending])
-
-
-def _cached_templates(agent: Agent) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    now = clock.now()
-    for server in agent.config.servers:
-        cached = agent.store.get_state(f"policy:{server.url}")
-        if not cached:
-            continue
-        try:
-            gathered = parse_policy(cached["policy"], url=server.url, cost=server.cost, auth="token",
-                                    is_default=server.is_default, now=now)
-        except Refusal:
-            continue
-        for template in gathered.server.templates:
-            found.setdefault(template.oid, template)
-    return found
 
 
 # -- cert -------------------------------------------------------------------------------------

@@ -14,9 +14,8 @@ import os
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from certpulse.errors import Reason, Refusal
@@ -55,12 +54,6 @@ def open_envelope(envelope: Any, kra_key: rsa.RSAPrivateKey) -> PrivateKey:
         raise Refusal(
             Reason.KEY_ARCHIVAL_REQUIRED, "the archived-key envelope cannot be opened by the KRA"
         ) from None
-
-
-def matches(private_key: PrivateKey, public_key: CertificatePublicKeyTypes) -> bool:
-    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-    enc = serialization.Encoding.DER
-    return private_key.public_key().public_bytes(enc, fmt) == public_key.public_bytes(enc, fmt)
 
 
 def dumps(envelope: dict[str, str]) -> str:

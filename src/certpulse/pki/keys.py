@@ -12,6 +12,7 @@ from typing import TypeAlias
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from certpulse.errors import Reason, Refusal
 
@@ -77,6 +78,13 @@ def check_public_key(key: object, allowed: tuple[str, ...]) -> PublicKey:
             raise Refusal(Reason.KEY_NOT_ALLOWED, f"{spec} keys are not allowed by this template")
         return key
     raise Refusal(Reason.KEY_NOT_ALLOWED, f"{describe_public_key(key)} keys are not supported")
+
+
+def key_matches(private_key: PrivateKey, public_key: CertificatePublicKeyTypes) -> bool:
+    """True when ``public_key`` is the public half of ``private_key`` (compared as SPKI DER)."""
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    return private_key.public_key().public_bytes(enc, fmt) == public_key.public_bytes(enc, fmt)
 
 
 def private_key_pem(key: PrivateKey) -> bytes:
