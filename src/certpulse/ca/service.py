@@ -89,8 +89,9 @@ class CAService:
             self._audit(conn, now, actor, action, template=template, request_id=request_id,
                         reason=refusal.reason.value, detail=refusal.detail)
 
-    def audit_log(self, caller: Caller, *, limit: int = 100, request_id: int | None = None) -> list[dict[str, Any]]:
-        self._require_manager(caller)
+    def audit_log(self, caller: Caller, now: dt.datetime, *, limit: int = 100,
+                  request_id: int | None = None) -> list[dict[str, Any]]:
+        self._require_manager(caller, now, "audit-refused")
         query = select(t.audit).order_by(t.audit.c.id.desc()).limit(max(1, min(limit, 10_000)))
         if request_id is not None:
             query = query.where(t.audit.c.request_id == request_id)
@@ -394,8 +395,9 @@ class CAService:
                           chain=self._chain_pems(conn, row.authority_id))
         return result
 
-    def list_requests(self, caller: Caller, status: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
-        self._require_manager(caller)
+    def list_requests(self, caller: Caller, now: dt.datetime, status: str | None = None,
+                      limit: int = 500) -> list[dict[str, Any]]:
+        self._require_manager(caller, now, "list-refused")
         query = select(t.requests).order_by(t.requests.c.id).limit(max(1, min(limit, 10_000)))
         if status:
             query = query.where(t.requests.c.status == status)
@@ -464,10 +466,14 @@ class CAService:
             raise Refusal(Reason.NOT_PENDING, f"request {request_id} is {row.status}, not pending")
         return row
 
-    @staticmethod
-    def _require_manager(caller: Caller) -> None:
+    def _require_manager(self, caller: Caller, now: dt.datetime | None = None, audit_as: str | None = None) -> None:
+        """Refuse a caller that is not a CA manager; with ``audit_as``, the refusal is audited here
+        (callers whose own refusal handling audits pass neither)."""
         if not caller.is_manager:
-            raise Refusal(Reason.FORBIDDEN, f"{caller.actor} is not a CA manager")
+            refusal = Refusal(Reason.FORBIDDEN, f"{caller.actor} is not a CA manager")
+            if audit_as is not None and now is not None:
+                self.audit_refusal(caller.actor, audit_as, refusal, now)
+            raise refusal
 
     # -- revocation and status ----------------------------------------------------------
 

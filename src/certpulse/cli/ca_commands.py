@@ -259,7 +259,7 @@ def request_list(
     json_: JsonOption = False,
 ) -> None:
     """List requests."""
-    rows = service(dir_).list_requests(operator(), status)
+    rows = service(dir_).list_requests(operator(), clock.now(), status)
     if json_:
         emit_json(rows)
         return
@@ -325,7 +325,7 @@ def status(serial: str, dir_: DirOption = None, json_: JsonOption = False,
 def audit(dir_: DirOption = None, json_: JsonOption = False,
           limit: Annotated[int, typer.Option("--limit", min=1, max=10000)] = 50) -> None:
     """Show the audit log, newest first."""
-    rows = service(dir_).audit_log(operator(), limit=limit)
+    rows = service(dir_).audit_log(operator(), clock.now(), limit=limit)
     if json_:
         emit_json(rows)
         return

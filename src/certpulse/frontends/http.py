@@ -232,11 +232,7 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
     def list_requests(who: CallerDep,
                       status: Annotated[Literal["pending", "issued", "denied", "failed"] | None, Query()] = None,
                       limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> list[dict[str, Any]]:
-        try:
-            return service.list_requests(who, status, limit)
-        except Refusal as refusal:
-            service.audit_refusal(who.actor, "list-refused", refusal, clock.now())
-            raise
+        return service.list_requests(who, clock.now(), status, limit)
 
     @app.get("/v1/requests/{request_id}", tags=["enrollment"], response_model=RequestResult,
              response_model_exclude_none=True, summary="A request's status and, once issued, its certificate",
@@ -270,11 +266,7 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
              responses=PROBLEM_RESPONSES)
     def audit(who: CallerDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
               request_id: Annotated[int | None, Query()] = None) -> list[dict[str, Any]]:
-        try:
-            return service.audit_log(who, limit=limit, request_id=request_id)
-        except Refusal as refusal:
-            service.audit_refusal(who.actor, "audit-refused", refusal, clock.now())
-            raise
+        return service.audit_log(who, clock.now(), limit=limit, request_id=request_id)
 
     def on_too_large(scope: MutableMapping[str, Any]) -> None:
         service.audit_refusal(ANONYMOUS.actor, "refused",
