@@ -66,6 +66,20 @@ class AgentConfig:
     context: str = "machine"
     backoff_cap: dt.timedelta = dt.timedelta(hours=1)
     policy_refresh: dt.timedelta = dt.timedelta(minutes=10)  # the seed: templates cached >= 10 min
+    # The event log: kept this long and at most this many events (undelivered ones are kept longer).
+    event_retention: dt.timedelta = dt.timedelta(days=365)
+    event_retention_count: int = 100_000
+    syslog: bool = False  # also send every event to syslog / the journal
+    syslog_address: str = "/dev/log"
+    syslog_facility: str = "daemon"
+    # Notification tasks: a failed run is retried this many times, with backoff from this delay.
+    task_retries: int = 3
+    task_retry_backoff: dt.timedelta = dt.timedelta(minutes=1)
+
+    @property
+    def channel(self) -> str:
+        """The event channel this agent writes: the seed's -System log for machines, -User for users."""
+        return "system" if self.context == "machine" else "user"
 
     def document(self) -> dict[str, Any]:
         return {
@@ -80,6 +94,13 @@ class AgentConfig:
             "context": self.context,
             "backoff_cap": format_duration(self.backoff_cap),
             "policy_refresh": format_duration(self.policy_refresh),
+            "event_retention": format_duration(self.event_retention),
+            "event_retention_count": self.event_retention_count,
+            "syslog": self.syslog,
+            "syslog_address": self.syslog_address,
+            "syslog_facility": self.syslog_facility,
+            "task_retries": self.task_retries,
+            "task_retry_backoff": format_duration(self.task_retry_backoff),
             "policy_servers": [
                 {k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in self.servers
             ],
@@ -103,7 +124,8 @@ def load_config(directory: Path) -> AgentConfig:
         raise Refusal(Reason.INVALID_ARGUMENT, f"cannot read {path}: {exc}") from None
     known = {"principal", "enabled", "enroll", "manage", "retrieve_pending", "refresh_interval",
              "expiry_warning_percent", "additional_stores", "context", "backoff_cap", "policy_refresh",
-             "policy_servers"}
+             "policy_servers", "event_retention", "event_retention_count", "syslog", "syslog_address",
+             "syslog_facility", "task_retries", "task_retry_backoff"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: unknown setting {unknown[0]!r}")
@@ -125,6 +147,16 @@ def load_config(directory: Path) -> AgentConfig:
     stores = data.get("additional_stores", [])
     if not isinstance(stores, list) or not all(isinstance(s, str) for s in stores):
         raise Refusal(Reason.INVALID_ARGUMENT, "additional_stores must be a list of folders")
+    count = data.get("event_retention_count", 100_000)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 100:
+        raise Refusal(Reason.INVALID_ARGUMENT, "event_retention_count must be a whole number of at least 100")
+    retries = data.get("task_retries", 3)
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 20:
+        raise Refusal(Reason.INVALID_ARGUMENT, "task_retries must be a whole number from 0 to 20")
+    facility = data.get("syslog_facility", "daemon")
+    if facility not in ("daemon", "user", "auth", "local0", "local1", "local2", "local3", "local4", "local5",
+                        "local6", "local7"):
+        raise Refusal(Reason.INVALID_ARGUMENT, "syslog_facility must be daemon, user, auth or local0..local7")
     return AgentConfig(
         servers=tuple(servers), principal=str(data.get("principal", "")),
         enabled=_bool(data, "enabled", True), enroll=_bool(data, "enroll", True),
@@ -133,6 +165,10 @@ def load_config(directory: Path) -> AgentConfig:
         expiry_warning_percent=percent, additional_stores=tuple(stores), context=context,
         backoff_cap=parse_duration(data.get("backoff_cap", "1h")),
         policy_refresh=parse_duration(data.get("policy_refresh", "10m")),
+        event_retention=parse_duration(data.get("event_retention", "365d")), event_retention_count=count,
+        syslog=_bool(data, "syslog", False), syslog_address=str(data.get("syslog_address", "/dev/log")),
+        syslog_facility=facility, task_retries=retries,
+        task_retry_backoff=parse_duration(data.get("task_retry_backoff", "1m")),
     )
 
 
@@ -142,7 +178,10 @@ def save_config(directory: Path, config: AgentConfig) -> None:
               "# enabled / enroll / manage / retrieve_pending: the AE options; refresh_interval: pulse period\n"
               "# (random jitter is added); expiry_warning_percent: share of lifetime left for event 1003;\n"
               "# additional_stores: folders of PEM certificates that are only monitored for expiry;\n"
-              "# policy_refresh: how long a downloaded policy is reused (the seed: at least 10 minutes).\n")
+              "# policy_refresh: how long a downloaded policy is reused (the seed: at least 10 minutes);\n"
+              "# event_retention / event_retention_count: how long and how many lifecycle events are kept;\n"
+              "# syslog: also send events to syslog (syslog_address, syslog_facility);\n"
+              "# task_retries / task_retry_backoff: how often and how soon a failed notification task is retried.\n")
     path.write_text(header + tomli_w.dumps(config.document()))
 
 

@@ -242,9 +242,9 @@ def snapshot(store: LocalStore, policies: Iterable[GatheredPolicy], now: dt.date
     return StoreSnapshot(certificates=tuple(certs), pending=pending, in_flight=in_flight)
 
 
-def monitored(folders: Iterable[Path]) -> list[StoredCertificate]:
-    """Certificates in additional stores: watched for expiry only, never renewed."""
-    found: list[StoredCertificate] = []
+def monitored_files(folders: Iterable[Path]) -> list[tuple[Path, x509.Certificate]]:
+    """(folder, certificate) for the first certificate of every PEM file in the additional stores."""
+    found: list[tuple[Path, x509.Certificate]] = []
     for folder in folders:
         if not folder.is_dir():
             continue
@@ -255,12 +255,19 @@ def monitored(folders: Iterable[Path]) -> list[StoredCertificate]:
                 certs = x509.load_pem_x509_certificates(path.read_bytes())
             except (ValueError, OSError):
                 continue
-            cert = certs[0]
-            info = template_info.decode(cert)
-            found.append(StoredCertificate(
-                thumbprint=thumbprint(cert), subject=cert.subject.rfc4514_string(),
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-                template_oid=info.oid if info else None, template_name=None,
-                major_version=info.major if info else 0, minor_version=info.minor if info else 0,
-                source="manual", policy_id=None, store=str(folder)))
+            found.append((folder, certs[0]))
+    return found
+
+
+def monitored(folders: Iterable[Path]) -> list[StoredCertificate]:
+    """Certificates in additional stores: watched for expiry only, never renewed."""
+    found: list[StoredCertificate] = []
+    for folder, cert in monitored_files(folders):
+        info = template_info.decode(cert)
+        found.append(StoredCertificate(
+            thumbprint=thumbprint(cert), subject=cert.subject.rfc4514_string(),
+            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
+            template_oid=info.oid if info else None, template_name=None,
+            major_version=info.major if info else 0, minor_version=info.minor if info else 0,
+            source="manual", policy_id=None, store=str(folder)))
     return found

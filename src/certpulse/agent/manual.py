@@ -17,6 +17,7 @@ from certpulse.agent.model import Action, Kind
 from certpulse.agent.pulse import ActionOutcome, Agent
 from certpulse.agent.store import CertRecord
 from certpulse.errors import Reason, Refusal
+from certpulse.events.model import EventDraft, EventId
 from certpulse.pki import template_info
 from certpulse.pki.keys import generate_private_key, key_matches
 
@@ -83,10 +84,11 @@ def import_p12(agent: Agent, path: Path, password: str | None, now: dt.datetime)
     template = agent.cached_templates(now).get(info.oid) if info is not None else None
     name = template.name if template is not None else None
     return agent.store.install(key=key, cert=cert, chain=list(extra or []), source="manual", now=now,
-                               template_name=name)
+                               template_name=name, action="import")
 
 
-def export_p12(agent: Agent, prefix: str, path: Path, password: str) -> CertRecord:
+def export_p12(agent: Agent, prefix: str, path: Path, password: str, now: dt.datetime) -> CertRecord:
+    """Write the certificate with its key to PKCS#12 (0600): event 1007 once the file is written."""
     record = agent.store.find(prefix)
     if not record.has_key:
         raise Refusal(Reason.INVALID_ARGUMENT, f"{record.thumbprint} has no private key to export")
@@ -96,9 +98,39 @@ def export_p12(agent: Agent, prefix: str, path: Path, password: str) -> CertReco
         record.subject.encode()[:64] or None, agent.store.key(record.thumbprint),
         agent.store.certificate(record.thumbprint), agent.store.chain(record.thumbprint) or None,
         serialization.BestAvailableEncryption(password.encode()))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"cannot write {path}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)
         os.write(fd, data)
     finally:
         os.close(fd)
+    agent.store.record([EventDraft(EventId.EXPORTED, action="pkcs12", old=agent.store.facts(record.thumbprint),
+                                   detail=f"exported with its private key to {path}")], now)
     return record
+
+
+def move_certificate(agent: Agent, prefix: str, target: Agent, now: dt.datetime, *, copy: bool) -> CertRecord:
+    """Move (or copy) a certificate with its key into another agent's store (the seed's Move-Item):
+    1006 with action ``move_or_copy`` there and, for a move, 1004 (action ``move``) here."""
+    record = agent.store.find(prefix)
+    if not record.has_key:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{record.thumbprint} has no private key: only key-bearing "
+                                               "certificates are moved")
+    if target.store.root.resolve() == agent.store.root.resolve():
+        raise Refusal(Reason.INVALID_ARGUMENT, "the source and the target are the same store")
+    try:
+        target.store.find(record.thumbprint)
+    except Refusal:
+        pass
+    else:
+        raise Refusal(Reason.CONFLICT, f"{record.thumbprint} is already in the target store")
+    installed = target.store.install(
+        key=agent.store.key(record.thumbprint), cert=agent.store.certificate(record.thumbprint),
+        chain=agent.store.chain(record.thumbprint), source="manual", now=now, template_name=record.template_name,
+        policy_id=record.policy_id, issuer_name=record.issuer_name, action="move_or_copy")
+    if not copy:
+        agent.store.delete(record.thumbprint, now, action="move")
+    return installed

@@ -478,3 +478,45 @@ def _cleanup(view: _PolicyView, personal: list[StoredCertificate], now: dt.datet
                                   thumbprint=cert.thumbprint,
                                   detail="archived and " + ("revoked" if cert.revoked else "expired")))
     return actions
+
+
+def renewed_by_agent(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot,
+                     now: dt.datetime) -> frozenset[str]:
+    """Personal certificates the agent takes care of itself: it renews them at their threshold, a
+    superseding template replaces them, or a newer valid certificate of the template already
+    holds it. The expiry monitor warns (1003/1002) about every other certificate: the seed raises
+    those events only for what autoenrollment will not renew."""
+    if not options.enabled:
+        return frozenset()
+    view = _PolicyView(servers)
+    personal = [c for c in store.certificates if c.store == "personal" and not c.archived]
+    handled: set[str] = set()
+    for cert in personal:
+        if cert.template_oid is None:
+            continue
+        newest = _newest_usable(personal, cert.template_name or "", now) if cert.template_name else None
+        if newest is not None and _recency(newest) > _recency(cert):
+            handled.add(cert.thumbprint)  # an older copy: the newer certificate holds the template
+            continue
+        found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
+        if found is None:
+            continue
+        template, group = found
+        if cert.source == "auto" and options.enroll:
+            skip = _autoenroll_skip(options, view, template, group)
+            if skip is None or skip[0] == "6a:superseded":
+                handled.add(cert.thumbprint)
+        elif cert.source == "manual" and options.manage and _manual_renewable(options, view, template, group,
+                                                                               personal, now):
+            handled.add(cert.thumbprint)
+    return frozenset(handled)
+
+
+def _manual_renewable(options: Options, view: _PolicyView, template: TemplatePolicy, group: list[PolicyServer],
+                      personal: list[StoredCertificate], now: dt.datetime) -> bool:
+    """6(c)'s standing reasons not to renew a manually enrolled certificate, none of which holds."""
+    return (template.autoenroll and bool(view.issuers_in(group, template.name, new_request=False))
+            and not (template.archive_private_key and not view.kra_valid(group))
+            and not (template.subject_source == "request" and not template.renewal_subject_from_existing)
+            and not (options.context == "machine" and template.user_interaction)
+            and not (template.ra_signatures >= 2 and not _has_ra_certificate(personal, now)))

@@ -22,13 +22,16 @@ from certpulse.agent import gather as gather_mod
 from certpulse.agent.client import CAClient, RequestAnswer, ServerRefused, ServerUnavailable
 from certpulse.agent.config import AgentConfig, read_credential
 from certpulse.agent.csr import build_csr, csr_pem, names_of, renewal_signature
+from certpulse.agent.expiry import expiry_notices
 from certpulse.agent.faults import fault_point
 from certpulse.agent.model import Action, Kind, Options, StoreSnapshot, TemplatePolicy
 from certpulse.agent.planner import Plan, plan
 from certpulse.agent.store import Flight, LocalStore
 from certpulse.errors import Refusal
+from certpulse.events.log import SyslogForwarder, prune
+from certpulse.events.model import CertFacts, EventDraft, EventId
 from certpulse.pki import template_info
-from certpulse.pki.certs import pem
+from certpulse.pki.certs import pem, thumbprint
 from certpulse.pki.keys import PrivateKey, generate_private_key, key_matches
 
 log = logging.getLogger("certpulse.agent")
@@ -45,6 +48,7 @@ class ActionOutcome:
     detail: str = ""
     thumbprint: str | None = None
     retry_after: float | None = None  # the server's Retry-After, when it was unavailable
+    evented: bool = False  # the failure already has its own event (a denial)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.action.to_dict(), "outcome": self.outcome, "outcome_detail": self.detail,
@@ -72,7 +76,9 @@ class Agent:
     def __init__(self, directory: Path, config: AgentConfig) -> None:
         self.directory = directory
         self.config = config
-        self.store = LocalStore(directory / "store")
+        self.store = LocalStore(directory / "store", channel=config.channel)
+        if config.syslog:
+            self.store.listeners.append(SyslogForwarder(config.syslog_address, config.syslog_facility))
         self.policy_cache = config.policy_refresh
         self.clients: dict[str, CAClient] = {}
         for server in config.servers:
@@ -142,7 +148,7 @@ class Agent:
 
     def snapshot(self, now: dt.datetime) -> StoreSnapshot:
         return gather_mod.snapshot(self.store, self.policies, now, revoked=self._revoked(now),
-                                   additional=[Path(p) for p in self.config.additional_stores])
+                                   additional=self._additional())
 
     def _revoked(self, now: dt.datetime) -> frozenset[str]:
         """Revocation status from the CA; offline or unknown is ignored (the seed's rule)."""
@@ -181,11 +187,17 @@ class Agent:
                     # idempotency key. One still unanswered stays in flight, and the planner makes no
                     # other request for its template.
                     result.outcomes.append(self._resume(flight, now))
-            result.plan = plan(self.options, [p.server for p in self.policies], self.snapshot(now), now)
+            snapshot = self.snapshot(now)
+            result.plan = plan(self.options, [p.server for p in self.policies], snapshot, now)
             for action in result.plan.actions:
                 result.outcomes.append(self.execute(action, now))
         except ServerUnavailable as exc:
             result.outcome, result.error, result.retry_after = "failed", exc.detail, exc.retry_after
+            snapshot = None
+        self._raise_failures(result.outcomes, now)
+        self._monitor_expiry(snapshot, now)
+        prune(self.store.engine, now=now, max_age=self.config.event_retention,
+              max_count=self.config.event_retention_count)
         if any(o.outcome == "unavailable" for o in result.outcomes):
             result.outcome = "failed"
             result.error = result.error or "; ".join(o.detail for o in result.outcomes if o.outcome == "unavailable")
@@ -197,8 +209,83 @@ class Agent:
 
     def _record(self, result: PulseResult) -> None:
         self.store.set_state("last_pulse", result.to_dict())
+        counts = self.store.get_state("pulse_counts") or {}
+        counts[result.outcome] = int(counts.get(result.outcome, 0)) + 1
+        self.store.set_state("pulse_counts", counts)
+
+    # -- events a pulse raises besides the store's own -----------------------------------
+
+    def _raise_failures(self, outcomes: list[ActionOutcome], now: dt.datetime) -> None:
+        """1100 for a request that was due and failed (a denial has its own 1102). Raised once per
+        certificate (or template) and cause, not at every pulse; a success clears it."""
+        failing: dict[str, str] = self.store.get_state("failing") or {}
+        before = dict(failing)
+        drafts: list[EventDraft] = []
+        for item in outcomes:
+            action = item.action
+            if action.kind not in (Kind.RENEW, Kind.ENROLL, Kind.RENEW_MANUAL):
+                continue
+            key = action.thumbprint or f"template:{action.template}"
+            if item.outcome in ("done", "pending"):
+                failing.pop(key, None)
+                continue
+            if item.outcome not in ("refused", "unavailable") or item.evented:
+                continue
+            cause = "unavailable" if item.outcome == "unavailable" else item.detail.partition(":")[0]
+            if failing.get(key) == cause:
+                continue
+            failing[key] = cause
+            drafts.append(EventDraft(
+                EventId.RENEWAL_FAILED, action=action.kind.value, template=action.template,
+                old=self._facts(action.thumbprint), detail=f"{item.outcome}: {item.detail}",
+                data={"rule": action.rule, "outcome": item.outcome, "cause": cause}))
+        if failing != before:
+            self.store.set_state("failing", failing)
+        self.store.record(drafts, now)
+
+    def _monitor_expiry(self, snapshot: StoreSnapshot | None, now: dt.datetime) -> None:
+        """1003 and 1002 for certificates the agent will not renew itself (and additional stores)."""
+        if snapshot is None:  # no policy server answered: watch what is on disk all the same
+            snapshot = gather_mod.snapshot(self.store, self.policies, now, revoked=frozenset(self._revoked_set()),
+                                           additional=self._additional())
+        current = {r.thumbprint for r in self.store.certificates(include_archived=False)}
+        watched = tuple(c for c in snapshot.certificates if c.store != "personal" or c.thumbprint in current)
+        notices = expiry_notices(self.options, [p.server for p in self.policies],
+                                 dataclasses.replace(snapshot, certificates=watched), now,
+                                 warning_percent=self.config.expiry_warning_percent, raised=self.store.expiry_raised())
+        if not notices:
+            return
+        monitored = {thumbprint(c): (folder, c) for folder, c in gather_mod.monitored_files(self._additional())}
+        drafts: list[tuple[str, str, EventDraft]] = []
+        for notice in notices:
+            if notice.store == "personal":
+                facts = self._facts(notice.thumbprint)
+            elif notice.thumbprint in monitored:
+                folder, cert = monitored[notice.thumbprint]
+                facts = CertFacts.of(cert, template=None, store=str(folder))
+            else:
+                facts = None
+            if facts is None:
+                continue
+            event_id = EventId.EXPIRED if notice.threshold == "expired" else EventId.CLOSE_TO_EXPIRATION
+            detail = (f"expired at {notice.not_after.isoformat()}" if notice.threshold == "expired"
+                      else f"{self.config.expiry_warning_percent}% of its lifetime left; expires "
+                           f"{notice.not_after.isoformat()}")
+            drafts.append((notice.thumbprint, notice.threshold, EventDraft(event_id, old=facts, detail=detail)))
+        self.store.raise_expiry(drafts, now)
+
+    def _additional(self) -> list[Path]:
+        return [Path(p) for p in self.config.additional_stores]
 
     # -- executor -------------------------------------------------------------------------
+
+    def _facts(self, print_: str | None) -> CertFacts | None:
+        """Event facts of a stored certificate, or None when there is none (or it is gone)."""
+        if not print_:
+            return None
+        with contextlib.suppress(Refusal, OSError, ValueError):
+            return self.store.facts(print_)
+        return None
 
     def _template(self, name: str | None, url: str | None = None) -> tuple[TemplatePolicy, gather_mod.GatheredPolicy]:
         """The template as the policy server at ``url`` describes it (any server when None)."""
@@ -217,10 +304,13 @@ class Agent:
             if action.kind is Kind.DROP_STALE_REQUEST:
                 for flight in self.store.flights():
                     if flight.request_id == action.request_id:
-                        self.store.drop_flight(flight.id)
+                        self.store.drop_flight(flight.id, now, EventDraft(
+                            EventId.PENDING_DROPPED, template=flight.template_name,
+                            old=self._facts(flight.renewal_of), detail="pending for 60 days or more",
+                            data={"request_id": flight.request_id, "issuer": flight.issuer}))
                 return ActionOutcome(action, "done", "pending request dropped after 60 days")
             if action.kind is Kind.DELETE and action.thumbprint:
-                self.store.delete(action.thumbprint)
+                self.store.delete(action.thumbprint, now)
                 return ActionOutcome(action, "done")
             if action.kind is Kind.ARCHIVE and action.thumbprint:
                 self.store.archive(action.thumbprint, now)
@@ -290,9 +380,12 @@ class Agent:
             self.store.mark_pending(flight.id, issuer, answer.request_id, now)
             return ActionOutcome(action, "pending", f"request {answer.request_id} awaits approval")
         if answer.status != "issued" or answer.certificate is None:
-            self.store.drop_flight(flight.id)
             why = f"request {answer.request_id} {answer.status}: {answer.reason or ''}"
-            return ActionOutcome(action, "refused", why)
+            self.store.drop_flight(flight.id, now, EventDraft(
+                EventId.REQUEST_DENIED, action=flight.kind, template=flight.template_name,
+                old=self._facts(flight.renewal_of or (flight.replaces[0] if flight.replaces else None)),
+                detail=why, data={"request_id": answer.request_id, "issuer": issuer, "status": answer.status}))
+            return ActionOutcome(action, "refused", why, evented=True)
         template, policy = self._template(flight.template_name, flight.policy_url)
         key = self.store.flight_key(flight.id)
         try:
@@ -309,11 +402,11 @@ class Agent:
         record = self.store.install(
             key=key, cert=cert, chain=chain, source=flight.source, now=now,
             policy_id=policy.server.policy_id, issuer_name=issuer, replaces=flight.replaces, flight_id=flight.id,
-            template_name=template.name)
+            template_name=template.name, replace_action=flight.replace_action)
         for doomed in action.delete_replaced:
             # Replaced and already expired or revoked under a "delete" template: cleanup's rule.
             with contextlib.suppress(Refusal):
-                self.store.delete(doomed)
+                self.store.delete(doomed, now)
         return ActionOutcome(action, "done", f"installed {record.thumbprint}", record.thumbprint)
 
     def _check_answer(self, flight: Flight, cert: x509.Certificate, chain: list[x509.Certificate],

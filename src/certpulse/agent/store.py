@@ -23,7 +23,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ from sqlalchemy import Engine, delete, select, update
 from certpulse.agent import schema as t
 from certpulse.agent.faults import fault_point
 from certpulse.errors import Reason, Refusal
+from certpulse.events import log as event_log
+from certpulse.events import schema as et
+from certpulse.events.model import CertFacts, Event, EventDraft, EventId
 from certpulse.pki import template_info
 from certpulse.pki.certs import pem, serial_hex, sha256_thumbprint, subject_names, thumbprint
 from certpulse.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
@@ -130,9 +133,18 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+EventListener = Callable[[Sequence[Event]], None]
+
+
 class LocalStore:
-    def __init__(self, root: Path) -> None:
+    """The personal store. Every change writes its lifecycle event in the same transaction
+    (``channel`` is the agent's: ``system`` for the machine context, ``user`` otherwise);
+    listeners hear about events only after they are committed."""
+
+    def __init__(self, root: Path, *, channel: str = "system") -> None:
         self.root = root
+        self.channel = channel
+        self.listeners: list[EventListener] = []
         self.certs_dir = root / "certs"
         self.live_dir = root / "live"
         self.flights_dir = root / "flights"
@@ -189,14 +201,20 @@ class LocalStore:
         self, *, key: PrivateKey | None, cert: x509.Certificate, chain: list[x509.Certificate], source: str,
         now: dt.datetime, policy_id: str | None = None, issuer_name: str | None = None,
         replaces: tuple[str, ...] = (), flight_id: str | None = None, template_name: str | None = None,
+        action: str = "enroll", replace_action: str | None = None,
     ) -> CertRecord:
-        """Install a certificate version and, in the same step, archive what it replaces."""
+        """Install a certificate version and, in the same transaction, archive what it replaces and
+        write the events: 1006 (``action``) when it comes with its key, then for each certificate
+        it replaces a 1001 (``replace_action``, default ``renew``) and a 1005."""
         print_ = thumbprint(cert)
         info = template_info.decode(cert)
         self._write_version(print_, key, cert, chain, replaces)
+        new_facts = CertFacts.of(cert, template=template_name)
+        replaced = [(old, self._facts(old)) for old in dict.fromkeys(replaces) if old != print_]
         with write(self.engine) as conn:
             exists = conn.execute(select(t.certificates.c.thumbprint)
                                   .where(t.certificates.c.thumbprint == print_)).first()
+            drafts: list[EventDraft] = []
             if exists is None:
                 conn.execute(t.certificates.insert().values(
                     thumbprint=print_, sha256=sha256_thumbprint(cert), subject=cert.subject.rfc4514_string(),
@@ -206,18 +224,56 @@ class LocalStore:
                     template_name=template_name, major_version=info.major if info else 0,
                     minor_version=info.minor if info else 0, source=source, policy_id=policy_id,
                     issuer_name=issuer_name, has_key=key is not None, archived=False, installed_at=now))
-            for old in replaces:
-                if old != print_:
-                    conn.execute(update(t.certificates).where(t.certificates.c.thumbprint == old)
-                                 .values(archived=True, archived_at=now, replaced_by=print_))
+                if key is not None:
+                    drafts.append(EventDraft(EventId.NEW, action=action, new=new_facts))
+            for old, old_facts in replaced:
+                changed = conn.execute(update(t.certificates).where(
+                    t.certificates.c.thumbprint == old, t.certificates.c.archived.is_(False))
+                    .values(archived=True, archived_at=now, replaced_by=print_)).rowcount
+                if changed and old_facts is not None:
+                    drafts.append(EventDraft(EventId.REPLACE, action=replace_action or "renew", old=old_facts,
+                                             new=new_facts))
+                    drafts.append(EventDraft(EventId.ARCHIVED, action="cleanup", old=old_facts,
+                                             detail=f"replaced by {print_}"))
             if flight_id is not None:
                 conn.execute(delete(t.flights).where(t.flights.c.id == flight_id))
+            events = event_log.append(conn, drafts, now=now, channel=self.channel)
+        self._announce(events)
         fault_point("before-link", self.root)
         if template_name:
             self._point_live(template_name, print_)
         if flight_id is not None:
             shutil.rmtree(self.flights_dir / flight_id, ignore_errors=True)
         return self.find(print_)
+
+    def facts(self, print_: str) -> CertFacts:
+        """What an event says about a stored certificate."""
+        record = self.find(print_)
+        return CertFacts.of(self.certificate(record.thumbprint), template=record.template_name)
+
+    def _facts(self, print_: str) -> CertFacts | None:
+        try:
+            return self.facts(print_)
+        except (Refusal, OSError, ValueError):
+            return None
+
+    def _announce(self, events: Sequence[Event]) -> None:
+        """Tell listeners (syslog, the task dispatcher) about committed events; never fails the change."""
+        if not events:
+            return
+        for listener in self.listeners:
+            with contextlib.suppress(Exception):
+                listener(events)
+
+    def record(self, drafts: Iterable[EventDraft], now: dt.datetime) -> list[Event]:
+        """Write events that accompany no store change (expiry, export, failures)."""
+        drafts = list(drafts)
+        if not drafts:
+            return []
+        with write(self.engine) as conn:
+            events = event_log.append(conn, drafts, now=now, channel=self.channel)
+        self._announce(events)
+        return events
 
     def _write_version(self, print_: str, key: PrivateKey | None, cert: x509.Certificate,
                        chain: list[x509.Certificate], replaces: tuple[str, ...]) -> None:
@@ -286,15 +342,52 @@ class LocalStore:
             if not link.is_symlink() or os.readlink(link) != target:
                 self._point_live(template, record.thumbprint)
 
-    def archive(self, print_: str, now: dt.datetime) -> None:
+    def archive(self, print_: str, now: dt.datetime, *, action: str = "cleanup") -> None:
+        facts = self._facts(print_)
         with write(self.engine) as conn:
-            conn.execute(update(t.certificates).where(t.certificates.c.thumbprint == print_)
-                         .values(archived=True, archived_at=now))
+            changed = conn.execute(update(t.certificates).where(
+                t.certificates.c.thumbprint == print_, t.certificates.c.archived.is_(False))
+                .values(archived=True, archived_at=now)).rowcount
+            drafts = [EventDraft(EventId.ARCHIVED, action=action, old=facts)] if changed and facts else []
+            events = event_log.append(conn, drafts, now=now, channel=self.channel)
+        self._announce(events)
 
-    def delete(self, print_: str) -> CertRecord:
-        record = self.find(print_)
+    def replace(self, old: str, new: str, now: dt.datetime) -> tuple[CertRecord, CertRecord]:
+        """``cert replace OLD NEW`` (the seed's Replace-Certificate): OLD is archived as replaced by
+        NEW, with a 1001 (action ``replace``) and a 1005."""
+        old_record, new_record = self.find(old), self.find(new)
+        if old_record.thumbprint == new_record.thumbprint:
+            raise Refusal(Reason.INVALID_ARGUMENT, "a certificate cannot replace itself")
+        if old_record.archived:
+            raise Refusal(Reason.CONFLICT, f"{old_record.thumbprint} is already archived")
+        if new_record.archived:
+            raise Refusal(Reason.CONFLICT, f"{new_record.thumbprint} is archived: it cannot replace anything")
+        old_facts, new_facts = self.facts(old_record.thumbprint), self.facts(new_record.thumbprint)
         with write(self.engine) as conn:
-            conn.execute(delete(t.certificates).where(t.certificates.c.thumbprint == record.thumbprint))
+            changed = conn.execute(update(t.certificates).where(
+                t.certificates.c.thumbprint == old_record.thumbprint, t.certificates.c.archived.is_(False))
+                .values(archived=True, archived_at=now, replaced_by=new_record.thumbprint)).rowcount
+            if not changed:
+                raise Refusal(Reason.CONFLICT, f"{old_record.thumbprint} was archived meanwhile")
+            events = event_log.append(conn, [
+                EventDraft(EventId.REPLACE, action="replace", old=old_facts, new=new_facts),
+                EventDraft(EventId.ARCHIVED, action="replace", old=old_facts,
+                           detail=f"replaced by {new_record.thumbprint}"),
+            ], now=now, channel=self.channel)
+        self._announce(events)
+        self._repair_links()
+        return self.find(old_record.thumbprint), new_record
+
+    def delete(self, print_: str, now: dt.datetime, *, action: str = "cleanup") -> CertRecord:
+        """Remove a certificate and its key, with its 1004 (``action``: cleanup, manual, move)."""
+        record = self.find(print_)
+        facts = self._facts(record.thumbprint)
+        with write(self.engine) as conn:
+            changed = conn.execute(delete(t.certificates)
+                                   .where(t.certificates.c.thumbprint == record.thumbprint)).rowcount
+            drafts = [EventDraft(EventId.DELETED, action=action, old=facts)] if changed and facts else []
+            events = event_log.append(conn, drafts, now=now, channel=self.channel)
+        self._announce(events)
         if record.template_name:
             link = self.live_link(record.template_name)
             if link.is_symlink() and os.readlink(link).endswith(record.thumbprint):
@@ -302,6 +395,27 @@ class LocalStore:
         shutil.rmtree(self.folder(record.thumbprint), ignore_errors=True)
         self._repair_links()
         return record
+
+    # -- expiry notices ------------------------------------------------------------------
+
+    def expiry_raised(self) -> frozenset[tuple[str, str]]:
+        """(thumbprint, threshold) pairs whose 1003/1002 was raised already."""
+        with read(self.engine) as conn:
+            rows = conn.execute(select(et.expiry_notices.c.thumbprint, et.expiry_notices.c.threshold)).all()
+        return frozenset((r.thumbprint, r.threshold) for r in rows)
+
+    def raise_expiry(self, notices: Sequence[tuple[str, str, EventDraft]], now: dt.datetime) -> list[Event]:
+        """Write each (thumbprint, threshold, event) with the record that it was raised, in one step:
+        an event is never raised twice, and never recorded as raised without being written."""
+        if not notices:
+            return []
+        with write(self.engine) as conn:
+            events = event_log.append(conn, [draft for _, _, draft in notices], now=now, channel=self.channel)
+            for (print_, threshold, _), event in zip(notices, events, strict=True):
+                conn.execute(et.expiry_notices.insert().values(
+                    thumbprint=print_, threshold=threshold, raised_at=now, event_seq=event.seq))
+        self._announce(events)
+        return events
 
     # -- flights (requests at the CA) -----------------------------------------------------
 
@@ -339,9 +453,13 @@ class LocalStore:
             conn.execute(update(t.flights).where(t.flights.c.id == flight_id).values(
                 status="pending", issuer=issuer, request_id=request_id, submitted_at=now))
 
-    def drop_flight(self, flight_id: str) -> None:
+    def drop_flight(self, flight_id: str, now: dt.datetime | None = None, event: EventDraft | None = None) -> None:
+        """Forget a request (and its key); with ``event``, the event that says why, in the same step."""
         with write(self.engine) as conn:
-            conn.execute(delete(t.flights).where(t.flights.c.id == flight_id))
+            gone = conn.execute(delete(t.flights).where(t.flights.c.id == flight_id)).rowcount
+            events = (event_log.append(conn, [event], now=now, channel=self.channel)
+                      if event is not None and gone and now is not None else [])
+        self._announce(events)
         shutil.rmtree(self.flights_dir / flight_id, ignore_errors=True)
 
     # -- state ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from certpulse import __version__
-from certpulse.cli import agent_commands, ca_commands
+from certpulse.cli import agent_commands, ca_commands, event_commands
 from certpulse.cli.output import err_console, fail_line
 from certpulse.errors import CertpulseError, Refusal
 
@@ -32,6 +32,7 @@ app.add_typer(agent_commands.cert_app, name="cert")
 app.command("revoke")(ca_commands.revoke)
 app.command("status")(ca_commands.status)
 app.command("audit")(ca_commands.audit)
+app.command("events")(event_commands.events)
 
 
 @app.command("version")

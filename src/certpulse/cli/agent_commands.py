@@ -22,7 +22,7 @@ from certpulse.agent.config import (
 )
 from certpulse.agent.daemon import AgentLock, run, signal_running_agent
 from certpulse.agent.gather import stored_certificate
-from certpulse.agent.manual import export_p12, import_p12, request_certificate
+from certpulse.agent.manual import export_p12, import_p12, move_certificate, request_certificate
 from certpulse.agent.planner import renewal_time
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.cli.output import console, emit_json, table
@@ -286,7 +286,7 @@ def cert_export(
         password = typer.prompt("PKCS#12 password", hide_input=True, confirmation_prompt=True)
     agent = _open(dir_)
     try:
-        record = export_p12(agent, thumbprint, p12, password)
+        record = export_p12(agent, thumbprint, p12, password, clock.now())
     finally:
         agent.close()
     console.print(f"[green]exported {record.thumbprint}[/green] to {p12}")
@@ -294,13 +294,44 @@ def cert_export(
 
 @cert_app.command("delete")
 def cert_delete(thumbprint: str, dir_: AgentDir = None) -> None:
-    """Delete a certificate and its key from the store."""
+    """Delete a certificate and its key from the store (event 1004)."""
     agent = _open(dir_)
     try:
-        record = agent.store.delete(thumbprint)
+        record = agent.store.delete(thumbprint, clock.now(), action="manual")
     finally:
         agent.close()
     console.print(f"[yellow]deleted {record.thumbprint}[/yellow] ({record.subject})")
+
+
+@cert_app.command("replace")
+def cert_replace(old: str, new: str, dir_: AgentDir = None) -> None:
+    """Replace OLD by NEW (the seed's Replace-Certificate): OLD is archived, event 1001 (action replace)."""
+    agent = _open(dir_)
+    try:
+        old_record, new_record = agent.store.replace(old, new, clock.now())
+    finally:
+        agent.close()
+    console.print(f"[green]{old_record.thumbprint} replaced by {new_record.thumbprint}[/green]")
+
+
+@cert_app.command("move")
+def cert_move(
+    thumbprint: str,
+    to: Annotated[Path, typer.Option("--to", help="The other agent's folder")],
+    dir_: AgentDir = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy: keep it here too")] = False,
+) -> None:
+    """Move (or copy) a certificate with its key to another agent's store (events 1006 there, 1004 here)."""
+    agent = _open(dir_)
+    try:
+        target = _open(to)
+        try:
+            record = move_certificate(agent, thumbprint, target, clock.now(), copy=copy)
+        finally:
+            target.close()
+    finally:
+        agent.close()
+    console.print(f"[green]{'copied' if copy else 'moved'} {record.thumbprint}[/green] to {to}")
 
 
 __all__ = ["agent_app", "cert_app", "default_dir"]

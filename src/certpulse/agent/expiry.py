@@ -1,0 +1,53 @@
+"""The expiry monitor: which certificates get a 1003 (close to expiration) or a 1002 (expired). Pure.
+
+Each certificate gets each event once: the caller passes what was already raised (durably
+recorded with the event), so neither a second pulse nor a clock set back repeats one. A clock
+set back does not take an event back either: it was raised, and tasks may have acted on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable
+from typing import Literal
+
+from certpulse.agent.model import Options, PolicyServer, StoreSnapshot
+from certpulse.agent.planner import renewed_by_agent
+
+Threshold = Literal["close", "expired"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpiryNotice:
+    thumbprint: str
+    threshold: Threshold
+    store: str  # "personal" or the monitored folder
+    not_after: dt.datetime
+
+
+def expiry_notices(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot, now: dt.datetime,
+                   *, warning_percent: int, raised: frozenset[tuple[str, str]]) -> tuple[ExpiryNotice, ...]:
+    """Notices due now: for personal certificates the agent will not renew itself and every
+    certificate of the additional stores, ``close`` once ``warning_percent`` of the lifetime is
+    left and ``expired`` after ``not_after``. A certificate found already expired gets only
+    ``expired``. Archived certificates are not watched; one whose chain this agent cannot validate
+    (a certificate of another CA, imported by hand) is watched like any other."""
+    handled = renewed_by_agent(options, servers, store, now)
+    notices: list[ExpiryNotice] = []
+    seen: set[tuple[str, str]] = set()
+    for cert in sorted(store.certificates, key=lambda c: (c.store, c.thumbprint)):
+        if cert.thumbprint in handled or cert.archived:
+            continue
+        if cert.expired(now):
+            threshold: Threshold = "expired"
+        elif cert.not_after - now <= cert.lifetime * warning_percent / 100:
+            threshold = "close"
+        else:
+            continue
+        key = (cert.thumbprint, threshold)
+        if key in raised or key in seen or (threshold == "close" and (cert.thumbprint, "expired") in raised):
+            continue
+        seen.add(key)
+        notices.append(ExpiryNotice(cert.thumbprint, threshold, cert.store, cert.not_after))
+    return tuple(notices)
