@@ -19,303 +19,52 @@ at real time, the clock the two sides share in production.
 from __future__ import annotations
 
 import ast
-import contextlib
-import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import time
-import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 import pytest
-import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from agent_support import (
+    SHORT_TEMPLATE,
+    Agent,
+    CAProcess,
+    action_for,
+    assert_renewed,
+    ca_requests,
+    check_version_folder,
+    issued,
+    new_agent,
+    one,
+    one_line_error,
+    prepare_ca,
+    public_der,
+    sha1_thumbprint,
+    wait_for,
+)
 from hostile_proxy import HostileProxy
 from support import (
     CA,
-    CERTPULSE,
     REPO,
     TEMPLATES,
     Client,
-    assert_chains_to_root,
     free_port,
-    init_ca,
     load_cert,
     run_cli,
     serve,
 )
-
-T = TypeVar("T")
-FAKETIME = shutil.which("faketime")
-FAKETIME_HINT = "faketime is not installed (Debian package 'faketime'; see scripts/system-packages)"
-SHORT_TEMPLATE = """\
-name = "short"
-display_name = "Short-lived (tests)"
-validity = "20s"
-renewal_period = "1h"
-
-[key]
-types = ["ec-p256"]
-usage = ["digital_signature"]
-ekus = ["client_auth"]
-
-[subject]
-source = "principal"
-
-[handling]
-old_certificate = "archive"
-
-[[permissions]]
-group = "shortlived"
-rights = ["read", "enroll", "autoenroll"]
-"""
-SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll until ``predicate`` returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def faketime_prefix(offset: str | None) -> list[str]:
-    if offset is None:
-        return []
-    if FAKETIME is None:
-        pytest.fail(FAKETIME_HINT)
-    return [FAKETIME, "-f", offset]
-
-
-def public_der(key_or_cert: Any) -> bytes:
-    public = key_or_cert.public_key()
-    return bytes(public.public_bytes(*SPKI))
-
-
-def sha1_thumbprint(cert: x509.Certificate) -> str:
-    return hashlib.sha1(cert.public_bytes(serialization.Encoding.DER), usedforsecurity=False).hexdigest().upper()
-
-
-def check_version_folder(ca: CA, folder: Path) -> x509.Certificate:
-    """A version folder holds a 0600 key that belongs to its certificate, which chains to the root."""
-    key_file = folder / "key.pem"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600, key_file
-    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
-    cert = load_cert((folder / "cert.pem").read_text())
-    assert public_der(key) == public_der(cert), f"{folder}: key.pem does not belong to cert.pem"
-    assert folder.name == sha1_thumbprint(cert)
-    chain = [c.public_bytes(serialization.Encoding.PEM).decode()
-             for c in x509.load_pem_x509_certificates((folder / "chain.pem").read_bytes())]
-    assert_chains_to_root(ca, (folder / "cert.pem").read_text(), chain)
-    return cert
-
-
-def one(items: list[dict[str, Any]], what: str) -> dict[str, Any]:
-    assert len(items) == 1, f"expected exactly one {what}, got {json.dumps(items, indent=1)}"
-    return items[0]
-
-
-def action_for(result: dict[str, Any], template: str) -> dict[str, Any]:
-    return one([a for a in result["actions"] if a.get("template") == template], f"action for {template}")
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], reason: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"certpulse: error: {reason}:"), lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
-    return lines[0]
-
-
-def prepare_ca(directory: Path) -> CA:
-    """A SQLite CA with the example templates, the optional ones behind opt-in groups, and a
-    20-second template for the group ``shortlived``."""
-    ca = init_ca(directory, f"sqlite:///{directory}/ca.db")
-    for name, group in (("approval-required", "approvers"), ("encryption", "encrypters")):
-        text = (TEMPLATES / f"{name}.toml").read_text()
-        assert 'group = "machines"' in text
-        edited = directory.parent / f"{name}-{group}.toml"
-        edited.write_text(text.replace('group = "machines"', f'group = "{group}"'))
-        ca.cli("template", "edit", name, str(edited))
-    short = directory.parent / "short.toml"
-    short.write_text(SHORT_TEMPLATE)
-    ca.cli("template", "add", str(short))
-    return ca
-
-
-def ca_requests(ca: CA) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = json.loads(ca.cli("request", "list", "--json").stdout)
-    return rows
-
-
-def issued(ca: CA, principal: str, template: str) -> dict[str, int]:
-    """How many certificates of ``template`` the CA issued to ``principal``, by request kind."""
-    counts = {"new": 0, "renewal": 0}
-    for row in ca_requests(ca):
-        if row["requester"] == f"principal:{principal}" and row["template"] == template and row["status"] == "issued":
-            counts[row["kind"]] += 1
-    return counts
-
-
-@dataclasses.dataclass
-class Agent:
-    """An agent folder made by ``certpulse agent init``, driven through the real CLI."""
-
-    dir: Path
-    principal: str
-    ca: CA
-
-    def cmd(self, *args: str, faketime: str | None = None) -> list[str]:
-        return [*faketime_prefix(faketime), *CERTPULSE, *args, "--dir", str(self.dir)]
-
-    def run(self, *args: str, faketime: str | None = None, check: bool = True, timeout: float = 60,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(self.cmd(*args, faketime=faketime), capture_output=True, text=True,
-                                env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout, check=False)
-        if check and result.returncode != 0:
-            raise AssertionError(f"certpulse {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout}\n{result.stderr}")
-        return result
-
-    def pulse(self, *, faketime: str | None = None, ok: bool | None = True) -> dict[str, Any]:
-        """``agent pulse --json``; ``ok`` True: exit 0 and outcome ok; False: exit 1 and failed."""
-        result = self.run("agent", "pulse", "--json", faketime=faketime, check=False)
-        assert "Traceback" not in result.stderr, result.stderr
-        data: dict[str, Any] = json.loads(result.stdout)
-        if ok is True:
-            assert result.returncode == 0 and data["outcome"] == "ok", (result.returncode, data, result.stderr)
-        elif ok is False:
-            assert result.returncode == 1 and data["outcome"] == "failed", (result.returncode, data, result.stderr)
-        return data
-
-    def plan(self, *, faketime: str | None = None) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.run("agent", "pulse", "--plan", "--json", faketime=faketime).stdout)
-        return data
-
-    def status(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.run("agent", "status", "--json").stdout)
-        return data
-
-    def certs(self, *, all_: bool = False) -> list[dict[str, Any]]:
-        args = ["cert", "list", "--json", *(["--all"] if all_ else [])]
-        data: list[dict[str, Any]] = json.loads(self.run(*args).stdout)
-        return data
-
-    def current(self, template: str) -> dict[str, Any]:
-        return one([c for c in self.certs() if c["template_name"] == template], f"current {template} certificate")
-
-    def live(self, template: str) -> Path:
-        """The folder ``live/<template>`` points to (it must be a relative symlink into certs/)."""
-        link = self.dir / "store" / "live" / template
-        assert link.is_symlink(), f"{link} is not a symlink"
-        target = Path(os.readlink(link))
-        assert not target.is_absolute() and target.parent == Path("..") / "certs", target
-        return (link.parent / target).resolve()
-
-    def set_config(self, **values: str) -> None:
-        path = self.dir / "agent.toml"
-        data = tomllib.loads(path.read_text())
-        data.update(values)
-        path.write_text(tomli_w.dumps(data))
-
-
-def new_agent(ca: CA, url: str, directory: Path, *groups: str) -> Agent:
-    """A new machine principal (in ``groups``) and an agent folder for it; policy refresh 1 s."""
-    name = f"host-{uuid.uuid4().hex[:10]}.example.internal"
-    token = ca.add_principal(name, *[arg for group in groups for arg in ("--group", group)])
-    run_cli("agent", "init", "--dir", str(directory), "--server", url, "--token", token)
-    agent = Agent(directory, name, ca)
-    agent.set_config(policy_refresh="1s")
-    return agent
-
-
-def assert_renewed(agent: Agent, result: dict[str, Any], template: str, old: str,
-                   rule: str) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The pulse renewed ``old`` by ``rule``: a new key, the old one archived and replaced, the live
-    link on the new version. Returns the new thumbprint and ``cert list --all`` by thumbprint."""
-    action = one([a for a in result["actions"] if a.get("template") == template and a["outcome"] != "skipped"],
-                 f"action carried out for {template}")
-    assert action["rule"] == rule and action["outcome"] == "done", action
-    assert action["replaces"] == [old], action
-    if rule != "resume":  # a resumed request knows what it replaces, not what it was planned for
-        assert action["thumbprint"] == old, action
-    new = str(action["new_thumbprint"])
-    assert new != old
-    records = {c["thumbprint"]: c for c in agent.certs(all_=True)}
-    assert records[old]["archived"] is True and records[old]["replaced_by"] == new, records[old]
-    assert records[new]["archived"] is False and records[new]["replaced_by"] is None, records[new]
-    assert [p for p, c in records.items() if c["template_name"] == template and not c["archived"]] == [new]
-    assert agent.live(template).name == new
-    store = agent.dir / "store" / "certs"
-    new_cert = check_version_folder(agent.ca, store / new)
-    old_cert = check_version_folder(agent.ca, store / old)  # archived, kept with its key
-    assert public_der(new_cert) != public_der(old_cert), "the renewal reused the old key"
-    assert new_cert.subject == old_cert.subject
-    return new, records
-
-
-class CAProcess:
-    """``certpulse ca serve`` on a fixed port that a test stops and starts again."""
-
-    def __init__(self, ca: CA, port: int) -> None:
-        self.ca = ca
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert self.proc is None
-        log = (self.ca.dir / f"serve-{self.port}-{time.monotonic_ns()}.log").open("w")
-        self.proc = subprocess.Popen(
-            [*CERTPULSE, "ca", "serve", "--dir", str(self.ca.dir), "--listen", f"127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        proc = self.proc
-
-        def healthy() -> bool:
-            assert proc.poll() is None, f"ca serve exited with {proc.returncode}"
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-            return False
-
-        wait_for(healthy, 30, f"ca serve on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(f"{self.url}/healthz", timeout=1)
-
 
 # -- fixtures -----------------------------------------------------------------------------------
 
@@ -685,12 +434,14 @@ def test_daemon_pulses_at_start_on_sighup_and_on_agent_pulse_and_stops_on_sigter
 
 def _certificate(subject_cn: str, public_key: Any, signing_key: Any, issuer: x509.Name, *,
                  template_from: x509.Certificate | None = None, sans: list[str] | None = None) -> str:
-    """A certificate built by hand; extensions (the template's included) copied from ``template_from``."""
+    """A certificate built by hand; extensions (the template's included) and validity copied from
+    ``template_from`` (a start before the issuing CA's own would fail validation for that reason)."""
     now = dt.datetime.now(dt.UTC)
+    start = template_from.not_valid_before_utc if template_from else now - dt.timedelta(minutes=1)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, subject_cn)]))
                .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=365)))
+               .not_valid_before(start).not_valid_after(now + dt.timedelta(days=365)))
     if template_from is not None:
         for extension in template_from.extensions:
             if not isinstance(extension.value, x509.SubjectAlternativeName):
