@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -26,6 +32,9 @@ principal_app = typer.Typer(help="Principals (machines, users) and their groups"
 request_app = typer.Typer(help="Certificate requests: list, approve, deny", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys for CA managers", no_args_is_help=True)
 
+# prometheus_client's multiprocess folder (named here: importing the metrics module would pull
+# prometheus_client into every command, and fix its storage mode before ``ca serve`` chooses it).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 KEY_TYPES = ", ".join(s for s in KEY_SPECS if s != "ec-p521")
 
 
@@ -70,6 +79,7 @@ def ca_serve(
     host, sep, port_text = listen.rpartition(":")
     if not sep or not port_text.isdigit() or not host:
         raise Refusal(Reason.INVALID_ARGUMENT, f"--listen must be HOST:PORT (got {listen!r})")
+    _check_metrics_folder()
     target = ca_dir(dir_)
     config = target.load()
     engine = make_engine(config.database_url, pool_size=1)
@@ -82,9 +92,62 @@ def ca_serve(
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     os.environ["CERTPULSE_CA_DIR"] = str(target.root.resolve())
     console.print(f"serving CA {config.name!r} on {'https' if tls else 'http'}://{listen} ({workers} worker(s))")
-    uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
-                port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
-                server_header=False, **ssl)  # type: ignore[arg-type]
+    with _metrics_folder():
+        uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
+                    port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
+                    server_header=False, **ssl)  # type: ignore[arg-type]
+
+
+def _check_metrics_folder() -> None:
+    """Refuse early when the operator named a metrics folder that is not there: prometheus_client
+    would otherwise fail on the first request that observes a latency, in every worker."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given is not None and not Path(given).is_dir():
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{MULTIPROC_ENV}={given!r} is not a directory")
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind (running clean-ups), then die of the signal as before."""
+
+
+@contextlib.contextmanager
+def _metrics_folder() -> Iterator[None]:
+    """The folder where every worker process writes its latency histograms (prometheus_client's
+    multiprocess mode), so that a scrape answered by any worker reports all of them.
+
+    The operator's ``PROMETHEUS_MULTIPROC_DIR`` is used as it is (and left in place). Otherwise a
+    fresh private folder (0700: other users must not read or plant the files) is made for this
+    run and removed when the server stops, so that one run's histograms never leak into the
+    next. It must be in the environment before the workers import prometheus_client, which
+    chooses its storage once, at import.
+
+    SIGTERM (how systemd and most supervisors stop a server) would otherwise end a
+    single-process server without running this clean-up: uvicorn re-raises the signal after its
+    graceful shutdown, with the previous disposition. So for the server's lifetime SIGTERM
+    unwinds the stack; afterwards the signal is raised again with the old disposition, and the
+    process still ends the way it did before.
+    """
+    if MULTIPROC_ENV in os.environ:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="certpulse-metrics-")  # mode 0700
+    os.environ[MULTIPROC_ENV] = folder
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    terminated = False
+    try:
+        yield
+    except _Terminated:
+        terminated = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)
 
 
 @ca_app.command("add-issuer")

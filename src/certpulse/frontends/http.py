@@ -10,6 +10,7 @@ import base64
 import binascii
 import logging
 import os
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from certpulse import __version__, clock
 from certpulse.ca.config import CADir, resolve_ca_dir
@@ -29,6 +30,7 @@ from certpulse.ca.service import REVOCATION_REASONS, CAService
 from certpulse.ca.setup import open_service
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends.limits import BodyLimit
+from certpulse.frontends.metrics import METRICS_RESPONSES, metrics_endpoint, observe_submission
 from certpulse.frontends.problems import problem, status_for
 from certpulse.pki.certs import load_certificate
 
@@ -186,6 +188,11 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse, responses=METRICS_RESPONSES,
+             summary="Prometheus metrics (unauthenticated, as Prometheus expects; counts only, no names)")
+    def metrics(request: Request) -> Response:
+        return metrics_endpoint(request)
+
     @app.post("/v1/tokens/exchange", tags=["enrollment"], response_model=Credential,
               summary="Trade a one-time enrollment token for the principal's credential",
               responses=PROBLEM_RESPONSES)
@@ -207,24 +214,36 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
                    pattern=r"^[A-Za-z0-9_-]{1,64}$",
                    description="Client-chosen key; a retry with the same key and CSR returns the first result",
                )] = None) -> Any:
-        now = clock.now()
+        started = time.perf_counter()
+        outcome = "error"  # anything unexpected; replaced by what happened (for the latency histograms)
         try:
-            req = EnrollmentRequest(
-                template=body.template, csr=body.csr.encode("utf-8", "replace"), issuer=body.issuer,
-                renewal=_evidence(body.renewal, "renewal") if body.renewal else None,
-                ra_signatures=tuple(_evidence(e, "RA") for e in body.ra_signatures),
-                archived_key=body.archived_key.model_dump() if body.archived_key else None,
-                idempotency_key=idempotency_key,
-            )
-        except Refusal as refusal:
-            service.audit_refusal(who.actor, "refused", refusal, now, template=body.template)
+            now = clock.now()
+            try:
+                req = EnrollmentRequest(
+                    template=body.template, csr=body.csr.encode("utf-8", "replace"), issuer=body.issuer,
+                    renewal=_evidence(body.renewal, "renewal") if body.renewal else None,
+                    ra_signatures=tuple(_evidence(e, "RA") for e in body.ra_signatures),
+                    archived_key=body.archived_key.model_dump() if body.archived_key else None,
+                    idempotency_key=idempotency_key,
+                )
+            except Refusal as refusal:
+                service.audit_refusal(who.actor, "refused", refusal, now, template=body.template)
+                raise
+            result = service.submit(who, req, now)
+            outcome = "replayed" if result.get("replayed") else str(result["status"])
+            if result["status"] == "pending":
+                return JSONResponse(result, status_code=202)
+            if result.get("replayed"):
+                return JSONResponse(result, status_code=200)
+            return result
+        except Refusal:
+            outcome = "refused"
             raise
-        result = service.submit(who, req, now)
-        if result["status"] == "pending":
-            return JSONResponse(result, status_code=202)
-        if result.get("replayed"):
-            return JSONResponse(result, status_code=200)
-        return result
+        except OperationalError:
+            outcome = "unavailable"
+            raise
+        finally:
+            observe_submission(outcome, started)
 
     @app.get("/v1/requests", tags=["management"], response_model=list[RequestResult],
              response_model_exclude_none=True, summary="List requests (CA managers)",
