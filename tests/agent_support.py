@@ -210,7 +210,7 @@ class Agent:
         assert not target.is_absolute() and target.parent == Path("..") / "certs", target
         return (link.parent / target).resolve()
 
-    def set_config(self, **values: str) -> None:
+    def set_config(self, **values: Any) -> None:
         path = self.dir / "agent.toml"
         data = tomllib.loads(path.read_text())
         data.update(values)

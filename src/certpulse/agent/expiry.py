@@ -33,6 +33,8 @@ def expiry_notices(options: Options, servers: Iterable[PolicyServer], store: Sto
     left and ``expired`` after ``not_after``. A certificate found already expired gets only
     ``expired``. Archived certificates are not watched; one whose chain this agent cannot validate
     (a certificate of another CA, imported by hand) is watched like any other."""
+    if not options.enabled:
+        return ()  # SPEC 1: a disabled agent does nothing but say so
     handled = renewed_by_agent(options, servers, store, now)
     notices: list[ExpiryNotice] = []
     seen: set[tuple[str, str]] = set()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
+from certpulse.agent.config import PolicyServerConfig
 from certpulse.agent.model import (
     CLOCK_SKEW,
     IssuerPolicy,
@@ -25,6 +26,7 @@ from certpulse.agent.model import (
     StoreSnapshot,
     TemplatePolicy,
 )
+from certpulse.agent.planner import renewal_time
 from certpulse.agent.store import CertRecord, LocalStore
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
@@ -222,6 +224,43 @@ def stored_certificate(record: CertRecord, cert: x509.Certificate, chain: list[x
         source="manual" if record.source == "manual" else "auto", policy_id=record.policy_id,
         archived=record.archived, chain_valid=valid, revoked=revoked, is_ra=_has_eku(cert, RA_EKU),
     )
+
+
+def policy_cache_key(url: str) -> str:
+    """The state entry holding the last policy ``url`` gave. The pulse writes it; readers that must
+    not contact a server (status, metrics, manual enrollment) read it through :func:`cached_templates`."""
+    return f"policy:{url}"
+
+
+def cached_templates(servers: Iterable[PolicyServerConfig], state: Callable[[str], Any],
+                     now: dt.datetime) -> dict[str, TemplatePolicy]:
+    """Templates by OID from the last policy each server gave (no network). ``state`` reads a
+    state entry, so a caller may pass values it already read in its own transaction. A cached
+    policy that no longer parses is skipped, as if the server had not answered."""
+    found: dict[str, TemplatePolicy] = {}
+    for server in servers:
+        cached = state(policy_cache_key(server.url))
+        if not cached:
+            continue
+        try:
+            gathered = parse_policy(cached["policy"], url=server.url, cost=server.cost, auth="token",
+                                    is_default=server.is_default, now=now)
+        except Refusal:
+            continue
+        for template in gathered.server.templates:
+            found.setdefault(template.oid, template)
+    return found
+
+
+def planned_renewal(record: CertRecord, cert: x509.Certificate, templates: Mapping[str, TemplatePolicy],
+                    now: dt.datetime) -> dt.datetime | None:
+    """When the planner will renew ``record`` (its template as last cached), or None when its
+    template is not in the policy. One definition for ``agent status`` and the metrics, so the
+    two never disagree with each other or with the planner."""
+    template = templates.get(record.template_oid or "")
+    if template is None:
+        return None
+    return renewal_time(stored_certificate(record, cert, [], [], now), template)
 
 
 def snapshot(store: LocalStore, policies: Iterable[GatheredPolicy], now: dt.datetime,

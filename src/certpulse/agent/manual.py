@@ -112,6 +112,18 @@ def export_p12(agent: Agent, prefix: str, path: Path, password: str, now: dt.dat
     return record
 
 
+def export_pem(agent: Agent, prefix: str, path: Path) -> CertRecord:
+    """Write the certificate and its chain, no key: public data, so no event (the seed: only an
+    export with the private key raises 1007)."""
+    record = agent.store.find(prefix)
+    folder = agent.store.folder(record.thumbprint)
+    try:
+        path.write_bytes((folder / "fullchain.pem").read_bytes())
+    except OSError as exc:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"cannot write {path}: {exc.strerror}") from None
+    return record
+
+
 def move_certificate(agent: Agent, prefix: str, target: Agent, now: dt.datetime, *, copy: bool) -> CertRecord:
     """Move (or copy) a certificate with its key into another agent's store (the seed's Move-Item):
     1006 with action ``move_or_copy`` there and, for a move, 1004 (action ``move``) here."""

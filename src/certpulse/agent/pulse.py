@@ -37,8 +37,7 @@ from certpulse.pki.keys import PrivateKey, generate_private_key, key_matches
 log = logging.getLogger("certpulse.agent")
 
 
-def _policy_cache_key(url: str) -> str:
-    return f"policy:{url}"
+_policy_cache_key = gather_mod.policy_cache_key
 
 
 @dataclasses.dataclass
@@ -132,19 +131,7 @@ class Agent:
 
     def cached_templates(self, now: dt.datetime) -> dict[str, TemplatePolicy]:
         """Templates by OID from the last policy each server gave (no network)."""
-        found: dict[str, TemplatePolicy] = {}
-        for server in self.config.servers:
-            cached = self.store.get_state(_policy_cache_key(server.url))
-            if not cached:
-                continue
-            try:
-                gathered = gather_mod.parse_policy(cached["policy"], url=server.url, cost=server.cost, auth="token",
-                                                   is_default=server.is_default, now=now)
-            except Refusal:
-                continue
-            for template in gathered.server.templates:
-                found.setdefault(template.oid, template)
-        return found
+        return gather_mod.cached_templates(self.config.servers, self.store.get_state, now)
 
     def snapshot(self, now: dt.datetime) -> StoreSnapshot:
         return gather_mod.snapshot(self.store, self.policies, now, revoked=self._revoked(now),
@@ -451,5 +438,6 @@ class Agent:
         """A request sent (or about to be) when the agent stopped: resend it, same key, same id."""
         action = Action(Kind(flight.kind) if flight.kind in {k.value for k in Kind} else Kind.ENROLL,
                         "resume", template=flight.template_name, issuers=flight.issuers,
+                        thumbprint=flight.renewal_of or (flight.replaces[0] if flight.replaces else None),
                         replaces=flight.replaces, detail="resumed after an interruption")
         return self._submit(action, flight, now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,9 +22,8 @@ from certpulse.agent.config import (
     write_credential,
 )
 from certpulse.agent.daemon import AgentLock, run, signal_running_agent
-from certpulse.agent.gather import stored_certificate
-from certpulse.agent.manual import export_p12, import_p12, move_certificate, request_certificate
-from certpulse.agent.planner import renewal_time
+from certpulse.agent.gather import planned_renewal
+from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import parse_duration
@@ -146,13 +146,58 @@ def agent_pulse(
 def agent_run(
     dir_: AgentDir = None,
     pulses: Annotated[int | None, typer.Option("--pulses", min=1, help="Stop after this many pulses")] = None,
+    metrics_listen: Annotated[str | None, typer.Option(
+        "--metrics-listen", metavar="HOST:PORT",
+        help="Also serve Prometheus metrics on HOST:PORT (unauthenticated: use 127.0.0.1)")] = None,
 ) -> None:
     """Run the daemon: pulse at start, then every refresh interval; SIGHUP pulses now."""
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from certpulse.agent.metrics import AgentCollector, MetricsServer, parse_listen
+
+    def start_logging() -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    if metrics_listen is not None:
+        parse_listen(metrics_listen)  # a malformed address is refused before anything starts
     directory = resolve_dir(dir_)
-    run(directory, load_config(directory), max_pulses=pulses)
+    config = load_config(directory)
+    if metrics_listen is None:
+        start_logging()
+        run(directory, config, max_pulses=pulses)
+        return
+    # Refuse a second daemon before taking its port, so that it says "another agent is running"
+    # rather than "address in use"; run() takes the lock again for good. Logging starts once the
+    # port is ours, so that a refusal is the only line printed.
+    probe = AgentLock(directory)
+    probe.acquire()
+    probe.release()
+    collector = AgentCollector(directory, config, clock.now)
+    try:
+        server = MetricsServer(collector, metrics_listen)
+        try:
+            start_logging()
+            run(directory, config, max_pulses=pulses)
+        finally:
+            server.close()
+    finally:
+        collector.close()
+
+
+@agent_app.command("metrics")
+def agent_metrics(dir_: AgentDir = None) -> None:
+    """Print the agent's Prometheus metrics (text exposition) from its folder; contacts no server."""
+    from prometheus_client import generate_latest
+
+    from certpulse.agent.metrics import AgentCollector, registry_for
+
+    directory = resolve_dir(dir_)
+    collector = AgentCollector(directory, load_config(directory), clock.now)
+    try:
+        text = generate_latest(registry_for(collector))
+    finally:
+        collector.close()
+    sys.stdout.write(text.decode())
 
 
 @agent_app.command("status")
@@ -166,12 +211,8 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         templates = agent.cached_templates(clock.now())
         rows = []
         for record in agent.store.certificates(include_archived=False):
-            template = templates.get(record.template_oid or "")
-            renew_at = None
-            if template is not None:
-                stored = stored_certificate(record, agent.store.certificate(record.thumbprint), [], [], clock.now())
-                renew_at = renewal_time(stored, template).isoformat()
-            rows.append({**record.to_dict(), "renewal_time": renew_at})
+            due = planned_renewal(record, agent.store.certificate(record.thumbprint), templates, clock.now())
+            rows.append({**record.to_dict(), "renewal_time": due.isoformat() if due else None})
         pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
                     "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in agent.store.flights()]
     finally:
@@ -277,19 +318,26 @@ def cert_import(
 @cert_app.command("export")
 def cert_export(
     thumbprint: str,
-    p12: Annotated[Path, typer.Option("--p12", help="PKCS#12 file to write (0600)")],
+    p12: Annotated[Path | None, typer.Option("--p12", help="PKCS#12 file to write, with the key (0600)")] = None,
+    pem_: Annotated[Path | None, typer.Option("--pem", help="PEM file to write: certificate and chain, no key")] = None,
     dir_: AgentDir = None,
     password: Annotated[str | None, typer.Option("--password", help="Asked for when not given")] = None,
 ) -> None:
-    """Export a certificate with its private key to PKCS#12."""
-    if password is None:
+    """Export a certificate: with its private key to PKCS#12 (event 1007), or without it to PEM."""
+    if (p12 is None) == (pem_ is None):
+        raise Refusal(Reason.INVALID_ARGUMENT, "give exactly one of --p12 (with the key) or --pem (without)")
+    if p12 is not None and password is None:
         password = typer.prompt("PKCS#12 password", hide_input=True, confirmation_prompt=True)
     agent = _open(dir_)
     try:
-        record = export_p12(agent, thumbprint, p12, password, clock.now())
+        if p12 is not None:
+            record = export_p12(agent, thumbprint, p12, password or "", clock.now())
+        else:
+            assert pem_ is not None
+            record = export_pem(agent, thumbprint, pem_)
     finally:
         agent.close()
-    console.print(f"[green]exported {record.thumbprint}[/green] to {p12}")
+    console.print(f"[green]exported {record.thumbprint}[/green] to {p12 or pem_}")
 
 
 @cert_app.command("delete")

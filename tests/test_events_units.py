@@ -1,0 +1,218 @@
+"""The pure parts of lifecycle events: the expiry monitor as a table of cases (no clock, no
+network), and the event log's own rules on a real SQLite store (sequence numbers, transactions,
+retention)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from certpulse.agent.expiry import expiry_notices
+from certpulse.agent.model import Options, StoredCertificate, StoreSnapshot
+from certpulse.agent.store import LocalStore
+from certpulse.events import schema as et
+from certpulse.events.log import latest_seq, prune, read_events
+from certpulse.events.model import CertFacts, EventDraft, EventId
+from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
+from certpulse.store.db import read, write
+from test_planner import DAY, NOW, YEAR, cert, manual, manual_tpl, server, tpl
+
+AUTO = tpl("machine")
+MANUAL = manual_tpl("web")
+ENROLL_ONLY = tpl("enroll-only", rights=frozenset({"read", "enroll"}))
+ON = Options()
+
+
+def notices(certs: list[StoredCertificate], *, options: Options = ON, now: dt.datetime = NOW, percent: int = 10,
+            raised: frozenset[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
+    found = expiry_notices(options, [server(AUTO, MANUAL, ENROLL_ONLY)], StoreSnapshot(certificates=tuple(certs)),
+                           now, warning_percent=percent, raised=raised)
+    return [(n.thumbprint, n.threshold) for n in found]
+
+
+# (id, certificates, options, expected (thumbprint, threshold) pairs)
+CASES: list[tuple[str, list[StoredCertificate], Options, list[tuple[str, str]]]] = [
+    ("plenty-left", [cert("a", None, left=100 * DAY, source="manual")], ON, []),
+    ("no-template-close", [cert("a", None, left=30 * DAY, source="manual")], ON, [("a", "close")]),
+    ("no-template-expired", [cert("a", None, left=-DAY, source="manual")], ON, [("a", "expired")]),
+    ("exactly-ten-percent", [cert("a", None, left=YEAR / 10, source="manual")], ON, [("a", "close")]),
+    ("just-above-ten-percent", [cert("a", None, left=YEAR / 10 + dt.timedelta(seconds=1), source="manual")], ON, []),
+    ("autoenrolled-is-renewed-by-the-agent", [cert("a", AUTO, left=10 * DAY)], ON, []),
+    ("autoenrolled-expired-is-replaced-by-the-agent", [cert("a", AUTO, left=-DAY)], ON, []),
+    ("autoenroll-off", [cert("a", AUTO, left=10 * DAY)], Options(enroll=False), [("a", "close")]),
+    ("disabled-agent-raises-nothing", [cert("a", None, left=10 * DAY)], Options(enabled=False), []),
+    ("manual-renewed-with-manage", [manual("a", MANUAL, left=10 * DAY)], ON, []),
+    ("manual-without-manage", [manual("a", MANUAL, left=10 * DAY)], Options(manage=False), [("a", "close")]),
+    ("no-autoenroll-permission", [cert("a", ENROLL_ONLY, left=10 * DAY)], ON, [("a", "close")]),
+    ("archived-is-not-watched", [cert("a", None, left=10 * DAY, source="manual", archived=True)], ON, []),
+    ("older-copy-beside-a-newer-one", [cert("old", None, left=10 * DAY, source="manual"),
+                                       cert("new", AUTO, left=300 * DAY)], ON, [("old", "close")]),
+    ("older-copy-of-a-held-template", [cert("old", AUTO, left=10 * DAY), cert("new", AUTO, left=300 * DAY)],
+     Options(enroll=False), []),
+    ("additional-store-always-watched", [cert("a", AUTO, left=10 * DAY, source="manual", store="/etc/ssl/extra")],
+     ON, [("a", "close")]),
+    ("same-certificate-in-two-stores-once", [cert("a", None, left=10 * DAY, source="manual"),
+                                             cert("a", None, left=10 * DAY, source="manual", store="/x")],
+     ON, [("a", "close")]),
+]
+
+
+@pytest.mark.parametrize(("certs", "options", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_expiry_monitor(certs: list[StoredCertificate], options: Options, expected: list[tuple[str, str]]) -> None:
+    assert notices(certs, options=options) == expected
+
+
+def test_older_copy_of_a_template_held_by_a_newer_certificate_is_left_to_lapse() -> None:
+    # Autoenrollment on: the newer certificate carries the template, the old copy is not renewed.
+    assert notices([cert("old", AUTO, left=10 * DAY), cert("new", AUTO, left=300 * DAY)]) == []
+
+
+def test_each_threshold_is_raised_once_whatever_the_clock_does() -> None:
+    watched = [cert("a", None, left=30 * DAY, source="manual")]
+    assert notices(watched) == [("a", "close")]
+    raised = frozenset({("a", "close")})
+    assert notices(watched, raised=raised) == []  # the next pulse
+    assert notices(watched, raised=raised, now=NOW - 40 * DAY) == []  # the clock set back
+    assert notices(watched, raised=raised, now=NOW + 5 * DAY) == []  # and forward again
+    assert notices(watched, raised=raised, now=NOW + 31 * DAY) == [("a", "expired")]
+    raised |= {("a", "expired")}
+    assert notices(watched, raised=raised, now=NOW + 31 * DAY) == []
+    assert notices(watched, raised=raised, now=NOW) == []  # set back to before expiry: nothing repeats
+
+
+def test_a_certificate_found_already_expired_gets_only_the_expired_event() -> None:
+    watched = [cert("a", None, left=-DAY, source="manual")]
+    assert notices(watched) == [("a", "expired")]
+    assert notices(watched, raised=frozenset({("a", "expired")}), now=NOW - 20 * DAY) == []
+
+
+def test_warning_percent_is_a_share_of_the_lifetime() -> None:
+    short = [cert("a", None, left=3 * DAY, lifetime=10 * DAY, source="manual")]  # 30 % left
+    assert notices(short, percent=30) == [("a", "close")]
+    assert notices(short, percent=50) == [("a", "close")]
+    assert notices(short, percent=29) == []
+    assert notices(short, percent=10) == []
+
+
+# -- the log on a real store ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LocalStore]:
+    opened = LocalStore(tmp_path / "store", channel="user")
+    yield opened
+    opened.close()
+
+
+def _certificate(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = build_ca_certificate(subject=simple_name("Events CA"), public_key=ca_key.public_key(), issuer_cert=None,
+                              signing_key=ca_key, not_before=NOW, not_after=NOW + 10 * YEAR, path_length=0)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = build_end_entity(subject=simple_name(name), public_key=key.public_key(), issuer_cert=ca,
+                              issuer_key=ca_key, serial=random_serial(), not_before=NOW, not_after=NOW + YEAR,
+                              sans=[x509.DNSName(name)], ekus=(x509.ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,),
+                              key_usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False))
+    return key, issued
+
+
+def test_install_renew_archive_delete_each_write_their_events(store: LocalStore) -> None:
+    key, first = _certificate("one.example")
+    new_key, second = _certificate("one.example")
+    a = store.install(key=key, cert=first, chain=[], source="auto", now=NOW, template_name="machine")
+    b = store.install(key=new_key, cert=second, chain=[], source="auto", now=NOW + DAY, template_name="machine",
+                      replaces=(a.thumbprint,), replace_action="renew")
+    store.delete(a.thumbprint, NOW + 2 * DAY, action="manual")
+    events = read_events(store.engine)
+    assert [(e.event_id, e.action) for e in events] == [
+        (1006, "enroll"), (1006, "enroll"), (1001, "renew"), (1005, "cleanup"), (1004, "manual")]
+    assert [e.seq for e in events] == sorted({e.seq for e in events})
+    assert all(e.channel == "user" for e in events)
+    replace = events[2]
+    assert (replace.old_thumbprint, replace.new_thumbprint) == (a.thumbprint, b.thumbprint)
+    assert replace.new is not None and replace.new.sha256 == b.sha256 and replace.new.template == "machine"
+    assert replace.new.subject_names == ("one.example",)
+    assert replace.new.ekus == ("serverAuth (1.3.6.1.5.5.7.3.1)",)
+    assert replace.new.expiration == second.not_valid_after_utc and replace.new.store == "personal"
+    # Installing the same version again (a resumed install) raises nothing more.
+    store.install(key=new_key, cert=second, chain=[], source="auto", now=NOW + DAY, template_name="machine",
+                  replaces=(a.thumbprint,))
+    assert len(read_events(store.engine)) == 5
+
+
+def test_an_event_is_never_written_without_its_change(store: LocalStore) -> None:
+    key, first = _certificate("two.example")
+    record = store.install(key=key, cert=first, chain=[], source="manual", now=NOW)
+
+    class Boom(Exception):
+        pass
+
+    def failing_append(*args: object, **kwargs: object) -> None:
+        raise Boom
+
+    import certpulse.agent.store as store_module
+
+    original = store_module.event_log.append
+    store_module.event_log.append = failing_append  # type: ignore[assignment]
+    try:
+        with pytest.raises(Boom):
+            store.archive(record.thumbprint, NOW)
+    finally:
+        store_module.event_log.append = original
+    assert store.find(record.thumbprint).archived is False  # the change rolled back with its event
+    assert [e.event_id for e in read_events(store.engine)] == [1006]
+
+
+def test_sequence_numbers_survive_retention_and_retention_spares_undelivered_events(store: LocalStore) -> None:
+    facts = CertFacts(thumbprint="AB" * 20, sha256="CD" * 32, subject="CN=x", subject_names=("x",), ekus=(),
+                      template=None, template_oid=None, store="personal", not_before=NOW, expiration=NOW + YEAR)
+    for i in range(300):
+        store.record([EventDraft(EventId.EXPORTED, old=facts, detail=str(i))], NOW + i * dt.timedelta(minutes=1))
+    with write(store.engine) as conn:
+        conn.execute(et.tasks.insert().values(
+            name="t", task_type="export", command="/bin/true", args=json.dumps([]), channel="user", timeout=5,
+            sha256="0" * 64, created_at=NOW, cursor=50, state="ok", attempts=0, runs=0, failures=0))
+    later = NOW + 2 * DAY
+    assert prune(store.engine, now=later, max_age=DAY, max_count=100) == 50  # only what task "t" has seen
+    with write(store.engine) as conn:
+        conn.execute(et.tasks.update().values(cursor=300))
+    assert prune(store.engine, now=later, max_age=10 * YEAR, max_count=100) == 150
+    remaining = read_events(store.engine)
+    assert [e.seq for e in remaining] == list(range(201, 301))
+    assert prune(store.engine, now=later, max_age=DAY, max_count=100) == 100  # all older than a day
+    with read(store.engine) as conn:
+        assert latest_seq(conn) == 300
+    [event] = store.record([EventDraft(EventId.EXPORTED, old=facts)], later)
+    assert event.seq == 301  # never reused
+
+
+def test_undelivered_events_are_kept_only_up_to_the_hard_limit(store: LocalStore) -> None:
+    facts = CertFacts(thumbprint="EF" * 20, sha256="01" * 32, subject="CN=y", subject_names=("y",), ekus=(),
+                      template=None, template_oid=None, store="personal", not_before=NOW, expiration=NOW + YEAR)
+    store.record([EventDraft(EventId.EXPORTED, old=facts) for _ in range(1100)], NOW)
+    with write(store.engine) as conn:
+        conn.execute(et.tasks.insert().values(
+            name="stuck", task_type="export", command="/bin/true", args="[]", channel="user", timeout=5,
+            sha256="0" * 64, created_at=NOW, cursor=0, state="refused", attempts=0, runs=0, failures=0))
+    assert prune(store.engine, now=NOW + YEAR, max_age=DAY, max_count=100) == 100  # 1100 - 10 x 100
+    assert len(read_events(store.engine)) == 1000
+
+
+def test_event_filters(store: LocalStore) -> None:
+    facts = dataclasses.replace(
+        CertFacts(thumbprint="12" * 20, sha256="34" * 32, subject="CN=z", subject_names=("z",), ekus=(),
+                  template="t", template_oid=None, store="personal", not_before=NOW, expiration=NOW + YEAR))
+    store.record([EventDraft(EventId.CLOSE_TO_EXPIRATION, old=facts)], NOW)
+    store.record([EventDraft(EventId.EXPIRED, old=facts)], NOW + DAY)
+    assert [e.event_id for e in read_events(store.engine, event_ids=[1002])] == [1002]
+    assert [e.event_id for e in read_events(store.engine, since=NOW + DAY)] == [1002]
+    assert read_events(store.engine, channel="system") == []
+    assert [e.event_id for e in read_events(store.engine, limit=1, newest=True)] == [1002]
+    assert [e.template for e in read_events(store.engine)] == ["t", "t"]
