@@ -50,6 +50,8 @@ class Reason(enum.StrEnum):
     INVALID_TEMPLATE = "invalid-template"
     INVALID_ARGUMENT = "invalid-argument"
     STORE = "store"
+    COMMAND_UNSAFE = "command-unsafe"  # a task's command others could change or replace
+    COMMAND_CHANGED = "command-changed"  # a task's command no longer matches its pinned SHA-256
     # load
     RATE_LIMITED = "rate-limited"
     UNAVAILABLE = "unavailable"

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from certpulse import __version__
-from certpulse.cli import agent_commands, ca_commands, event_commands
+from certpulse.cli import agent_commands, ca_commands, event_commands, task_commands
 from certpulse.cli.output import err_console, fail_line
 from certpulse.errors import CertpulseError, Refusal
 
@@ -33,6 +33,7 @@ app.command("revoke")(ca_commands.revoke)
 app.command("status")(ca_commands.status)
 app.command("audit")(ca_commands.audit)
 app.command("events")(event_commands.events)
+app.add_typer(task_commands.task_app, name="task")
 
 
 @app.command("version")
