@@ -335,12 +335,13 @@ class _Supervisor:
         self.deadline = started + timeout
         self.phase = "running"  # running -> terminating -> killed; or exited -> draining
         self.selector = selectors.DefaultSelector()
+        self.live: set[str] = set()  # what the selector still watches: out, in, exit
         self.pidfd = os.pidfd_open(proc.pid)
 
     def run(self) -> RunResult:
         try:
             self._register()
-            while self.selector.get_map():
+            while self.live:
                 self._step()
         finally:
             self._close()
@@ -351,9 +352,11 @@ class _Supervisor:
         os.set_blocking(self.proc.stdout.fileno(), False)
         self.selector.register(self.proc.stdout.fileno(), selectors.EVENT_READ, "out")
         self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+        self.live.update({"out", "exit"})
         if self.pending:
             os.set_blocking(self.proc.stdin.fileno(), False)
             self.selector.register(self.proc.stdin.fileno(), selectors.EVENT_WRITE, "in")
+            self.live.add("in")
         else:
             self._close_stdin()
 
@@ -363,6 +366,8 @@ class _Supervisor:
             self._deadline_passed()
             return
         for key, _ in self.selector.select(wait):
+            if key.data not in self.live:
+                continue  # dropped by an earlier key of the same wakeup (the exit closes stdin)
             if key.data == "out":
                 self._read()
             elif key.data == "in":
@@ -377,7 +382,7 @@ class _Supervisor:
         except BlockingIOError:
             return
         if not chunk:
-            self.selector.unregister(self.proc.stdout.fileno())
+            self._drop("out", self.proc.stdout.fileno())
             return
         room = self.cap - len(self.output)
         if room > 0:
@@ -399,15 +404,20 @@ class _Supervisor:
 
     def _close_stdin(self) -> None:
         assert self.proc.stdin is not None
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.proc.stdin.fileno())
+        if "in" in self.live:
+            self._drop("in", self.proc.stdin.fileno())
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
+
+    def _drop(self, tag: str, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed, so a reused number is never confused)."""
+        self.live.discard(tag)
+        self.selector.unregister(fd)
 
     def _leader_exited(self) -> None:
         """The main process is gone (not yet reaped, so its group id cannot be reused): kill what
         it left in its group, then give the pipe a short grace to close."""
-        self.selector.unregister(self.pidfd)
+        self._drop("exit", self.pidfd)
         self.exited = True
         self._signal_group(signal.SIGKILL)
         if self.pending:
@@ -431,7 +441,7 @@ class _Supervisor:
             # holds it. Stop waiting for it; what it writes from now on is lost.
             self.notes.append("output closed early: a process outside the task's group kept it open")
             for key in list(self.selector.get_map().values()):
-                self.selector.unregister(key.fileobj)
+                self._drop(str(key.data), key.fd)
 
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
