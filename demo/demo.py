@@ -1,6 +1,7 @@
 """certpulse demo: a CA, an enrollment over HTTP, an approval, a revocation, then an agent
-that enrolls from nothing, renews early when a template's major version is raised, and installs
-a request once a CA manager approves it — end to end.
+that enrolls from nothing, renews early when a template's major version is raised (a notification
+task records the old and new thumbprints), and installs a request once a CA manager approves it —
+end to end, with the lifecycle event timeline at the end.
 
 Runs the real ``certpulse`` command line and a real ``certpulse ca serve`` on a loopback
 port, in a temporary folder that is removed afterwards (SQLite, the embedded default).
@@ -125,6 +126,7 @@ def main() -> None:
             audit = httpx.get(f"{base}/v1/audit", params={"limit": 8}, headers={"Authorization": f"Bearer {admin_key}"})
 
             agent_steps = agent_story(base, ca_dir, work / "agent")
+            timeline = json.loads(_run(["events", "--json", "--dir", str(work / "agent")]))
 
         table = Table(title="What happened", header_style="bold cyan", title_justify="left")
         for column in ("step", "outcome", "detail"):
@@ -139,6 +141,14 @@ def main() -> None:
         for step, detail in agent_steps:
             agent_table.add_row(step, detail)
         console.print(agent_table)
+        events_table = Table(title="The agent's lifecycle events", header_style="bold cyan", title_justify="left")
+        for column in ("seq", "id", "event", "action", "template", "old", "new"):
+            events_table.add_column(column)
+        for event in timeline:
+            events_table.add_row(str(event["seq"]), str(event["id"]), event["name"], event["action"] or "",
+                                 event["template"] or "", (event["old"] or {}).get("thumbprint", "")[:16],
+                                 (event["new"] or {}).get("thumbprint", "")[:16])
+        console.print(events_table)
         if audit.status_code == 200:
             trail = Table(title="Audit trail (newest first)", header_style="bold cyan", title_justify="left")
             for column in ("action", "actor", "template", "reason"):
@@ -165,17 +175,40 @@ def summarize(pulse: dict[str, Any]) -> str:
     return "; ".join(done) or "nothing to do"
 
 
+ON_REPLACE = """#!/bin/sh
+# A notification task: certpulse runs it with the old and new thumbprints on every 1001 (replace).
+printf '%s -> %s\\n' "$2" "$3" >> "$1"
+"""
+
+
+def register_task(work: Path, agent_dir: Path) -> Path:
+    """A script in a folder only root can write (the agent refuses anything others could change)."""
+    scripts = work / "scripts"
+    scripts.mkdir(mode=0o700)
+    command = scripts / "on-replace.sh"
+    command.write_text(ON_REPLACE)
+    command.chmod(0o700)
+    record = work / "renewals.txt"
+    _run(["task", "add", "--name", "record-renewal", "--type", "replace", "--command", str(command),
+          "--arg", str(record), "--dir", str(agent_dir)])
+    return record
+
+
 def agent_story(base: str, ca_dir: Path, agent_dir: Path) -> list[tuple[str, str]]:
     """An agent enrolls from nothing, renews early on a major version, installs an approved request."""
     steps: list[tuple[str, str]] = []
     token = json.loads(certpulse("principal", "add", "app01.example.internal", "--json", ca_dir=ca_dir))["token"]
     _run(["agent", "init", "--server", base, "--token", token, "--dir", str(agent_dir)])
     steps.append(("agent init", "one-time token exchanged for the machine's credential"))
+    record = register_task(agent_dir.parent, agent_dir)
+    steps.append(("task add record-renewal", "runs scripts/on-replace.sh OLD NEW on every replacement (1001)"))
     first = json.loads(_run(["agent", "pulse", "--json", "--dir", str(agent_dir)]))
     steps.append(("pulse 1 (from nothing)", summarize(first)))
     certpulse("template", "reenroll-all", "machine", ca_dir=ca_dir)
     second = json.loads(_run(["agent", "pulse", "--json", "--refresh-policy", "--dir", str(agent_dir)]))
     steps.append(("reenroll-all machine, pulse 2", summarize(second)))
+    for line in record.read_text().splitlines() if record.exists() else ["(the task did not run)"]:
+        steps.append(("task record-renewal wrote", line))
     pending = json.loads(certpulse("request", "list", "--status", "pending", "--json", ca_dir=ca_dir))
     for request in pending:
         if request["requester"] == "principal:app01.example.internal":

@@ -1,5 +1,8 @@
 """``agent run``: pulse at start, then every refresh interval (with jitter), or now on SIGHUP.
 
+Notification tasks run on a thread of their own (:class:`TaskDelivery`), woken by every
+committed event, by SIGUSR1 and every half minute for retries: a pulse never waits for a task.
+
 One agent per store: an exclusive lock on ``agent.lock`` (holding the daemon's pid). On
 failure the next pulse backs off exponentially with jitter, from one minute up to a cap, and
 never sooner than the server's ``Retry-After``; the current certificates stay in place however
@@ -20,12 +23,16 @@ from types import FrameType
 
 from certpulse import clock
 from certpulse.agent.config import AgentConfig
+from certpulse.agent.faults import fault_point
 from certpulse.agent.pulse import Agent, PulseResult
+from certpulse.agent.store import LocalStore
 from certpulse.errors import Reason, Refusal
+from certpulse.events.tasks import Dispatcher
 
 log = logging.getLogger("certpulse.agent")
 BACKOFF_FLOOR = 60.0
 LOCK_NAME = "agent.lock"
+TASK_POLL_SECONDS = 30.0  # retries fall due between events; the delivery thread looks this often
 
 
 def next_delay(*, refresh: dt.timedelta, failures: int, retry_after: float | None, cap: dt.timedelta,
@@ -81,6 +88,55 @@ class AgentLock:
             os.close(fd)
 
 
+def deliver_tasks(directory: Path, config: AgentConfig, store: LocalStore) -> None:
+    """Give new events to the notification tasks: through the running daemon (SIGUSR1) when there
+    is one, here otherwise. Called after the change is committed, so it never holds up a pulse."""
+    fault_point("before-tasks", store.root)
+    pid = AgentLock(directory).holder()
+    if pid is not None and pid != os.getpid():
+        os.kill(pid, signal.SIGUSR1)
+        return
+    Dispatcher(store, config, directory).run(clock.now())
+
+
+class TaskDelivery:
+    """The daemon's task thread: delivers events to tasks while pulses go on."""
+
+    def __init__(self, directory: Path, config: AgentConfig) -> None:
+        self.directory = directory
+        self.config = config
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="certpulse-tasks", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def nudge(self, events: object = None) -> None:
+        """Deliver soon (a store listener, a signal handler, the end of a pulse)."""
+        self.wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.stop.set()
+        self.wake.set()
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        store = LocalStore(self.directory / "store", channel=self.config.channel)  # its own connections
+        try:
+            while not self.stop.is_set():
+                self.wake.clear()
+                more = False
+                try:
+                    fault_point("before-tasks", store.root)
+                    more = Dispatcher(store, self.config, self.directory).run(clock.now()).stopped_early
+                except Exception:  # a task problem must never stop the daemon; it is logged and retried
+                    log.exception("notification task delivery failed")
+                self.wake.wait(timeout=0.0 if more else TASK_POLL_SECONDS)
+        finally:
+            store.close()
+
+
 def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) -> int:
     """The daemon loop. Returns when stopped by SIGTERM/SIGINT or after ``max_pulses``."""
     lock = AgentLock(directory)
@@ -95,27 +151,39 @@ def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) 
         stop.set()
         wake.set()
 
+    delivery = TaskDelivery(directory, config)
+
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        delivery.nudge()
+
     signal.signal(signal.SIGHUP, on_hup)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, on_usr1)
     rng = random.Random()
     failures = 0
     pulses = 0
     agent = Agent(directory, config)
+    agent.store.listeners.append(delivery.nudge)
+    delivery.start()
     try:
         while not stop.is_set():
             wake.clear()
             result: PulseResult = agent.pulse(clock.now())
+            delivery.nudge()
             pulses += 1
             failures = failures + 1 if result.outcome == "failed" else 0
             log.info("pulse %s%s", result.outcome, f": {result.error}" if result.error else "")
             if max_pulses is not None and pulses >= max_pulses:
+                delivery.close()
+                Dispatcher(agent.store, config, directory).run(clock.now())  # what the last pulse raised
                 break
             delay = next_delay(refresh=config.refresh_interval, failures=failures, retry_after=result.retry_after,
                                cap=config.backoff_cap, rng=rng)
             agent.store.set_state("next_pulse", (clock.now() + dt.timedelta(seconds=delay)).isoformat())
             wake.wait(timeout=delay)
     finally:
+        delivery.close()
         agent.close()
         lock.release()
     return 0

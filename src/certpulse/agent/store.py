@@ -238,7 +238,7 @@ class LocalStore:
             if flight_id is not None:
                 conn.execute(delete(t.flights).where(t.flights.c.id == flight_id))
             events = event_log.append(conn, drafts, now=now, channel=self.channel)
-        self._announce(events)
+        self.announce(events)
         fault_point("before-link", self.root)
         if template_name:
             self._point_live(template_name, print_)
@@ -257,7 +257,7 @@ class LocalStore:
         except (Refusal, OSError, ValueError):
             return None
 
-    def _announce(self, events: Sequence[Event]) -> None:
+    def announce(self, events: Sequence[Event]) -> None:
         """Tell listeners (syslog, the task dispatcher) about committed events; never fails the change."""
         if not events:
             return
@@ -272,7 +272,7 @@ class LocalStore:
             return []
         with write(self.engine) as conn:
             events = event_log.append(conn, drafts, now=now, channel=self.channel)
-        self._announce(events)
+        self.announce(events)
         return events
 
     def _write_version(self, print_: str, key: PrivateKey | None, cert: x509.Certificate,
@@ -350,7 +350,7 @@ class LocalStore:
                 .values(archived=True, archived_at=now)).rowcount
             drafts = [EventDraft(EventId.ARCHIVED, action=action, old=facts)] if changed and facts else []
             events = event_log.append(conn, drafts, now=now, channel=self.channel)
-        self._announce(events)
+        self.announce(events)
 
     def replace(self, old: str, new: str, now: dt.datetime) -> tuple[CertRecord, CertRecord]:
         """``cert replace OLD NEW`` (the seed's Replace-Certificate): OLD is archived as replaced by
@@ -374,7 +374,7 @@ class LocalStore:
                 EventDraft(EventId.ARCHIVED, action="replace", old=old_facts,
                            detail=f"replaced by {new_record.thumbprint}"),
             ], now=now, channel=self.channel)
-        self._announce(events)
+        self.announce(events)
         self._repair_links()
         return self.find(old_record.thumbprint), new_record
 
@@ -387,7 +387,7 @@ class LocalStore:
                                    .where(t.certificates.c.thumbprint == record.thumbprint)).rowcount
             drafts = [EventDraft(EventId.DELETED, action=action, old=facts)] if changed and facts else []
             events = event_log.append(conn, drafts, now=now, channel=self.channel)
-        self._announce(events)
+        self.announce(events)
         if record.template_name:
             link = self.live_link(record.template_name)
             if link.is_symlink() and os.readlink(link).endswith(record.thumbprint):
@@ -414,7 +414,7 @@ class LocalStore:
             for (print_, threshold, _), event in zip(notices, events, strict=True):
                 conn.execute(et.expiry_notices.insert().values(
                     thumbprint=print_, threshold=threshold, raised_at=now, event_seq=event.seq))
-        self._announce(events)
+        self.announce(events)
         return events
 
     # -- flights (requests at the CA) -----------------------------------------------------
@@ -459,7 +459,7 @@ class LocalStore:
             gone = conn.execute(delete(t.flights).where(t.flights.c.id == flight_id)).rowcount
             events = (event_log.append(conn, [event], now=now, channel=self.channel)
                       if event is not None and gone and now is not None else [])
-        self._announce(events)
+        self.announce(events)
         shutil.rmtree(self.flights_dir / flight_id, ignore_errors=True)
 
     # -- state ----------------------------------------------------------------------------

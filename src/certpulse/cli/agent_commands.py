@@ -21,7 +21,7 @@ from certpulse.agent.config import (
     save_config,
     write_credential,
 )
-from certpulse.agent.daemon import AgentLock, run, signal_running_agent
+from certpulse.agent.daemon import AgentLock, deliver_tasks, run, signal_running_agent
 from certpulse.agent.gather import planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
@@ -135,9 +135,10 @@ def agent_pulse(
             result = agent.pulse(now, force_policy=refresh_policy)
         finally:
             lock.release()
+        _print_result(result, json_)  # the pulse is over: tasks run after it is reported
+        deliver_tasks(directory, config, agent.store)
     finally:
         agent.close()
-    _print_result(result, json_)
     if result.outcome == "failed":
         raise typer.Exit(1)
 
@@ -288,6 +289,7 @@ def cert_request(
     agent = _open(dir_)
     try:
         outcome = request_certificate(agent, template, clock.now(), subject=subject, sans=san or [])
+        deliver_tasks(agent.directory, agent.config, agent.store)
     except ServerUnavailable as exc:
         raise _unavailable(exc) from None
     finally:
@@ -310,6 +312,7 @@ def cert_import(
     agent = _open(dir_)
     try:
         record = import_p12(agent, file, password, clock.now())
+        deliver_tasks(agent.directory, agent.config, agent.store)
     finally:
         agent.close()
     console.print(f"[green]imported {record.thumbprint}[/green] ({record.subject})")
@@ -332,6 +335,7 @@ def cert_export(
     try:
         if p12 is not None:
             record = export_p12(agent, thumbprint, p12, password or "", clock.now())
+            deliver_tasks(agent.directory, agent.config, agent.store)
         else:
             assert pem_ is not None
             record = export_pem(agent, thumbprint, pem_)
@@ -346,6 +350,7 @@ def cert_delete(thumbprint: str, dir_: AgentDir = None) -> None:
     agent = _open(dir_)
     try:
         record = agent.store.delete(thumbprint, clock.now(), action="manual")
+        deliver_tasks(agent.directory, agent.config, agent.store)
     finally:
         agent.close()
     console.print(f"[yellow]deleted {record.thumbprint}[/yellow] ({record.subject})")
@@ -357,6 +362,7 @@ def cert_replace(old: str, new: str, dir_: AgentDir = None) -> None:
     agent = _open(dir_)
     try:
         old_record, new_record = agent.store.replace(old, new, clock.now())
+        deliver_tasks(agent.directory, agent.config, agent.store)
     finally:
         agent.close()
     console.print(f"[green]{old_record.thumbprint} replaced by {new_record.thumbprint}[/green]")
@@ -375,6 +381,8 @@ def cert_move(
         target = _open(to)
         try:
             record = move_certificate(agent, thumbprint, target, clock.now(), copy=copy)
+            deliver_tasks(agent.directory, agent.config, agent.store)
+            deliver_tasks(target.directory, target.config, target.store)
         finally:
             target.close()
     finally:

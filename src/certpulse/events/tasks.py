@@ -449,7 +449,7 @@ class Dispatcher:
             _insert_run(conn, task.name, event.seq, event.event_id, task.attempts + 1, started, finished, result,
                         test=False)
             events = event_log.append(conn, drafts, now=finished, channel=self.store.channel)
-        _announce(self.store, events)
+        self.store.announce(events)
         return get_task(self.store, task.name)
 
     def _ran(self, task: Task, event: Event, result: RunResult,
@@ -531,14 +531,6 @@ def _insert_run(conn: Connection, name: str, seq: int | None, event_id: int, att
     if oldest_kept is not None:
         conn.execute(delete(t.task_runs).where(t.task_runs.c.task_name == name, t.task_runs.c.id < oldest_kept))
     return run_id
-
-
-def _announce(store: LocalStore, events: Sequence[Event]) -> None:
-    """Tell the store's listeners (syslog ...) about committed events, as the store itself does;
-    a listener's failure never undoes a delivery."""
-    for listener in store.listeners if events else ():
-        with contextlib.suppress(Exception):
-            listener(events)
 
 
 # -- task test ------------------------------------------------------------------------------------
