@@ -26,9 +26,9 @@ from certpulse.agent.expiry import expiry_notices
 from certpulse.agent.faults import fault_point
 from certpulse.agent.model import Action, Kind, Options, StoreSnapshot, TemplatePolicy
 from certpulse.agent.planner import Plan, plan
-from certpulse.agent.store import Flight, LocalStore
+from certpulse.agent.store import Flight, open_store
 from certpulse.errors import Refusal
-from certpulse.events.log import SyslogForwarder, prune
+from certpulse.events.log import prune
 from certpulse.events.model import CertFacts, EventDraft, EventId
 from certpulse.pki import template_info
 from certpulse.pki.certs import pem, thumbprint
@@ -75,9 +75,7 @@ class Agent:
     def __init__(self, directory: Path, config: AgentConfig) -> None:
         self.directory = directory
         self.config = config
-        self.store = LocalStore(directory / "store", channel=config.channel)
-        if config.syslog:
-            self.store.listeners.append(SyslogForwarder(config.syslog_address, config.syslog_facility))
+        self.store = open_store(directory, config)
         self.policy_cache = config.policy_refresh
         self.clients: dict[str, CAClient] = {}
         for server in config.servers:
@@ -297,7 +295,10 @@ class Agent:
                             data={"request_id": flight.request_id, "issuer": flight.issuer}))
                 return ActionOutcome(action, "done", "pending request dropped after 60 days")
             if action.kind is Kind.DELETE and action.thumbprint:
-                self.store.delete(action.thumbprint, now)
+                try:
+                    self.store.delete(action.thumbprint, now)
+                except Refusal as exc:  # a binding still serves it
+                    return ActionOutcome(action, "skipped", exc.detail)
                 return ActionOutcome(action, "done")
             if action.kind is Kind.ARCHIVE and action.thumbprint:
                 self.store.archive(action.thumbprint, now)

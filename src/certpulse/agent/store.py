@@ -25,11 +25,11 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Connection, Engine, delete, select, update
 
 from certpulse.agent import schema as t
 from certpulse.agent.faults import fault_point
@@ -40,7 +40,11 @@ from certpulse.events.model import CertFacts, Event, EventDraft, EventId
 from certpulse.pki import template_info
 from certpulse.pki.certs import pem, serial_hex, sha256_thumbprint, subject_names, thumbprint
 from certpulse.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
+from certpulse.rebind.schema import bindings
 from certpulse.store.db import make_engine, migrate, read, write
+
+if TYPE_CHECKING:
+    from certpulse.agent.config import AgentConfig
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -113,6 +117,14 @@ class Flight:
             replaces=tuple(json.loads(row.replaces)), replace_action=row.replace_action, source=row.source,
             created_at=row.created_at, submitted_at=row.submitted_at,
         )
+
+
+def _held(conn: Connection, thumbprints: Sequence[str]) -> set[str]:
+    """Which of these certificates a binding still serves."""
+    if not thumbprints:
+        return set()
+    rows = conn.execute(select(bindings.c.thumbprint).where(bindings.c.thumbprint.in_(list(thumbprints))))
+    return {r.thumbprint for r in rows}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -226,15 +238,21 @@ class LocalStore:
                     issuer_name=issuer_name, has_key=key is not None, archived=False, installed_at=now))
                 if key is not None:
                     drafts.append(EventDraft(EventId.NEW, action=action, new=new_facts))
+            held = _held(conn, [old for old, _ in replaced])
             for old, old_facts in replaced:
+                # A certificate a binding still serves is replaced but not archived yet: the rebind
+                # archives it once no binding serves it any more (release()).
                 changed = conn.execute(update(t.certificates).where(
-                    t.certificates.c.thumbprint == old, t.certificates.c.archived.is_(False))
-                    .values(archived=True, archived_at=now, replaced_by=print_)).rowcount
+                    t.certificates.c.thumbprint == old, t.certificates.c.archived.is_(False),
+                    t.certificates.c.replaced_by.is_(None))
+                    .values(archived=old not in held, archived_at=None if old in held else now,
+                            replaced_by=print_)).rowcount
                 if changed and old_facts is not None:
                     drafts.append(EventDraft(EventId.REPLACE, action=replace_action or "renew", old=old_facts,
                                              new=new_facts))
-                    drafts.append(EventDraft(EventId.ARCHIVED, action="cleanup", old=old_facts,
-                                             detail=f"replaced by {print_}"))
+                    if old not in held:
+                        drafts.append(EventDraft(EventId.ARCHIVED, action="cleanup", old=old_facts,
+                                                 detail=f"replaced by {print_}"))
             if flight_id is not None:
                 conn.execute(delete(t.flights).where(t.flights.c.id == flight_id))
             events = event_log.append(conn, drafts, now=now, channel=self.channel)
@@ -352,28 +370,46 @@ class LocalStore:
             events = event_log.append(conn, drafts, now=now, channel=self.channel)
         self.announce(events)
 
+    def release(self, print_: str, now: dt.datetime) -> bool:
+        """Archive a replaced certificate that no binding serves any more (its 1005). True when it
+        was archived now."""
+        facts = self._facts(print_)
+        with write(self.engine) as conn:
+            if _held(conn, [print_]):
+                return False
+            changed = conn.execute(update(t.certificates).where(
+                t.certificates.c.thumbprint == print_, t.certificates.c.archived.is_(False),
+                t.certificates.c.replaced_by.is_not(None)).values(archived=True, archived_at=now)).rowcount
+            drafts = [EventDraft(EventId.ARCHIVED, action="cleanup", old=facts,
+                                 detail="replaced, and no binding serves it any more")] if changed and facts else []
+            events = event_log.append(conn, drafts, now=now, channel=self.channel)
+        self.announce(events)
+        return bool(changed)
+
     def replace(self, old: str, new: str, now: dt.datetime) -> tuple[CertRecord, CertRecord]:
         """``cert replace OLD NEW`` (the seed's Replace-Certificate): OLD is archived as replaced by
         NEW, with a 1001 (action ``replace``) and a 1005."""
         old_record, new_record = self.find(old), self.find(new)
         if old_record.thumbprint == new_record.thumbprint:
             raise Refusal(Reason.INVALID_ARGUMENT, "a certificate cannot replace itself")
-        if old_record.archived:
-            raise Refusal(Reason.CONFLICT, f"{old_record.thumbprint} is already archived")
+        if old_record.archived or old_record.replaced_by:
+            raise Refusal(Reason.CONFLICT, f"{old_record.thumbprint} is already replaced")
         if new_record.archived:
             raise Refusal(Reason.CONFLICT, f"{new_record.thumbprint} is archived: it cannot replace anything")
         old_facts, new_facts = self.facts(old_record.thumbprint), self.facts(new_record.thumbprint)
         with write(self.engine) as conn:
+            held = bool(_held(conn, [old_record.thumbprint]))
             changed = conn.execute(update(t.certificates).where(
                 t.certificates.c.thumbprint == old_record.thumbprint, t.certificates.c.archived.is_(False))
-                .values(archived=True, archived_at=now, replaced_by=new_record.thumbprint)).rowcount
+                .values(archived=not held, archived_at=None if held else now,
+                        replaced_by=new_record.thumbprint)).rowcount
             if not changed:
                 raise Refusal(Reason.CONFLICT, f"{old_record.thumbprint} was archived meanwhile")
-            events = event_log.append(conn, [
-                EventDraft(EventId.REPLACE, action="replace", old=old_facts, new=new_facts),
-                EventDraft(EventId.ARCHIVED, action="replace", old=old_facts,
-                           detail=f"replaced by {new_record.thumbprint}"),
-            ], now=now, channel=self.channel)
+            drafts = [EventDraft(EventId.REPLACE, action="replace", old=old_facts, new=new_facts)]
+            if not held:
+                drafts.append(EventDraft(EventId.ARCHIVED, action="replace", old=old_facts,
+                                         detail=f"replaced by {new_record.thumbprint}"))
+            events = event_log.append(conn, drafts, now=now, channel=self.channel)
         self.announce(events)
         self._repair_links()
         return self.find(old_record.thumbprint), new_record
@@ -383,6 +419,9 @@ class LocalStore:
         record = self.find(print_)
         facts = self._facts(record.thumbprint)
         with write(self.engine) as conn:
+            if action == "cleanup" and _held(conn, [record.thumbprint]):
+                raise Refusal(Reason.CONFLICT, f"a binding still serves {record.thumbprint}: it is kept until "
+                                               "the binding has moved to its successor")
             changed = conn.execute(delete(t.certificates)
                                    .where(t.certificates.c.thumbprint == record.thumbprint)).rowcount
             drafts = [EventDraft(EventId.DELETED, action=action, old=facts)] if changed and facts else []
@@ -481,3 +520,12 @@ class LocalStore:
             yield self
         finally:
             self.close()
+
+
+def open_store(directory: Path, config: AgentConfig) -> LocalStore:
+    """The store of the agent in ``directory``, writing on the agent's channel; its events also go
+    to syslog when the agent is configured so, whichever command raised them."""
+    store = LocalStore(directory / "store", channel=config.channel)
+    if config.syslog:
+        store.listeners.append(event_log.SyslogForwarder(config.syslog_address, config.syslog_facility))
+    return store

@@ -26,6 +26,7 @@ from certpulse.agent.gather import planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.cli.output import console, emit_json, table
+from certpulse.rebind.bindings import list_bindings
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
 
@@ -216,10 +217,11 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
             rows.append({**record.to_dict(), "renewal_time": due.isoformat() if due else None})
         pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
                     "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in agent.store.flights()]
+        bindings = [b.to_dict() for b in list_bindings(agent.store)]
     finally:
         agent.close()
     status = {"daemon_pid": running, "last_pulse": last, "next_pulse": next_pulse, "certificates": rows,
-              "pending": pending}
+              "pending": pending, "bindings": bindings}
     if json_:
         emit_json(status)
         return
@@ -236,6 +238,11 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     if pending:
         table("Pending requests", ["request", "template", "status", "submitted"],
               [(p["request_id"], p["template"], p["status"], p["submitted_at"]) for p in pending])
+    attention = [b for b in bindings if b["state"] != "ok" or b["verdict"] not in (None, "ok")]
+    if attention:
+        table("Bindings needing attention", ["binding", "state", "check", "serves", "moving to", "last error"],
+              [(b["name"], "renewed but not deployed" if b["state"] == "failed" else b["state"], b["verdict"] or "",
+                (b["thumbprint"] or "")[:16], (b["target"] or "")[:16], b["last_error"] or "") for b in attention])
 
 
 # -- cert -------------------------------------------------------------------------------------

@@ -16,13 +16,12 @@ from rich.markup import escape
 
 from certpulse import clock
 from certpulse.agent.config import AgentConfig, load_config, resolve_dir
-from certpulse.agent.store import LocalStore
+from certpulse.agent.store import LocalStore, open_store
 from certpulse.cli.agent_commands import AgentDir, JsonOption
 from certpulse.cli.output import console, emit_json, table
 from certpulse.errors import Reason, Refusal
 from certpulse.events import tasks as task_mod
 from certpulse.events.commands import DEFAULT_TIMEOUT
-from certpulse.events.log import SyslogForwarder
 from certpulse.events.model import TASK_TYPES
 
 task_app = typer.Typer(help="Notification tasks: commands run for lifecycle events", no_args_is_help=True)
@@ -36,9 +35,7 @@ def _store(dir_: Path | None) -> Iterator[tuple[Path, AgentConfig, LocalStore]]:
     agent is configured so, as the agent's own do."""
     directory = resolve_dir(dir_)
     config = load_config(directory)
-    store = LocalStore(directory / "store", channel=config.channel)
-    if config.syslog:
-        store.listeners.append(SyslogForwarder(config.syslog_address, config.syslog_facility))
+    store = open_store(directory, config)
     try:
         yield directory, config, store
     finally:

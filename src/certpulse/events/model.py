@@ -33,6 +33,8 @@ class EventId(enum.IntEnum):
     REQUEST_DENIED = 1102
     TASK_FAILED = 1103
     TASK_REFUSED = 1104
+    NOT_DEPLOYED = 1105
+    BINDING_DRIFT = 1106
 
 
 # name, level: the seed's table, then ours.
@@ -49,6 +51,8 @@ DESCRIPTIONS: dict[EventId, tuple[str, str]] = {
     EventId.REQUEST_DENIED: ("request-denied", "error"),
     EventId.TASK_FAILED: ("task-failed", "error"),
     EventId.TASK_REFUSED: ("task-refused", "error"),
+    EventId.NOT_DEPLOYED: ("not-deployed", "error"),
+    EventId.BINDING_DRIFT: ("binding-drift", "warning"),
 }
 
 # ``task add --type``: which events each task type reacts to. ``failure`` is ours: the failures
@@ -61,7 +65,8 @@ TASK_TYPES: dict[str, frozenset[EventId]] = {
     "delete": frozenset({EventId.DELETED}),
     "archive": frozenset({EventId.ARCHIVED}),
     "export": frozenset({EventId.EXPORTED}),
-    "failure": frozenset({EventId.RENEWAL_FAILED, EventId.PENDING_DROPPED, EventId.REQUEST_DENIED}),
+    "failure": frozenset({EventId.RENEWAL_FAILED, EventId.PENDING_DROPPED, EventId.REQUEST_DENIED,
+                          EventId.NOT_DEPLOYED, EventId.BINDING_DRIFT}),
 }
 
 CHANNELS = ("system", "user")
