@@ -10,6 +10,7 @@ port, in a temporary folder that is removed afterwards (SQLite, the embedded def
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -194,6 +195,86 @@ def register_task(work: Path, agent_dir: Path) -> Path:
     return record
 
 
+NGINX_CONF = """daemon on;
+master_process on;
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections 16; }}
+http {{
+    access_log off;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {folder}/fullchain.pem;
+        ssl_certificate_key {folder}/key.pem;
+        location / {{ return 200 "certpulse demo"; }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx(folder: Path) -> Iterator[tuple[Path, int] | None]:
+    """A throwaway nginx on a loopback port serving a placeholder certificate, when nginx is
+    installed (Debian's nginx package); None otherwise."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if binary is None:
+        yield None
+        return
+    folder.mkdir(mode=0o700)
+    port = free_port()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "placeholder")])
+    now = datetime.datetime.now(datetime.UTC)
+    placeholder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (folder / "fullchain.pem").write_bytes(placeholder.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    conf = folder / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(folder=folder, port=port))
+    subprocess.run([binary, "-c", str(conf)], check=True, capture_output=True, timeout=30)
+    try:
+        yield conf, port
+    finally:
+        subprocess.run([binary, "-c", str(conf), "-s", "stop"], check=False, capture_output=True, timeout=30)
+
+
+def bind(agent_dir: Path, work: Path, server: tuple[Path, int] | None) -> list[tuple[str, str]]:
+    """A files binding (with a reload command) and, where nginx is installed, an nginx binding
+    with a probe: both follow the machine template."""
+    deploy = work / "deploy"
+    deploy.mkdir(mode=0o700)
+    _run(["binding", "add", "app-files", "--template", "machine", "--kind", "files",
+          "--opt", f"fullchain={deploy / 'fullchain.pem'}", "--opt", f"key={deploy / 'key.pem'}",
+          "--opt", f"reload=touch {deploy / 'reloaded'}", "--dir", str(agent_dir)])
+    steps = [("binding add app-files", f"fullchain and key written to {deploy.name}/, then the reload command")]
+    if server is not None:
+        conf, port = server
+        _run(["binding", "add", "app-nginx", "--template", "machine", "--kind", "nginx",
+              "--opt", f"fullchain={conf.parent / 'fullchain.pem'}", "--opt", f"key={conf.parent / 'key.pem'}",
+              "--opt", f"conf={conf}", "--probe", f"127.0.0.1:{port}", "--dir", str(agent_dir)])
+        steps.append(("binding add app-nginx", f"nginx on 127.0.0.1:{port}: nginx -t, reload, probed"))
+    else:
+        steps.append(("binding add app-nginx", "skipped: nginx is not installed (Debian package nginx)"))
+    return steps
+
+
+def check_bindings(agent_dir: Path) -> list[tuple[str, str]]:
+    listed = json.loads(_run(["binding", "list", "--json", "--dir", str(agent_dir)]))
+    steps = [(f"binding {b['name']}", f"{b['state']}: serves {(b['thumbprint'] or '-')[:16]}…") for b in listed]
+    for row in json.loads(_run(["binding", "check", "--json", "--dir", str(agent_dir)])):
+        served, newest = (row["served"] or "-")[:16], (row["newest"] or "-")[:16]
+        steps.append((f"binding check {row['binding']}", f"{row['verdict']}: served {served}…, newest {newest}…"))
+    return steps
+
+
 def agent_story(base: str, ca_dir: Path, agent_dir: Path) -> list[tuple[str, str]]:
     """An agent enrolls from nothing, renews early on a major version, installs an approved request."""
     steps: list[tuple[str, str]] = []
@@ -204,11 +285,14 @@ def agent_story(base: str, ca_dir: Path, agent_dir: Path) -> list[tuple[str, str
     steps.append(("task add record-renewal", "runs scripts/on-replace.sh OLD NEW on every replacement (1001)"))
     first = json.loads(_run(["agent", "pulse", "--json", "--dir", str(agent_dir)]))
     steps.append(("pulse 1 (from nothing)", summarize(first)))
-    certpulse("template", "reenroll-all", "machine", ca_dir=ca_dir)
-    second = json.loads(_run(["agent", "pulse", "--json", "--refresh-policy", "--dir", str(agent_dir)]))
-    steps.append(("reenroll-all machine, pulse 2", summarize(second)))
-    for line in record.read_text().splitlines() if record.exists() else ["(the task did not run)"]:
-        steps.append(("task record-renewal wrote", line))
+    with nginx(agent_dir.parent / "nginx") as web:
+        steps += bind(agent_dir, agent_dir.parent, web)
+        certpulse("template", "reenroll-all", "machine", ca_dir=ca_dir)
+        second = json.loads(_run(["agent", "pulse", "--json", "--refresh-policy", "--dir", str(agent_dir)]))
+        steps.append(("reenroll-all machine, pulse 2", summarize(second)))
+        for line in record.read_text().splitlines() if record.exists() else ["(the task did not run)"]:
+            steps.append(("task record-renewal wrote", line))
+        steps += check_bindings(agent_dir)
     pending = json.loads(certpulse("request", "list", "--status", "pending", "--json", ca_dir=ca_dir))
     for request in pending:
         if request["requester"] == "principal:app01.example.internal":

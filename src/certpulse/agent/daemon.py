@@ -1,7 +1,8 @@
 """``agent run``: pulse at start, then every refresh interval (with jitter), or now on SIGHUP.
 
-Notification tasks run on a thread of their own (:class:`TaskDelivery`), woken by every
-committed event, by SIGUSR1 and every half minute for retries: a pulse never waits for a task.
+Rebinding and notification tasks run on a thread of their own (:class:`TaskDelivery`), woken by
+every committed event, by SIGUSR1 and every half minute for retries, and the binding drift check
+runs there after every pulse: a pulse never waits for a task or a service.
 
 One agent per store: an exclusive lock on ``agent.lock`` (holding the daemon's pid). On
 failure the next pulse backs off exponentially with jitter, from one minute up to a cap, and
@@ -28,6 +29,7 @@ from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.agent.store import LocalStore
 from certpulse.errors import Reason, Refusal
 from certpulse.events.tasks import Dispatcher
+from certpulse.rebind import engine as rebind
 
 log = logging.getLogger("certpulse.agent")
 BACKOFF_FLOOR = 60.0
@@ -96,7 +98,14 @@ def deliver_tasks(directory: Path, config: AgentConfig, store: LocalStore) -> No
     if pid is not None and pid != os.getpid():
         os.kill(pid, signal.SIGUSR1)
         return
-    Dispatcher(store, config, directory).run(clock.now())
+    deliver(store, config, directory)
+
+
+def deliver(store: LocalStore, config: AgentConfig, directory: Path) -> bool:
+    """Rebind first (services keep serving a valid certificate), then notification tasks. True
+    when the task dispatcher stopped early and should be called again soon."""
+    rebind.process(store, directory, clock.now())
+    return Dispatcher(store, config, directory).run(clock.now()).stopped_early
 
 
 class TaskDelivery:
@@ -107,6 +116,7 @@ class TaskDelivery:
         self.config = config
         self.wake = threading.Event()
         self.stop = threading.Event()
+        self.check_due = threading.Event()  # the drift check runs after each pulse
         self.thread = threading.Thread(target=self._loop, name="certpulse-tasks", daemon=True)
 
     def start(self) -> None:
@@ -129,9 +139,12 @@ class TaskDelivery:
                 more = False
                 try:
                     fault_point("before-tasks", store.root)
-                    more = Dispatcher(store, self.config, self.directory).run(clock.now()).stopped_early
+                    more = deliver(store, self.config, self.directory)
+                    if self.check_due.is_set():
+                        self.check_due.clear()
+                        rebind.check(store, clock.now())
                 except Exception:  # a task problem must never stop the daemon; it is logged and retried
-                    log.exception("notification task delivery failed")
+                    log.exception("rebind or notification task delivery failed")
                 self.wake.wait(timeout=0.0 if more else TASK_POLL_SECONDS)
         finally:
             store.close()
@@ -170,13 +183,15 @@ def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) 
         while not stop.is_set():
             wake.clear()
             result: PulseResult = agent.pulse(clock.now())
+            delivery.check_due.set()
             delivery.nudge()
             pulses += 1
             failures = failures + 1 if result.outcome == "failed" else 0
             log.info("pulse %s%s", result.outcome, f": {result.error}" if result.error else "")
             if max_pulses is not None and pulses >= max_pulses:
                 delivery.close()
-                Dispatcher(agent.store, config, directory).run(clock.now())  # what the last pulse raised
+                deliver(agent.store, config, directory)  # what the last pulse raised
+                rebind.check(agent.store, clock.now())
                 break
             delay = next_delay(refresh=config.refresh_interval, failures=failures, retry_after=result.retry_after,
                                cap=config.backoff_cap, rng=rng)

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from certpulse import __version__
-from certpulse.cli import agent_commands, ca_commands, event_commands, task_commands
+from certpulse.cli import agent_commands, binding_commands, ca_commands, event_commands, task_commands
 from certpulse.cli.output import err_console, fail_line
 from certpulse.errors import CertpulseError, Refusal
 
@@ -34,6 +34,7 @@ app.command("status")(ca_commands.status)
 app.command("audit")(ca_commands.audit)
 app.command("events")(event_commands.events)
 app.add_typer(task_commands.task_app, name="task")
+app.add_typer(binding_commands.binding_app, name="binding")
 
 
 @app.command("version")

@@ -1,0 +1,275 @@
+"""Rebind: when a certificate is replaced (1001), every binding that serves it moves to its
+successor — deployed, reloaded, and probed until the endpoint really serves it — or is put back
+the way it was, with a "renewed but not deployed" event (1105), and retried with backoff.
+
+The engine reads the event log after its own durable cursor, like a notification task, so a
+kill at any point loses nothing: a binding whose target is set and not yet reached is picked up
+again. The old certificate stays unarchived while any binding serves it
+(:meth:`LocalStore.release` archives it once the last one has moved). The drift check
+(:func:`check`) compares what each probed endpoint serves with what it should serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from certpulse.rebind.deployers.base import DeployFailed, Material, get_deployer
+from certpulse.rebind.probe import parse_probe, probe
+
+from certpulse.agent.store import CertRecord, LocalStore
+from certpulse.errors import Refusal
+from certpulse.events.log import latest_seq, read_events
+from certpulse.events.model import EventDraft, EventId
+from certpulse.rebind.bindings import Binding, get_binding, list_bindings, update_binding
+from certpulse.store.db import read
+
+CURSOR = "rebind_cursor"
+RETRY_BASE = dt.timedelta(minutes=1)
+RETRY_CAP = dt.timedelta(hours=1)
+PROBE_WINDOW = 10.0  # seconds a reloaded service has to start serving the new certificate
+PROBE_TIMEOUT = 5.0
+LOCK_NAME = "rebind.lock"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    binding: str
+    ok: bool
+    thumbprint: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    binding: str
+    configured: str | None
+    served: str | None
+    newest: str | None
+    verdict: str  # ok | stale | mismatch | unreachable
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@contextlib.contextmanager
+def _lock(directory: Path) -> Iterator[bool]:
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+# -- deploying ------------------------------------------------------------------------------------
+
+
+def deploy(store: LocalStore, binding: Binding, thumbprint: str, now: dt.datetime) -> Outcome:
+    """Deploy ``thumbprint`` to ``binding``: files, reload, probe. On any failure put the previous
+    files back (and reload them), raise 1105 with the output, and schedule a retry."""
+    deployer = get_deployer(binding.kind)()
+    material = Material.from_folder(store.folder(thumbprint), thumbprint)
+    old = binding.thumbprint if binding.thumbprint != thumbprint else None
+    backup = deployer.deploy(binding.options, material)
+    output = ""
+    try:
+        output = deployer.reload(binding.options, material, old_thumbprint=old)
+        if binding.probe:
+            served = _served_within(binding.probe, thumbprint)
+            if served != thumbprint:
+                raise DeployFailed(f"reloaded, but {binding.probe} serves {served or 'nothing'}, not {thumbprint}",
+                                   output)
+    except DeployFailed as failure:
+        _roll_back(store, binding, deployer, backup)
+        return _failed(store, binding, thumbprint, failure, now)
+    update_binding(store, binding.name, now, thumbprint=thumbprint, target=None, state="ok", attempts=0,
+                   next_attempt_at=None, last_error=None, last_output=output[-4000:])
+    if old:
+        store.release(old, now)
+    return Outcome(binding.name, True, thumbprint, "deployed" + (f" and {binding.probe} serves it" if binding.probe
+                                                                  else ""))
+
+
+def _served_within(target_text: str, wanted: str) -> str | None:
+    """What the endpoint serves, asked again for a few seconds until it is ``wanted`` (a graceful
+    reload takes a moment)."""
+    target = parse_probe(target_text)
+    deadline = time.monotonic() + PROBE_WINDOW
+    while True:
+        result = probe(target.host, target.port, sni=target.sni, timeout=PROBE_TIMEOUT)
+        if result.thumbprint == wanted or time.monotonic() >= deadline:
+            return result.thumbprint
+        time.sleep(0.2)
+
+
+def _roll_back(store: LocalStore, binding: Binding, deployer: Any, backup: Any) -> None:
+    """The previous files back, and the consumer told to use them again."""
+    deployer.restore(binding.options, backup)
+    if binding.thumbprint and store.folder(binding.thumbprint).is_dir():
+        previous = Material.from_folder(store.folder(binding.thumbprint), binding.thumbprint)
+        with contextlib.suppress(DeployFailed, OSError):
+            deployer.reload(binding.options, previous, old_thumbprint=None)
+
+
+def _failed(store: LocalStore, binding: Binding, thumbprint: str, failure: DeployFailed,
+            now: dt.datetime) -> Outcome:
+    attempts = binding.attempts + 1
+    delay = min(RETRY_BASE * 2 ** (attempts - 1), RETRY_CAP)
+    output = (failure.output or "")[-4000:]
+    update_binding(store, binding.name, now, target=thumbprint, state="failed", attempts=attempts,
+                   next_attempt_at=now + delay, last_error=str(failure), last_output=output)
+    store.record([EventDraft(
+        EventId.NOT_DEPLOYED, action=binding.kind, old=_facts(store, binding.thumbprint),
+        new=_facts(store, thumbprint), detail=f"binding {binding.name}: {failure}",
+        data={"binding": binding.name, "output": output, "attempt": attempts,
+              "next_attempt_at": (now + delay).isoformat()})], now)
+    return Outcome(binding.name, False, thumbprint, str(failure))
+
+
+def _facts(store: LocalStore, thumbprint: str | None) -> Any:
+    if not thumbprint:
+        return None
+    with contextlib.suppress(Refusal, OSError, ValueError):
+        return store.facts(thumbprint)
+    return None
+
+
+# -- reacting to events ---------------------------------------------------------------------------
+
+
+def process(store: LocalStore, directory: Path, now: dt.datetime) -> list[Outcome]:
+    """Move bindings along the events since the cursor (1001: to the successor; 1006: a binding
+    that follows a template and has nothing yet), then retry failed deployments that are due."""
+    with _lock(directory) as held:
+        if not held:
+            return []
+        cursor = ensure_cursor(store)
+        for event in read_events(store.engine, after=int(cursor), event_ids=[EventId.REPLACE, EventId.NEW]):
+            _follow(store, event.event_id, event.old_thumbprint, event.new_thumbprint,
+                    event.new.template if event.new else None, now)
+            store.set_state(CURSOR, event.seq)
+        outcomes = []
+        for binding in list_bindings(store):
+            due = binding.next_attempt_at is None or binding.next_attempt_at <= now
+            if binding.target and binding.auto and binding.state in ("waiting", "pending", "failed") and due:
+                outcomes.append(deploy(store, binding, binding.target, now))
+        return outcomes
+
+
+def ensure_cursor(store: LocalStore) -> int:
+    """Where the engine reads the log from; set when the first binding is added (what happened
+    before that is already in the certificate a new binding is deployed with)."""
+    cursor = store.get_state(CURSOR)
+    if cursor is None:
+        with read(store.engine) as conn:
+            cursor = latest_seq(conn)
+        store.set_state(CURSOR, cursor)
+    return int(cursor)
+
+
+def _follow(store: LocalStore, event_id: int, old: str, new: str, template: str | None, now: dt.datetime) -> None:
+    for binding in list_bindings(store):
+        if event_id == EventId.REPLACE and old and binding.thumbprint == old:
+            moves = True
+        elif event_id == EventId.NEW and binding.template and binding.template == template:
+            moves = binding.thumbprint is None or _newer(store, new, binding.thumbprint)
+        else:
+            moves = False
+        if moves and binding.target != new and binding.thumbprint != new:
+            update_binding(store, binding.name, now, target=new, state="pending" if binding.thumbprint else "waiting",
+                           attempts=0, next_attempt_at=None)
+
+
+def _newer(store: LocalStore, candidate: str, current: str) -> bool:
+    try:
+        return store.find(candidate).not_after > store.find(current).not_after
+    except Refusal:
+        return True
+
+
+def renew(store: LocalStore, old: str, new: str, now: dt.datetime) -> list[Outcome]:
+    """``binding renew --old X --new Y``: every binding that serves X moves to Y now (``appcmd renew
+    binding /oldcert /newcert``), automatic or not."""
+    old_record, new_record = store.find(old), store.find(new)
+    outcomes = []
+    for binding in list_bindings(store):
+        if binding.thumbprint == old_record.thumbprint:
+            outcomes.append(deploy(store, binding, new_record.thumbprint, now))
+    return outcomes
+
+
+def initial_certificate(store: LocalStore, template: str | None, thumbprint: str | None) -> CertRecord | None:
+    """What a new binding starts with: the named certificate, or the template's newest current one."""
+    if thumbprint:
+        return store.find(thumbprint)
+    return newest_of(store, template) if template else None
+
+
+def newest_of(store: LocalStore, template: str) -> CertRecord | None:
+    current = [r for r in store.certificates(include_archived=False)
+               if r.template_name == template and r.has_key and r.replaced_by is None]
+    return max(current, key=lambda r: (r.not_after, r.installed_at)) if current else None
+
+
+# -- the drift check --------------------------------------------------------------------------------
+
+
+def check(store: LocalStore, now: dt.datetime, *, names: list[str] | None = None) -> list[CheckResult]:
+    """For every probed binding: configured, served and newest valid certificate, and a verdict.
+    A verdict that turns bad raises 1106 (once, until it changes)."""
+    results = []
+    records = {r.thumbprint: r for r in store.certificates()}
+    for binding in list_bindings(store):
+        if not binding.probe or (names and binding.name not in names):
+            continue
+        newest = _newest_for(store, binding, records)
+        target = parse_probe(binding.probe)
+        seen = probe(target.host, target.port, sni=target.sni, timeout=PROBE_TIMEOUT)
+        expected = newest or binding.thumbprint
+        if seen.thumbprint is None:
+            verdict, detail = "unreachable", seen.error or "no answer"
+        elif seen.thumbprint == expected:
+            verdict, detail = "ok", "serves the newest certificate"
+        elif seen.thumbprint in records:
+            verdict, detail = "stale", f"serves {seen.thumbprint}, replaced by {expected}"
+        else:
+            verdict, detail = "mismatch", f"serves {seen.thumbprint}, a certificate this store does not hold"
+        if verdict != "ok" and verdict != binding.verdict:
+            store.record([EventDraft(EventId.BINDING_DRIFT, action=verdict, old=_facts(store, seen.thumbprint),
+                                     new=_facts(store, expected), detail=f"binding {binding.name}: {detail}",
+                                     data={"binding": binding.name, "verdict": verdict, "served": seen.thumbprint,
+                                           "configured": binding.thumbprint, "newest": newest})], now)
+        update_binding(store, binding.name, binding.updated_at, verdict=verdict, served=seen.thumbprint,
+                       checked_at=now)
+        results.append(CheckResult(binding.name, binding.thumbprint, seen.thumbprint, newest, verdict, detail))
+    return results
+
+
+def _newest_for(store: LocalStore, binding: Binding, records: dict[str, CertRecord]) -> str | None:
+    """The newest valid certificate the binding should serve: its template's, or the end of the
+    chain of replacements that starts at its certificate."""
+    if binding.template:
+        found = newest_of(store, binding.template)
+        return found.thumbprint if found else None
+    current = binding.thumbprint
+    seen: set[str] = set()
+    while current and current in records and records[current].replaced_by and current not in seen:
+        seen.add(current)
+        current = records[current].replaced_by
+    return current
+
+
+__all__ = ["CheckResult", "Outcome", "check", "deploy", "get_binding", "initial_certificate", "process", "renew"]
