@@ -26,9 +26,9 @@ from certpulse.agent.gather import planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.cli.output import console, emit_json, table
-from certpulse.rebind.bindings import list_bindings
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
+from certpulse.rebind.bindings import list_bindings
 
 agent_app = typer.Typer(help="The autoenrollment agent", no_args_is_help=True)
 cert_app = typer.Typer(help="The agent's certificate store", no_args_is_help=True)

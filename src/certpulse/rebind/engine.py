@@ -21,14 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from certpulse.rebind.deployers.base import DeployFailed, Material, get_deployer
-from certpulse.rebind.probe import parse_probe, probe
-
 from certpulse.agent.store import CertRecord, LocalStore
 from certpulse.errors import Refusal
 from certpulse.events.log import latest_seq, read_events
 from certpulse.events.model import EventDraft, EventId
 from certpulse.rebind.bindings import Binding, get_binding, list_bindings, update_binding
+from certpulse.rebind.deployers.base import DeployFailed, Material, get_deployer
+from certpulse.rebind.probe import parse_probe, probe
 from certpulse.store.db import read
 
 CURSOR = "rebind_cursor"
