@@ -239,3 +239,17 @@ def test_binding_check_finds_a_stale_listener_a_mismatch_and_an_unreachable_one(
                 for r in json.loads(agent.run("binding", "check", "--json", check=False).stdout)}
     assert verdicts == {"web": "unreachable", "foreign": "unreachable"}
 
+
+
+def test_the_daemon_rebinds_after_its_pulse_and_runs_the_drift_check(
+        pki: CA, ca_url: str, tmp_path: Path, nginx: Nginx) -> None:
+    agent = new_agent(pki, ca_url, tmp_path / "agent")
+    old = action_for(agent.pulse(), "machine")["new_thumbprint"]
+    bind(agent, nginx)
+    assert binding(agent)["verdict"] is None  # never checked yet
+    agent.run("agent", "run", "--pulses", "1", faketime="+330d", timeout=120)
+    record = binding(agent)
+    new = record["thumbprint"]
+    assert new != old and served(nginx.port) == new
+    assert (record["state"], record["verdict"], record["served"]) == ("ok", "ok", new)
+    assert record["checked_at"] is not None
