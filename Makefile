@@ -25,7 +25,7 @@ test: lint pytest
 pytest: $(STAMP) system-packages
 	$(BIN)/pytest -n 2 --dist loadscope -q
 
-# Debian packages the tests run as real processes (faketime); installed when missing.
+# Debian packages the tests run as real processes (faketime, nginx, haproxy); installed when missing.
 system-packages:
 	scripts/system-packages
 

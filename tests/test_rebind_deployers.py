@@ -11,15 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import grp
 import os
-import shutil
-import signal
 import socket
 import ssl
 import stat
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +31,8 @@ from certpulse.pki.certs import thumbprint
 from certpulse.rebind.deployers import Deployer, DeployFailed, Material, get_deployer, load_deployers
 from certpulse.rebind.deployers.haproxy import RuntimeApi
 from certpulse.rebind.probe import HANDSHAKE, UNREACHABLE, ProbeTarget, parse_probe, probe
+from services import NGINX, Haproxy, Nginx, served, wait_until
 from support import free_port
-
-HINT = "run scripts/system-packages (make test does) to install nginx and haproxy"
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
-
 
 # -- certificates ---------------------------------------------------------------------------------
 
@@ -92,18 +85,6 @@ def certs(issuer: Issuer) -> dict[str, Material]:
 
 def deployer(kind: str) -> Deployer:
     return get_deployer(kind)()
-
-
-def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def served(port: int) -> str | None:
-    return probe("127.0.0.1", port, timeout=2.0).thumbprint
 
 
 def other_gid() -> int:
@@ -344,58 +325,6 @@ def test_stored_options_are_json() -> None:
 
 # -- nginx ----------------------------------------------------------------------------------------
 
-class Nginx:
-    """A real nginx (master and one worker) serving ``site.crt``/``site.key`` on a loopback port."""
-
-    def __init__(self, folder: Path) -> None:
-        assert NGINX is not None, f"nginx is not installed: {HINT}"
-        self.folder = folder
-        self.port = free_port()
-        self.conf = folder / "nginx.conf"
-        self.extra = folder / "extra.conf"
-        self.extra.write_text("# included by nginx.conf\n")
-        temp = "\n".join(f"    {name}_temp_path {folder}/{name};" for name in
-                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        self.conf.write_text(f"""
-pid {folder}/nginx.pid;
-error_log {folder}/error.log;
-daemon off;
-master_process on;
-worker_processes 1;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-{temp}
-    include {self.extra};
-    server {{
-        listen 127.0.0.1:{self.port} ssl;
-        ssl_certificate {folder}/site.crt;
-        ssl_certificate_key {folder}/site.key;
-        return 200 "ok\\n";
-    }}
-}}
-""")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert NGINX is not None
-        self.proc = subprocess.Popen([NGINX, "-c", str(self.conf), "-e", str(self.folder / "error.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: served(self.port) is not None or self.proc is None or self.proc.poll() is not None,
-                   10, "nginx to listen")
-        assert self.proc.poll() is None, (self.proc.stderr.read() if self.proc.stderr else b"").decode()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGQUIT)  # graceful: the master stops its workers, then exits
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[Nginx]:
     server = Nginx(tmp_path)
@@ -447,51 +376,6 @@ def test_nginx_refuses_unknown_options_and_missing_files(tmp_path: Path) -> None
 
 
 # -- haproxy --------------------------------------------------------------------------------------
-
-class Haproxy:
-    """A real haproxy in the foreground, TLS on a loopback port, runtime API on a unix socket."""
-
-    def __init__(self, folder: Path) -> None:
-        assert HAPROXY is not None, f"haproxy is not installed: {HINT}"
-        self.folder = folder
-        self.port = free_port()
-        self.pem = folder / "site.pem"
-        self.socket = folder / "admin.sock"
-        self.cfg = folder / "haproxy.cfg"
-        self.cfg.write_text(f"""
-global
-    stats socket {self.socket} level admin
-defaults
-    mode tcp
-    timeout connect 1s
-    timeout client 5s
-    timeout server 5s
-frontend tls
-    bind 127.0.0.1:{self.port} ssl crt {self.pem}
-    default_backend nowhere
-backend nowhere
-    server none 127.0.0.1:9
-""")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert HAPROXY is not None
-        self.proc = subprocess.Popen([HAPROXY, "-f", str(self.cfg), "-db"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        wait_until(lambda: (served(self.port) is not None and self.socket.exists())
-                   or self.proc is None or self.proc.poll() is not None, 10, "haproxy to listen")
-        assert self.proc.poll() is None, (self.proc.stderr.read() if self.proc.stderr else b"").decode()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
 
 @pytest.fixture
 def haproxy(tmp_path: Path) -> Iterator[Haproxy]:

@@ -1,32 +1,23 @@
-"""Rebind with real services: a real CA, an agent driven through the CLI, and a real nginx on a
-loopback port. A renewal reaches nginx and the TLS endpoint serves the new certificate; a broken
-nginx configuration is rolled back (the old certificate still served) with a "renewed but not
-deployed" event; a listener left on a replaced certificate is found by ``binding check``."""
+"""Rebind with real services: a real CA, an agent driven through the CLI, and a real nginx and
+haproxy on loopback ports. A renewal reaches them and the TLS endpoint serves the new
+certificate; a broken nginx configuration is rolled back (the old certificate still served) with
+a "renewed but not deployed" event; a listener left on a replaced certificate is found by
+``binding check``."""
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import json
 import os
 import shutil
-import signal
-import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent_support import Agent, action_for, new_agent, one, prepare_ca, sha1_thumbprint, wait_for
-from support import CA, free_port, serve
-
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-HINT = "nginx is not installed: run scripts/system-packages (make test does)"
+from agent_support import Agent, action_for, new_agent, one, prepare_ca
+from services import Haproxy, Nginx, served, write_placeholder
+from support import CA, serve
 
 
 @pytest.fixture(scope="module")
@@ -40,102 +31,27 @@ def ca_url(pki: CA) -> Iterator[str]:
         yield base
 
 
-def served(port: int) -> str:
-    """The SHA-1 thumbprint of the certificate served on 127.0.0.1:port (no verification)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname="localhost") as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return sha1_thumbprint(x509.load_der_x509_certificate(der))
-
-
-class Nginx:
-    """A real nginx with its own configuration, pid file and logs, on a loopback port."""
-
-    def __init__(self, folder: Path) -> None:
-        if NGINX is None:
-            pytest.fail(HINT)
-        self.folder = folder
-        self.port = free_port()
-        self.tls = folder / "tls"
-        self.tls.mkdir(parents=True)
-        self.conf = folder / "nginx.conf"
-        self.extra = folder / "extra.conf"  # included: a test breaks the configuration here
-        self.extra.write_text("# nothing yet\n")
-        self.fullchain = self.tls / "fullchain.pem"
-        self.key = self.tls / "key.pem"
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "placeholder")])
-        now = dt.datetime.now(dt.UTC)
-        placeholder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                       .serial_number(x509.random_serial_number()).not_valid_before(now)
-                       .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
-        self.placeholder = sha1_thumbprint(placeholder)
-        self.fullchain.write_bytes(placeholder.public_bytes(serialization.Encoding.PEM))
-        self.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        self.key.chmod(0o600)
-        self.conf.write_text(f"""
-daemon on;
-master_process on;
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {folder}/body;
-    proxy_temp_path {folder}/proxy;
-    fastcgi_temp_path {folder}/fastcgi;
-    uwsgi_temp_path {folder}/uwsgi;
-    scgi_temp_path {folder}/scgi;
-    include {self.extra};
-    server {{
-        listen 127.0.0.1:{self.port} ssl;
-        ssl_certificate {self.fullchain};
-        ssl_certificate_key {self.key};
-        location / {{ return 200 "ok"; }}
-    }}
-}}
-""")
-
-    def start(self) -> None:
-        subprocess.run([NGINX, "-c", str(self.conf)], check=True, capture_output=True, timeout=30)
-        wait_for(lambda: self._answers(), 10, "nginx to listen")
-
-    def _answers(self) -> bool:
-        with contextlib.suppress(OSError):
-            served(self.port)
-            return True
-        return False
-
-    def stop(self) -> None:
-        pid_file = self.folder / "nginx.pid"
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid_file.read_text().strip()), signal.SIGQUIT)
-            with contextlib.suppress(AssertionError):
-                wait_for(lambda: not pid_file.exists(), 10, "nginx to stop")
-
-
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[Nginx]:
-    server = Nginx(tmp_path / "nginx")
-    server.start()
+    """nginx serving a placeholder certificate of no CA until a binding deploys a real one."""
+    server = start_nginx(tmp_path / "nginx")
     try:
         yield server
     finally:
         server.stop()
 
 
+def start_nginx(folder: Path) -> Nginx:
+    folder.mkdir()
+    server = Nginx(folder)
+    write_placeholder(server.cert_file, server.key_file)
+    server.start()
+    return server
+
+
 def bind(agent: Agent, nginx: Nginx, *extra: str) -> None:
     agent.run("binding", "add", "web", "--template", "machine", "--kind", "nginx",
-              "--opt", f"fullchain={nginx.fullchain}", "--opt", f"key={nginx.key}", "--opt", f"conf={nginx.conf}",
+              "--opt", f"fullchain={nginx.cert_file}", "--opt", f"key={nginx.key_file}", "--opt", f"conf={nginx.conf}",
               "--probe", f"127.0.0.1:{nginx.port},sni=localhost", *extra)
 
 
@@ -155,13 +71,13 @@ def test_a_renewal_reaches_nginx_and_the_endpoint_serves_the_new_certificate(
     bind(agent, nginx)
     assert served(nginx.port) == old
     assert (binding(agent)["thumbprint"], binding(agent)["state"]) == (old, "ok")
-    assert os.stat(nginx.key).st_mode & 0o777 == 0o600
+    assert os.stat(nginx.key_file).st_mode & 0o777 == 0o600
 
     new = action_for(agent.pulse(faketime="+330d"), "machine")["new_thumbprint"]
     assert served(nginx.port) == new  # rebound during the one-shot pulse, nginx reloaded, probed
     record = binding(agent)
     assert (record["thumbprint"], record["target"], record["state"]) == (new, None, "ok")
-    assert os.stat(nginx.key).st_mode & 0o777 == 0o600
+    assert os.stat(nginx.key_file).st_mode & 0o777 == 0o600
     # The old certificate was archived only once nginx no longer served it.
     ids = [(e["id"], (e["old"] or {}).get("thumbprint")) for e in events(agent)]
     assert ids.index((1001, old)) < ids.index((1005, old))
@@ -174,12 +90,12 @@ def test_a_broken_nginx_configuration_is_rolled_back_and_reported(
     agent = new_agent(pki, ca_url, tmp_path / "agent")
     old = action_for(agent.pulse(), "machine")["new_thumbprint"]
     bind(agent, nginx)
-    before = (nginx.fullchain.read_bytes(), nginx.key.read_bytes())
+    before = (nginx.cert_file.read_bytes(), nginx.key_file.read_bytes())
     nginx.extra.write_text("this_is_not_a_directive on;\n")
 
     new = action_for(agent.pulse(faketime="+330d"), "machine")["new_thumbprint"]
     assert served(nginx.port) == old  # the old certificate is still served
-    assert (nginx.fullchain.read_bytes(), nginx.key.read_bytes()) == before  # the files were put back
+    assert (nginx.cert_file.read_bytes(), nginx.key_file.read_bytes()) == before  # the files were put back
     record = binding(agent)
     assert (record["thumbprint"], record["target"], record["state"]) == (old, new, "failed")
     [failure] = events(agent, "--id", "1105")
@@ -215,16 +131,15 @@ def test_binding_check_finds_a_stale_listener_a_mismatch_and_an_unreachable_one(
     assert drift["data"]["verdict"] == "stale"
 
     # Files changed behind nginx's back, no reload: still stale until it reloads.
-    shutil.copyfile(agent.dir / "store" / "certs" / new / "fullchain.pem", nginx.fullchain)
-    shutil.copyfile(agent.dir / "store" / "certs" / new / "key.pem", nginx.key)
+    shutil.copyfile(agent.dir / "store" / "certs" / new / "fullchain.pem", nginx.cert_file)
+    shutil.copyfile(agent.dir / "store" / "certs" / new / "key.pem", nginx.key_file)
     assert json.loads(agent.run("binding", "check", "--json", check=False).stdout)[0]["verdict"] == "stale"
 
     agent.run("binding", "renew", "--old", old, "--new", new)
     assert served(nginx.port) == new
     assert json.loads(agent.run("binding", "check", "--json").stdout)[0]["verdict"] == "ok"
 
-    other = Nginx(tmp_path / "other")  # serves its own placeholder: nothing this store holds
-    other.start()
+    other = start_nginx(tmp_path / "other")  # serves its own placeholder: nothing this store holds
     try:
         agent.run("binding", "add", "foreign", "--cert", new, "--kind", "files",
                   "--opt", f"fullchain={tmp_path / 'foreign.pem'}", "--probe", f"127.0.0.1:{other.port}",
@@ -253,3 +168,27 @@ def test_the_daemon_rebinds_after_its_pulse_and_runs_the_drift_check(
     assert new != old and served(nginx.port) == new
     assert (record["state"], record["verdict"], record["served"]) == ("ok", "ok", new)
     assert record["checked_at"] is not None
+
+
+def test_a_renewal_reaches_haproxy_through_its_runtime_api(pki: CA, ca_url: str, tmp_path: Path) -> None:
+    agent = new_agent(pki, ca_url, tmp_path / "agent")
+    old = action_for(agent.pulse(), "machine")["new_thumbprint"]
+    folder = tmp_path / "haproxy"
+    folder.mkdir()
+    haproxy = Haproxy(folder)
+    store = agent.dir / "store" / "certs" / old
+    haproxy.pem.write_bytes(b"".join((store / name).read_bytes() for name in ("fullchain.pem", "key.pem")))
+    haproxy.pem.chmod(0o600)
+    haproxy.start()
+    try:
+        pid = haproxy.proc.pid if haproxy.proc else 0
+        agent.run("binding", "add", "lb", "--template", "machine", "--kind", "haproxy",
+                  "--opt", f"pem={haproxy.pem}", "--opt", f"stats_socket={haproxy.socket}",
+                  "--probe", f"127.0.0.1:{haproxy.port}")
+        assert served(haproxy.port) == old
+        new = action_for(agent.pulse(faketime="+330d"), "machine")["new_thumbprint"]
+        assert served(haproxy.port) == new
+        assert haproxy.proc is not None and haproxy.proc.poll() is None and haproxy.proc.pid == pid  # no restart
+        assert one(json.loads(agent.run("binding", "list", "--json").stdout), "binding")["thumbprint"] == new
+    finally:
+        haproxy.stop()

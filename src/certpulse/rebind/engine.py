@@ -26,7 +26,7 @@ from certpulse.errors import Refusal
 from certpulse.events.log import latest_seq, read_events
 from certpulse.events.model import EventDraft, EventId
 from certpulse.rebind.bindings import Binding, get_binding, list_bindings, update_binding
-from certpulse.rebind.deployers.base import DeployFailed, Material, get_deployer
+from certpulse.rebind.deployers.base import Backup, Deployer, DeployFailed, Material, get_deployer
 from certpulse.rebind.probe import parse_probe, probe
 from certpulse.store.db import read
 
@@ -80,9 +80,13 @@ def deploy(store: LocalStore, binding: Binding, thumbprint: str, now: dt.datetim
     """Deploy ``thumbprint`` to ``binding``: files, reload, probe. On any failure put the previous
     files back (and reload them), raise 1105 with the output, and schedule a retry."""
     deployer = get_deployer(binding.kind)()
-    material = Material.from_folder(store.folder(thumbprint), thumbprint)
     old = binding.thumbprint if binding.thumbprint != thumbprint else None
-    backup = deployer.deploy(binding.options, material)
+    try:
+        material = Material.from_folder(store.folder(thumbprint), thumbprint)
+        backup = deployer.deploy(binding.options, material)  # a deploy that fails has put back what it wrote
+    except (DeployFailed, Refusal) as exc:
+        failure = exc if isinstance(exc, DeployFailed) else DeployFailed(exc.detail)
+        return _failed(store, binding, thumbprint, failure, now)
     output = ""
     try:
         output = deployer.reload(binding.options, material, old_thumbprint=old)
@@ -92,7 +96,10 @@ def deploy(store: LocalStore, binding: Binding, thumbprint: str, now: dt.datetim
                 raise DeployFailed(f"reloaded, but {binding.probe} serves {served or 'nothing'}, not {thumbprint}",
                                    output)
     except DeployFailed as failure:
-        _roll_back(store, binding, deployer, backup)
+        problem = _roll_back(store, binding, deployer, backup, thumbprint)
+        if problem:
+            failure = DeployFailed(f"{failure}; and putting the previous certificate back failed: {problem}",
+                                   failure.output)
         return _failed(store, binding, thumbprint, failure, now)
     update_binding(store, binding.name, now, thumbprint=thumbprint, target=None, state="ok", attempts=0,
                    next_attempt_at=None, last_error=None, last_output=output[-4000:])
@@ -114,13 +121,17 @@ def _served_within(target_text: str, wanted: str) -> str | None:
         time.sleep(0.2)
 
 
-def _roll_back(store: LocalStore, binding: Binding, deployer: Any, backup: Any) -> None:
-    """The previous files back, and the consumer told to use them again."""
-    deployer.restore(binding.options, backup)
-    if binding.thumbprint and store.folder(binding.thumbprint).is_dir():
-        previous = Material.from_folder(store.folder(binding.thumbprint), binding.thumbprint)
-        with contextlib.suppress(DeployFailed, OSError):
-            deployer.reload(binding.options, previous, old_thumbprint=None)
+def _roll_back(store: LocalStore, binding: Binding, deployer: Deployer, backup: Backup, failed: str) -> str:
+    """The previous files back, and the consumer told to use them again (moving from the failed
+    certificate back to the previous one). Returns what went wrong doing so, or ""."""
+    try:
+        deployer.restore(binding.options, backup)
+        if binding.thumbprint and store.folder(binding.thumbprint).is_dir():
+            previous = Material.from_folder(store.folder(binding.thumbprint), binding.thumbprint)
+            deployer.reload(binding.options, previous, old_thumbprint=failed)
+    except (DeployFailed, Refusal, OSError) as exc:
+        return str(exc)
+    return ""
 
 
 def _failed(store: LocalStore, binding: Binding, thumbprint: str, failure: DeployFailed,

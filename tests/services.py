@@ -1,0 +1,153 @@
+"""Real nginx and haproxy for rebind tests: children of the test on loopback high ports, each with
+its own configuration, pid file and sockets in a test folder, stopped by their own PID.
+
+Debian's packages provide them (``scripts/system-packages``, which ``make test`` runs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from certpulse.rebind.probe import probe
+from support import free_port
+
+HINT = "run scripts/system-packages (make test does) to install nginx and haproxy"
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+
+
+def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def served(port: int) -> str | None:
+    """The SHA-1 thumbprint of what 127.0.0.1:port serves, or None when nothing answers TLS."""
+    return probe("127.0.0.1", port, timeout=2.0).thumbprint
+
+
+def write_placeholder(cert_path: Path, key_path: Path) -> str:
+    """A self-signed certificate of no CA, for a server to start with; its thumbprint."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "placeholder")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - a thumbprint
+
+
+class Nginx:
+    """A real nginx (master and one worker) serving ``site.crt``/``site.key`` on a loopback port."""
+
+    def __init__(self, folder: Path) -> None:
+        assert NGINX is not None, f"nginx is not installed: {HINT}"
+        self.folder = folder
+        self.port = free_port()
+        self.conf = folder / "nginx.conf"
+        self.cert_file = folder / "site.crt"  # leaf and chain
+        self.key_file = folder / "site.key"
+        self.extra = folder / "extra.conf"
+        self.extra.write_text("# included by nginx.conf\n")
+        temp = "\n".join(f"    {name}_temp_path {folder}/{name};" for name in
+                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        self.conf.write_text(f"""
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+daemon off;
+master_process on;
+worker_processes 1;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+{temp}
+    include {self.extra};
+    server {{
+        listen 127.0.0.1:{self.port} ssl;
+        ssl_certificate {folder}/site.crt;
+        ssl_certificate_key {folder}/site.key;
+        return 200 "ok\\n";
+    }}
+}}
+""")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert NGINX is not None
+        self.proc = subprocess.Popen([NGINX, "-c", str(self.conf), "-e", str(self.folder / "error.log")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: served(self.port) is not None or self.proc is None or self.proc.poll() is not None,
+                   10, "nginx to listen")
+        assert self.proc.poll() is None, (self.proc.stderr.read() if self.proc.stderr else b"").decode()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)  # graceful: the master stops its workers, then exits
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class Haproxy:
+    """A real haproxy in the foreground, TLS on a loopback port, runtime API on a unix socket."""
+
+    def __init__(self, folder: Path) -> None:
+        assert HAPROXY is not None, f"haproxy is not installed: {HINT}"
+        self.folder = folder
+        self.port = free_port()
+        self.pem = folder / "site.pem"
+        self.socket = folder / "admin.sock"
+        self.cfg = folder / "haproxy.cfg"
+        self.cfg.write_text(f"""
+global
+    stats socket {self.socket} level admin
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+frontend tls
+    bind 127.0.0.1:{self.port} ssl crt {self.pem}
+    default_backend nowhere
+backend nowhere
+    server none 127.0.0.1:9
+""")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert HAPROXY is not None
+        self.proc = subprocess.Popen([HAPROXY, "-f", str(self.cfg), "-db"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        wait_until(lambda: (served(self.port) is not None and self.socket.exists())
+                   or self.proc is None or self.proc.poll() is not None, 10, "haproxy to listen")
+        assert self.proc.poll() is None, (self.proc.stderr.read() if self.proc.stderr else b"").decode()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
