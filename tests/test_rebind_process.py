@@ -192,3 +192,59 @@ def test_a_renewal_reaches_haproxy_through_its_runtime_api(pki: CA, ca_url: str,
         assert one(json.loads(agent.run("binding", "list", "--json").stdout), "binding")["thumbprint"] == new
     finally:
         haproxy.stop()
+
+
+def test_a_binding_waits_for_its_first_certificate_and_keeps_the_key_files_owner_and_mode(
+        pki: CA, ca_url: str, tmp_path: Path) -> None:
+    import grp
+
+    agent = new_agent(pki, ca_url, tmp_path / "agent")
+    deploy = tmp_path / "deploy"
+    deploy.mkdir(mode=0o700)
+    reloaded = deploy / "reloaded"
+    agent.run("binding", "add", "app", "--template", "machine", "--kind", "files",
+              "--opt", f"fullchain={deploy / 'fullchain.pem'}", "--opt", f"key={deploy / 'key.pem'}",
+              "--opt", f"reload=touch {reloaded}")
+    assert binding(agent)["state"] == "waiting" and not (deploy / "key.pem").exists()
+    first = action_for(agent.pulse(), "machine")["new_thumbprint"]
+    assert binding(agent)["thumbprint"] == first and reloaded.exists()
+    assert (deploy / "key.pem").read_bytes() == (agent.dir / "store" / "certs" / first / "key.pem").read_bytes()
+    assert os.stat(deploy / "key.pem").st_mode & 0o777 == 0o600
+
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    os.chown(deploy / "key.pem", -1, nogroup)
+    os.chmod(deploy / "key.pem", 0o640)
+    second = action_for(agent.pulse(faketime="+330d"), "machine")["new_thumbprint"]
+    assert binding(agent)["thumbprint"] == second
+    info = os.stat(deploy / "key.pem")
+    assert (info.st_mode & 0o777, info.st_gid) == (0o640, nogroup)
+    assert (deploy / "key.pem").read_bytes() == (agent.dir / "store" / "certs" / second / "key.pem").read_bytes()
+
+
+def test_binding_commands_refuse_bad_input_in_one_line(pki: CA, ca_url: str, tmp_path: Path) -> None:
+    agent = new_agent(pki, ca_url, tmp_path / "agent")
+    target = f"fullchain={tmp_path / 'x.pem'}"
+    cases = [
+        (("binding", "add", "a", "--template", "machine", "--kind", "ftp", "--opt", target), "invalid-argument"),
+        (("binding", "add", "a", "--kind", "files", "--opt", target), "invalid-argument"),
+        (("binding", "add", "a", "--template", "machine", "--cert", "AB", "--kind", "files", "--opt", target),
+         "invalid-argument"),
+        (("binding", "add", "a", "--template", "machine", "--kind", "files", "--opt", target, "--probe", "nowhere"),
+         "invalid-argument"),
+        (("binding", "add", "a", "--template", "machine", "--kind", "files", "--opt", "colour=blue"),
+         "invalid-argument"),
+        (("binding", "add", "a b", "--template", "machine", "--kind", "files", "--opt", target), "invalid-argument"),
+        (("binding", "show", "missing"), "not-found"),
+        (("binding", "remove", "missing"), "not-found"),
+        (("binding", "renew", "--old", "ZZ", "--new", "AB"), "invalid-argument"),
+    ]
+    for args, reason in cases:
+        result = agent.run(*args, check=False)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"certpulse: error: {reason}:"), (args, result.stderr)
+    assert json.loads(agent.run("binding", "list", "--json").stdout) == []
+    agent.run("binding", "add", "a", "--template", "machine", "--kind", "files", "--opt", target)
+    result = agent.run("binding", "add", "a", "--template", "machine", "--kind", "files", "--opt", target,
+                       check=False)
+    assert result.returncode == 2 and "conflict" in result.stderr
