@@ -222,7 +222,7 @@ class Agent:
             failing[key] = cause
             drafts.append(EventDraft(
                 EventId.RENEWAL_FAILED, action=action.kind.value, template=action.template,
-                old=self._facts(action.thumbprint), detail=f"{item.outcome}: {item.detail}",
+                old=self.store.facts_if_held(action.thumbprint), detail=f"{item.outcome}: {item.detail}",
                 data={"rule": action.rule, "outcome": item.outcome, "cause": cause}))
         if failing != before:
             self.store.set_state("failing", failing)
@@ -244,7 +244,7 @@ class Agent:
         drafts: list[tuple[str, str, EventDraft]] = []
         for notice in notices:
             if notice.store == "personal":
-                facts = self._facts(notice.thumbprint)
+                facts = self.store.facts_if_held(notice.thumbprint)
             elif notice.thumbprint in monitored:
                 folder, cert = monitored[notice.thumbprint]
                 facts = CertFacts.of(cert, template=None, store=str(folder))
@@ -263,14 +263,6 @@ class Agent:
         return [Path(p) for p in self.config.additional_stores]
 
     # -- executor -------------------------------------------------------------------------
-
-    def _facts(self, print_: str | None) -> CertFacts | None:
-        """Event facts of a stored certificate, or None when there is none (or it is gone)."""
-        if not print_:
-            return None
-        with contextlib.suppress(Refusal, OSError, ValueError):
-            return self.store.facts(print_)
-        return None
 
     def _template(self, name: str | None, url: str | None = None) -> tuple[TemplatePolicy, gather_mod.GatheredPolicy]:
         """The template as the policy server at ``url`` describes it (any server when None)."""
@@ -291,7 +283,7 @@ class Agent:
                     if flight.request_id == action.request_id:
                         self.store.drop_flight(flight.id, now, EventDraft(
                             EventId.PENDING_DROPPED, template=flight.template_name,
-                            old=self._facts(flight.renewal_of), detail="pending for 60 days or more",
+                            old=self.store.facts_if_held(flight.renewal_of), detail="pending for 60 days or more",
                             data={"request_id": flight.request_id, "issuer": flight.issuer}))
                 return ActionOutcome(action, "done", "pending request dropped after 60 days")
             if action.kind is Kind.DELETE and action.thumbprint:
@@ -371,7 +363,7 @@ class Agent:
             why = f"request {answer.request_id} {answer.status}: {answer.reason or ''}"
             self.store.drop_flight(flight.id, now, EventDraft(
                 EventId.REQUEST_DENIED, action=flight.kind, template=flight.template_name,
-                old=self._facts(flight.renewal_of or (flight.replaces[0] if flight.replaces else None)),
+                old=self.store.facts_if_held(flight.renewal_of or (flight.replaces[0] if flight.replaces else None)),
                 detail=why, data={"request_id": answer.request_id, "issuer": issuer, "status": answer.status}))
             return ActionOutcome(action, "refused", why, evented=True)
         template, policy = self._template(flight.template_name, flight.policy_url)

@@ -222,7 +222,7 @@ class LocalStore:
         info = template_info.decode(cert)
         self._write_version(print_, key, cert, chain, replaces)
         new_facts = CertFacts.of(cert, template=template_name)
-        replaced = [(old, self._facts(old)) for old in dict.fromkeys(replaces) if old != print_]
+        replaced = [(old, self.facts_if_held(old)) for old in dict.fromkeys(replaces) if old != print_]
         with write(self.engine) as conn:
             exists = conn.execute(select(t.certificates.c.thumbprint)
                                   .where(t.certificates.c.thumbprint == print_)).first()
@@ -269,7 +269,10 @@ class LocalStore:
         record = self.find(print_)
         return CertFacts.of(self.certificate(record.thumbprint), template=record.template_name)
 
-    def _facts(self, print_: str) -> CertFacts | None:
+    def facts_if_held(self, print_: str | None) -> CertFacts | None:
+        """Event facts of a stored certificate, or None when there is none (or it is gone)."""
+        if not print_:
+            return None
         try:
             return self.facts(print_)
         except (Refusal, OSError, ValueError):
@@ -361,7 +364,7 @@ class LocalStore:
                 self._point_live(template, record.thumbprint)
 
     def archive(self, print_: str, now: dt.datetime, *, action: str = "cleanup") -> None:
-        facts = self._facts(print_)
+        facts = self.facts_if_held(print_)
         with write(self.engine) as conn:
             changed = conn.execute(update(t.certificates).where(
                 t.certificates.c.thumbprint == print_, t.certificates.c.archived.is_(False))
@@ -373,7 +376,7 @@ class LocalStore:
     def release(self, print_: str, now: dt.datetime) -> bool:
         """Archive a replaced certificate that no binding serves any more (its 1005). True when it
         was archived now."""
-        facts = self._facts(print_)
+        facts = self.facts_if_held(print_)
         with write(self.engine) as conn:
             if _held(conn, [print_]):
                 return False
@@ -417,7 +420,7 @@ class LocalStore:
     def delete(self, print_: str, now: dt.datetime, *, action: str = "cleanup") -> CertRecord:
         """Remove a certificate and its key, with its 1004 (``action``: cleanup, manual, move)."""
         record = self.find(print_)
-        facts = self._facts(record.thumbprint)
+        facts = self.facts_if_held(record.thumbprint)
         with write(self.engine) as conn:
             if action == "cleanup" and _held(conn, [record.thumbprint]):
                 raise Refusal(Reason.CONFLICT, f"a binding still serves {record.thumbprint}: it is kept until "

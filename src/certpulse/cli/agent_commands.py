@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +27,7 @@ from certpulse.agent.daemon import AgentLock, deliver_tasks, run, signal_running
 from certpulse.agent.gather import planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
+from certpulse.agent.store import LocalStore, open_store
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
@@ -40,6 +43,19 @@ AgentDir = Annotated[
                       "else ~/.local/share/certpulse)"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+
+
+@contextlib.contextmanager
+def agent_store(dir_: Path | None) -> Iterator[tuple[Path, AgentConfig, LocalStore]]:
+    """The agent's folder, configuration and store, for commands that need no CA and no
+    credential (tasks, bindings, events): they work while the CA is down."""
+    directory = resolve_dir(dir_)
+    config = load_config(directory)
+    store = open_store(directory, config)
+    try:
+        yield directory, config, store
+    finally:
+        store.close()
 
 
 def _open(dir_: Path | None) -> Agent:

@@ -4,18 +4,13 @@ replaced certificate (the seed's WinRM case)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
 from certpulse import clock
-from certpulse.agent.config import AgentConfig, load_config, resolve_dir
-from certpulse.agent.store import LocalStore, open_store
-from certpulse.cli.agent_commands import AgentDir, JsonOption
+from certpulse.cli.agent_commands import AgentDir, JsonOption, agent_store
 from certpulse.cli.output import console, emit_json, table
 from certpulse.errors import Reason, Refusal
 from certpulse.rebind import engine
@@ -25,17 +20,6 @@ from certpulse.rebind.probe import parse_probe
 
 binding_app = typer.Typer(help="Bindings: services that use a certificate, rebound on renewal", no_args_is_help=True)
 NameArgument = Annotated[str, typer.Argument(help="The binding's name")]
-
-
-@contextlib.contextmanager
-def _store(dir_: Path | None) -> Iterator[tuple[Path, AgentConfig, LocalStore]]:
-    directory = resolve_dir(dir_)
-    config = load_config(directory)
-    store = open_store(directory, config)
-    try:
-        yield directory, config, store
-    finally:
-        store.close()
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -73,7 +57,7 @@ def binding_add(
         parse_probe(probe)
     options = get_deployer(kind)().parse_options(_options(opt or []))
     now = clock.now()
-    with _store(dir_) as (_, _, store):
+    with agent_store(dir_) as (_, _, store):
         engine.ensure_cursor(store)
         first = engine.initial_certificate(store, template, cert)
         binding = add_binding(store, name=name, kind=kind, template=template,
@@ -91,7 +75,7 @@ def binding_add(
 @binding_app.command("list")
 def binding_list(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     """Every binding: what it serves, what it should move to, and its state."""
-    with _store(dir_) as (_, _, store):
+    with agent_store(dir_) as (_, _, store):
         found = list_bindings(store)
     if json_:
         emit_json([b.to_dict() for b in found])
@@ -106,7 +90,7 @@ def binding_list(dir_: AgentDir = None, json_: JsonOption = False) -> None:
 @binding_app.command("show")
 def binding_show(name: NameArgument, dir_: AgentDir = None, json_: JsonOption = False) -> None:
     """One binding, with its options and the output of its last deployment."""
-    with _store(dir_) as (_, _, store):
+    with agent_store(dir_) as (_, _, store):
         data = get_binding(store, name).to_dict()
     if json_:
         emit_json(data)
@@ -119,7 +103,7 @@ def binding_show(name: NameArgument, dir_: AgentDir = None, json_: JsonOption = 
 def binding_remove(name: NameArgument, dir_: AgentDir = None) -> None:
     """Forget a binding (its deployed files stay where they are)."""
     now = clock.now()
-    with _store(dir_) as (_, _, store):
+    with agent_store(dir_) as (_, _, store):
         binding = remove_binding(store, name)
         if binding.thumbprint:
             store.release(binding.thumbprint, now)  # a replaced certificate it held is archived now
@@ -133,7 +117,7 @@ def binding_renew(
     dir_: AgentDir = None,
 ) -> None:
     """Move every binding that serves OLD to NEW now (appcmd renew binding /oldcert /newcert)."""
-    with _store(dir_) as (_, _, store):
+    with agent_store(dir_) as (_, _, store):
         outcomes = engine.renew(store, old, new, clock.now())
     if not outcomes:
         console.print("no binding serves that certificate")
@@ -146,7 +130,7 @@ def binding_renew(
 @binding_app.command("deploy")
 def binding_deploy(name: NameArgument, dir_: AgentDir = None) -> None:
     """Deploy a binding's certificate again now (its target, when it has not reached it yet)."""
-    with _store(dir_) as (_, _, store):
+    with agent_store(dir_) as (_, _, store):
         binding = get_binding(store, name)
         thumbprint = binding.target or binding.thumbprint
         if thumbprint is None:
@@ -165,7 +149,7 @@ def binding_check(
 ) -> None:
     """Connect to every probed endpoint: configured, served and newest valid certificate, and a
     verdict (ok, stale, mismatch, unreachable). Exit status 1 when any is not ok."""
-    with _store(dir_) as (_, _, store):
+    with agent_store(dir_) as (_, _, store):
         results = engine.check(store, clock.now(), names=names)
     if json_:
         emit_json([r.to_dict() for r in results])

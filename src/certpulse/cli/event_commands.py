@@ -12,9 +12,8 @@ import typer
 from rich.markup import escape
 
 from certpulse import clock
-from certpulse.agent.config import load_config, resolve_dir
 from certpulse.agent.store import LocalStore
-from certpulse.cli.agent_commands import AgentDir, JsonOption
+from certpulse.cli.agent_commands import AgentDir, JsonOption, agent_store
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
@@ -56,10 +55,7 @@ def events(
     """Show lifecycle events, oldest first: 1001-1007 (the seed's) and the failures from 1100."""
     if channel is not None and channel not in CHANNELS:
         raise Refusal(Reason.INVALID_ARGUMENT, f"--channel must be one of {', '.join(CHANNELS)}")
-    directory = resolve_dir(dir_)
-    config = load_config(directory)
-    store = LocalStore(directory / "store", channel=config.channel)
-    try:
+    with agent_store(dir_) as (_, _, store):
         start = parse_since(since, clock.now()) if since else None
         found = read_events(store.engine, event_ids=event_id or (), channel=channel, since=start, limit=limit,
                             newest=True)
@@ -81,8 +77,6 @@ def events(
                     last = event.seq
         except KeyboardInterrupt:
             return
-    finally:
-        store.close()
 
 
 def _newest(store: LocalStore) -> int:

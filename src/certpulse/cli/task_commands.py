@@ -6,8 +6,6 @@ read, so they work while the CA is down, which is when an operator most wants th
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -15,9 +13,7 @@ import typer
 from rich.markup import escape
 
 from certpulse import clock
-from certpulse.agent.config import AgentConfig, load_config, resolve_dir
-from certpulse.agent.store import LocalStore, open_store
-from certpulse.cli.agent_commands import AgentDir, JsonOption
+from certpulse.cli.agent_commands import AgentDir, JsonOption, agent_store
 from certpulse.cli.output import console, emit_json, table
 from certpulse.errors import Reason, Refusal
 from certpulse.events import tasks as task_mod
@@ -27,19 +23,6 @@ from certpulse.events.model import TASK_TYPES
 task_app = typer.Typer(help="Notification tasks: commands run for lifecycle events", no_args_is_help=True)
 
 NameArgument = Annotated[str, typer.Argument(help="The task's name")]
-
-
-@contextlib.contextmanager
-def _store(dir_: Path | None) -> Iterator[tuple[Path, AgentConfig, LocalStore]]:
-    """The agent's folder, configuration and store; events raised here reach syslog when the
-    agent is configured so, as the agent's own do."""
-    directory = resolve_dir(dir_)
-    config = load_config(directory)
-    store = open_store(directory, config)
-    try:
-        yield directory, config, store
-    finally:
-        store.close()
 
 
 def _when(value: object) -> str:
@@ -62,7 +45,7 @@ def task_add(
     = False,
 ) -> None:
     """Register a command to run for matching events; its SHA-256 is pinned now."""
-    with _store(dir_) as (_, config, store):
+    with agent_store(dir_) as (_, config, store):
         task = task_mod.add_task(store, name=name, task_type=task_type, command=command, args=arg or (),
                                  channel=channel or config.channel, old_thumbprint=old_thumbprint, timeout=timeout,
                                  now=clock.now(), agent_channel=config.channel, replace=replace)
@@ -74,7 +57,7 @@ def task_add(
 @task_app.command("pin")
 def task_pin(name: NameArgument, dir_: AgentDir = None) -> None:
     """Re-check and re-pin the command after an intended change: a refused task gets its missed events."""
-    with _store(dir_) as (_, _config, store):
+    with agent_store(dir_) as (_, _config, store):
         task, previous = task_mod.pin_task(store, name)
     same = "unchanged" if previous == task.sha256 else f"was {previous}"
     console.print(f"[green]task {escape(task.name)} pinned[/green]: sha256 {task.sha256} ({same})")
@@ -83,7 +66,7 @@ def task_pin(name: NameArgument, dir_: AgentDir = None) -> None:
 @task_app.command("remove")
 def task_remove(name: NameArgument, dir_: AgentDir = None) -> None:
     """Forget a task and its history."""
-    with _store(dir_) as (_, _config, store):
+    with agent_store(dir_) as (_, _config, store):
         task = task_mod.remove_task(store, name)
     console.print(f"[yellow]task {escape(task.name)} removed[/yellow]")
 
@@ -91,7 +74,7 @@ def task_remove(name: NameArgument, dir_: AgentDir = None) -> None:
 @task_app.command("list")
 def task_list(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     """Every task with its state and its last run."""
-    with _store(dir_) as (_, _config, store):
+    with agent_store(dir_) as (_, _config, store):
         found = task_mod.list_tasks(store)
     if json_:
         emit_json([task.to_dict() for task in found])
@@ -112,7 +95,7 @@ def task_history(
     json_: JsonOption = False,
 ) -> None:
     """The task's recent runs, oldest first, with their captured output."""
-    with _store(dir_) as (_, _config, store):
+    with agent_store(dir_) as (_, _config, store):
         runs = task_mod.history(store, name, limit=limit)
     if json_:
         emit_json([run.to_dict() for run in runs])
@@ -128,7 +111,7 @@ def task_history(
 @task_app.command("test")
 def task_test(name: NameArgument, dir_: AgentDir = None, json_: JsonOption = False) -> None:
     """Run the task once for a made-up event (CERTPULSE_TEST=1), as Switch-Certificate -NotifyOnly."""
-    with _store(dir_) as (directory, _config, store):
+    with agent_store(dir_) as (directory, _config, store):
         run = task_mod.run_test(store, name, directory=directory, now=clock.now())
     if json_:
         emit_json(run.to_dict())
@@ -147,7 +130,7 @@ def task_test(name: NameArgument, dir_: AgentDir = None, json_: JsonOption = Fal
 @task_app.command("run-pending")
 def task_run_pending(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     """Deliver pending events to the tasks now (the agent does this after every pulse)."""
-    with _store(dir_) as (directory, config, store):
+    with agent_store(dir_) as (directory, config, store):
         summary = task_mod.dispatch(store, config, directory, clock.now())
     if json_:
         emit_json(summary.to_dict())

@@ -30,18 +30,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
 
 from certpulse.agent.config import AgentConfig
+from certpulse.agent.locks import try_lock
 from certpulse.agent.store import CertRecord, LocalStore
 from certpulse.errors import Reason, Refusal
 from certpulse.events import log as event_log
@@ -309,19 +309,9 @@ class DispatchSummary:
         return dataclasses.asdict(self)
 
 
-@contextlib.contextmanager
-def dispatch_lock(directory: Path) -> Iterator[bool]:
+def dispatch_lock(directory: Path) -> contextlib.AbstractContextManager[bool]:
     """Hold ``<agent folder>/tasks.lock`` (non-blocking): True when this caller holds it."""
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
+    return try_lock(directory / LOCK_NAME)
 
 
 class _TaskChanged(Exception):
@@ -542,13 +532,6 @@ def _placeholder(thumbprint: str | None, now: dt.datetime, digit: str = "0") -> 
                      store="personal", not_before=now, expiration=now + dt.timedelta(days=365))
 
 
-def _stored_facts(store: LocalStore, thumbprint: str) -> CertFacts | None:
-    try:
-        return store.facts(thumbprint)
-    except (Refusal, OSError, ValueError):
-        return None
-
-
 def _newest_current(store: LocalStore) -> CertRecord | None:
     current = store.certificates(include_archived=False)
     return max(current, key=lambda r: (r.installed_at, r.not_after)) if current else None
@@ -559,7 +542,7 @@ def _predecessor(store: LocalStore, record: CertRecord | None) -> CertFacts | No
     if record is None:
         return None
     replaced = next((r for r in store.certificates() if r.replaced_by == record.thumbprint), None)
-    return _stored_facts(store, replaced.thumbprint) if replaced else None
+    return store.facts_if_held(replaced.thumbprint) if replaced else None
 
 
 def synthetic_event(store: LocalStore, task: Task, now: dt.datetime) -> Event:
@@ -568,7 +551,7 @@ def synthetic_event(store: LocalStore, task: Task, now: dt.datetime) -> Event:
     --old-thumbprint) for the old one, placeholders when the store has none."""
     event_id = min(TASK_TYPES[task.task_type])
     newest = _newest_current(store)
-    current = _stored_facts(store, newest.thumbprint) if newest else None
+    current = store.facts_if_held(newest.thumbprint) if newest else None
     old: CertFacts | None
     new: CertFacts | None
     if event_id == EventId.NEW:
@@ -578,7 +561,7 @@ def synthetic_event(store: LocalStore, task: Task, now: dt.datetime) -> Event:
     else:
         old, new = current or _placeholder(None, now), None
     if old is not None and task.old_thumbprint and old.thumbprint != task.old_thumbprint:
-        old = _stored_facts(store, task.old_thumbprint) or _placeholder(task.old_thumbprint, now)
+        old = store.facts_if_held(task.old_thumbprint) or _placeholder(task.old_thumbprint, now)
     shown = new or old
     return Event(seq=0, event_id=int(event_id), channel=task.channel, time=now, uid=os.geteuid(), action="test",
                  old=old, new=new, template=shown.template if shown else None,

@@ -11,16 +11,13 @@ again. The old certificate stays unarchived while any binding serves it
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from certpulse.agent.locks import try_lock
 from certpulse.agent.store import CertRecord, LocalStore
 from certpulse.errors import Refusal
 from certpulse.events.log import latest_seq, read_events
@@ -57,20 +54,6 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@contextlib.contextmanager
-def _lock(directory: Path) -> Iterator[bool]:
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 # -- deploying ------------------------------------------------------------------------------------
@@ -142,19 +125,11 @@ def _failed(store: LocalStore, binding: Binding, thumbprint: str, failure: Deplo
     update_binding(store, binding.name, now, target=thumbprint, state="failed", attempts=attempts,
                    next_attempt_at=now + delay, last_error=str(failure), last_output=output)
     store.record([EventDraft(
-        EventId.NOT_DEPLOYED, action=binding.kind, old=_facts(store, binding.thumbprint),
-        new=_facts(store, thumbprint), detail=f"binding {binding.name}: {failure}",
+        EventId.NOT_DEPLOYED, action=binding.kind, old=store.facts_if_held(binding.thumbprint),
+        new=store.facts_if_held(thumbprint), detail=f"binding {binding.name}: {failure}",
         data={"binding": binding.name, "output": output, "attempt": attempts,
               "next_attempt_at": (now + delay).isoformat()})], now)
     return Outcome(binding.name, False, thumbprint, str(failure))
-
-
-def _facts(store: LocalStore, thumbprint: str | None) -> Any:
-    if not thumbprint:
-        return None
-    with contextlib.suppress(Refusal, OSError, ValueError):
-        return store.facts(thumbprint)
-    return None
 
 
 # -- reacting to events ---------------------------------------------------------------------------
@@ -163,7 +138,7 @@ def _facts(store: LocalStore, thumbprint: str | None) -> Any:
 def process(store: LocalStore, directory: Path, now: dt.datetime) -> list[Outcome]:
     """Move bindings along the events since the cursor (1001: to the successor; 1006: a binding
     that follows a template and has nothing yet), then retry failed deployments that are due."""
-    with _lock(directory) as held:
+    with try_lock(directory / LOCK_NAME) as held:
         if not held:
             return []
         cursor = ensure_cursor(store)
@@ -258,8 +233,8 @@ def check(store: LocalStore, now: dt.datetime, *, names: list[str] | None = None
         else:
             verdict, detail = "mismatch", f"serves {seen.thumbprint}, a certificate this store does not hold"
         if verdict != "ok" and verdict != binding.verdict:
-            store.record([EventDraft(EventId.BINDING_DRIFT, action=verdict, old=_facts(store, seen.thumbprint),
-                                     new=_facts(store, expected), detail=f"binding {binding.name}: {detail}",
+            store.record([EventDraft(EventId.BINDING_DRIFT, action=verdict, old=store.facts_if_held(seen.thumbprint),
+                                     new=store.facts_if_held(expected), detail=f"binding {binding.name}: {detail}",
                                      data={"binding": binding.name, "verdict": verdict, "served": seen.thumbprint,
                                            "configured": binding.thumbprint, "newest": newest})], now)
         update_binding(store, binding.name, binding.updated_at, verdict=verdict, served=seen.thumbprint,
