@@ -312,7 +312,15 @@ def run_command(path: str | os.PathLike[str], pin: str, *, args: Sequence[str] =
                          time.monotonic() - started)
     finally:
         os.close(memfd)
-    return _Supervisor(proc, stdin, timeout, output_cap, kill_grace, started).run()
+    return supervise(proc, stdin, timeout=timeout, output_cap=output_cap, kill_grace=kill_grace, started=started)
+
+
+def supervise(proc: subprocess.Popen[bytes], stdin: bytes, *, timeout: float, output_cap: int = OUTPUT_CAP,
+              kill_grace: float = KILL_GRACE, started: float | None = None) -> RunResult:
+    """Watch a child started in a session of its own (a task's command, a binding's reload):
+    feed ``stdin``, keep up to ``output_cap`` bytes of output, kill the whole group at ``timeout``."""
+    return _Supervisor(proc, stdin, timeout, output_cap, kill_grace,
+                       time.monotonic() if started is None else started).run()
 
 
 class _Supervisor:

@@ -25,7 +25,7 @@ from certpulse.events.commands import (
     KILL_GRACE,
     OUTPUT_CAP,
     RunResult,
-    _Supervisor,  # the task runner's supervision, shared on purpose
+    supervise,
     task_environment,
 )
 from certpulse.rebind.deployers.base import DeployFailed
@@ -80,7 +80,7 @@ def run_argv(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, output_ca
     except OSError as exc:
         return RunResult("failed", None, b"", False, f"cannot start {argv[0]}: {exc.strerror or exc}",
                          time.monotonic() - started)
-    return _Supervisor(proc, b"", timeout, output_cap, KILL_GRACE, started).run()
+    return supervise(proc, b"", timeout=timeout, output_cap=output_cap, kill_grace=KILL_GRACE, started=started)
 
 
 def output_text(result: RunResult) -> str:
