@@ -248,3 +248,21 @@ def test_binding_commands_refuse_bad_input_in_one_line(pki: CA, ca_url: str, tmp
     result = agent.run("binding", "add", "a", "--template", "machine", "--kind", "files", "--opt", target,
                        check=False)
     assert result.returncode == 2 and "conflict" in result.stderr
+
+
+def test_a_certificate_a_binding_serves_is_not_deleted_or_moved_away(
+        pki: CA, ca_url: str, tmp_path: Path) -> None:
+    agent = new_agent(pki, ca_url, tmp_path / "agent")
+    thumbprint = action_for(agent.pulse(), "machine")["new_thumbprint"]
+    deploy = tmp_path / "deploy"
+    deploy.mkdir(mode=0o700)
+    agent.run("binding", "add", "app", "--cert", thumbprint, "--kind", "files",
+              "--opt", f"fullchain={deploy / 'fullchain.pem'}")
+    other = new_agent(pki, ca_url, tmp_path / "other")
+    for args in (("cert", "delete", thumbprint), ("cert", "move", thumbprint, "--to", str(other.dir))):
+        result = agent.run(*args, check=False)
+        assert result.returncode == 2 and "certpulse: error: conflict: a binding still serves" in result.stderr
+    assert [c["thumbprint"] for c in agent.certs()] == [thumbprint]
+    assert other.certs() == []
+    agent.run("cert", "delete", thumbprint, "--force")
+    assert agent.certs() == []

@@ -131,6 +131,9 @@ def move_certificate(agent: Agent, prefix: str, target: Agent, now: dt.datetime,
     if not record.has_key:
         raise Refusal(Reason.INVALID_ARGUMENT, f"{record.thumbprint} has no private key: only key-bearing "
                                                "certificates are moved")
+    if not copy and agent.store.served_by_binding(record.thumbprint):
+        raise Refusal(Reason.CONFLICT, f"a binding still serves {record.thumbprint}: copy it (--copy), or move the "
+                                       "binding to another certificate first")
     if target.store.root.resolve() == agent.store.root.resolve():
         raise Refusal(Reason.INVALID_ARGUMENT, "the source and the target are the same store")
     try:

@@ -373,6 +373,10 @@ class LocalStore:
             events = event_log.append(conn, drafts, now=now, channel=self.channel)
         self.announce(events)
 
+    def served_by_binding(self, print_: str) -> bool:
+        with read(self.engine) as conn:
+            return bool(_held(conn, [print_]))
+
     def release(self, print_: str, now: dt.datetime) -> bool:
         """Archive a replaced certificate that no binding serves any more (its 1005). True when it
         was archived now."""
@@ -417,14 +421,15 @@ class LocalStore:
         self._repair_links()
         return self.find(old_record.thumbprint), new_record
 
-    def delete(self, print_: str, now: dt.datetime, *, action: str = "cleanup") -> CertRecord:
-        """Remove a certificate and its key, with its 1004 (``action``: cleanup, manual, move)."""
+    def delete(self, print_: str, now: dt.datetime, *, action: str = "cleanup", force: bool = False) -> CertRecord:
+        """Remove a certificate and its key, with its 1004 (``action``: cleanup, manual, move). One
+        that a binding still serves is kept unless ``force``: the service would lose its files."""
         record = self.find(print_)
         facts = self.facts_if_held(record.thumbprint)
         with write(self.engine) as conn:
-            if action == "cleanup" and _held(conn, [record.thumbprint]):
+            if not force and _held(conn, [record.thumbprint]):
                 raise Refusal(Reason.CONFLICT, f"a binding still serves {record.thumbprint}: it is kept until "
-                                               "the binding has moved to its successor")
+                                               "the binding has moved to its successor (or use --force)")
             changed = conn.execute(delete(t.certificates)
                                    .where(t.certificates.c.thumbprint == record.thumbprint)).rowcount
             drafts = [EventDraft(EventId.DELETED, action=action, old=facts)] if changed and facts else []

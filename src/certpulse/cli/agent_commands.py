@@ -368,11 +368,15 @@ def cert_export(
 
 
 @cert_app.command("delete")
-def cert_delete(thumbprint: str, dir_: AgentDir = None) -> None:
+def cert_delete(
+    thumbprint: str,
+    dir_: AgentDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Even when a binding still serves it")] = False,
+) -> None:
     """Delete a certificate and its key from the store (event 1004)."""
     agent = _open(dir_)
     try:
-        record = agent.store.delete(thumbprint, clock.now(), action="manual")
+        record = agent.store.delete(thumbprint, clock.now(), action="manual", force=force)
         deliver_tasks(agent.directory, agent.config, agent.store)
     finally:
         agent.close()
