@@ -36,6 +36,7 @@ apikey_app = typer.Typer(help="API keys for CA managers", no_args_is_help=True)
 # prometheus_client into every command, and fix its storage mode before ``ca serve`` chooses it).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 KEY_TYPES = ", ".join(s for s in KEY_SPECS if s != "ec-p521")
+MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"  # read by each worker (frontends/shedding.py); named here likewise
 
 
 def _admin(dir_: Path | None) -> CAAdmin:
@@ -72,6 +73,9 @@ def ca_serve(
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes (one per core)")] = 1,
     tls: Annotated[bool, typer.Option("--tls/--no-tls", help="HTTPS with a certificate this CA issues itself")] = False,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log")] = False,
+    max_inflight: Annotated[int, typer.Option(
+        "--max-inflight", min=0, max=100_000,
+        help="Requests one worker takes at once; past that it answers 503 with Retry-After (0: no limit)")] = 64,
 ) -> None:
     """Serve the enrollment API."""
     import uvicorn
@@ -91,6 +95,7 @@ def ca_serve(
                                            clock.now())
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     os.environ["CERTPULSE_CA_DIR"] = str(target.root.resolve())
+    os.environ[MAX_INFLIGHT_ENV] = str(max_inflight)
     console.print(f"serving CA {config.name!r} on {'https' if tls else 'http'}://{listen} ({workers} worker(s))")
     with _metrics_folder():
         uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),

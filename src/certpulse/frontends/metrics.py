@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -80,6 +80,47 @@ def observe_submission(outcome: str, started: float) -> None:
         ISSUANCE_SECONDS.observe(elapsed)
     else:
         SUBMISSION_SECONDS.labels(outcome).observe(elapsed)
+
+
+# Load shedding (frontends/shedding.py): what each worker has in progress, and what it refused.
+REQUESTS_SHED = Counter(
+    "certpulse_ca_requests_shed",
+    "Requests answered 503 with Retry-After, unread, because their worker already had its limit "
+    "(ca serve --max-inflight) of requests in progress",
+    registry=_PROCESS_REGISTRY,
+)
+REQUESTS_INFLIGHT = Gauge(
+    "certpulse_ca_requests_inflight", "Requests in progress now, over all workers (/healthz and /metrics excluded)",
+    registry=_PROCESS_REGISTRY, multiprocess_mode="livesum",
+)
+REQUESTS_INFLIGHT_PEAK = Gauge(
+    "certpulse_ca_requests_inflight_peak",
+    "The most requests one worker has had in progress at once since the server started",
+    registry=_PROCESS_REGISTRY, multiprocess_mode="max",
+)
+INFLIGHT_LIMIT = Gauge(
+    "certpulse_ca_requests_inflight_limit",
+    "Requests one worker takes at once before it sheds (ca serve --max-inflight)",
+    registry=_PROCESS_REGISTRY, multiprocess_mode="max",
+)
+
+
+def observe_shed() -> None:
+    REQUESTS_SHED.inc()
+
+
+def observe_inflight(change: int) -> None:
+    """A request started (+1) or ended (-1)."""
+    REQUESTS_INFLIGHT.inc(change)
+
+
+def observe_inflight_peak(peak: int) -> None:
+    """This worker has just had more requests in progress at once than ever before."""
+    REQUESTS_INFLIGHT_PEAK.set(peak)
+
+
+def set_inflight_limit(limit: int) -> None:
+    INFLIGHT_LIMIT.set(limit)
 
 
 def multiprocess_mode() -> bool:
