@@ -40,13 +40,20 @@ TASK_POLL_SECONDS = 30.0  # retries fall due between events; the delivery thread
 def next_delay(*, refresh: dt.timedelta, failures: int, retry_after: float | None, cap: dt.timedelta,
                rng: random.Random) -> float:
     """Seconds until the next pulse. Success: the refresh interval plus up to 10 % jitter.
-    After ``failures`` failures in a row: exponential from one minute, capped, with jitter."""
+    After ``failures`` failures in a row: exponential from one minute, capped, with jitter.
+
+    With a ``Retry-After`` (a server shedding load) the wait is spread over up to half as long
+    again, within the cap: every agent shed in one storm got about the same answer, and the
+    one-minute floor alone would bring them all back in the same second."""
     if failures == 0:
         base = refresh.total_seconds()
         return base + rng.uniform(0, base * 0.1)
     ceiling = min(cap.total_seconds(), BACKOFF_FLOOR * 2 ** (failures - 1))
     delay = max(BACKOFF_FLOOR, rng.uniform(ceiling / 2, ceiling))
-    return max(delay, retry_after or 0.0)
+    if retry_after is None:
+        return delay
+    low = max(delay, retry_after)
+    return rng.uniform(low, max(low, min(low * 1.5, max(cap.total_seconds(), BACKOFF_FLOOR))))
 
 
 class AgentLock:
