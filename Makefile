@@ -30,8 +30,19 @@ system-packages:
 	scripts/system-packages
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests demo
+	$(BIN)/ruff check src tests demo benchmarks
 	$(BIN)/mypy
+
+# The benchmarks of issue 6 (see benchmarks/RESULTS.md); minutes, not seconds. wrk and cfssl
+# (Debian packages) are installed when missing. Not part of `make test`: that runs a smoke run of each.
+BENCHMARKS := benchmarks/issuance.py benchmarks/storm.py benchmarks/scale.py
+
+bench: $(STAMP) system-packages
+	scripts/bench-packages
+	@for f in $(BENCHMARKS); do [ -f "$$f" ] || { echo "make bench: $$f is missing" >&2; exit 1; }; done
+	$(BIN)/python benchmarks/issuance.py
+	$(BIN)/python benchmarks/storm.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
