@@ -94,7 +94,11 @@ def threshold_reached(cert: StoredCertificate, template: TemplatePolicy, now: dt
 
 
 class _PolicyView:
-    """The policy servers, grouped by policy id and ordered by cost then authentication strength."""
+    """The policy servers, grouped by policy id and ordered by cost then authentication strength.
+
+    Lookups are indexed and remembered: a view lives for one planning pass over a policy that
+    does not change meanwhile, and a pulse over thousands of certificates asks the same
+    questions (a template by OID, its issuers, its successor) for each of them."""
 
     def __init__(self, servers: Iterable[PolicyServer]) -> None:
         groups: dict[str, list[PolicyServer]] = {}
@@ -106,6 +110,39 @@ class _PolicyView:
             groups.values(), key=lambda g: (g[0].cost, AUTH_STRENGTH.get(g[0].auth, 9), g[0].policy_id))
         default = [g for g in self.groups if any(s.is_default for s in g)]
         self.default = default[0] if default else (self.groups[0] if self.groups else [])
+        # Per group, per server in order: its templates by name and by OID (the first one listed,
+        # as PolicyServer.template and template_by_oid answer).
+        self._tables: dict[int, list[tuple[dict[str, TemplatePolicy], dict[str, TemplatePolicy]]]] = {}
+        # Template name -> (group, template) for every template that supersedes it, in the order
+        # groups, servers and templates are listed.
+        self._successors: dict[str, list[tuple[list[PolicyServer], TemplatePolicy]]] = {}
+        for group in self.groups:
+            tables = self._tables.setdefault(id(group), [])
+            for server in group:
+                by_name: dict[str, TemplatePolicy] = {}
+                by_oid: dict[str, TemplatePolicy] = {}
+                for template in server.templates:
+                    by_name.setdefault(template.name, template)
+                    by_oid.setdefault(template.oid, template)
+                    for old in dict.fromkeys(template.supersedes):
+                        self._successors.setdefault(old, []).append((group, template))
+                tables.append((by_name, by_oid))
+        self._orders: dict[str | None, list[list[PolicyServer]]] = {}
+        self._found: dict[tuple[str | None, str | None, str | None],
+                          tuple[TemplatePolicy, list[PolicyServer]] | None] = {}
+        self._issuers: dict[tuple[int, str, bool], tuple[tuple[PolicyServer, IssuerPolicy], ...]] = {}
+        self._issuer_orders: dict[tuple[str, int, bool], tuple[tuple[str, ...], str | None]] = {}
+        self._superseded: dict[tuple[str, str], TemplatePolicy | None] = {}
+
+    def _ordered(self, policy_id: str | None) -> list[list[PolicyServer]]:
+        """The groups to look in: the certificate's own, then the default, then the others."""
+        ordered = self._orders.get(policy_id)
+        if ordered is None:
+            ordered = [g for g in self.groups if g[0].policy_id == policy_id]
+            ordered += [self.default] if self.default and self.default not in ordered else []
+            ordered += [g for g in self.groups if g not in ordered]
+            self._orders[policy_id] = ordered
+        return ordered
 
     def find(self, *, name: str | None = None, oid: str | None = None,
              policy_id: str | None = None) -> tuple[TemplatePolicy, list[PolicyServer]] | None:
@@ -113,29 +150,39 @@ class _PolicyView:
         then any (the seed: the default policy renews certificates whose policy id is unknown).
         The first group in which the template is applicable wins; when it is applicable in none,
         the first group that lists it (so the skip can be explained)."""
-        ordered = [g for g in self.groups if g[0].policy_id == policy_id]
-        ordered += [self.default] if self.default and self.default not in ordered else []
-        ordered += [g for g in self.groups if g not in ordered]
+        key = (name, oid, policy_id)
+        if key in self._found:
+            return self._found[key]
         first: tuple[TemplatePolicy, list[PolicyServer]] | None = None
-        for group in ordered:
-            for server in group:
-                template = server.template_by_oid(oid) if oid else server.template(name or "")
+        for group in self._ordered(policy_id):
+            for by_name, by_oid in self._tables[id(group)]:
+                template = by_oid.get(oid) if oid else by_name.get(name or "")
                 if template is not None:
                     if self.applicable(template, group):
+                        self._found[key] = (template, group)
                         return template, group
                     first = first or (template, group)
                     break
+        self._found[key] = first
         return first
 
-    @staticmethod
+    def _issuer_pairs(self, group: list[PolicyServer], template: str,
+                      new_request: bool) -> tuple[tuple[PolicyServer, IssuerPolicy], ...]:
+        key = (id(group), template, new_request)
+        found = self._issuers.get(key)
+        if found is None:
+            pairs = [
+                (server, issuer) for server in group for issuer in server.issuers
+                if issuer.valid and template in issuer.templates and not (new_request and issuer.renewal_only)
+            ]
+            found = tuple(sorted(pairs, key=lambda pair: (not pair[1].reachable, pair[1].cost, pair[1].name)))
+            self._issuers[key] = found
+        return found
+
     def issuers_in(
-        group: list[PolicyServer], template: str, *, new_request: bool
+        self, group: list[PolicyServer], template: str, *, new_request: bool
     ) -> list[tuple[PolicyServer, IssuerPolicy]]:
-        found = [
-            (server, issuer) for server in group for issuer in server.issuers
-            if issuer.valid and template in issuer.templates and not (new_request and issuer.renewal_only)
-        ]
-        return sorted(found, key=lambda pair: (not pair[1].reachable, pair[1].cost, pair[1].name))
+        return list(self._issuer_pairs(group, template, new_request))
 
     def issuer_order(
         self, template: str, group: list[PolicyServer], *, new_request: bool
@@ -143,19 +190,24 @@ class _PolicyView:
         """Issuers to try, best first: the template's group (or, for new requests, the default
         policy) by cost, then any other policy's issuers that serve the template."""
         first = self.default if new_request else group
-        pairs = self.issuers_in(first, template, new_request=new_request)
-        for other in self.groups:
-            if other is not first:
-                pairs += self.issuers_in(other, template, new_request=new_request)
-        names: list[str] = []
-        for _, issuer in pairs:
-            if issuer.name not in names:
-                names.append(issuer.name)
-        return names, (pairs[0][0].url if pairs else None)
+        key = (template, id(first), new_request)
+        found = self._issuer_orders.get(key)
+        if found is None:
+            pairs = list(self._issuer_pairs(first, template, new_request))
+            for other in self.groups:
+                if other is not first:
+                    pairs += self._issuer_pairs(other, template, new_request)
+            names: list[str] = []
+            for _, issuer in pairs:
+                if issuer.name not in names:
+                    names.append(issuer.name)
+            found = (tuple(names), pairs[0][0].url if pairs else None)
+            self._issuer_orders[key] = found
+        return list(found[0]), found[1]
 
     def applicable(self, template: TemplatePolicy, group: list[PolicyServer]) -> bool:
         """Autoenroll permission and some valid issuer in the group serves it."""
-        return template.autoenroll and bool(self.issuers_in(group, template.name, new_request=False))
+        return template.autoenroll and bool(self._issuer_pairs(group, template.name, False))
 
     def kra_valid(self, group: list[PolicyServer]) -> bool:
         return any(server.kra_valid for server in group)
@@ -165,15 +217,14 @@ class _PolicyView:
         applicable, subject not required in the request, fewer than two RA signatures, no user
         interaction on a machine, and a KRA when it archives keys. A successor this client cannot
         get leaves the old template renewing, rather than lapsing with nothing in its place."""
-        for group in self.groups:
-            for server in group:
-                for other in server.templates:
-                    if (template.name in other.supersedes and self.applicable(other, group)
-                            and other.subject_source != "request" and other.ra_signatures < 2
-                            and not (context == "machine" and other.user_interaction)
-                            and (not other.archive_private_key or self.kra_valid(group))):
-                        return other
-        return None
+        key = (template.name, context)
+        if key not in self._superseded:
+            self._superseded[key] = next(
+                (other for group, other in self._successors.get(template.name, ())
+                 if self.applicable(other, group) and other.subject_source != "request" and other.ra_signatures < 2
+                 and not (context == "machine" and other.user_interaction)
+                 and (not other.archive_private_key or self.kra_valid(group))), None)
+        return self._superseded[key]
 
     def all_templates(self) -> list[tuple[TemplatePolicy, list[PolicyServer]]]:
         """Every template by name, each from the first group (default first) where it applies."""
@@ -182,13 +233,55 @@ class _PolicyView:
         return [entry for entry in found if entry is not None]
 
 
+class _Certs:
+    """Certificates in a fixed order, indexed by template name. Each template's list keeps that
+    order, so scanning one template's certificates finds what scanning all of them would, in
+    time proportional to that template's share of the store rather than to the whole store."""
+
+    def __init__(self, certs: Iterable[StoredCertificate], now: dt.datetime) -> None:
+        self.all = list(certs)
+        self.now = now
+        self._of: dict[str | None, list[StoredCertificate]] = {}
+        self._at: dict[str | None, list[int]] = {}
+        for index, cert in enumerate(self.all):
+            self._of.setdefault(cert.template_name, []).append(cert)
+            self._at.setdefault(cert.template_name, []).append(index)
+        self._newest: dict[str, StoredCertificate | None] = {}
+        self._ra: bool | None = None
+        self._by_thumb: dict[str, StoredCertificate] | None = None
+
+    def of(self, template: str | None) -> list[StoredCertificate]:
+        """The certificates whose template is named ``template``, in order (do not change it)."""
+        return self._of.get(template, [])
+
+    def unarchived_of(self, templates: Iterable[str]) -> list[StoredCertificate]:
+        """``[c for c in all if not c.archived and c.template_name in templates]``."""
+        indices = sorted({i for name in templates for i in self._at.get(name, ())})
+        return [self.all[i] for i in indices if not self.all[i].archived]
+
+    def newest_usable(self, template: str) -> StoredCertificate | None:
+        if template not in self._newest:
+            self._newest[template] = _newest_usable(self.of(template), template, self.now)
+        return self._newest[template]
+
+    def has_ra_certificate(self) -> bool:
+        if self._ra is None:
+            self._ra = _has_ra_certificate(self.all, self.now)
+        return self._ra
+
+    def by_thumbprint(self) -> dict[str, StoredCertificate]:
+        if self._by_thumb is None:
+            self._by_thumb = {c.thumbprint: c for c in self.all}
+        return self._by_thumb
+
+
 def plan(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot, now: dt.datetime) -> Plan:
     """The whole pulse as an ordered list of actions (SPEC "A pulse, in order")."""
     if not options.enabled:
         return Plan((), (Note("1:disabled", detail="autoenrollment is disabled"),))
     view = _PolicyView(servers)
     certs = sorted(store.certificates, key=lambda c: c.thumbprint)
-    personal = [c for c in certs if c.store == "personal"]
+    personal = _Certs((c for c in certs if c.store == "personal"), now)
     actions: list[Action] = []
     notes: list[Note] = []
     pending_templates: set[str] = set()
@@ -233,7 +326,7 @@ def _deletable(view: _PolicyView, cert: StoredCertificate, now: dt.datetime) -> 
             and found[0].purpose not in ("encryption", "both"))
 
 
-def _with_deletions(view: _PolicyView, personal: list[StoredCertificate], action: Action,
+def _with_deletions(view: _PolicyView, personal: _Certs, action: Action,
                     now: dt.datetime) -> Action:
     """Name the replaced certificates the executor deletes instead of archiving: cleanup would
     delete them at the next pulse anyway, since they are already expired or revoked."""
@@ -243,7 +336,7 @@ def _with_deletions(view: _PolicyView, personal: list[StoredCertificate], action
         replaced = action.replaces
     else:
         return action
-    by_thumb = {c.thumbprint: c for c in personal}
+    by_thumb = personal.by_thumbprint()
     # Archived ones are left to cleanup, which deletes them in this very pulse.
     doomed = tuple(t for t in replaced if t in by_thumb and not by_thumb[t].archived
                    and _deletable(view, by_thumb[t], now))
@@ -259,13 +352,13 @@ def _newest_usable(certs: Iterable[StoredCertificate], template: str, now: dt.da
     return max(usable, key=_recency) if usable else None
 
 
-def _carried_elsewhere(personal: list[StoredCertificate], cert: StoredCertificate, template: TemplatePolicy,
+def _carried_elsewhere(personal: _Certs, cert: StoredCertificate, template: TemplatePolicy,
                        now: dt.datetime, *, major: bool) -> StoredCertificate | None:
     """Another usable certificate of the template that carries it instead of ``cert``: a more
     recent one, or one that is not due (threshold not reached and, with ``major``, not of an
     older major version). One certificate per template is renewed, and never while another
     one needs no renewal: so a freshly installed certificate settles the template."""
-    for other in personal:
+    for other in personal.of(template.name):
         if other.thumbprint == cert.thumbprint or other.template_name != template.name or not other.usable(now):
             continue
         outdated = major and template.major_version > other.major_version
@@ -279,12 +372,12 @@ def _has_ra_certificate(certs: Iterable[StoredCertificate], now: dt.datetime) ->
 
 
 def _renew_autoenrolled(
-    options: Options, view: _PolicyView, personal: list[StoredCertificate], pending: set[str],
+    options: Options, view: _PolicyView, personal: _Certs, pending: set[str],
     covered: set[str], notes: list[Note], now: dt.datetime,
 ) -> list[Action]:
     """6(a): renew certificates of templates set up for autoenrollment."""
     actions: list[Action] = []
-    for cert in personal:
+    for cert in personal.all:
         if cert.archived or cert.source != "auto" or cert.template_oid is None:
             continue
         found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
@@ -342,7 +435,7 @@ def _autoenroll_skip(options: Options, view: _PolicyView, template: TemplatePoli
 
 
 def _enroll_missing(
-    options: Options, view: _PolicyView, personal: list[StoredCertificate], pending: set[str],
+    options: Options, view: _PolicyView, personal: _Certs, pending: set[str],
     covered: set[str], notes: list[Note], now: dt.datetime,
 ) -> list[Action]:
     """6(b): new requests for applicable templates that lack a valid certificate."""
@@ -352,7 +445,7 @@ def _enroll_missing(
             continue
         if view.superseded(template, options.context) is not None:
             continue  # its successor enrolls instead
-        if _newest_usable(personal, template.name, now) is not None:
+        if personal.newest_usable(template.name) is not None:
             continue
         if template.name in pending:
             notes.append(Note("6b:pending", template.name, detail="a request for it is pending"))
@@ -363,7 +456,7 @@ def _enroll_missing(
             skip = ("6b:directory", "a valid certificate is already published in the directory")
         elif template.ra_signatures >= 2:
             skip = ("6b:ra-signatures", "2+ RA signatures required")
-        elif template.ra_signatures == 1 and not _has_ra_certificate(personal, now):
+        elif template.ra_signatures == 1 and not personal.has_ra_certificate():
             skip = ("6b:no-ra-certificate", "1 RA signature required and no RA certificate to co-sign")
         elif template.subject_source == "request":
             skip = ("6b:subject-required", "the subject must be supplied: enroll by hand (cert request)")
@@ -378,10 +471,10 @@ def _enroll_missing(
         if not issuers:
             notes.append(Note("6b:no-issuer", template.name, detail="no issuer serves the template for new requests"))
             continue
-        replaced = [c for c in personal if not c.archived and c.template_name == template.name]
+        replaced = personal.unarchived_of((template.name,))
         # Every certificate of a superseded template is replaced, usable or not: none of them is
         # renewed any more (6a), so leaving a broken one behind would only invite 6(c) to renew it.
-        superseded = [c for c in personal if not c.archived and c.template_name in template.supersedes]
+        superseded = personal.unarchived_of(template.supersedes)
         replaces = tuple(c.thumbprint for c in (*superseded, *replaced))
         action = "supersede" if superseded else ("renew" if replaced else None)
         why = ("supersedes " + ", ".join(sorted({c.template_name or "" for c in superseded})) if superseded
@@ -398,7 +491,7 @@ def _directory(group: list[PolicyServer]) -> list[tuple[str, dt.datetime]]:
 
 
 def _renew_manual(
-    options: Options, view: _PolicyView, personal: list[StoredCertificate], pending: set[str],
+    options: Options, view: _PolicyView, personal: _Certs, pending: set[str],
     replaced: set[str], notes: list[Note], now: dt.datetime,
 ) -> list[Action]:
     """6(c): renew manually enrolled certificates (the ``manage`` option).
@@ -408,7 +501,8 @@ def _renew_manual(
     certificates of one template share that single request, made from the most recent of them.
     """
     actions: list[Action] = []
-    for cert in personal:
+    broken_of: dict[str | None, tuple[list[StoredCertificate], str]] = {}  # siblings, the most recent
+    for cert in personal.all:
         if cert.archived or cert.source != "manual" or cert.template_oid is None:
             continue
         found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
@@ -423,11 +517,14 @@ def _renew_manual(
             continue
         siblings: list[StoredCertificate] = []
         if broken:
-            siblings = [c for c in personal if not c.archived and c.source == "manual" and not c.usable(now)
-                        and c.template_name == cert.template_name and c.thumbprint not in replaced]
-            if max(siblings, key=_recency).thumbprint != cert.thumbprint:
+            if cert.template_name not in broken_of:
+                found_siblings = [c for c in personal.of(cert.template_name) if not c.archived and c.source == "manual"
+                                  and not c.usable(now) and c.thumbprint not in replaced]
+                broken_of[cert.template_name] = found_siblings, max(found_siblings, key=_recency).thumbprint
+            siblings, most_recent = broken_of[cert.template_name]
+            if most_recent != cert.thumbprint:
                 continue  # the most recent broken one speaks for the template, and replaces this one too
-        holder = (_newest_usable(personal, template.name, now) if broken
+        holder = (personal.newest_usable(template.name) if broken
                   else _carried_elsewhere(personal, cert, template, now, major=False))
         skip: tuple[str, str] | None = None
         if holder is not None:
@@ -440,7 +537,7 @@ def _renew_manual(
             skip = ("6c:subject-required", "the subject must be supplied and may not come from the old certificate")
         elif options.context == "machine" and template.user_interaction:
             skip = ("6c:user-interaction", "a machine template that requires user interaction")
-        elif template.ra_signatures >= 2 and not _has_ra_certificate(personal, now):
+        elif template.ra_signatures >= 2 and not personal.has_ra_certificate():
             skip = ("6c:ra-signatures", "2+ RA signatures required and no RA certificate")
         elif template.name in pending:
             skip = ("6c:pending", "a request for it is pending")
@@ -469,10 +566,10 @@ def _renew_manual(
     return actions
 
 
-def _cleanup(view: _PolicyView, personal: list[StoredCertificate], now: dt.datetime) -> list[Action]:
+def _cleanup(view: _PolicyView, personal: _Certs, now: dt.datetime) -> list[Action]:
     """Archived certificates of "delete" templates go once expired or revoked; encryption never."""
     actions: list[Action] = []
-    for cert in personal:
+    for cert in personal.all:
         if cert.archived and _deletable(view, cert, now):
             actions.append(Action(Kind.DELETE, "cleanup:delete", template=cert.template_name,
                                   thumbprint=cert.thumbprint,
@@ -489,12 +586,12 @@ def renewed_by_agent(options: Options, servers: Iterable[PolicyServer], store: S
     if not options.enabled:
         return frozenset()
     view = _PolicyView(servers)
-    personal = [c for c in store.certificates if c.store == "personal" and not c.archived]
+    personal = _Certs((c for c in store.certificates if c.store == "personal" and not c.archived), now)
     handled: set[str] = set()
-    for cert in personal:
+    for cert in personal.all:
         if cert.template_oid is None:
             continue
-        newest = _newest_usable(personal, cert.template_name or "", now) if cert.template_name else None
+        newest = personal.newest_usable(cert.template_name) if cert.template_name else None
         if newest is not None and _recency(newest) > _recency(cert):
             handled.add(cert.thumbprint)  # an older copy: the newer certificate holds the template
             continue
@@ -513,10 +610,10 @@ def renewed_by_agent(options: Options, servers: Iterable[PolicyServer], store: S
 
 
 def _manual_renewable(options: Options, view: _PolicyView, template: TemplatePolicy, group: list[PolicyServer],
-                      personal: list[StoredCertificate], now: dt.datetime) -> bool:
+                      personal: _Certs, now: dt.datetime) -> bool:
     """6(c)'s standing reasons not to renew a manually enrolled certificate, none of which holds."""
     return (template.autoenroll and bool(view.issuers_in(group, template.name, new_request=False))
             and not (template.archive_private_key and not view.kra_valid(group))
             and not (template.subject_source == "request" and not template.renewal_subject_from_existing)
             and not (options.context == "machine" and template.user_interaction)
-            and not (template.ra_signatures >= 2 and not _has_ra_certificate(personal, now)))
+            and not (template.ra_signatures >= 2 and not personal.has_ra_certificate()))
