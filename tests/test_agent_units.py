@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from certpulse.agent import gather
 from certpulse.agent.daemon import BACKOFF_FLOOR, next_delay
 from certpulse.agent.store import LocalStore
 from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
@@ -112,3 +113,27 @@ def test_recover_points_a_stale_link_at_the_current_version(store_and_ca: World)
     store.recover(NOW)
     assert os.path.realpath(link) == str(store.folder(new.thumbprint))
     assert not (store.certs_dir / ".HALF.abcd").exists()
+
+
+def test_chain_validation_remembers_signatures_by_the_exact_bytes() -> None:
+    """gather caches signature checks; a forgery that copies every name (and even the serial) of
+    a certificate already verified is still refused, at the first and at every later check."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = build_ca_certificate(subject=simple_name("Cache CA"), public_key=ca_key.public_key(), issuer_cert=None,
+                              signing_key=ca_key, not_before=NOW, not_after=NOW + 3650 * 24 * HOUR, path_length=0)
+    impostor_key = ec.generate_private_key(ec.SECP256R1())
+    impostor = build_ca_certificate(subject=simple_name("Cache CA"), public_key=impostor_key.public_key(),
+                                    issuer_cert=None, signing_key=impostor_key, not_before=NOW,
+                                    not_after=NOW + 3650 * 24 * HOUR, path_length=0)
+    _, genuine = _issue(ca_key, ca, "host")
+    forged = build_end_entity(subject=genuine.subject, public_key=genuine.public_key(),  # type: ignore[arg-type]
+                              issuer_cert=ca, issuer_key=impostor_key, serial=genuine.serial_number,
+                              not_before=NOW, not_after=NOW + 365 * 24 * HOUR, sans=[],
+                              key_usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                              ekus=())
+    at = NOW + HOUR
+    for _ in range(2):  # the second round answers from the cache
+        assert gather.chain_valid(genuine, [], [ca], at)
+        assert not gather.chain_valid(forged, [], [ca], at)
+        assert not gather.chain_valid(genuine, [], [impostor], at)  # same names, another key
+        assert not gather.chain_valid(genuine, [], [ca], NOW + 3650 * 24 * HOUR)  # dates are checked every time
