@@ -83,7 +83,9 @@ class CertRecord:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        # Field by field rather than dataclasses.asdict, which deep-copies every value: listing
+        # 10,000 certificates spent most of its time copying datetimes it then replaced.
+        data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         for key in ("not_before", "not_after", "installed_at"):
             data[key] = data[key].isoformat()
         data["names"] = list(self.names)
