@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,13 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, Engine, create_engine, func, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, select
 from sqlalchemy.exc import IntegrityError, StatementError
 
+from certpulse.ca.model import Caller
+from certpulse.ca.service import CAService
+from certpulse.ca.state import KeyRing
+from certpulse.ca.stats import read_stats
 from certpulse.errors import Reason, Refusal
 from certpulse.store import schema as t
 from certpulse.store.db import (
@@ -299,3 +304,112 @@ def test_utc_datetime_round_trip_property(engine: Engine, value: dt.datetime) ->
     loaded = store_and_load(engine, value)
     assert loaded == value
     assert loaded is not None and loaded.tzinfo is dt.UTC
+
+
+# --- indexes behind the CA's listings and counts (migration 0003) -----------------------------
+
+BIG_TABLE = re.compile(r"\b(FROM|JOIN|UPDATE)\s+(requests|certificates|audit)\b", re.IGNORECASE)
+
+
+def plans_of(engine: Engine, operation: Callable[[], object]) -> list[tuple[str, str]]:
+    """(statement, query plan) for every statement ``operation`` sends to the requests,
+    certificates or audit tables: the service's own SQL, explained with its own parameters.
+    On PostgreSQL sequential scans are switched off for the explanation, so that a plan over
+    these near-empty tables says which index serves the query, as it does over a million rows."""
+    sent: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if BIG_TABLE.search(statement):
+            sent.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        operation()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert sent, "the operation sent no statement to the big tables"
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        found = []
+        for statement, parameters in sent:
+            if engine.dialect.name == "sqlite":
+                cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+                found.append((statement, "\n".join(row[3] for row in cursor.fetchall())))
+            else:
+                cursor.execute("SET LOCAL enable_seqscan = off")
+                cursor.execute("EXPLAIN " + statement, parameters)
+                found.append((statement, "\n".join(row[0] for row in cursor.fetchall())))
+        raw.rollback()
+    finally:
+        raw.close()
+    return found
+
+
+def full_reads(plan: str) -> list[str]:
+    """Plan lines that read a whole big table or sort every row they found."""
+    return [line for line in plan.splitlines()
+            if re.search(r"^\s*(->\s*)?(Parallel )?Seq Scan on (requests|certificates|audit)\b", line)
+            or re.fullmatch(r"\s*SCAN (requests|certificates|audit)", line)]
+
+
+@pytest.fixture
+def service(engine: Engine, tmp_path: Path) -> CAService:
+    return CAService(engine, KeyRing(tmp_path), policy_id="p", token_lifetime=dt.timedelta(hours=1))
+
+
+OPERATOR = Caller(kind="operator", name="test")
+
+
+def test_listing_requests_by_status_reads_them_in_id_order_from_an_index(service: CAService) -> None:
+    for status in ("pending", "issued"):
+        [(_, plan)] = plans_of(service.engine, lambda s=status: service.list_requests(OPERATOR, NOW, s))
+        assert "ix_requests_status_id" in plan, plan
+        assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan  # no sort of every matching row
+
+
+def test_metrics_counts_are_read_from_indexes(service: CAService) -> None:
+    def stats() -> None:
+        with read(service.engine) as conn:
+            read_stats(conn, NOW)
+
+    plans = plans_of(service.engine, stats)
+    used = "\n".join(plan for _, plan in plans)
+    for index in ("ix_requests_template_name_status_created_at", "ix_audit_reason_action_template_name",
+                  "ix_certificates_counts"):
+        assert index in used, used
+    assert not [line for _, plan in plans for line in full_reads(plan)], used
+
+
+def refused(operation: Callable[..., object], *args: object) -> None:
+    with pytest.raises(Refusal):
+        operation(*args)
+
+
+def test_lookups_and_listings_read_no_whole_table(service: CAService) -> None:
+    """Every other statement of the request, audit and status operations uses a key or an
+    index (or walks the primary key and stops at its LIMIT)."""
+    operations: list[Callable[[], object]] = [
+        lambda: service.list_requests(OPERATOR, NOW),
+        lambda: service.audit_log(OPERATOR, NOW),
+        lambda: service.audit_log(OPERATOR, NOW, request_id=7),
+        lambda: refused(service.status, "1f", NOW),
+        lambda: refused(service.get_request, OPERATOR, 7),
+    ]
+    for operation in operations:
+        for statement, plan in plans_of(service.engine, operation):
+            bounded = "LIMIT" in statement and "TEMP B-TREE" not in plan  # primary-key order, stops at LIMIT
+            assert bounded or not full_reads(plan), (statement, plan)
+
+
+def test_sqlite_lookups_by_serial_and_principal_keep_their_selective_indexes(sqlite_engine: Engine,
+                                                                             tmp_path: Path) -> None:
+    """SQLite plans without statistics (the CA never runs ANALYZE): an index led by a column of a
+    few values, such as status, would win over the serial and principal indexes for lookups that
+    also say status = 'issued', and read every issued certificate. None of 0003's does."""
+    service = CAService(sqlite_engine, KeyRing(tmp_path), policy_id="p", token_lifetime=dt.timedelta(hours=1))
+    machine = Caller(kind="principal", name="host", principal_id=1, principal_kind="machine")
+    [(_, plan)] = plans_of(sqlite_engine, lambda: refused(service.status, "1f", NOW))
+    assert "ix_certificates_serial" in plan, plan
+    plans = plans_of(sqlite_engine, lambda: service.policy(machine, NOW))
+    assert any("ix_certificates_principal_id_template_name" in plan for _, plan in plans), plans

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 from certpulse.store.types import UTCDateTime
@@ -141,7 +142,9 @@ requests = Table(
     # Chosen by the client and sent again when it retries, so a retry after a lost answer
     # gets the first request's result instead of a second certificate (migration 0002).
     Column("idempotency_key", String(64), nullable=True),
-    Index(None, "status", "created_at"),
+    # Listing by status reads in id order (migration 0003); the metrics count from an index.
+    Index(None, "status", "id"),
+    Index(None, "template_name", "status", "created_at"),
     Index(None, "principal_id"),
     UniqueConstraint("principal_id", "idempotency_key"),
 )
@@ -171,6 +174,10 @@ certificates = Table(
     Index(None, "principal_id", "template_name"),
     Index(None, "authority_id", "revoked_at"),
     Index(None, "thumbprint"),
+    # The metrics' issued / revoked / still-valid counts, read from the index alone (0003). Not led
+    # by status: SQLite, which has no statistics here, would take it for lookups by serial.
+    Index("ix_certificates_counts", "authority_id", "template_name", "status", "revocation_reason",
+          "revoked_at", "not_after"),
 )
 
 audit = Table(
@@ -188,6 +195,9 @@ audit = Table(
     Column("detail", Text, nullable=True),
     Index(None, "at"),
     Index(None, "request_id"),
+    # Refusals only (the metrics count them); issuance and approval rows carry no reason (0003).
+    Index(None, "reason", "action", "template_name", sqlite_where=text("reason IS NOT NULL"),
+          postgresql_where=text("reason IS NOT NULL")),
 )
 
 archived_keys = Table(
