@@ -3,13 +3,27 @@
 SQLite is the embedded default: WAL journal (readers never block the writer), a busy timeout
 so concurrent writers wait instead of failing, foreign keys on, and write transactions opened
 with ``BEGIN IMMEDIATE`` so two writers never deadlock upgrading a read lock.
-PostgreSQL is reached through psycopg 3 (``postgresql+psycopg://``).
+
+SQLite has one writer at a time, and a writer that finds the lock taken polls for it with
+growing sleeps (up to 100 ms each) until the busy timeout: with a server's dozens of threads in
+several processes all writing, most of their time went to those sleeps, and the unlucky ones
+waited seconds. So :func:`write` first queues for the database's writer lock: a thread lock
+inside the process, then an ``flock`` on a file next to the database shared by every process
+(``ca serve`` workers and the command line alike). A waiting writer sleeps in the kernel and
+wakes the moment the lock is free; ``BEGIN IMMEDIATE`` then finds SQLite's own lock free.
+
+PostgreSQL is reached through psycopg 3 (``postgresql+psycopg://``); its writers lock rows,
+not the database, and need no queue.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,12 +45,62 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+class WriterLock:
+    """One write transaction at a time on a SQLite database: a thread lock for this process,
+    then an exclusive ``flock`` on ``path`` (none for an in-memory database) for all processes.
+
+    Re-entrant within a thread (a nested write would wait for itself). The lock file is opened
+    lazily in each process, so an engine inherited across ``fork`` gets its own descriptor.
+    A process that dies holding it releases it with its descriptors.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _descriptor(self) -> int | None:
+        if self.path is None:
+            return None
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            fd = self._descriptor() if self._depth == 0 else None
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
+
+
+def writer_lock_path(database: str | None) -> Path | None:
+    """The lock file of a SQLite database file (``ca.db`` -> ``ca.db-writer``); None in memory."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database + "-writer")
+
+
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, busy timeout and explicit BEGIN handling."""
+    """An engine for ``url``; SQLite gets WAL, busy timeout, explicit BEGIN handling and a writer lock."""
     if url.startswith("sqlite"):
         engine = create_engine(url, pool_size=pool_size, max_overflow=4)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
+        _WRITER_LOCKS[engine] = WriterLock(writer_lock_path(engine.url.database))
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -61,8 +125,11 @@ def _sqlite_on_begin(conn: Connection) -> None:
 
 @contextlib.contextmanager
 def write(engine: Engine) -> Iterator[Connection]:
-    """One write transaction: committed on success, rolled back on any exception."""
-    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+    """One write transaction: committed on success, rolled back on any exception. On SQLite
+    (an engine from :func:`make_engine`) it first waits its turn for the database's writer lock."""
+    lock = _WRITER_LOCKS.get(engine)
+    with lock.held() if lock is not None else contextlib.nullcontext(), \
+            engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
         yield conn
 
 
