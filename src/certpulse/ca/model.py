@@ -28,6 +28,11 @@ class Caller:
     principal_kind: str | None = None
     groups: frozenset[str] = frozenset()
     roles: frozenset[str] = frozenset()
+    # How a principal was authenticated, for re-checking a remembered caller inside the write
+    # transaction that acts for it: the credential's hash, and the state generation its groups
+    # were read at. Not part of its identity.
+    credential_hash: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    generation: int | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def actor(self) -> str:

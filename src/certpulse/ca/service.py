@@ -4,10 +4,19 @@ This is the part trusted to sign. It knows nothing of HTTP: the frontends call i
 :class:`Caller` and ``now`` and translate its :class:`Refusal` into their own terms. Every
 decision (issued, pending, denied, approved, revoked, refused) is written to the audit table;
 an issuance is one transaction that records the serial before the certificate is signed.
+
+The issuance path is the hot one (hundreds a second), so its CPU work stays out of the write
+transaction: a request is checked against the policy first, with the cached state snapshot and
+a remembered caller, and the write transaction then only confirms that neither moved (the
+state generation, the caller's credential, what the database says of presented certificates)
+before it records and signs. Anything that moved, and every refusal, is decided again inside
+the transaction against the database as it is. On SQLite the write transaction is the one
+writer of the whole database, so this is what lets several workers issue at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import threading
@@ -15,8 +24,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import Connection, Engine, and_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, Executable, and_, bindparam, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from certpulse.ca import policy as request_policy
 from certpulse.ca.model import (
@@ -24,6 +33,7 @@ from certpulse.ca.model import (
     Caller,
     EnrollmentRequest,
     KnownCertificate,
+    Signer,
     hash_secret,
     new_secret,
 )
@@ -42,6 +52,37 @@ from certpulse.store.db import read, write
 REVOCATION_REASONS = tuple(
     r.value for r in x509.ReasonFlags if r not in (x509.ReasonFlags.remove_from_crl,)
 )
+# Principals remembered by credential (re-checked inside each write transaction that acts for them)
+REMEMBERED_CALLERS = 65_536
+
+# Statements of the issuance path, built once: executing a prepared construct with parameters
+# skips building and cache-keying a new one per request.
+_INSERT_AUDIT = t.audit.insert()
+_INSERT_REQUEST = t.requests.insert().returning(t.requests.c.id)
+_CREDENTIAL_CURRENT = select(t.principals.c.id).where(
+    t.principals.c.id == bindparam("principal_id"), t.principals.c.credential_hash == bindparam("credential_hash"),
+    t.principals.c.enabled == true())
+_MARK_ISSUED = update(t.certificates).where(t.certificates.c.id == bindparam("certificate_id")).values(
+    status="issued", der=bindparam("der"), thumbprint=bindparam("thumbprint"))
+_REQUEST_ISSUED = update(t.requests).where(t.requests.c.id == bindparam("request_id")).values(
+    status="issued", certificate_id=bindparam("certificate_id"), decided_at=bindparam("decided_at"),
+    decided_by=bindparam("decided_by"))
+
+
+def _reserve_statement(dialect: str) -> Executable:
+    """INSERT of a certificate row that yields its id, or nothing when the serial is taken."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (insert(t.certificates).on_conflict_do_nothing(index_elements=["authority_id", "serial"])
+            .returning(t.certificates.c.id))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ahead:
+    """A decision made before the write transaction, and the state it rested on."""
+
+    decision: request_policy.Decision
+    generation: int
+    known: dict[str, KnownCertificate]
 
 
 class CAService:
@@ -52,6 +93,12 @@ class CAService:
         self.token_lifetime = token_lifetime
         self._snapshot: Snapshot | None = None
         self._lock = threading.Lock()
+        if engine.dialect.name not in ("sqlite", "postgresql"):
+            raise Refusal(Reason.STORE, f"unsupported database {engine.dialect.name!r}")
+        self._reserve = _reserve_statement(engine.dialect.name)
+        self._callers: dict[str, Caller] = {}  # by credential hash
+        self._chains: dict[tuple[int, int], list[str]] = {}  # (generation, issuer id) -> PEM chain
+        self._issuer_skis: dict[str, x509.SubjectKeyIdentifier] = {}  # by key file
 
     # -- state --------------------------------------------------------------------------
 
@@ -73,14 +120,12 @@ class CAService:
         request_id: int | None = None, serial: str | None = None, names: Iterable[str] = (),
         reason: str | None = None, detail: str | None = None,
     ) -> None:
-        conn.execute(
-            t.audit.insert().values(
-                at=now, actor=_storable(actor)[:128], action=action,
-                template_name=_storable(template)[:64] if template else None, request_id=request_id,
-                serial=serial, names=json.dumps(list(names)) if names else None, reason=reason,
-                detail=_storable(detail)[:2000] if detail else None,
-            )
-        )
+        conn.execute(_INSERT_AUDIT, {
+            "at": now, "actor": _storable(actor)[:128], "action": action,
+            "template_name": _storable(template)[:64] if template else None, "request_id": request_id,
+            "serial": serial, "names": json.dumps(list(names)) if names else None, "reason": reason,
+            "detail": _storable(detail)[:2000] if detail else None,
+        })
 
     def audit_refusal(self, actor: str, action: str, refusal: Refusal, now: dt.datetime, *,
                       template: str | None = None, request_id: int | None = None) -> None:
@@ -108,25 +153,36 @@ class CAService:
 
     # -- authentication -----------------------------------------------------------------
 
-    def authenticate(self, secret: str | None) -> Caller:
+    def authenticate(self, secret: str | None, *, remembered: bool = False) -> Caller:
+        """The caller a credential belongs to. With ``remembered``, a principal this process has
+        seen with this credential is answered from memory: only for callers that act through a
+        write transaction that re-checks them (:meth:`submit`), never to authorise anything else."""
         if not secret:
             raise Refusal(Reason.UNAUTHENTICATED, "no credential was presented")
         digest = hash_secret(secret)
+        if remembered and not secret.startswith("cpa_"):
+            known = self._callers.get(digest)
+            if known is not None:
+                return known
         with read(self.engine) as conn:
             if secret.startswith("cpa_"):
                 key = conn.execute(select(t.api_keys).where(t.api_keys.c.key_hash == digest)).first()
                 if key is not None:
                     return Caller(kind="admin", name=key.name)
             else:
-                row = conn.execute(
-                    select(t.principals).where(t.principals.c.credential_hash == digest)
-                ).first()
-                if row is not None and row.enabled:
-                    return self._principal_caller(conn, row)
+                caller = self._lookup_principal(conn, digest, read_generation(conn))
+                if caller is not None:
+                    if remembered:
+                        self._remember(caller)
+                    return caller
         raise Refusal(Reason.UNAUTHENTICATED, "the credential is not valid")
 
-    @staticmethod
-    def _principal_caller(conn: Connection, row: Any) -> Caller:
+    def _lookup_principal(self, conn: Connection, digest: str, generation: int) -> Caller | None:
+        """The enabled principal holding this credential; ``generation`` must have been read first
+        in this transaction, so that a change to its groups after the read moves it."""
+        row = conn.execute(select(t.principals).where(t.principals.c.credential_hash == digest)).first()
+        if row is None or not row.enabled:
+            return None
         groups = set(
             conn.execute(
                 select(t.group_members.c.group_name).where(t.group_members.c.principal_id == row.id)
@@ -136,7 +192,34 @@ class CAService:
         return Caller(
             kind="principal", name=row.name, principal_id=row.id, principal_kind=row.kind,
             groups=frozenset(groups), roles=frozenset(r for r in row.roles.split(",") if r),
+            credential_hash=digest, generation=generation,
         )
+
+    def _remember(self, caller: Caller) -> None:
+        assert caller.credential_hash is not None
+        with self._lock:
+            while len(self._callers) >= REMEMBERED_CALLERS:
+                del self._callers[next(iter(self._callers))]  # the oldest
+            self._callers[caller.credential_hash] = caller
+
+    def _current_caller(self, conn: Connection, caller: Caller, generation: int) -> Caller:
+        """``caller`` as the database has it now (inside the write transaction acting for it): the
+        same when its credential still opens an enabled principal and no administrative change
+        moved the generation since its groups were read; read again otherwise; refused when the
+        credential no longer opens anything."""
+        digest = caller.credential_hash
+        if digest is None:  # not authenticated by a credential (built by a trusted caller)
+            return caller
+        if caller.generation == generation and conn.execute(
+                _CREDENTIAL_CURRENT, {"principal_id": caller.principal_id, "credential_hash": digest}).first():
+            return caller
+        with self._lock:
+            self._callers.pop(digest, None)
+        current = self._lookup_principal(conn, digest, generation)
+        if current is None:
+            raise Refusal(Reason.UNAUTHENTICATED, "the credential is not valid")
+        self._remember(current)
+        return current
 
     def exchange_token(self, token: str, now: dt.datetime) -> dict[str, str]:
         """Trade a one-time enrollment token for the principal's long-lived credential."""
@@ -234,19 +317,29 @@ class CAService:
         try:
             if caller.kind != "principal":
                 raise Refusal(Reason.FORBIDDEN, "only principals enroll; use the principal's credential")
+            ahead = self._decide_ahead(caller, req, now)
             with write(self.engine) as conn:
+                generation = read_generation(conn)
+                current = self._current_caller(conn, caller, generation)
+                if current is not caller:
+                    ahead, caller = None, current
                 if req.idempotency_key is not None:
                     replay = self._replay(conn, caller, req)
                     if replay is not None:
                         return replay
-                decision = request_policy.decide(caller, req, self._gather(conn, req), now)
+                presents = req.renewal is not None or bool(req.ra_signatures)
+                if ahead is not None and ahead.generation == generation and (
+                        not presents or self._known(conn, req) == ahead.known):
+                    decision = ahead.decision
+                else:  # the state moved (or the policy refused): decide on the database as it is now
+                    decision = request_policy.decide(caller, req, self._gather(conn, req), now)
                 request_id = self._insert_request(conn, caller, decision, now, req.idempotency_key)
                 if decision.pending:
                     self._audit(conn, now, caller.actor, "pending", template=decision.template.name,
                                 request_id=request_id, names=decision.names.all(),
                                 detail=f"{decision.kind} request awaits CA-manager approval")
                     return {"id": request_id, "status": "pending"}
-                return self._issue(conn, caller.actor, request_id, decision, now, caller.principal_id)
+                return self._issue(conn, caller.actor, request_id, decision, now, caller.principal_id, generation)
         except Refusal as refusal:
             self.audit_refusal(caller.actor, "refused", refusal, now, template=req.template)
             raise
@@ -270,8 +363,29 @@ class CAService:
         result["replayed"] = True
         return result
 
+    def _decide_ahead(self, caller: Caller, req: EnrollmentRequest, now: dt.datetime) -> _Ahead | None:
+        """The policy's decision before the write transaction, on the cached snapshot (read when
+        there is none yet) and, when the request presents certificates, on what the database says
+        of them now. None when the policy refuses: a refusal is decided again in the transaction,
+        after any replay and against the current state, so that it is never a stale one."""
+        snap = self._snapshot
+        known: dict[str, KnownCertificate] = {}
+        if snap is None or req.renewal is not None or req.ra_signatures:
+            with read(self.engine) as conn:
+                snap = self.snapshot(conn)
+                known = self._known(conn, req)
+        try:
+            decision = request_policy.decide(caller, req, self._gathered(snap, req, known), now)
+        except Refusal:
+            return None
+        return _Ahead(decision, snap.generation, known)
+
     def _gather(self, conn: Connection, req: EnrollmentRequest) -> request_policy.Gathered:
-        snap = self.snapshot(conn)
+        return self._gathered(self.snapshot(conn), req, self._known(conn, req))
+
+    @staticmethod
+    def _known(conn: Connection, req: EnrollmentRequest) -> dict[str, KnownCertificate]:
+        """What the database says of the certificates a request presents (renewal, RA signatures)."""
         presented = [e.certificate for e in (*req.ra_signatures, *([req.renewal] if req.renewal else []))]
         known: dict[str, KnownCertificate] = {}
         if presented:
@@ -282,6 +396,10 @@ class CAService:
                     principal_id=row.principal_id, template_name=row.template_name,
                     not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
                 )
+        return known
+
+    def _gathered(self, snap: Snapshot, req: EnrollmentRequest,
+                  known: dict[str, KnownCertificate]) -> request_policy.Gathered:
         template = snap.templates.get(req.template)
         kra = snap.kra() if template is not None and template.archive_private_key else None
         return request_policy.Gathered(
@@ -292,16 +410,13 @@ class CAService:
     @staticmethod
     def _insert_request(conn: Connection, caller: Caller, d: request_policy.Decision, now: dt.datetime,
                         idempotency_key: str | None = None) -> int:
-        result = conn.execute(
-            t.requests.insert().values(
-                principal_id=caller.principal_id, requester=caller.actor, template_name=d.template.name,
-                template_major=d.template.major_version, template_minor=d.template.minor_version,
-                kind=d.kind, csr_der=d.csr_der, subject=d.subject_text(),
-                names=names_to_json(d.names),
-                renewal_of=d.renewal_of.id if d.renewal_of else None, authority_id=d.issuer.id,
-                status="pending" if d.pending else "issuing", created_at=now, idempotency_key=idempotency_key,
-            ).returning(t.requests.c.id)
-        )
+        result = conn.execute(_INSERT_REQUEST, {
+            "principal_id": caller.principal_id, "requester": caller.actor, "template_name": d.template.name,
+            "template_major": d.template.major_version, "template_minor": d.template.minor_version,
+            "kind": d.kind, "csr_der": d.csr_der, "subject": d.subject_text(), "names": names_to_json(d.names),
+            "renewal_of": d.renewal_of.id if d.renewal_of else None, "authority_id": d.issuer.id,
+            "status": "pending" if d.pending else "issuing", "created_at": now, "idempotency_key": idempotency_key,
+        })
         request_id = int(result.scalar_one())
         if d.archived_key is not None:
             kra_id = conn.execute(
@@ -315,69 +430,79 @@ class CAService:
 
     def _issue(
         self, conn: Connection, actor: str, request_id: int, d: request_policy.Decision,
-        now: dt.datetime, principal_id: int | None,
+        now: dt.datetime, principal_id: int | None, generation: int,
     ) -> dict[str, Any]:
         signer = self.keyring.signer(d.issuer)
-        serial = self._reserve_serial(conn, d, request_id, principal_id, now)
+        serial, cert_id = self._reserve_serial(conn, d, request_id, principal_id, now)
         info = template_info.TemplateInfo(d.template.oid, d.template.major_version, d.template.minor_version)
         cert = build_end_entity(
             subject=d.subject, public_key=d.public_key, issuer_cert=d.issuer.certificate,
             issuer_key=signer.key, serial=serial, not_before=d.not_before, not_after=d.not_after,
             sans=d.sans(), key_usage=d.template.key_usage_extension(), ekus=d.template.ekus,
-            extra=(template_info.encode(info),),
+            extra=(template_info.encode(info),), issuer_ski=self._issuer_ski(signer),
         )
         print_ = thumbprint(cert)
-        conn.execute(
-            update(t.certificates)
-            .where(and_(t.certificates.c.authority_id == d.issuer.id,
-                        t.certificates.c.serial == serial_hex(serial)))
-            .values(status="issued", der=der(cert), thumbprint=print_)
-        )
-        cert_id = conn.execute(
-            select(t.certificates.c.id).where(and_(t.certificates.c.authority_id == d.issuer.id,
-                                                   t.certificates.c.serial == serial_hex(serial)))
-        ).scalar_one()
-        conn.execute(
-            update(t.requests).where(t.requests.c.id == request_id)
-            .values(status="issued", certificate_id=cert_id, decided_at=now,
-                    decided_by=actor if actor.startswith(("admin:", "operator:")) or d.pending else None)
-        )
+        conn.execute(_MARK_ISSUED, {"certificate_id": cert_id, "der": der(cert), "thumbprint": print_})
+        conn.execute(_REQUEST_ISSUED, {
+            "request_id": request_id, "certificate_id": cert_id, "decided_at": now,
+            "decided_by": actor if actor.startswith(("admin:", "operator:")) or d.pending else None,
+        })
         self._audit(conn, now, actor, "issued", template=d.template.name, request_id=request_id,
                     serial=serial_hex(serial), names=d.names.all() or (d.subject_text(),),
                     detail=f"{d.kind}; issuer {d.issuer.name}; thumbprint {print_}")
         return {
             "id": request_id, "status": "issued", "serial": serial_hex(serial), "thumbprint": print_,
-            "certificate": pem(cert), "chain": self._chain_pems(conn, d.issuer.id),
+            "certificate": pem(cert), "chain": self._chain_pems(conn, d.issuer.id, generation),
         }
 
     def _reserve_serial(self, conn: Connection, d: request_policy.Decision, request_id: int,
-                        principal_id: int | None, now: dt.datetime) -> int:
-        """Insert the serial's row before signing; the unique constraint forbids any reuse."""
+                        principal_id: int | None, now: dt.datetime) -> tuple[int, int]:
+        """Insert the serial's row before signing (the unique constraint on issuer and serial
+        forbids any reuse); the serial and the row's id."""
         for _ in range(5):
             serial = random_serial()
-            try:
-                with conn.begin_nested():
-                    conn.execute(t.certificates.insert().values(
-                        authority_id=d.issuer.id, serial=serial_hex(serial), request_id=request_id,
-                        principal_id=principal_id, template_name=d.template.name,
-                        subject=d.subject_text(), names=names_to_json(d.names),
-                        not_before=d.not_before, not_after=d.not_after, status="reserved", created_at=now,
-                    ))
-                return serial
-            except IntegrityError:
-                continue
+            cert_id = conn.execute(self._reserve, {
+                "authority_id": d.issuer.id, "serial": serial_hex(serial), "request_id": request_id,
+                "principal_id": principal_id, "template_name": d.template.name,
+                "subject": d.subject_text(), "names": names_to_json(d.names),
+                "not_before": d.not_before, "not_after": d.not_after, "status": "reserved", "created_at": now,
+            }).scalar()
+            if cert_id is not None:
+                return serial, int(cert_id)
         raise Refusal(Reason.STORE, "could not reserve a unique serial number")
 
-    def _chain_pems(self, conn: Connection, issuer_id: int) -> list[str]:
-        """The issuer's certificate and its parents up to the root, from the cached snapshot."""
+    def _issuer_ski(self, signer: Signer) -> x509.SubjectKeyIdentifier:
+        """The issuing key's identifier (what the certificates' AKI names), computed once per key."""
+        key_file = signer.authority.key_file or signer.authority.name
+        ski = self._issuer_skis.get(key_file)
+        if ski is None:
+            ski = x509.SubjectKeyIdentifier.from_public_key(signer.key.public_key())
+            self._issuer_skis[key_file] = ski
+        return ski
+
+    def _chain_pems(self, conn: Connection, issuer_id: int, generation: int | None = None) -> list[str]:
+        """The issuer's certificate and its parents up to the root, from the cached snapshot;
+        ``generation``, when the transaction has read it, spares reading it again."""
+        if generation is not None:
+            cached = self._chains.get((generation, issuer_id))
+            if cached is not None:
+                return list(cached)
         snap = self.snapshot(conn)
+        cached = self._chains.get((snap.generation, issuer_id))
+        if cached is not None:
+            return list(cached)
         chain: list[str] = []
         authority = snap.authority(issuer_id)
         while True:
             chain.append(pem(authority.certificate))
             if authority.parent_id is None:
-                return chain
+                break
             authority = snap.authority(authority.parent_id)
+        with self._lock:
+            if len(self._chains) > 64:
+                self._chains.clear()
+            self._chains[(snap.generation, issuer_id)] = chain
+        return list(chain)
 
     def get_request(self, caller: Caller, request_id: int) -> dict[str, Any]:
         with read(self.engine) as conn:
@@ -431,7 +556,7 @@ class CAService:
                 )
                 self._audit(conn, now, caller.actor, "approved", template=template.name,
                             request_id=request_id, names=names.all())
-                return self._issue(conn, caller.actor, request_id, decision, now, row.principal_id)
+                return self._issue(conn, caller.actor, request_id, decision, now, row.principal_id, snap.generation)
         except Refusal as refusal:
             self.audit_refusal(caller.actor, "approve-refused", refusal, now, request_id=request_id)
             raise

@@ -130,20 +130,28 @@ def _evidence(item: SignedEvidence, what: str) -> Evidence:
     return Evidence(cert, _decode_bytes(item.signature, f"{what} signature"))
 
 
-def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None,
+                   *, remembered: bool = False) -> Caller:
     """The authenticated caller from ``Authorization: Bearer``; refusals are audited."""
     service: CAService = request.app.state.service
     secret = None
     if authorization and authorization.lower().startswith("bearer "):
         secret = authorization[7:].strip()
     try:
-        return service.authenticate(secret)
+        return service.authenticate(secret, remembered=remembered)
     except Refusal as refusal:
         service.audit_refusal(ANONYMOUS.actor, "unauthenticated", refusal, clock.now())
         raise
 
 
+def submitting_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    """The caller of a submission, remembered per process: the submission's write transaction
+    checks again that its credential and groups are current (CAService.submit)."""
+    return current_caller(request, authorization, remembered=True)
+
+
 CallerDep = Annotated[Caller, Depends(current_caller)]
+SubmitterDep = Annotated[Caller, Depends(submitting_caller)]
 
 
 def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
@@ -210,7 +218,7 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
               summary="Submit a certificate request (new or renewal)",
               responses={**PROBLEM_RESPONSES, 202: {"description": "Pending CA-manager approval",
                                                     "model": RequestResult}})
-    def submit(body: EnrollmentBody, who: CallerDep,
+    def submit(body: EnrollmentBody, who: SubmitterDep,
                idempotency_key: Annotated[str | None, Header(
                    pattern=r"^[A-Za-z0-9_-]{1,64}$",
                    description="Client-chosen key; a retry with the same key and CSR returns the first result",
