@@ -143,3 +143,21 @@ def test_principal_token_is_one_time_and_hashed(ca_dir: tuple[Path, str]) -> Non
     wal = directory / "ca.db-wal"
     stored += wal.read_bytes() if wal.exists() else b""
     assert out["token"].encode() not in stored
+
+
+def test_a_long_table_prints_as_plain_aligned_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    """Past PLAIN_TABLE_ROWS rows a table skips Rich's layout: every row whole on one line, the
+    columns aligned, and a control character in a value shown as '?' rather than sent."""
+    from certpulse.cli import output
+
+    rows = [(f"{n:040X}", "machine" if n % 2 else None, f"CN=host-{n}") for n in range(output.PLAIN_TABLE_ROWS + 1)]
+    rows[7] = (rows[7][0], "web\nserver", "CN=evil\x1b]0;owned\x07")
+    output.table("Certificates", ["thumbprint", "template", "subject"], rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Certificates"
+    assert lines[1].split() == ["thumbprint", "template", "subject"]
+    assert len(lines) == 3 + len(rows)
+    assert lines[3 + 1].split() == [rows[1][0], "machine", "CN=host-1"]
+    assert lines[3].split() == [rows[0][0], "CN=host-0"]  # None prints as an empty cell
+    assert lines[3 + 7].split() == [rows[7][0], "web?server", "CN=evil?]0;owned?"]
+    assert len({line.index("CN=") for line in lines[3:]}) == 1  # aligned
