@@ -55,8 +55,11 @@ def bump_generation(conn: Connection) -> None:
         conn.execute(t.settings.insert().values(name=GENERATION, value="1"))
 
 
+_READ_GENERATION = select(t.settings.c.value).where(t.settings.c.name == GENERATION)  # built once: a hot path
+
+
 def read_generation(conn: Connection) -> int:
-    value = conn.execute(select(t.settings.c.value).where(t.settings.c.name == GENERATION)).scalar()
+    value = conn.execute(_READ_GENERATION).scalar()
     return int(value) if value is not None else 0
 
 
