@@ -607,15 +607,31 @@ def mmm(values: list[float], fmt: str = "{:.0f}") -> str:
     return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
+def describe(r: Run) -> str:
+    """One run on one line, as it finishes."""
+    db = f" + DB {r.db_cpu_s / r.seconds:4.2f}" if r.db_cpu_s is not None else ""
+    return (f"  #{r.repeat + 1} c={r.concurrency:<3} {r.target:<20} {r.issued_per_s:8.1f}/s "
+            f"p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms  errors {r.errors:<4} "
+            f"server CPU {r.server_cpu_s / r.seconds:4.2f}{db}  {per_cert(r):5.2f} ms/cert  "
+            f"client CPU {r.client_cpu_s / r.seconds:4.2f}  machine busy {r.machine_busy:4.0%}  "
+            f"peak RSS {r.peak_rss_mib:.0f} MiB")
+
+
+def per_cert(run: Run) -> float:
+    """Server CPU milliseconds per certificate issued (the database's own included, for PostgreSQL):
+    unlike the rate, this hardly moves when something else on the machine takes CPU."""
+    return 1000 * (run.server_cpu_s + (run.db_cpu_s or 0.0)) / max(1, run.ok)
+
+
 def report(runs: list[Run], targets: list[str], levels: list[int], repeats: int) -> str:
     lines = []
     label = "min / median / max" if repeats > 1 else "one run"
     lines.append(f"Per target and concurrency ({label} over {repeats} run(s)); CPU in cores busy "
-                 "(CPU seconds / wall seconds):")
+                 "(CPU seconds / wall seconds); CPU ms/cert: server and database CPU per certificate issued:")
     lines.append("")
-    lines.append("| target | conc. | issued/s | p50 ms | p99 ms | errors | server CPU | DB CPU | client CPU "
-                 "| peak RSS MiB |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| target | conc. | issued/s | p50 ms | p99 ms | errors | server CPU | CPU ms/cert | DB CPU "
+                 "| client CPU | peak RSS MiB |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for level in levels:
         for name in targets:
             rs = [r for r in runs if r.target == name and r.concurrency == level]
@@ -626,6 +642,7 @@ def report(runs: list[Run], targets: list[str], levels: list[int], repeats: int)
                 f"| {name} | {level} | {mmm([r.issued_per_s for r in rs])} | {mmm([r.p50_ms for r in rs], '{:.1f}')} "
                 f"| {mmm([r.p99_ms for r in rs], '{:.1f}')} | {mmm([float(r.errors) for r in rs])} "
                 f"| {mmm([r.server_cpu_s / r.seconds for r in rs], '{:.2f}')} "
+                f"| {mmm([per_cert(r) for r in rs], '{:.2f}')} "
                 f"| {mmm(db, '{:.2f}') if db else '-'} "
                 f"| {mmm([r.client_cpu_s / r.seconds for r in rs], '{:.2f}')} "
                 f"| {mmm([r.peak_rss_mib for r in rs])} |")
@@ -737,14 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         result = measure(servers[name], level, args.duration, client, repeat)
                         runs.append(result)
                         received[name] += result.ok
-                        print(f"  #{repeat + 1} c={level:<3} {name:<20} {result.issued_per_s:8.1f}/s "
-                              f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  errors {result.errors:<4} "
-                              f"server CPU {result.server_cpu_s / result.seconds:4.2f}"
-                              + (f" + DB {result.db_cpu_s / result.seconds:4.2f}" if result.db_cpu_s is not None
-                                 else "")
-                              + f"  client CPU {result.client_cpu_s / result.seconds:4.2f}"
-                              f"  machine busy {result.machine_busy:4.0%}  peak RSS {result.peak_rss_mib:.0f} MiB",
-                              flush=True)
+                        print(describe(result), flush=True)
             in_flight = sum(levels) * args.repeat + 8  # what the runs may have left in progress as they ended
             for name, server in servers.items():
                 if server.database_url is not None:
