@@ -54,7 +54,7 @@ def init_ca(ca_dir: CADir, *, name: str, key_type: str, now: dt.datetime,
     ca_dir.certs.mkdir(exist_ok=True)
     config = CAConfig(name=name, database_url=database_url or ca_dir.default_database_url(),
                       policy_id=str(uuid.uuid4()))
-    engine = make_engine(config.database_url)
+    engine = make_engine(config.database_url, writer_lock=True)
     try:
         migrate(engine)
         with write(engine) as conn:
@@ -93,7 +93,7 @@ def init_ca(ca_dir: CADir, *, name: str, key_type: str, now: dt.datetime,
 def open_service(ca_dir: CADir, *, engine: Engine | None = None, config: CAConfig | None = None,
                  pool_size: int = 8) -> CAService:
     config = config or ca_dir.load()
-    engine = engine or make_engine(config.database_url, pool_size=pool_size)
+    engine = engine or make_engine(config.database_url, pool_size=pool_size, writer_lock=True)
     return CAService(engine, KeyRing(ca_dir.keys), policy_id=config.policy_id,
                      token_lifetime=dt.timedelta(hours=config.token_lifetime_hours))
 

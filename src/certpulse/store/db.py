@@ -7,13 +7,18 @@ with ``BEGIN IMMEDIATE`` so two writers never deadlock upgrading a read lock.
 SQLite has one writer at a time, and a writer that finds the lock taken polls for it with
 growing sleeps (up to 100 ms each) until the busy timeout: with a server's dozens of threads in
 several processes all writing, most of their time went to those sleeps, and the unlucky ones
-waited seconds. So :func:`write` first queues for the database's writer lock: a thread lock
-inside the process, then an ``flock`` on a file next to the database shared by every process
-(``ca serve`` workers and the command line alike). A waiting writer sleeps in the kernel and
-wakes the moment the lock is free; ``BEGIN IMMEDIATE`` then finds SQLite's own lock free.
+waited seconds. So for an engine made with ``writer_lock=True`` (the CA's: ``ca serve``
+workers and the ``ca`` commands alike), :func:`write` first queues for the database's writer
+lock: a thread lock inside the process, then an ``flock`` on a file next to the database shared
+by every process. A waiting writer sleeps in the kernel and wakes the moment the lock is free;
+``BEGIN IMMEDIATE`` then finds SQLite's own lock free. Writers without it (the agent's store, a
+person's sqlite3 shell) still wait for SQLite's lock as before.
 
 PostgreSQL is reached through psycopg 3 (``postgresql+psycopg://``); its writers lock rows,
-not the database, and need no queue.
+not the database, and need no queue. A pooled connection is checked before use without a round
+trip to the server (a ``SELECT 1`` per checkout was one of ten per issuance): one the server has
+closed (restart, ``pg_terminate_backend``, idle timeout) has its end of file waiting on the
+socket, and is replaced.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, Dialect, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
 
 from certpulse.errors import Reason, Refusal
 
@@ -94,17 +102,38 @@ def writer_lock_path(database: str | None) -> Path | None:
     return Path(database + "-writer")
 
 
-def make_engine(url: str, *, pool_size: int = 8) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, busy timeout, explicit BEGIN handling and a writer lock."""
+def make_engine(url: str, *, pool_size: int = 8, writer_lock: bool = False) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, busy timeout, explicit BEGIN handling and, with
+    ``writer_lock``, a queue for writers (see the module's description)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, pool_size=pool_size, max_overflow=4)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-        _WRITER_LOCKS[engine] = WriterLock(writer_lock_path(engine.url.database))
+        if writer_lock:
+            _WRITER_LOCKS[engine] = WriterLock(writer_lock_path(engine.url.database))
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    engine = create_engine(url, pool_size=pool_size, max_overflow=4)
+    if engine.dialect.driver == "psycopg":
+        event.listen(engine, "checkout", _postgres_on_checkout)
+        return engine
+    engine.dispose()
     return create_engine(url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
+
+
+def _postgres_on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+    """Refuse a pooled connection the server has closed; the pool then opens a new one.
+
+    An idle connection has nothing to read, unless the server hung up (end of file, or the
+    error it sent before closing) or sent a notice meanwhile: either way it is replaced.
+    """
+    if dbapi_connection.closed or dbapi_connection.broken:
+        raise DisconnectionError("the connection was closed")
+    poller = select.poll()
+    poller.register(dbapi_connection.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
+        raise DisconnectionError("the server closed the connection, or has something unasked to say")
 
 
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, record: ConnectionPoolEntry) -> None:
@@ -126,7 +155,8 @@ def _sqlite_on_begin(conn: Connection) -> None:
 @contextlib.contextmanager
 def write(engine: Engine) -> Iterator[Connection]:
     """One write transaction: committed on success, rolled back on any exception. On SQLite
-    (an engine from :func:`make_engine`) it first waits its turn for the database's writer lock."""
+    (an engine from :func:`make_engine` with ``writer_lock``) it first waits its turn for the
+    database's writer lock."""
     lock = _WRITER_LOCKS.get(engine)
     with lock.held() if lock is not None else contextlib.nullcontext(), \
             engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
@@ -137,6 +167,53 @@ def write(engine: Engine) -> Iterator[Connection]:
 def read(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn, conn.begin():
         yield conn
+
+
+class DirectStatement:
+    """A Core statement compiled once for a dialect, run on the driver's own cursor.
+
+    SQLAlchemy's work around each execution (cache lookup, execution context, events, result
+    object) cost more CPU per issuance than the database did. This sends the very SQL and bound
+    values SQLAlchemy would (the same compilation and type processors: UTC datetimes, booleans,
+    bytes) straight to the DBAPI connection, inside the transaction the :class:`Connection`
+    holds. Driver errors become SQLAlchemy's own exceptions, and a lost connection is
+    invalidated, as SQLAlchemy would do it. Only for the few statements of hot paths.
+    """
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect, columns: Sequence[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(columns) if columns is not None else None)
+        assert isinstance(compiled, SQLCompiler)
+        self.sql = compiled.string
+        self._compiled = compiled
+        self._dialect = dialect
+        self._order = list(compiled.positiontup or ()) if compiled.positional else None
+        self._processors = {
+            name: processor for name, bind in compiled.binds.items()
+            if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+
+    def parameters(self, values: Mapping[str, Any]) -> Any:
+        """What goes to the driver for ``values``: a tuple (positional styles) or a dict."""
+        params = dict(self._compiled.construct_params(dict(values)))
+        for name, processor in self._processors.items():
+            params[name] = processor(params[name])
+        return tuple(params[name] for name in self._order) if self._order is not None else params
+
+    def run(self, conn: Connection, values: Mapping[str, Any]) -> Any:
+        """Execute on ``conn``'s driver connection; the driver's cursor (for ``fetchone``)."""
+        params = self.parameters(values)
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        cursor = driver.cursor()
+        try:
+            cursor.execute(self.sql, params)
+        except self._dialect.loaded_dbapi.Error as exc:
+            lost = self._dialect.is_disconnect(exc, driver, cursor)
+            if lost:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(self.sql, params, exc, self._dialect.loaded_dbapi.Error,
+                                      connection_invalidated=lost, dialect=self._dialect) from exc
+        return cursor
 
 
 def alembic_config(url: str, location: Path = MIGRATIONS) -> Config:
