@@ -24,8 +24,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import Connection, Engine, Executable, and_, bindparam, select, true, update
+from sqlalchemy import Connection, Dialect, Engine, and_, bindparam, exists, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.expression import ClauseElement
 
 from certpulse.ca import policy as request_policy
 from certpulse.ca.model import (
@@ -37,7 +38,7 @@ from certpulse.ca.model import (
     hash_secret,
     new_secret,
 )
-from certpulse.ca.state import KeyRing, Snapshot, load_snapshot, read_generation
+from certpulse.ca.state import GENERATION, KeyRing, Snapshot, load_snapshot, read_generation
 from certpulse.ca.templates import Template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
@@ -47,7 +48,7 @@ from certpulse.pki.key_archival import dumps as envelope_json
 from certpulse.pki.keys import PublicKey
 from certpulse.pki.names import names_from_json, names_to_json
 from certpulse.store import schema as t
-from certpulse.store.db import read, write
+from certpulse.store.db import DirectStatement, read, write
 
 REVOCATION_REASONS = tuple(
     r.value for r in x509.ReasonFlags if r not in (x509.ReasonFlags.remove_from_crl,)
@@ -55,25 +56,44 @@ REVOCATION_REASONS = tuple(
 # Principals remembered by credential (re-checked inside each write transaction that acts for them)
 REMEMBERED_CALLERS = 65_536
 
-# Statements of the issuance path, built once: executing a prepared construct with parameters
-# skips building and cache-keying a new one per request.
-_INSERT_AUDIT = t.audit.insert()
-_INSERT_REQUEST = t.requests.insert().returning(t.requests.c.id)
-_CREDENTIAL_CURRENT = select(t.principals.c.id).where(
-    t.principals.c.id == bindparam("principal_id"), t.principals.c.credential_hash == bindparam("credential_hash"),
-    t.principals.c.enabled == true())
+# Statements of the issuance path, built once and run as DirectStatements (compiled once per
+# dialect, sent to the driver without SQLAlchemy's per-execution work).
+_AUDIT_COLUMNS = ("at", "actor", "action", "template_name", "request_id", "serial", "names", "reason", "detail")
+_REQUEST_COLUMNS = ("principal_id", "requester", "template_name", "template_major", "template_minor", "kind",
+                    "csr_der", "subject", "names", "renewal_of", "authority_id", "status", "created_at",
+                    "decided_at", "decided_by", "certificate_id", "idempotency_key")
+_CERTIFICATE_COLUMNS = ("authority_id", "serial", "request_id", "principal_id", "template_name", "subject", "names",
+                        "not_before", "not_after", "status", "created_at")
 _MARK_ISSUED = update(t.certificates).where(t.certificates.c.id == bindparam("certificate_id")).values(
-    status="issued", der=bindparam("der"), thumbprint=bindparam("thumbprint"))
+    status="issued", der=bindparam("der"), thumbprint=bindparam("thumbprint"), request_id=bindparam("request_id"))
+# The state generation, and whether a principal still holds a credential, in one round trip
+_CONFIRM = select(
+    select(t.settings.c.value).where(t.settings.c.name == GENERATION).scalar_subquery(),
+    exists().where(t.principals.c.id == bindparam("principal_id"),
+                   t.principals.c.credential_hash == bindparam("credential_hash"), t.principals.c.enabled == true()),
+)
 _REQUEST_ISSUED = update(t.requests).where(t.requests.c.id == bindparam("request_id")).values(
     status="issued", certificate_id=bindparam("certificate_id"), decided_at=bindparam("decided_at"),
     decided_by=bindparam("decided_by"))
 
 
-def _reserve_statement(dialect: str) -> Executable:
+def _reserve_statement(dialect: str) -> ClauseElement:
     """INSERT of a certificate row that yields its id, or nothing when the serial is taken."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return (insert(t.certificates).on_conflict_do_nothing(index_elements=["authority_id", "serial"])
             .returning(t.certificates.c.id))
+
+
+class _Statements:
+    """The issuance path's statements, for one database's dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.confirm = DirectStatement(_CONFIRM, dialect)
+        self.audit = DirectStatement(t.audit.insert(), dialect, _AUDIT_COLUMNS)
+        self.insert_request = DirectStatement(t.requests.insert().returning(t.requests.c.id), dialect,
+                                              _REQUEST_COLUMNS)
+        self.reserve = DirectStatement(_reserve_statement(dialect.name), dialect, _CERTIFICATE_COLUMNS)
+        self.mark_issued = DirectStatement(_MARK_ISSUED, dialect)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +115,7 @@ class CAService:
         self._lock = threading.Lock()
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise Refusal(Reason.STORE, f"unsupported database {engine.dialect.name!r}")
-        self._reserve = _reserve_statement(engine.dialect.name)
+        self._sql = _Statements(engine.dialect)
         self._callers: dict[str, Caller] = {}  # by credential hash
         self._chains: dict[tuple[int, int], list[str]] = {}  # (generation, issuer id) -> PEM chain
         self._issuer_skis: dict[str, x509.SubjectKeyIdentifier] = {}  # by key file
@@ -114,13 +134,12 @@ class CAService:
 
     # -- audit --------------------------------------------------------------------------
 
-    @staticmethod
     def _audit(
-        conn: Connection, now: dt.datetime, actor: str, action: str, *, template: str | None = None,
+        self, conn: Connection, now: dt.datetime, actor: str, action: str, *, template: str | None = None,
         request_id: int | None = None, serial: str | None = None, names: Iterable[str] = (),
         reason: str | None = None, detail: str | None = None,
     ) -> None:
-        conn.execute(_INSERT_AUDIT, {
+        self._sql.audit.run(conn, {
             "at": now, "actor": _storable(actor)[:128], "action": action,
             "template_name": _storable(template)[:64] if template else None, "request_id": request_id,
             "serial": serial, "names": json.dumps(list(names)) if names else None, "reason": reason,
@@ -202,24 +221,26 @@ class CAService:
                 del self._callers[next(iter(self._callers))]  # the oldest
             self._callers[caller.credential_hash] = caller
 
-    def _current_caller(self, conn: Connection, caller: Caller, generation: int) -> Caller:
-        """``caller`` as the database has it now (inside the write transaction acting for it): the
-        same when its credential still opens an enabled principal and no administrative change
-        moved the generation since its groups were read; read again otherwise; refused when the
-        credential no longer opens anything."""
+    def _confirm(self, conn: Connection, caller: Caller) -> tuple[int, Caller]:
+        """The state generation, and ``caller`` as the database has it now (inside the write
+        transaction acting for it): the same when its credential still opens an enabled principal
+        and no administrative change moved the generation since its groups were read; read again
+        otherwise; refused when the credential no longer opens anything."""
         digest = caller.credential_hash
         if digest is None:  # not authenticated by a credential (built by a trusted caller)
-            return caller
-        if caller.generation == generation and conn.execute(
-                _CREDENTIAL_CURRENT, {"principal_id": caller.principal_id, "credential_hash": digest}).first():
-            return caller
+            return read_generation(conn), caller
+        value, holds = self._sql.confirm.run(
+            conn, {"principal_id": caller.principal_id, "credential_hash": digest}).fetchone()
+        generation = int(value) if value is not None else 0
+        if holds and caller.generation == generation:
+            return generation, caller
         with self._lock:
             self._callers.pop(digest, None)
         current = self._lookup_principal(conn, digest, generation)
         if current is None:
             raise Refusal(Reason.UNAUTHENTICATED, "the credential is not valid")
         self._remember(current)
-        return current
+        return generation, current
 
     def exchange_token(self, token: str, now: dt.datetime) -> dict[str, str]:
         """Trade a one-time enrollment token for the principal's long-lived credential."""
@@ -319,8 +340,7 @@ class CAService:
                 raise Refusal(Reason.FORBIDDEN, "only principals enroll; use the principal's credential")
             ahead = self._decide_ahead(caller, req, now)
             with write(self.engine) as conn:
-                generation = read_generation(conn)
-                current = self._current_caller(conn, caller, generation)
+                generation, current = self._confirm(conn, caller)
                 if current is not caller:
                     ahead, caller = None, current
                 if req.idempotency_key is not None:
@@ -333,13 +353,14 @@ class CAService:
                     decision = ahead.decision
                 else:  # the state moved (or the policy refused): decide on the database as it is now
                     decision = request_policy.decide(caller, req, self._gather(conn, req), now)
+                if not decision.pending:
+                    return self._issue(conn, caller.actor, None, decision, now, caller.principal_id, generation,
+                                       caller=caller, idempotency_key=req.idempotency_key)
                 request_id = self._insert_request(conn, caller, decision, now, req.idempotency_key)
-                if decision.pending:
-                    self._audit(conn, now, caller.actor, "pending", template=decision.template.name,
-                                request_id=request_id, names=decision.names.all(),
-                                detail=f"{decision.kind} request awaits CA-manager approval")
-                    return {"id": request_id, "status": "pending"}
-                return self._issue(conn, caller.actor, request_id, decision, now, caller.principal_id, generation)
+                self._audit(conn, now, caller.actor, "pending", template=decision.template.name,
+                            request_id=request_id, names=decision.names.all(),
+                            detail=f"{decision.kind} request awaits CA-manager approval")
+                return {"id": request_id, "status": "pending"}
         except Refusal as refusal:
             self.audit_refusal(caller.actor, "refused", refusal, now, template=req.template)
             raise
@@ -407,17 +428,19 @@ class CAService:
             kra=kra, kra_key=self.keyring.kra_key(kra),
         )
 
-    @staticmethod
-    def _insert_request(conn: Connection, caller: Caller, d: request_policy.Decision, now: dt.datetime,
-                        idempotency_key: str | None = None) -> int:
-        result = conn.execute(_INSERT_REQUEST, {
+    def _insert_request(self, conn: Connection, caller: Caller, d: request_policy.Decision, now: dt.datetime,
+                        idempotency_key: str | None = None, certificate_id: int | None = None) -> int:
+        """The request's row: pending, or (with ``certificate_id``) issued now."""
+        cursor = self._sql.insert_request.run(conn, {
             "principal_id": caller.principal_id, "requester": caller.actor, "template_name": d.template.name,
             "template_major": d.template.major_version, "template_minor": d.template.minor_version,
             "kind": d.kind, "csr_der": d.csr_der, "subject": d.subject_text(), "names": names_to_json(d.names),
             "renewal_of": d.renewal_of.id if d.renewal_of else None, "authority_id": d.issuer.id,
-            "status": "pending" if d.pending else "issuing", "created_at": now, "idempotency_key": idempotency_key,
+            "status": "issued" if certificate_id is not None else "pending", "created_at": now,
+            "decided_at": now if certificate_id is not None else None, "decided_by": None,
+            "certificate_id": certificate_id, "idempotency_key": idempotency_key,
         })
-        request_id = int(result.scalar_one())
+        request_id = int(cursor.fetchone()[0])
         if d.archived_key is not None:
             kra_id = conn.execute(
                 select(t.authorities.c.id).where(t.authorities.c.role == "kra").order_by(t.authorities.c.id)
@@ -429,9 +452,13 @@ class CAService:
         return request_id
 
     def _issue(
-        self, conn: Connection, actor: str, request_id: int, d: request_policy.Decision,
-        now: dt.datetime, principal_id: int | None, generation: int,
+        self, conn: Connection, actor: str, request_id: int | None, d: request_policy.Decision,
+        now: dt.datetime, principal_id: int | None, generation: int, *,
+        caller: Caller | None = None, idempotency_key: str | None = None,
     ) -> dict[str, Any]:
+        """Reserve a serial, sign, record. ``request_id`` names a pending request being approved;
+        None for a new submission by ``caller``, whose request row is written issued once the
+        certificate's row exists (one statement fewer than writing it and then updating it)."""
         signer = self.keyring.signer(d.issuer)
         serial, cert_id = self._reserve_serial(conn, d, request_id, principal_id, now)
         info = template_info.TemplateInfo(d.template.oid, d.template.major_version, d.template.minor_version)
@@ -442,11 +469,16 @@ class CAService:
             extra=(template_info.encode(info),), issuer_ski=self._issuer_ski(signer),
         )
         print_ = thumbprint(cert)
-        conn.execute(_MARK_ISSUED, {"certificate_id": cert_id, "der": der(cert), "thumbprint": print_})
-        conn.execute(_REQUEST_ISSUED, {
-            "request_id": request_id, "certificate_id": cert_id, "decided_at": now,
-            "decided_by": actor if actor.startswith(("admin:", "operator:")) or d.pending else None,
-        })
+        if request_id is None:
+            assert caller is not None
+            request_id = self._insert_request(conn, caller, d, now, idempotency_key, certificate_id=cert_id)
+        else:
+            conn.execute(_REQUEST_ISSUED, {
+                "request_id": request_id, "certificate_id": cert_id, "decided_at": now,
+                "decided_by": actor if actor.startswith(("admin:", "operator:")) or d.pending else None,
+            })
+        self._sql.mark_issued.run(conn, {"certificate_id": cert_id, "der": der(cert), "thumbprint": print_,
+                                         "request_id": request_id})
         self._audit(conn, now, actor, "issued", template=d.template.name, request_id=request_id,
                     serial=serial_hex(serial), names=d.names.all() or (d.subject_text(),),
                     detail=f"{d.kind}; issuer {d.issuer.name}; thumbprint {print_}")
@@ -455,20 +487,20 @@ class CAService:
             "certificate": pem(cert), "chain": self._chain_pems(conn, d.issuer.id, generation),
         }
 
-    def _reserve_serial(self, conn: Connection, d: request_policy.Decision, request_id: int,
+    def _reserve_serial(self, conn: Connection, d: request_policy.Decision, request_id: int | None,
                         principal_id: int | None, now: dt.datetime) -> tuple[int, int]:
         """Insert the serial's row before signing (the unique constraint on issuer and serial
         forbids any reuse); the serial and the row's id."""
         for _ in range(5):
             serial = random_serial()
-            cert_id = conn.execute(self._reserve, {
+            row = self._sql.reserve.run(conn, {
                 "authority_id": d.issuer.id, "serial": serial_hex(serial), "request_id": request_id,
                 "principal_id": principal_id, "template_name": d.template.name,
                 "subject": d.subject_text(), "names": names_to_json(d.names),
                 "not_before": d.not_before, "not_after": d.not_after, "status": "reserved", "created_at": now,
-            }).scalar()
-            if cert_id is not None:
-                return serial, int(cert_id)
+            }).fetchone()
+            if row is not None:
+                return serial, int(row[0])
         raise Refusal(Reason.STORE, "could not reserve a unique serial number")
 
     def _issuer_ski(self, signer: Signer) -> x509.SubjectKeyIdentifier:
