@@ -581,6 +581,8 @@ def fill_ca(url: str, directory: Path, rows: int) -> dict[str, Any]:
     for path in sorted((ROOT / "examples" / "templates").glob("*.toml")):
         admin.add_template(path.read_text(), NOW)
     template_names = [row.name for row in admin.templates()]
+    if not template_names:
+        raise SystemExit(f"no example templates under {ROOT / 'examples' / 'templates'}")
     with service.engine.connect() as conn:
         issuers = [r.id for r in conn.execute(select(t.authorities.c.id).where(t.authorities.c.role == "issuer"))]
     principals = max(10, rows // 100)
