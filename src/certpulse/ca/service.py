@@ -119,6 +119,7 @@ class CAService:
         self._callers: dict[str, Caller] = {}  # by credential hash
         self._chains: dict[tuple[int, int], list[str]] = {}  # (generation, issuer id) -> PEM chain
         self._issuer_skis: dict[str, x509.SubjectKeyIdentifier] = {}  # by key file
+        self._template_extensions: dict[template_info.TemplateInfo, x509.UnrecognizedExtension] = {}
 
     # -- state --------------------------------------------------------------------------
 
@@ -462,11 +463,18 @@ class CAService:
         signer = self.keyring.signer(d.issuer)
         serial, cert_id = self._reserve_serial(conn, d, request_id, principal_id, now)
         info = template_info.TemplateInfo(d.template.oid, d.template.major_version, d.template.minor_version)
+        extension = self._template_extensions.get(info)
+        if extension is None:  # the same bytes for every certificate of this template version
+            extension = template_info.encode(info)
+            with self._lock:
+                if len(self._template_extensions) > 1024:
+                    self._template_extensions.clear()
+                self._template_extensions[info] = extension
         cert = build_end_entity(
             subject=d.subject, public_key=d.public_key, issuer_cert=d.issuer.certificate,
             issuer_key=signer.key, serial=serial, not_before=d.not_before, not_after=d.not_after,
             sans=d.sans(), key_usage=d.template.key_usage_extension(), ekus=d.template.ekus,
-            extra=(template_info.encode(info),), issuer_ski=self._issuer_ski(signer),
+            extra=(extension,), issuer_ski=self._issuer_ski(signer),
         )
         print_ = thumbprint(cert)
         if request_id is None:

@@ -187,6 +187,10 @@ class DirectStatement:
         self._compiled = compiled
         self._dialect = dialect
         self._order = list(compiled.positiontup or ()) if compiled.positional else None
+        names = compiled.bind_names
+        # what the statement itself binds (e.g. status="issued"), and what each execution must give
+        self._fixed = {names[b]: b.effective_value for b in compiled.binds.values() if not b.required}
+        self._required = frozenset(names[b] for b in compiled.binds.values() if b.required)
         self._processors = {
             name: processor for name, bind in compiled.binds.items()
             if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
@@ -194,7 +198,10 @@ class DirectStatement:
 
     def parameters(self, values: Mapping[str, Any]) -> Any:
         """What goes to the driver for ``values``: a tuple (positional styles) or a dict."""
-        params = dict(self._compiled.construct_params(dict(values)))
+        missing = self._required.difference(values)
+        if missing:
+            raise KeyError(f"no value for {', '.join(sorted(missing))} in {self.sql!r}")
+        params = {**self._fixed, **values}
         for name, processor in self._processors.items():
             params[name] = processor(params[name])
         return tuple(params[name] for name in self._order) if self._order is not None else params
