@@ -75,6 +75,7 @@ MACHINE_TEMPLATE = REPO / "examples" / "templates" / "machine.toml"
 CERTPULSE = [sys.executable, "-m", "certpulse"]
 PG_URL = os.environ.get("CERTPULSE_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ALL_TARGETS = ("certpulse-sqlite", "certpulse-postgres", "cfssl", "cfssl-sqlite")
+LEVELS = "1,8,32,64"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PRINCIPAL = "bench-client.bench.test"
@@ -538,8 +539,7 @@ class RssSampler(threading.Thread):
 
 
 def measure(target: Target, concurrency: int, duration: float, client: str, repeat: int) -> Run:
-    tree = process_tree(target.pid)
-    cpu_before = cpu_seconds(tree)
+    cpu_before = cpu_seconds(process_tree(target.pid))
     pg = postgres_pids() if target.postgres else []
     pg_before = cpu_seconds(pg)
     busy_before, total_before = machine_busy()
@@ -550,10 +550,11 @@ def measure(target: Target, concurrency: int, duration: float, client: str, repe
     finally:
         peak = sampler.stop()
     busy_after, total_after = machine_busy()
-    cpu_after = cpu_seconds(tree)
-    pg_after = cpu_seconds(pg)
-    server_cpu = sum(cpu_after[p] - cpu_before[p] for p in cpu_after if p in cpu_before)
-    db_cpu = sum(pg_after[p] - pg_before[p] for p in pg_after if p in pg_before) if target.postgres else None
+    # processes started during the run (a worker's pool opening PostgreSQL connections) count whole
+    cpu_after = cpu_seconds(process_tree(target.pid))
+    pg_after = cpu_seconds(postgres_pids()) if target.postgres else {}
+    server_cpu = sum(cpu_after[p] - cpu_before.get(p, 0.0) for p in cpu_after)
+    db_cpu = sum(pg_after[p] - pg_before.get(p, 0.0) for p in pg_after) if target.postgres else None
     return Run(
         target=target.name, concurrency=concurrency, repeat=repeat, client=client,
         issued_per_s=result.ok / result.seconds if result.seconds else 0.0, ok=result.ok, errors=result.errors,
@@ -687,7 +688,7 @@ def machine_description() -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
-    parser.add_argument("--levels", default="1,8,32,64", help="concurrency levels (default 1,8,32,64)")
+    parser.add_argument("--levels", default=LEVELS, help=f"concurrency levels (default {LEVELS})")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of every run (default 3)")
     parser.add_argument("--csrs", type=int, default=2000, help="distinct CSRs made in advance (default 2000)")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS),
@@ -701,11 +702,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs, CAs, databases)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of a few seconds: certpulse on SQLite and cfssl (when installed), "
-                             "concurrency 1 and 8, one short repetition")
+                             "concurrency 1 and 8, one short repetition (--targets and --levels still apply)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.repeat, args.csrs, args.warmup = 1.0, 1, 50, 0.5
-        args.levels = "1,8"
+        if args.levels == LEVELS:
+            args.levels = "1,8"
         if args.targets == ",".join(ALL_TARGETS):
             args.targets = "certpulse-sqlite" + (",cfssl" if shutil.which("cfssl") else "")
     return args
