@@ -86,6 +86,7 @@ from storm_fleet import (  # noqa: E402
     register_principals,
     scrape,
     storm,
+    tcp_counters,
     template_store,
 )
 
@@ -321,7 +322,7 @@ def one_run(settings: Settings, run: int, mode: str) -> dict[str, Any]:
                         renewing = phase == "renew"
                         if renewing:
                             time.sleep(settings.pause)
-                        before, requests_before = scrape(http), tally.snapshot()
+                        before, requests_before, tcp_before = scrape(http), tally.snapshot(), tcp_counters()
                         cpu0 = cpu_seconds(process_tree(proc.pid))
                         with ServerSampler(proc.pid, base) as sampler:
                             if mode == "real":
@@ -344,6 +345,9 @@ def one_run(settings: Settings, run: int, mode: str) -> dict[str, Any]:
                         phase_result = phase_figures(phase, result, before, after, requests, server_cpu,
                                                      sampler.peak_rss, sampler.peak_inflight,
                                                      server_log_errors(log_path))
+                        tcp_after = tcp_counters()
+                        phase_result["kernel_tcp"] = {k: v - tcp_before.get(k, 0) for k, v in tcp_after.items()}
+                        phase_result["loadavg_after"] = os.getloadavg()[0]
                         figures["phases"].append(phase_result)
                         log(summary_line(run, mode, phase_result))
                     figures["server_vmhwm_mib"] = {
@@ -438,6 +442,8 @@ def report(settings: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
             where = f"  run {run['run']} {run['mode']} {phase['phase']}"
             print(f"{where} requests: "
                   + "; ".join(f"{route} {outcomes}" for route, outcomes in phase["requests"].items()))
+            if phase.get("kernel_tcp"):
+                print(f"{where} kernel TCP counters (system-wide): {phase['kernel_tcp']}")
             if "request_latency_s" in phase:
                 print(f"{where} request latency (s): {phase['request_latency_s']}")
             if phase["error_samples"]:

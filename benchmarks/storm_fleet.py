@@ -362,6 +362,26 @@ class ServerSampler:
                 self.stop.wait(0.2)
 
 
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "SyncookiesSent", "EstabResets", "AttemptFails")
+
+
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TCP counters that show a storm at the listening socket (system-wide, from
+    /proc/net/netstat and /proc/net/snmp): accept-queue overflows, SYN cookies, resets."""
+    found: dict[str, int] = {}
+    for path in ("/proc/net/netstat", "/proc/net/snmp"):
+        try:
+            with open(path) as handle:
+                lines = handle.read().splitlines()
+        except OSError:
+            continue
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            for name, value in zip(names.split()[1:], values.split()[1:], strict=False):
+                if name in TCP_COUNTERS and value.lstrip("-").isdigit():
+                    found[name] = int(value)
+    return found
+
+
 def scrape(http: Any) -> dict[str, float]:
     """The server's metrics: each sample under its full name (``name{labels}``), and each
     labelled family also summed over its labels under its bare name."""

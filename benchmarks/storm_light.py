@@ -123,7 +123,7 @@ class _Conn:
             self.tally[(route, "timeout")] += 1
             raise _Unavailable(f"{route}: no answer within {TIMEOUT:g} s") from None
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-            self.tally[(route, "connection")] += 1
+            self.tally[(route, f"connection {type(exc).__name__}")] += 1
             raise _Unavailable(f"{route}: {type(exc).__name__}: {exc}") from None
         self.latencies.append(time.perf_counter() - started)
         self.tally[(route, "shed" if status in (429, 503) and "retry-after" in headers else str(status))] += 1
