@@ -115,3 +115,18 @@ def machine(ca: CA, server: str) -> Client:
     """A new machine principal (in group webservers), enrolled over HTTP."""
     name = f"host-{uuid.uuid4().hex[:8]}.example.internal"
     return Client.enrolled(server, ca.add_principal(name, "--group", "webservers"))
+
+
+@pytest.fixture(scope="module")
+def pki(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CA:
+    """A SQLite CA prepared for agent tests (see agent_support.prepare_ca), one per test module."""
+    from agent_support import prepare_ca
+
+    return prepare_ca(tmp_path_factory.mktemp(f"{request.module.__name__.removeprefix('test_')}-ca") / "ca")
+
+
+@pytest.fixture(scope="module")
+def ca_url(pki: CA) -> Iterator[str]:
+    """That CA served over loopback for the whole module."""
+    with serve(pki) as base:
+        yield base

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,10 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
-from agent_support import Agent, action_for, new_agent, one, one_line_error, prepare_ca, sha1_thumbprint, wait_for
+from agent_support import Agent, action_for, new_agent, one, one_line_error, sha1_thumbprint, wait_for
 from certpulse.agent import schema as agent_tables
 from certpulse.events import schema as event_tables
-from support import CA, free_port, serve
+from support import CA, free_port
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 FAMILIES = {
@@ -42,17 +41,6 @@ FAMILIES = {
     "certpulse_renewal_failing", "certpulse_task_runs", "certpulse_task_failures", "certpulse_task_state",
     "certpulse_task_last_run_timestamp_seconds", "certpulse_events_last_seq", "certpulse_events_retained",
 }
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CA:
-    return prepare_ca(tmp_path_factory.mktemp("metrics-ca") / "ca")
-
-
-@pytest.fixture(scope="module")
-def ca_url(pki: CA) -> Iterator[str]:
-    with serve(pki) as base:
-        yield base
 
 
 # -- helpers ------------------------------------------------------------------------------------

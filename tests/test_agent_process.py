@@ -27,7 +27,7 @@ import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ from agent_support import (
     new_agent,
     one,
     one_line_error,
-    prepare_ca,
     public_der,
     sha1_thumbprint,
     wait_for,
@@ -67,17 +66,6 @@ from support import (
 )
 
 # -- fixtures -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CA:
-    return prepare_ca(tmp_path_factory.mktemp("agent-ca") / "ca")
-
-
-@pytest.fixture(scope="module")
-def ca_url(pki: CA) -> Iterator[str]:
-    with serve(pki) as base:
-        yield base
-
 
 @pytest.fixture
 def agent(pki: CA, ca_url: str, tmp_path: Path) -> Agent:

@@ -13,29 +13,16 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from agent_support import Agent, CAProcess, action_for, new_agent, one, prepare_ca, sha1_thumbprint, wait_for
-from support import CA, free_port, load_cert, serve
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CA:
-    return prepare_ca(tmp_path_factory.mktemp("events-ca") / "ca")
-
-
-@pytest.fixture(scope="module")
-def ca_url(pki: CA) -> Iterator[str]:
-    with serve(pki) as base:
-        yield base
+from agent_support import Agent, CAProcess, action_for, new_agent, one, sha1_thumbprint, wait_for
+from support import CA, free_port, load_cert
 
 
 def events(agent: Agent, *args: str) -> list[dict[str, Any]]:

@@ -15,20 +15,9 @@ from typing import Any
 
 import pytest
 
-from agent_support import Agent, action_for, new_agent, one, prepare_ca
+from agent_support import Agent, action_for, new_agent, one
 from services import Haproxy, Nginx, served, write_placeholder
-from support import CA, serve
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CA:
-    return prepare_ca(tmp_path_factory.mktemp("rebind-ca") / "ca")
-
-
-@pytest.fixture(scope="module")
-def ca_url(pki: CA) -> Iterator[str]:
-    with serve(pki) as base:
-        yield base
+from support import CA
 
 
 @pytest.fixture

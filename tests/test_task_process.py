@@ -13,18 +13,16 @@ import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from agent_support import Agent, action_for, new_agent, one, prepare_ca, wait_for
-from support import CA, serve
+from agent_support import Agent, action_for, new_agent, one, wait_for
+from support import CA
 
 RECORDER = """#!/bin/sh
 # Appends one line per run (arguments and environment), keeps standard input whole.
@@ -33,17 +31,6 @@ printf 'old=%s new=%s env_old=%s env_new=%s event=%s\\n' "$2" "$3" "$CERTPULSE_O
     "$CERTPULSE_NEW_THUMBPRINT" "$CERTPULSE_EVENT_ID" >> "$out"
 cat > "$out.stdin.$(date +%s%N)"
 """
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CA:
-    return prepare_ca(tmp_path_factory.mktemp("tasks-ca") / "ca")
-
-
-@pytest.fixture(scope="module")
-def ca_url(pki: CA) -> Iterator[str]:
-    with serve(pki) as base:
-        yield base
 
 
 def script(folder: Path, name: str, text: str) -> Path:
