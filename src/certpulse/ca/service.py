@@ -42,7 +42,7 @@ from certpulse.ca.state import GENERATION, KeyRing, Snapshot, load_snapshot, rea
 from certpulse.ca.templates import Template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
-from certpulse.pki.build import build_end_entity, inclusive_not_after, random_serial
+from certpulse.pki.build import end_entity_builder, inclusive_not_after, random_serial, signature_hash
 from certpulse.pki.certs import der, load_csr, parse_serial, pem, serial_hex, thumbprint
 from certpulse.pki.key_archival import dumps as envelope_json
 from certpulse.pki.keys import PublicKey
@@ -103,6 +103,15 @@ class _Ahead:
     decision: request_policy.Decision
     generation: int
     known: dict[str, KnownCertificate]
+    unsigned: _Unsigned | None  # None when the request waits for approval
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unsigned:
+    """A certificate assembled but for its serial (reserved in the write transaction) and signature."""
+
+    builder: x509.CertificateBuilder
+    signer: Signer
 
 
 class CAService:
@@ -351,12 +360,13 @@ class CAService:
                 presents = req.renewal is not None or bool(req.ra_signatures)
                 if ahead is not None and ahead.generation == generation and (
                         not presents or self._known(conn, req) == ahead.known):
-                    decision = ahead.decision
+                    decision, unsigned = ahead.decision, ahead.unsigned
                 else:  # the state moved (or the policy refused): decide on the database as it is now
                     decision = request_policy.decide(caller, req, self._gather(conn, req), now)
+                    unsigned = None
                 if not decision.pending:
                     return self._issue(conn, caller.actor, None, decision, now, caller.principal_id, generation,
-                                       caller=caller, idempotency_key=req.idempotency_key)
+                                       caller=caller, idempotency_key=req.idempotency_key, unsigned=unsigned)
                 request_id = self._insert_request(conn, caller, decision, now, req.idempotency_key)
                 self._audit(conn, now, caller.actor, "pending", template=decision.template.name,
                             request_id=request_id, names=decision.names.all(),
@@ -400,7 +410,7 @@ class CAService:
             decision = request_policy.decide(caller, req, self._gathered(snap, req, known), now)
         except Refusal:
             return None
-        return _Ahead(decision, snap.generation, known)
+        return _Ahead(decision, snap.generation, known, None if decision.pending else self._unsigned(decision))
 
     def _gather(self, conn: Connection, req: EnrollmentRequest) -> request_policy.Gathered:
         return self._gathered(self.snapshot(conn), req, self._known(conn, req))
@@ -455,27 +465,16 @@ class CAService:
     def _issue(
         self, conn: Connection, actor: str, request_id: int | None, d: request_policy.Decision,
         now: dt.datetime, principal_id: int | None, generation: int, *,
-        caller: Caller | None = None, idempotency_key: str | None = None,
+        caller: Caller | None = None, idempotency_key: str | None = None, unsigned: _Unsigned | None = None,
     ) -> dict[str, Any]:
         """Reserve a serial, sign, record. ``request_id`` names a pending request being approved;
         None for a new submission by ``caller``, whose request row is written issued once the
-        certificate's row exists (one statement fewer than writing it and then updating it)."""
-        signer = self.keyring.signer(d.issuer)
+        certificate's row exists (one statement fewer than writing it and then updating it).
+        ``unsigned``: the certificate assembled before the transaction from this decision."""
+        unsigned = unsigned or self._unsigned(d)
         serial, cert_id = self._reserve_serial(conn, d, request_id, principal_id, now)
-        info = template_info.TemplateInfo(d.template.oid, d.template.major_version, d.template.minor_version)
-        extension = self._template_extensions.get(info)
-        if extension is None:  # the same bytes for every certificate of this template version
-            extension = template_info.encode(info)
-            with self._lock:
-                if len(self._template_extensions) > 1024:
-                    self._template_extensions.clear()
-                self._template_extensions[info] = extension
-        cert = build_end_entity(
-            subject=d.subject, public_key=d.public_key, issuer_cert=d.issuer.certificate,
-            issuer_key=signer.key, serial=serial, not_before=d.not_before, not_after=d.not_after,
-            sans=d.sans(), key_usage=d.template.key_usage_extension(), ekus=d.template.ekus,
-            extra=(extension,), issuer_ski=self._issuer_ski(signer),
-        )
+        key = unsigned.signer.key
+        cert = unsigned.builder.serial_number(serial).sign(key, signature_hash(key))
         print_ = thumbprint(cert)
         if request_id is None:
             assert caller is not None
@@ -494,6 +493,26 @@ class CAService:
             "id": request_id, "status": "issued", "serial": serial_hex(serial), "thumbprint": print_,
             "certificate": pem(cert), "chain": self._chain_pems(conn, d.issuer.id, generation),
         }
+
+    def _unsigned(self, d: request_policy.Decision) -> _Unsigned:
+        """The decided certificate, assembled but for its serial and signature: work that needs
+        no database, done before the write transaction (on SQLite, outside the one writer's turn)."""
+        signer = self.keyring.signer(d.issuer)
+        info = template_info.TemplateInfo(d.template.oid, d.template.major_version, d.template.minor_version)
+        extension = self._template_extensions.get(info)
+        if extension is None:  # the same bytes for every certificate of this template version
+            extension = template_info.encode(info)
+            with self._lock:
+                if len(self._template_extensions) > 1024:
+                    self._template_extensions.clear()
+                self._template_extensions[info] = extension
+        builder = end_entity_builder(
+            subject=d.subject, public_key=d.public_key, issuer_cert=d.issuer.certificate,
+            issuer_key=signer.key, not_before=d.not_before, not_after=d.not_after,
+            sans=d.sans(), key_usage=d.template.key_usage_extension(), ekus=d.template.ekus,
+            extra=(extension,), issuer_ski=self._issuer_ski(signer),
+        )
+        return _Unsigned(builder, signer)
 
     def _reserve_serial(self, conn: Connection, d: request_policy.Decision, request_id: int | None,
                         principal_id: int | None, now: dt.datetime) -> tuple[int, int]:

@@ -103,6 +103,30 @@ def build_end_entity(
     issuer_ski: x509.SubjectKeyIdentifier | None = None,
 ) -> x509.Certificate:
     """An end-entity certificate whose extensions all come from the caller (the template)."""
+    builder = end_entity_builder(
+        subject=subject, public_key=public_key, issuer_cert=issuer_cert, issuer_key=issuer_key,
+        not_before=not_before, not_after=not_after, sans=sans, key_usage=key_usage, ekus=ekus, extra=extra,
+        issuer_ski=issuer_ski,
+    )
+    return builder.serial_number(serial).sign(issuer_key, signature_hash(issuer_key))
+
+
+def end_entity_builder(
+    *,
+    subject: x509.Name,
+    public_key: PublicKey,
+    issuer_cert: x509.Certificate,
+    issuer_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    sans: list[x509.GeneralName],
+    key_usage: x509.KeyUsage,
+    ekus: tuple[str, ...],
+    extra: tuple[x509.ExtensionType, ...] = (),
+    issuer_ski: x509.SubjectKeyIdentifier | None = None,
+) -> x509.CertificateBuilder:
+    """Everything of :func:`build_end_entity` but the serial and the signature: what a CA can
+    assemble before it has reserved the serial (then ``.serial_number(s).sign(key, signature_hash(key))``)."""
     aki = (
         x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski)
         if issuer_ski is not None
@@ -113,7 +137,6 @@ def build_end_entity(
         .subject_name(subject)
         .issuer_name(issuer_cert.subject)
         .public_key(public_key)
-        .serial_number(serial)
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -132,7 +155,7 @@ def build_end_entity(
         )
     for ext in extra:
         builder = builder.add_extension(ext, critical=False)
-    return builder.sign(issuer_key, signature_hash(issuer_key))
+    return builder
 
 
 def build_kra_certificate(

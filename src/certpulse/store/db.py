@@ -158,8 +158,9 @@ def write(engine: Engine) -> Iterator[Connection]:
     (an engine from :func:`make_engine` with ``writer_lock``) it first waits its turn for the
     database's writer lock."""
     lock = _WRITER_LOCKS.get(engine)
-    with lock.held() if lock is not None else contextlib.nullcontext(), \
-            engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+    # The connection is taken from the pool (and given back) outside the writer's turn.
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, \
+            lock.held() if lock is not None else contextlib.nullcontext(), conn.begin():
         yield conn
 
 
