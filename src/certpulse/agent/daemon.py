@@ -133,7 +133,8 @@ class TaskDelivery:
         """Deliver soon (a store listener, a signal handler, the end of a pulse)."""
         self.wake.set()
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop after the delivery in progress; ``timeout=None`` waits for it to finish."""
         self.stop.set()
         self.wake.set()
         self.thread.join(timeout)
@@ -144,11 +145,14 @@ class TaskDelivery:
             while not self.stop.is_set():
                 self.wake.clear()
                 more = False
+                # Read before delivering: the pulse sets it after its changes are committed, so this
+                # delivery deploys them first and the check never judges a deployment still to come.
+                check = self.check_due.is_set()
+                self.check_due.clear()
                 try:
                     fault_point("before-tasks", store.root)
                     more = deliver(store, self.config, self.directory)
-                    if self.check_due.is_set():
-                        self.check_due.clear()
+                    if check:
                         rebind.check(store, clock.now())
                 except Exception:  # a task problem must never stop the daemon; it is logged and retried
                     log.exception("rebind or notification task delivery failed")
@@ -196,8 +200,10 @@ def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) 
             failures = failures + 1 if result.outcome == "failed" else 0
             log.info("pulse %s%s", result.outcome, f": {result.error}" if result.error else "")
             if max_pulses is not None and pulses >= max_pulses:
-                delivery.close()
-                deliver(agent.store, config, directory)  # what the last pulse raised
+                # Let a deployment in progress finish (it holds the rebind lock), then deliver what
+                # the last pulse raised and check the bindings here.
+                delivery.close(timeout=None)
+                deliver(agent.store, config, directory)
                 rebind.check(agent.store, clock.now())
                 break
             delay = next_delay(refresh=config.refresh_interval, failures=failures, retry_after=result.retry_after,
