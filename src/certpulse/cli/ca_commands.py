@@ -37,6 +37,7 @@ apikey_app = typer.Typer(help="API keys for CA managers", no_args_is_help=True)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 KEY_TYPES = ", ".join(s for s in KEY_SPECS if s != "ec-p521")
 MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"  # read by each worker (frontends/shedding.py); named here likewise
+THREADS_ENV = "CERTPULSE_THREADS"  # likewise (frontends/threads.py)
 
 
 def _admin(dir_: Path | None) -> CAAdmin:
@@ -76,6 +77,9 @@ def ca_serve(
     max_inflight: Annotated[int, typer.Option(
         "--max-inflight", min=0, max=100_000,
         help="Requests one worker takes at once; past that it answers 503 with Retry-After (0: no limit)")] = 64,
+    threads: Annotated[int, typer.Option(
+        "--threads", min=1, max=256,
+        help="Blocking handlers (database transaction, signature) one worker runs at once")] = 4,
 ) -> None:
     """Serve the enrollment API."""
     import uvicorn
@@ -96,6 +100,7 @@ def ca_serve(
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     os.environ["CERTPULSE_CA_DIR"] = str(target.root.resolve())
     os.environ[MAX_INFLIGHT_ENV] = str(max_inflight)
+    os.environ[THREADS_ENV] = str(threads)
     console.print(f"serving CA {config.name!r} on {'https' if tls else 'http'}://{listen} ({workers} worker(s))")
     with _metrics_folder():
         uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),

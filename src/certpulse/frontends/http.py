@@ -43,6 +43,7 @@ from certpulse.frontends.limits import BodyLimit
 from certpulse.frontends.metrics import METRICS_RESPONSES, metrics_endpoint, observe_submission
 from certpulse.frontends.problems import problem, status_for
 from certpulse.frontends.shedding import shed_load
+from certpulse.frontends.threads import limit_threads
 from certpulse.pki.certs import load_certificate
 
 log = logging.getLogger("certpulse.api")
@@ -422,7 +423,7 @@ def app_from_environment() -> Any:
     """The uvicorn factory: each worker process opens the CA named by ``CERTPULSE_CA_DIR``."""
     ca_dir = CADir(resolve_ca_dir(Path(os.environ["CERTPULSE_CA_DIR"]) if "CERTPULSE_CA_DIR" in os.environ else None))
     config = ca_dir.load()
-    return shed_load(create_app(open_service(ca_dir, config=config), max_body=config.max_request_bytes))
+    return shed_load(limit_threads(create_app(open_service(ca_dir, config=config), max_body=config.max_request_bytes)))
 
 
 __all__ = ["app_from_environment", "create_app", "status_for"]

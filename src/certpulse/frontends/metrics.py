@@ -103,6 +103,11 @@ INFLIGHT_LIMIT = Gauge(
     "Requests one worker takes at once before it sheds (ca serve --max-inflight)",
     registry=_PROCESS_REGISTRY, multiprocess_mode="max",
 )
+WORKER_THREADS = Gauge(
+    "certpulse_ca_worker_threads",
+    "Blocking handlers one worker runs at once: its thread pool (ca serve --threads)",
+    registry=_PROCESS_REGISTRY, multiprocess_mode="max",
+)
 
 
 def observe_shed() -> None:
@@ -121,6 +126,10 @@ def observe_inflight_peak(peak: int) -> None:
 
 def set_inflight_limit(limit: int) -> None:
     INFLIGHT_LIMIT.set(limit)
+
+
+def set_worker_threads(threads: int) -> None:
+    WORKER_THREADS.set(threads)
 
 
 def multiprocess_mode() -> bool:

@@ -39,8 +39,9 @@ from certpulse.frontends.metrics import (
 from certpulse.frontends.problems import problem
 
 MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"
-# FastAPI runs the (blocking) handlers on a pool of 40 threads per worker: 64 lets a short queue
-# form behind them, enough to keep every thread busy, and no longer than a few issuances' time.
+# A worker runs its blocking handlers on a few threads (frontends/threads.py, default 4): 64 lets a
+# queue form on the event loop behind them, enough to keep every thread busy, and no longer than
+# about a tenth of a second of issuances.
 DEFAULT_MAX_INFLIGHT = 64
 RETRY_AFTER = (1, 5)  # seconds, inclusive: each shed answer draws one
 EXEMPT_PATHS = frozenset({"/healthz", "/metrics"})
