@@ -39,6 +39,7 @@ BENCHMARKS := benchmarks/issuance.py benchmarks/storm.py benchmarks/scale.py
 
 bench: $(STAMP) system-packages
 	scripts/bench-packages
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	@for f in $(BENCHMARKS); do [ -f "$$f" ] || { echo "make bench: $$f is missing" >&2; exit 1; }; done
 	$(BIN)/python benchmarks/issuance.py
 	$(BIN)/python benchmarks/storm.py

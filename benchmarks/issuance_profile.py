@@ -6,7 +6,7 @@ drives ``POST /v1/requests`` with wrk at one concurrency level, and records ever
 with py-spy (``--gil``: only samples where a thread holds the GIL, i.e. Python doing work; time
 in SQLite, libpq or waiting is not in them). Prints the functions with the largest inclusive and
 self shares of those samples, grouped so that the parts of an issuance can be compared before
-and after a change. py-spy is not a project dependency: ``pip install py-spy``.
+and after a change. py-spy is in the ``bench`` extra (``make bench`` installs it; or ``pip install -e '.[bench]'``).
 
     python benchmarks/issuance_profile.py [--backend sqlite|postgres] [--concurrency 32] [--seconds 8]
 """
@@ -118,7 +118,7 @@ def main() -> int:
     args = parser.parse_args()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(pyspy).exists():
-        print("issuance_profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        print("issuance_profile: py-spy is not installed (pip install -e '.[bench]')", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="certpulse-issuance-profile-"))
     try:
