@@ -574,16 +574,17 @@ def check_certpulse(target: Target, received: int, in_flight: int) -> str:
     engine = create_engine(target.database_url)
     try:
         with engine.connect() as conn:
-            issued = conn.execute(text(
-                "SELECT count(*), count(DISTINCT authority_id || ':' || serial) FROM certificates "
-                "WHERE status = 'issued' AND template_name = 'machine'")).one()
-            audited = conn.execute(text(
-                "SELECT count(*) FROM audit WHERE action = 'issued' AND template_name = 'machine'")).scalar_one()
-            requests = conn.execute(text(
-                "SELECT count(*) FROM requests WHERE status = 'issued'")).scalar_one()
+            # One statement, so one snapshot: a server still finishing requests in flight (each
+            # one transaction writing all three rows) cannot make the counts disagree.
+            row = conn.execute(text(
+                "SELECT (SELECT count(*) FROM certificates WHERE status = 'issued' AND template_name = 'machine'), "
+                "(SELECT count(DISTINCT authority_id || ':' || serial) FROM certificates "
+                "WHERE status = 'issued' AND template_name = 'machine'), "
+                "(SELECT count(*) FROM audit WHERE action = 'issued' AND template_name = 'machine'), "
+                "(SELECT count(*) FROM requests WHERE status = 'issued')")).one()
     finally:
         engine.dispose()
-    count, distinct = int(issued[0]), int(issued[1])
+    count, distinct, audited, requests = (int(value) for value in row)
     problems = []
     if distinct != count:
         problems.append(f"{count - distinct} duplicate serials")
