@@ -23,13 +23,13 @@ The event loop of a worker is single-threaded, so the count needs no lock.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from certpulse.errors import Reason, Refusal
+from certpulse.errors import Reason
+from certpulse.frontends.environment import whole_number_setting
 from certpulse.frontends.metrics import (
     observe_inflight,
     observe_inflight_peak,
@@ -95,13 +95,8 @@ class LoadShedding:
 
 def max_inflight_from_environment() -> int:
     """``CERTPULSE_MAX_INFLIGHT`` (set by ``ca serve --max-inflight``), else the default; 0 = off."""
-    text = os.environ.get(MAX_INFLIGHT_ENV, "").strip()
-    if not text:
-        return DEFAULT_MAX_INFLIGHT
-    if not text.isdigit():
-        raise Refusal(Reason.INVALID_ARGUMENT, f"{MAX_INFLIGHT_ENV} must be a whole number (0 = no limit), "
-                                               f"not {text!r}")
-    return int(text)
+    return whole_number_setting(MAX_INFLIGHT_ENV, DEFAULT_MAX_INFLIGHT, low=0, high=None,
+                                requirement="a whole number (0 = no limit)")
 
 
 def shed_load(app: ASGIApp, max_inflight: int | None = None) -> ASGIApp:

@@ -16,12 +16,10 @@ and the load-shedding limit (``--max-inflight``) still bounds that queue.
 
 from __future__ import annotations
 
-import os
-
 import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from certpulse.errors import Reason, Refusal
+from certpulse.frontends.environment import whole_number_setting
 from certpulse.frontends.metrics import set_worker_threads
 
 THREADS_ENV = "CERTPULSE_THREADS"
@@ -52,13 +50,8 @@ class ThreadLimit:
 
 def threads_from_environment() -> int:
     """``CERTPULSE_THREADS`` (set by ``ca serve --threads``), else the default."""
-    text = os.environ.get(THREADS_ENV, "").strip()
-    if not text:
-        return DEFAULT_THREADS
-    if not text.isdigit() or not 1 <= int(text) <= MAX_THREADS:
-        raise Refusal(Reason.INVALID_ARGUMENT, f"{THREADS_ENV} must be a whole number from 1 to {MAX_THREADS}, "
-                                               f"not {text!r}")
-    return int(text)
+    return whole_number_setting(THREADS_ENV, DEFAULT_THREADS, low=1, high=MAX_THREADS,
+                                requirement=f"a whole number from 1 to {MAX_THREADS}")
 
 
 def limit_threads(app: ASGIApp, threads: int | None = None) -> ThreadLimit:
