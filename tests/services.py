@@ -9,7 +9,10 @@ import datetime as dt
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from certpulse.rebind.deployers import Material
 from certpulse.rebind.probe import probe
 from support import free_port
 
@@ -37,6 +41,49 @@ def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
 def served(port: int) -> str | None:
     """The SHA-1 thumbprint of what 127.0.0.1:port serves, or None when nothing answers TLS."""
     return probe("127.0.0.1", port, timeout=2.0).thumbprint
+
+
+class TlsServer:
+    """A stdlib TLS server in a thread. Connection ``n`` (counted from 0) is served
+    ``materials[pick(n)]``: one certificate by default, or a graceful reload handing over from one
+    to another (old and new workers both accepting for a moment). Records the SNI names asked for."""
+
+    def __init__(self, folder: Path, *materials: Material, pick: Callable[[int], int] = lambda _n: 0) -> None:
+        self.names: list[str | None] = []
+        self.contexts = []
+        for index, material in enumerate(materials):
+            chain, key = folder / f"tls-{index}.pem", folder / f"tls-{index}.key"
+            chain.write_bytes(material.fullchain_pem)
+            key.write_bytes(material.key_pem)
+            key.chmod(0o600)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(chain, key)
+            context.sni_callback = lambda _sock, name, _ctx: self.names.append(name)
+            self.contexts.append(context)
+        self.pick = pick
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            context = self.contexts[self.pick(self.connections)]
+            self.connections += 1
+            conn.settimeout(5)
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 def write_placeholder(cert_path: Path, key_path: Path) -> str:

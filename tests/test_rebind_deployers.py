@@ -12,7 +12,6 @@ import datetime as dt
 import grp
 import os
 import socket
-import ssl
 import stat
 import threading
 import time
@@ -30,8 +29,8 @@ from certpulse.errors import Reason, Refusal
 from certpulse.pki.certs import thumbprint
 from certpulse.rebind.deployers import Deployer, DeployFailed, Material, get_deployer, load_deployers
 from certpulse.rebind.deployers.haproxy import RuntimeApi
-from certpulse.rebind.probe import HANDSHAKE, UNREACHABLE, ProbeTarget, parse_probe, probe
-from services import NGINX, Haproxy, Nginx, served, wait_until
+from certpulse.rebind.probe import HANDSHAKE, UNREACHABLE, ProbeTarget, parse_probe, probe, settled_probe
+from services import NGINX, Haproxy, Nginx, TlsServer, served, wait_until
 from support import free_port
 
 # -- certificates ---------------------------------------------------------------------------------
@@ -507,35 +506,6 @@ def test_bad_probe_targets_are_refused(text: str) -> None:
     assert caught.value.reason is Reason.INVALID_ARGUMENT and "HOST:PORT" in caught.value.detail
 
 
-class TlsServer:
-    """A stdlib TLS server in a thread: serves one certificate, records the SNI it was asked for."""
-
-    def __init__(self, folder: Path, material: Material) -> None:
-        (folder / "tls.pem").write_bytes(material.fullchain_pem)
-        (folder / "tls.key").write_bytes(material.key_pem)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(folder / "tls.pem", folder / "tls.key")
-        self.names: list[str | None] = []
-        self.context.sni_callback = lambda _sock, name, _ctx: self.names.append(name)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            conn.settimeout(5)
-            try:
-                with self.context.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(1)
-            except OSError:
-                pass
-
-
 def test_probe_reads_the_served_leaf_without_trusting_it(tmp_path: Path, certs: dict[str, Material]) -> None:
     server = TlsServer(tmp_path, certs["A"])
     try:
@@ -546,7 +516,43 @@ def test_probe_reads_the_served_leaf_without_trusting_it(tmp_path: Path, certs: 
         wait_until(lambda: len(server.names) == 3, 5, "three handshakes")
         assert server.names == ["a.test", "localhost", None]  # no SNI for an IP address
     finally:
-        server.listener.close()
+        server.close()
+
+
+def test_a_settled_probe_waits_for_a_reload_to_finish_handing_over(
+        tmp_path: Path, certs: dict[str, Material]) -> None:
+    # Old and new workers both accepting for four connections (A B A B), then only the new one.
+    server = TlsServer(tmp_path, certs["A"], certs["B"], pick=lambda n: n % 2 if n < 4 else 1)
+    target = ProbeTarget("127.0.0.1", server.port, None)
+    try:
+        seen = settled_probe(target, window=10, wanted=certs["B"].thumbprint)
+        # The first B (connection 1) is not enough: B three times in a row is (connections 3, 4, 5).
+        assert seen.thumbprint == certs["B"].thumbprint and server.connections == 6
+    finally:
+        server.close()
+
+
+def test_a_settled_probe_without_a_wanted_answer_takes_three_that_agree(
+        tmp_path: Path, certs: dict[str, Material]) -> None:
+    server = TlsServer(tmp_path, certs["A"], certs["B"], pick=lambda n: 0 if n < 2 else 1)
+    try:
+        seen = settled_probe(ProbeTarget("127.0.0.1", server.port, None), window=10)
+        assert seen.thumbprint == certs["B"].thumbprint and server.connections == 5  # A A B B B
+    finally:
+        server.close()
+
+
+def test_a_settled_probe_of_an_endpoint_that_never_agrees_ends_with_its_window(
+        tmp_path: Path, certs: dict[str, Material]) -> None:
+    server = TlsServer(tmp_path, certs["A"], certs["B"], pick=lambda n: n % 2)  # two backends, one stale
+    try:
+        started = time.monotonic()
+        seen = settled_probe(ProbeTarget("127.0.0.1", server.port, None), window=1.0, wanted=certs["B"].thumbprint)
+        elapsed = time.monotonic() - started
+        assert seen.thumbprint in (certs["A"].thumbprint, certs["B"].thumbprint)
+        assert 1.0 <= elapsed < 4.0 and server.connections >= 4
+    finally:
+        server.close()
 
 
 def test_probe_of_a_closed_port_is_unreachable_at_once() -> None:

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from agent_support import Agent, action_for, new_agent, one
-from services import Haproxy, Nginx, served, write_placeholder
+from certpulse.rebind.deployers import Material
+from services import Haproxy, Nginx, TlsServer, served, write_placeholder
 from support import CA
 
 
@@ -157,6 +158,33 @@ def test_the_daemon_rebinds_after_its_pulse_and_runs_the_drift_check(
     assert new != old and served(nginx.port) == new
     assert (record["state"], record["verdict"], record["served"]) == ("ok", "ok", new)
     assert record["checked_at"] is not None
+
+
+def test_the_drift_check_asks_again_while_a_reload_is_handing_over(
+        pki: CA, ca_url: str, tmp_path: Path) -> None:
+    # nginx starts its new worker and tells the old one to stop accepting about 100 ms later: one
+    # connection in that moment still gets the replaced certificate. That is not drift.
+    agent = new_agent(pki, ca_url, tmp_path / "agent")
+    old = action_for(agent.pulse(), "machine")["new_thumbprint"]
+    new = action_for(agent.pulse(faketime="+330d"), "machine")["new_thumbprint"]
+    folder = agent.dir / "store" / "certs"
+    old_worker_at = [-1]  # the connection an old worker still accepts
+    server = TlsServer(tmp_path, Material.from_folder(folder / old, old), Material.from_folder(folder / new, new),
+                       pick=lambda n: 0 if n == old_worker_at[0] else 1)
+    try:
+        agent.run("binding", "add", "web", "--cert", new, "--kind", "files",
+                  "--opt", f"fullchain={tmp_path / 'web.pem'}", "--probe", f"127.0.0.1:{server.port}")
+        old_worker_at[0] = server.connections
+        [row] = json.loads(agent.run("binding", "check", "--json").stdout)
+        assert (row["verdict"], row["served"]) == ("ok", new)
+        assert server.connections >= old_worker_at[0] + 4  # the old answer, then three new ones in a row
+        assert events(agent, "--id", "1106") == []
+        # A listener that really stays on the old certificate is still found.
+        server.pick = lambda _n: 0
+        result = agent.run("binding", "check", "--json", check=False)
+        assert result.returncode == 1 and json.loads(result.stdout)[0]["verdict"] == "stale"
+    finally:
+        server.close()
 
 
 def test_a_renewal_reaches_haproxy_through_its_runtime_api(pki: CA, ca_url: str, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,14 @@ from certpulse.events.log import latest_seq, read_events
 from certpulse.events.model import EventDraft, EventId
 from certpulse.rebind.bindings import Binding, get_binding, list_bindings, update_binding
 from certpulse.rebind.deployers.base import Backup, Deployer, DeployFailed, Material, get_deployer
-from certpulse.rebind.probe import parse_probe, probe
+from certpulse.rebind.probe import parse_probe, probe_target, settled_probe
 from certpulse.store.db import read
 
 CURSOR = "rebind_cursor"
 RETRY_BASE = dt.timedelta(minutes=1)
 RETRY_CAP = dt.timedelta(hours=1)
-PROBE_WINDOW = 10.0  # seconds a reloaded service has to start serving the new certificate
+PROBE_WINDOW = 10.0  # seconds a reloaded service has to settle on serving the new certificate
+CHECK_SETTLE_WINDOW = 3.0  # seconds the drift check asks again before an unexpected answer counts
 PROBE_TIMEOUT = 5.0
 LOCK_NAME = "rebind.lock"
 
@@ -74,7 +74,8 @@ def deploy(store: LocalStore, binding: Binding, thumbprint: str, now: dt.datetim
     try:
         output = deployer.reload(binding.options, material, old_thumbprint=old)
         if binding.probe:
-            served = _served_within(binding.probe, thumbprint)
+            served = settled_probe(parse_probe(binding.probe), window=PROBE_WINDOW, wanted=thumbprint,
+                                   timeout=PROBE_TIMEOUT).thumbprint
             if served != thumbprint:
                 raise DeployFailed(f"reloaded, but {binding.probe} serves {served or 'nothing'}, not {thumbprint}",
                                    output)
@@ -90,18 +91,6 @@ def deploy(store: LocalStore, binding: Binding, thumbprint: str, now: dt.datetim
         store.release(old, now)
     return Outcome(binding.name, True, thumbprint, "deployed" + (f" and {binding.probe} serves it" if binding.probe
                                                                   else ""))
-
-
-def _served_within(target_text: str, wanted: str) -> str | None:
-    """What the endpoint serves, asked again for a few seconds until it is ``wanted`` (a graceful
-    reload takes a moment)."""
-    target = parse_probe(target_text)
-    deadline = time.monotonic() + PROBE_WINDOW
-    while True:
-        result = probe(target.host, target.port, sni=target.sni, timeout=PROBE_TIMEOUT)
-        if result.thumbprint == wanted or time.monotonic() >= deadline:
-            return result.thumbprint
-        time.sleep(0.2)
 
 
 def _roll_back(store: LocalStore, binding: Binding, deployer: Deployer, backup: Backup, failed: str) -> str:
@@ -222,8 +211,12 @@ def check(store: LocalStore, now: dt.datetime, *, names: list[str] | None = None
             continue
         newest = _newest_for(store, binding, records)
         target = parse_probe(binding.probe)
-        seen = probe(target.host, target.port, sni=target.sni, timeout=PROBE_TIMEOUT)
         expected = newest or binding.thumbprint
+        seen = probe_target(target, timeout=PROBE_TIMEOUT)
+        if seen.thumbprint is not None and seen.thumbprint != expected:
+            # Perhaps a reload still handing over (old and new workers both accepting): drift only
+            # when the answer holds over several connections.
+            seen = settled_probe(target, window=CHECK_SETTLE_WINDOW, timeout=PROBE_TIMEOUT)
         if seen.thumbprint is None:
             verdict, detail = "unreachable", seen.error or "no answer"
         elif seen.thumbprint == expected:

@@ -7,6 +7,11 @@ must be able to see, and the verdict comes from comparing thumbprints, not from 
 sent after the handshake. Every step — name resolution, connection, handshake — shares one
 deadline, so a probe of a black hole, a silent port or a slow resolver ends in ``timeout``
 seconds (plus a few milliseconds).
+
+One answer is not a verdict while a service reloads: a graceful reload runs old and new server
+processes side by side for a moment (nginx starts its new workers and only about 100 ms later
+tells the old ones to stop accepting), so one connection can be served the new certificate and
+the next the old one. :func:`settled_probe` asks again until several connections in a row agree.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from certpulse.pki.names import is_hostname
 DEFAULT_TIMEOUT = 5.0
 UNREACHABLE = "unreachable"  # no TCP connection: refused, no route, no such name, timed out
 HANDSHAKE = "handshake"  # connected, but no certificate came back over TLS
+SETTLE_AGREEING = 3  # connections in a row that must be served the same certificate
+SETTLE_INTERVAL = 0.2  # seconds between them: three span more than nginx's 100 ms hand-over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,4 +217,25 @@ def probe_target(target: ProbeTarget, *, timeout: float = DEFAULT_TIMEOUT) -> Pr
     return probe(target.host, target.port, sni=target.sni, timeout=timeout)
 
 
-__all__ = ["HANDSHAKE", "UNREACHABLE", "ProbeResult", "ProbeTarget", "parse_probe", "probe", "probe_target"]
+def settled_probe(target: ProbeTarget, *, window: float, wanted: str | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> ProbeResult:
+    """Probe again and again until :data:`SETTLE_AGREEING` connections in a row are served the
+    same certificate (``wanted``, when given), or ``window`` seconds have passed; the last answer.
+
+    Bounded: at most ``window`` plus one probe's ``timeout``. An endpoint that keeps answering
+    differently (a reload that never finishes, two backends behind one address) is reported as
+    its last answer, which the caller compares like any other.
+    """
+    deadline = time.monotonic() + window
+    recent: list[str | None] = []
+    while True:
+        result = probe_target(target, timeout=timeout)
+        recent = [*recent[-(SETTLE_AGREEING - 1):], result.thumbprint]
+        agreed = len(recent) == SETTLE_AGREEING and len(set(recent)) == 1
+        if (agreed and (wanted is None or result.thumbprint == wanted)) or time.monotonic() >= deadline:
+            return result
+        time.sleep(SETTLE_INTERVAL)
+
+
+__all__ = ["HANDSHAKE", "UNREACHABLE", "ProbeResult", "ProbeTarget", "parse_probe", "probe", "probe_target",
+           "settled_probe"]
