@@ -9,8 +9,9 @@ What one run does:
    server starts) and an agent folder for each (what ``agent init --ca-file`` leaves).
 2. Starts ``certpulse ca serve --workers W --max-inflight M`` on loopback.
 3. **Enrollment storm**: every agent pulses at the same instant and keeps pulsing, backing off
-   as the daemon does (``next_delay``: one-minute floor, exponential, Retry-After with jitter;
-   every wait divided by ``--time-factor``), until it holds a valid certificate.
+   as the daemon does (``next_delay``: the server's Retry-After turn for the first few shed
+   pulses, then the one-minute floor, exponential, with jitter; the agents' own backoff divided
+   by ``--time-factor``), until it holds a valid certificate.
 4. **Renewal storm**: after a short pause the same agents pulse again, their clock moved forward
    (``Agent.pulse(now)``) to one second past the latest renewal threshold of their certificates
    (min(six weeks, 20 % of the lifetime) before expiry), so every certificate is due at once;
@@ -34,9 +35,11 @@ pulses and retries, the requests the server shed (503 + Retry-After; the server'
 and what the agents saw), errors (anything else: timeouts, resets, 5xx, refusals: must be 0),
 the server's peak concurrency, peak RSS and CPU, and the CPU the simulated agents used.
 
-The retry delays are divided by ``--time-factor`` (60: the agent's one-minute floor becomes one
-second) and nothing else is: shed agents come back 60 times sooner than they would, so the
-server sees denser retry waves than in reality. ``--time-factor 1`` gives real-time backoff.
+The agents' own backoff is divided by ``--time-factor`` (60: the one-minute floor becomes one
+second) and nothing else is: an agent backing off comes back 60 times sooner than it would, so
+the server sees denser retry waves than in reality. A turn the server gave (``Retry-After``,
+followed as given for the first few shed pulses) is slept in real time: the server sized it
+from its real rate. ``--time-factor 1`` gives real-time backoff.
 
     .venv/bin/python benchmarks/storm.py --agents 1000 --runs 3
     .venv/bin/python benchmarks/storm.py --agents 10000 --mode light --max-inflight 100000   # no shedding
@@ -128,7 +131,8 @@ def parse(argv: list[str] | None) -> Settings:
     parser.add_argument("--workers", type=int, default=2, help="ca serve --workers (default 2)")
     parser.add_argument("--max-inflight", type=int, default=64, help="ca serve --max-inflight (default 64)")
     parser.add_argument("--time-factor", type=float, default=60.0,
-                        help="divide every retry delay by this (default 60: the one-minute floor becomes 1 s)")
+                        help="divide the agents' own backoff by this (default 60: the one-minute floor becomes 1 s; "
+                             "the server's Retry-After turns stay real time)")
     parser.add_argument("--runs", type=int, default=1, help="independent runs, each with a fresh CA (default 1)")
     parser.add_argument("--scenario", choices=("enroll", "both"), default="both",
                         help="the enrollment storm only, or both storms (default)")
@@ -431,7 +435,7 @@ def report(settings: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
     database_kind = "postgresql" if settings.postgres else "sqlite"
     print(f"renewal storm: {settings.agents} agents ({', '.join(settings.modes)}), client concurrency "
           f"{settings.concurrency} (real agents), {settings.workers} worker(s), --max-inflight "
-          f"{settings.max_inflight}, retry delays / {settings.time_factor:g}, {database_kind}, {settings.runs} run(s); "
+          f"{settings.max_inflight}, backoff / {settings.time_factor:g}, {database_kind}, {settings.runs} run(s); "
           f"{machine['cpus']} CPUs, {machine['date']}")
     for label, figures in summarise(runs).items():
         print(f"  {label}:")

@@ -7,8 +7,9 @@ code is synchronous (httpx's sync client, SQLAlchemy), so every agent is an asyn
 pulses run in a bounded pool of threads (``asyncio.to_thread`` behind a semaphore): all N tasks
 start at the same instant, at most ``concurrency`` pulses are in progress at once, and the rest
 wait their turn in the client, as machines whose connection attempts queue. Between failed
-pulses a task sleeps what the daemon would (:func:`certpulse.agent.daemon.next_delay`: the
-one-minute floor, exponential backoff, Retry-After with jitter) divided by ``time_factor``.
+pulses a task sleeps what the daemon would (:func:`certpulse.agent.daemon.next_delay`): the
+server's Retry-After turn as given for the first few shed pulses, in real time; otherwise the
+one-minute floor, exponential backoff with jitter, divided by ``time_factor``.
 
 Each attempt opens the agent's folder, pulses and closes it again, as ``certpulse agent pulse``
 does; the daemon keeps its folder open between pulses, which would need thousands of open
@@ -35,7 +36,7 @@ from typing import Any
 
 from certpulse.agent import client as client_mod
 from certpulse.agent.config import AgentConfig, PolicyServerConfig, save_config, write_credential
-from certpulse.agent.daemon import next_delay
+from certpulse.agent.daemon import follows_retry_after, next_delay
 from certpulse.agent.pulse import Agent
 from certpulse.agent.store import LocalStore
 from certpulse.ca.admin import CAAdmin
@@ -252,7 +253,9 @@ async def _storm(agents: list[SimAgent], *, now_offset: dt.timedelta, renewing: 
             failures += 1
             delay = next_delay(refresh=agent.config.refresh_interval, failures=failures,
                                retry_after=attempt.retry_after, cap=agent.config.backoff_cap, rng=rng)
-            await asyncio.sleep(delay / time_factor)
+            # The server's turn is real time; only the agent's own backoff is compressed.
+            real = follows_retry_after(failures, attempt.retry_after)
+            await asyncio.sleep(delay if real else delay / time_factor)
 
     tasks = [asyncio.create_task(one(agent, run)) for agent, run in zip(agents, runs, strict=True)]
     await asyncio.sleep(0)  # every task is waiting for the start

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certpulse.agent.config import AgentConfig, PolicyServerConfig
-from certpulse.agent.daemon import next_delay
+from certpulse.agent.daemon import follows_retry_after, next_delay
 from certpulse.pki.signing import sign_bytes
 
 TIMEOUT = 30.0  # the agent client's (CAClient) timeout
@@ -219,7 +219,9 @@ async def _storm(agents: list[LightAgent], *, host: str, port: int, renewing: bo
             failures += 1
             delay = next_delay(refresh=DEFAULTS.refresh_interval, failures=failures, retry_after=retry_after,
                                cap=DEFAULTS.backoff_cap, rng=rng)
-            await asyncio.sleep(delay / time_factor)
+            # The server's turn is real time (it is sized from the server's real rate); only the
+            # agent's own backoff is compressed.
+            await asyncio.sleep(delay if follows_retry_after(failures, retry_after) else delay / time_factor)
 
     tasks = [asyncio.create_task(one(agent, run)) for agent, run in zip(agents, runs, strict=True)]
     await asyncio.sleep(0)

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certpulse.agent import gather
-from certpulse.agent.daemon import BACKOFF_FLOOR, next_delay
+from certpulse.agent.daemon import BACKOFF_FLOOR, follows_retry_after, next_delay
 from certpulse.agent.store import LocalStore
 from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
 
@@ -33,6 +33,10 @@ def test_next_delay_bounds(failures: int, retry_after: float | None, refresh_s: 
     delay = next_delay(refresh=refresh, failures=failures, retry_after=retry_after, cap=cap, rng=random.Random(seed))
     if failures == 0:
         assert refresh_s <= delay <= refresh_s * 1.1  # the refresh interval plus jitter
+    elif follows_retry_after(failures, retry_after):
+        assert delay >= max(retry_after or 0, 1.0)  # the server's turn, never sooner than a second
+        assert delay <= max(cap_s, retry_after or 0)
+        assert delay <= max(retry_after or 0, 1.0) * 1.1 + 1  # a little spread, no backoff on top
     else:
         assert delay >= BACKOFF_FLOOR  # never hammers a CA that is down
         assert delay <= max(cap_s, BACKOFF_FLOOR, retry_after or 0)

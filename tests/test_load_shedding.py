@@ -24,11 +24,12 @@ import pytest
 
 from agent_support import new_agent, wait_for
 from certpulse import clock
-from certpulse.agent.daemon import BACKOFF_FLOOR, next_delay
+from certpulse.agent.daemon import BACKOFF_FLOOR, SCHEDULED_RETRIES, follows_retry_after, next_delay
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.config import CADir
 from certpulse.ca.model import Caller
 from certpulse.ca.setup import open_service
+from certpulse.frontends.retry_schedule import LONGEST_RETRY_AFTER
 from certpulse.frontends.shedding import LoadShedding, max_inflight_from_environment, shed_load
 from support import CA, Client, init_ca, make_csr, run_cli, serve
 
@@ -97,13 +98,14 @@ def hold(base: str, count: int = 1) -> Iterator[list[HeldRequest]]:
 
 
 def assert_shed(response: httpx.Response) -> int:
-    """A shed answer: 503, Retry-After of 1-5 whole seconds, the same in the problem document."""
+    """A shed answer: 503, a Retry-After turn of whole seconds, the same in the problem document."""
     assert response.status_code == 503, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/problem+json")
     seconds = int(response.headers["retry-after"])
-    assert 1 <= seconds <= 5
+    assert 1 <= seconds <= LONGEST_RETRY_AFTER
     body = response.json()
     assert body["reason"] == "unavailable" and body["status"] == 503 and body["retry_after"] == seconds, body
+    assert f"retry after {seconds} s" in body["detail"], body
     assert "limit of 1 requests in progress" in body["detail"], body
     return seconds
 
@@ -129,10 +131,34 @@ def test_a_worker_at_its_limit_sheds_before_reading_and_stays_observable(one_slo
     assert httpx.get(f"{one_slot}/v1/policy", timeout=10).status_code == 401  # served again, not shed
 
 
-def test_retry_after_values_are_spread(one_slot: str) -> None:
-    with hold(one_slot), httpx.Client(base_url=one_slot, timeout=10) as http:
-        seconds = [assert_shed(http.get("/v1/policy")) for _ in range(40)]
-    assert len(set(seconds)) >= 3, seconds
+def test_a_full_worker_measures_its_capacity_and_hands_out_turns(shed_ca: CA) -> None:
+    """Under more load than one slot takes, the worker measures what it completes while full and
+    answers later arrivals with longer turns: Retry-After grows past the first second instead of
+    sending everyone back at once."""
+    with serve(shed_ca, "--max-inflight", "1") as base:
+        assert metric(base, "certpulse_ca_measured_capacity") == 0  # nothing measured yet
+        turns: list[int] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            with httpx.Client(base_url=base, timeout=10) as http:
+                while not stop.is_set():
+                    response = http.get("/v1/policy")  # no credential: a quick 401 when taken
+                    if response.status_code == 503:
+                        turns.append(assert_shed(response))
+                    else:
+                        assert response.status_code == 401, response.text
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            running = [pool.submit(hammer) for _ in range(12)]
+            wait_for(lambda: max(turns, default=0) >= 3, 20, "a shed answer with a turn of 3 s or more")
+            stop.set()
+            for done in running:
+                done.result()
+        assert turns[0] == 1, turns[:10]  # before any measure: come back in a second
+        assert metric(base, "certpulse_ca_measured_capacity") > 0
+        assert max(turns) <= LONGEST_RETRY_AFTER
+        assert len(set(turns)) >= 3, sorted(set(turns))  # 1, then turns growing with the queue
 
 
 def test_concurrent_enrollments_past_the_limit_are_shed_never_failed(shed_ca: CA) -> None:
@@ -183,7 +209,7 @@ def principals(ca: CA, count: int) -> list[str]:
 
 def assert_shed_any(response: httpx.Response) -> None:
     assert response.headers["content-type"].startswith("application/problem+json")
-    assert 1 <= int(response.headers["retry-after"]) <= 5
+    assert 1 <= int(response.headers["retry-after"]) <= LONGEST_RETRY_AFTER
     assert response.json()["reason"] == "unavailable"
 
 
@@ -192,31 +218,49 @@ def test_the_agent_backs_off_when_shed_and_enrols_afterwards(shed_ca: CA, one_sl
     with hold(one_slot):
         result = agent.pulse(ok=False)
         assert "503" in result["error"], result
-        assert 1 <= result["retry_after"] <= 5, result
+        assert 1 <= result["retry_after"] <= LONGEST_RETRY_AFTER, result
         assert agent.certs() == []
     result = agent.pulse()
     assert [a["outcome"] for a in result["actions"] if a["template"] == "machine"] == ["done"], result
     assert [c["template_name"] for c in agent.certs()].count("machine") == 1
 
 
-def test_next_delay_spreads_agents_shed_together() -> None:
-    """Agents shed in one storm all get about the same Retry-After; the one-minute floor alone
-    would bring them back in the same second. The wait is spread over half as long again."""
+def test_next_delay_follows_the_servers_turn_then_backs_off() -> None:
+    """A shed agent comes back at the turn the server gave (plus a little spread), for the first
+    few shed pulses in a row; after those, the exponential backoff from one minute applies again,
+    never sooner than the Retry-After."""
     rng = random.Random(1)
     refresh, cap = dt.timedelta(hours=8), dt.timedelta(hours=1)
-    first = [next_delay(refresh=refresh, failures=1, retry_after=3, cap=cap, rng=rng) for _ in range(500)]
-    assert min(first) >= BACKOFF_FLOOR and max(first) <= 1.5 * BACKOFF_FLOOR
-    assert max(first) - min(first) > 0.8 * 0.5 * BACKOFF_FLOOR  # spread over most of the half minute
-    assert len({round(d, 1) for d in first}) > 200
+    for failures in range(1, SCHEDULED_RETRIES + 1):
+        turns = [next_delay(refresh=refresh, failures=failures, retry_after=7, cap=cap, rng=rng) for _ in range(300)]
+        assert min(turns) >= 7 and max(turns) <= 8  # 7 s plus up to a second of spread
+        assert max(turns) - min(turns) > 0.8  # agents given one turn spread over its second
+    # a hostile or broken 0 still waits a second
+    assert all(1 <= next_delay(refresh=refresh, failures=1, retry_after=0, cap=cap, rng=rng) <= 2
+               for _ in range(100))
+    # a long turn gets a tenth of spread
     long = [next_delay(refresh=refresh, failures=1, retry_after=600, cap=cap, rng=rng) for _ in range(200)]
-    assert min(long) >= 600 and max(long) <= 900 and max(long) - min(long) > 200
+    assert min(long) >= 600 and max(long) <= 660 and max(long) - min(long) > 40
+    # past the scheduled retries: the one-minute floor, spread over half as long again
+    after = [next_delay(refresh=refresh, failures=SCHEDULED_RETRIES + 1, retry_after=3, cap=cap, rng=rng)
+             for _ in range(300)]
+    assert min(after) >= BACKOFF_FLOOR and max(after) <= 1.5 * BACKOFF_FLOOR
+    assert max(after) - min(after) > 0.8 * 0.5 * BACKOFF_FLOOR
+    # and it grows from there as any backoff does
+    later = [next_delay(refresh=refresh, failures=SCHEDULED_RETRIES + 3, retry_after=3, cap=cap, rng=rng)
+             for _ in range(300)]
+    assert min(later) >= 2 * BACKOFF_FLOOR and max(later) <= 6 * BACKOFF_FLOOR
     # without a Retry-After, as before: exactly the floor after the first failure
     assert next_delay(refresh=refresh, failures=1, retry_after=None, cap=cap, rng=rng) == BACKOFF_FLOOR
+    assert not follows_retry_after(1, None) and not follows_retry_after(0, 5)
+    assert follows_retry_after(SCHEDULED_RETRIES, 5) and not follows_retry_after(SCHEDULED_RETRIES + 1, 5)
     # never past the cap unless the server asked for longer
     capped = dt.timedelta(seconds=70)
-    assert all(next_delay(refresh=refresh, failures=5, retry_after=65, cap=capped, rng=rng) <= 70
+    assert all(next_delay(refresh=refresh, failures=SCHEDULED_RETRIES + 5, retry_after=65, cap=capped, rng=rng) <= 70
                for _ in range(200))
-    assert next_delay(refresh=refresh, failures=5, retry_after=HOUR_S, cap=capped, rng=rng) == HOUR_S
+    assert next_delay(refresh=refresh, failures=SCHEDULED_RETRIES + 5, retry_after=HOUR_S, cap=capped,
+                      rng=rng) == HOUR_S
+    assert next_delay(refresh=refresh, failures=1, retry_after=HOUR_S, cap=capped, rng=rng) == HOUR_S
 
 
 def test_the_limit_comes_from_the_command_line_or_the_environment(monkeypatch: pytest.MonkeyPatch,
@@ -232,6 +276,12 @@ def test_the_limit_comes_from_the_command_line_or_the_environment(monkeypatch: p
     monkeypatch.setenv("CERTPULSE_MAX_INFLIGHT", "12")
     wrapped = shed_load(app)
     assert isinstance(wrapped, LoadShedding) and wrapped.max_inflight == 12
+    # saturated (for measuring capacity) when every handler thread is busy, or at the limit if lower
+    assert wrapped.schedule.saturated_at == 1
+    threaded = shed_load(app, threads=4)
+    assert isinstance(threaded, LoadShedding) and threaded.schedule.saturated_at == 4
+    below = shed_load(app, 2, threads=4)
+    assert isinstance(below, LoadShedding) and below.schedule.saturated_at == 2
     monkeypatch.setenv("CERTPULSE_MAX_INFLIGHT", "many")
     with pytest.raises(Exception, match="CERTPULSE_MAX_INFLIGHT must be a whole number"):
         max_inflight_from_environment()

@@ -4,10 +4,11 @@ Rebinding and notification tasks run on a thread of their own (:class:`TaskDeliv
 every committed event, by SIGUSR1 and every half minute for retries, and the binding drift check
 runs there after every pulse: a pulse never waits for a task or a service.
 
-One agent per store: an exclusive lock on ``agent.lock`` (holding the daemon's pid). On
-failure the next pulse backs off exponentially with jitter, from one minute up to a cap, and
-never sooner than the server's ``Retry-After``; the current certificates stay in place however
-long the CA is down.
+One agent per store: an exclusive lock on ``agent.lock`` (holding the daemon's pid). A server
+shedding load gives a ``Retry-After``, and the next pulse comes then (with a little jitter), for
+the first few such failures in a row; otherwise, on failure the next pulse backs off
+exponentially with jitter, from one minute up to a cap, never sooner than a ``Retry-After``. The
+current certificates stay in place however long the CA is down.
 """
 
 from __future__ import annotations
@@ -33,22 +34,41 @@ from certpulse.rebind import engine as rebind
 
 log = logging.getLogger("certpulse.agent")
 BACKOFF_FLOOR = 60.0
+# Failed pulses in a row that follow the server's Retry-After as given. A server that keeps
+# shedding the same agent (or a proxy answering 503 with a tiny Retry-After for hours) gets the
+# exponential backoff after these, so the agent never polls it every second for long.
+SCHEDULED_RETRIES = 5
+MIN_SCHEDULED_WAIT = 1.0
 LOCK_NAME = "agent.lock"
 TASK_POLL_SECONDS = 30.0  # retries fall due between events; the delivery thread looks this often
+
+
+def follows_retry_after(failures: int, retry_after: float | None) -> bool:
+    """Whether the wait after ``failures`` failed pulses in a row is the server's ``Retry-After``
+    as given rather than the exponential backoff: for the first :data:`SCHEDULED_RETRIES`."""
+    return retry_after is not None and 0 < failures <= SCHEDULED_RETRIES
 
 
 def next_delay(*, refresh: dt.timedelta, failures: int, retry_after: float | None, cap: dt.timedelta,
                rng: random.Random) -> float:
     """Seconds until the next pulse. Success: the refresh interval plus up to 10 % jitter.
-    After ``failures`` failures in a row: exponential from one minute, capped, with jitter.
 
-    With a ``Retry-After`` (a server shedding load) the wait is spread over up to half as long
-    again, within the cap: every agent shed in one storm got about the same answer, and the
-    one-minute floor alone would bring them all back in the same second."""
+    A failed pulse that carries a ``Retry-After`` (a server shedding load gives each client a
+    turn sized from its capacity, :mod:`certpulse.frontends.retry_schedule`) waits that long plus
+    up to a tenth more (at least a second of spread, at least one second in all), for the first
+    :data:`SCHEDULED_RETRIES` failures in a row: a storm then drains at the CA's rate instead of
+    the agents' backoff. Any other failure, and every failure after those, backs off
+    exponentially from one minute, capped, with jitter, never sooner than a ``Retry-After``,
+    spread over up to half as long again within the cap (agents shed together got about the same
+    answer, and the one-minute floor alone would bring them back in the same second)."""
     if failures == 0:
         base = refresh.total_seconds()
         return base + rng.uniform(0, base * 0.1)
-    ceiling = min(cap.total_seconds(), BACKOFF_FLOOR * 2 ** (failures - 1))
+    if retry_after is not None and follows_retry_after(failures, retry_after):
+        wait = max(retry_after, MIN_SCHEDULED_WAIT)
+        return min(wait + rng.uniform(0, max(1.0, wait * 0.1)), max(wait, cap.total_seconds()))
+    backed_off = failures - SCHEDULED_RETRIES if retry_after is not None else failures
+    ceiling = min(cap.total_seconds(), BACKOFF_FLOOR * 2 ** (backed_off - 1))
     delay = max(BACKOFF_FLOOR, rng.uniform(ceiling / 2, ceiling))
     if retry_after is None:
         return delay

@@ -423,7 +423,8 @@ def app_from_environment() -> Any:
     """The uvicorn factory: each worker process opens the CA named by ``CERTPULSE_CA_DIR``."""
     ca_dir = CADir(resolve_ca_dir(Path(os.environ["CERTPULSE_CA_DIR"]) if "CERTPULSE_CA_DIR" in os.environ else None))
     config = ca_dir.load()
-    return shed_load(limit_threads(create_app(open_service(ca_dir, config=config), max_body=config.max_request_bytes)))
+    threaded = limit_threads(create_app(open_service(ca_dir, config=config), max_body=config.max_request_bytes))
+    return shed_load(threaded, threads=threaded.threads)
 
 
 __all__ = ["app_from_environment", "create_app", "status_for"]

@@ -103,6 +103,13 @@ INFLIGHT_LIMIT = Gauge(
     "Requests one worker takes at once before it sheds (ca serve --max-inflight)",
     registry=_PROCESS_REGISTRY, multiprocess_mode="max",
 )
+MEASURED_CAPACITY = Gauge(
+    "certpulse_ca_measured_capacity",
+    "Requests per second the workers complete with every handler thread busy, as each last measured "
+    "it; shed clients are given Retry-After turns from it (0 until a worker has been saturated for half "
+    "a second)",
+    registry=_PROCESS_REGISTRY, multiprocess_mode="livesum",
+)
 WORKER_THREADS = Gauge(
     "certpulse_ca_worker_threads",
     "Blocking handlers one worker runs at once: its thread pool (ca serve --threads)",
@@ -126,6 +133,10 @@ def observe_inflight_peak(peak: int) -> None:
 
 def set_inflight_limit(limit: int) -> None:
     INFLIGHT_LIMIT.set(limit)
+
+
+def set_measured_capacity(requests_per_second: float) -> None:
+    MEASURED_CAPACITY.set(requests_per_second)
 
 
 def set_worker_threads(threads: int) -> None:

@@ -6,14 +6,14 @@ each later than the one before, and ends up doing work for clients that have alr
 This ASGI middleware sits in front of everything else: when a worker already has
 ``max_inflight`` requests in progress, the next one is answered at once with ``503`` and a
 ``Retry-After`` as an RFC 7807 problem, before its body is read, a credential is checked or the
-database is touched. Clients come back later; the certpulse agent counts the answer as a failed
-pulse and backs off (at least its one-minute floor, never sooner than ``Retry-After``, with
-jitter), keeping its current certificates meanwhile.
+database is touched. Clients come back later; the certpulse agent keeps its current certificates
+and comes back when it was told (:mod:`certpulse.agent.daemon`).
 
 503 rather than 429: the limit is the server's capacity, not one client's rate, and a load
 balancer in front of several CA servers treats 503 as "try another one". ``Retry-After`` is a
-whole number of seconds chosen at random in a small range per answer, so clients shed together
-do not all come back together.
+turn: whole seconds sized from the capacity this worker measured and the clients it has already
+told to come back (:mod:`certpulse.frontends.retry_schedule`), so that clients shed together
+return spread at the rate the worker can take them.
 
 ``/healthz`` and ``/metrics`` are never shed (nor counted): a liveness probe or a scrape must
 answer precisely when the server is busiest. The limit is per worker process (``ca serve
@@ -23,8 +23,10 @@ The event loop of a worker is single-threaded, so the count needs no lock.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -35,32 +37,32 @@ from certpulse.frontends.metrics import (
     observe_inflight_peak,
     observe_shed,
     set_inflight_limit,
+    set_measured_capacity,
 )
 from certpulse.frontends.problems import problem
+from certpulse.frontends.retry_schedule import RetrySchedule
 
 MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"
 # A worker runs its blocking handlers on a few threads (frontends/threads.py, default 4): 64 lets a
 # queue form on the event loop behind them, enough to keep every thread busy, and no longer than
 # about a tenth of a second of issuances.
 DEFAULT_MAX_INFLIGHT = 64
-RETRY_AFTER = (1, 5)  # seconds, inclusive: each shed answer draws one
 EXEMPT_PATHS = frozenset({"/healthz", "/metrics"})
+_T = TypeVar("_T")
 
 
 class LoadShedding:
     """Answer ``503`` + ``Retry-After`` when ``max_inflight`` requests are already in progress."""
 
-    def __init__(self, app: ASGIApp, max_inflight: int, *, retry_after: tuple[int, int] = RETRY_AFTER,
-                 exempt: Iterable[str] = EXEMPT_PATHS, rng: random.Random | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_inflight: int, *, schedule: RetrySchedule | None = None,
+                 exempt: Iterable[str] = EXEMPT_PATHS, monotonic: Callable[[], float] = time.monotonic) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
-        if not 0 < retry_after[0] <= retry_after[1]:
-            raise ValueError("retry_after must be a range of positive seconds")
         self.app = app
         self.max_inflight = max_inflight
-        self.retry_after = retry_after
+        self.schedule = schedule or RetrySchedule()
         self.exempt = frozenset(exempt)
-        self.rng = rng or random.Random()
+        self.monotonic = monotonic
         self.inflight = 0
         self.peak = 0
         set_inflight_limit(max_inflight)
@@ -74,6 +76,7 @@ class LoadShedding:
             return
         self.inflight += 1
         observe_inflight(+1)
+        self.schedule.started(self.monotonic())
         if self.inflight > self.peak:
             self.peak = self.inflight
             observe_inflight_peak(self.peak)
@@ -82,15 +85,34 @@ class LoadShedding:
         finally:
             self.inflight -= 1
             observe_inflight(-1)
+            self._measure(self.schedule.completed)
+
+    def _measure(self, event: Callable[[float], _T]) -> _T:
+        """Tell the schedule what happened now, and publish the capacity when it was remeasured."""
+        capacity = self.schedule.capacity
+        answer = event(self.monotonic())
+        if self.schedule.capacity is not None and self.schedule.capacity != capacity:
+            set_measured_capacity(self.schedule.capacity)
+        return answer
 
     async def _shed(self, scope: Scope, receive: Receive, send: Send) -> None:
         observe_shed()
-        seconds = self.rng.randint(*self.retry_after)
+        client = client_digest(scope)
+        seconds = self._measure(lambda now: self.schedule.shed(now, client))
         response = problem(Reason.UNAVAILABLE,
                            f"the server is at its limit of {self.max_inflight} requests in progress; "
                            f"retry after {seconds} s", status=503, retry_after=seconds)
         response.headers["Retry-After"] = str(seconds)
         await response(scope, receive, send)
+
+
+def client_digest(scope: Scope) -> bytes | None:
+    """A digest of the request's ``Authorization`` header (the client's credential), to give each
+    client one turn; None without one. The credential itself is neither kept nor logged."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            return hashlib.blake2b(value, digest_size=16).digest()
+    return None
 
 
 def max_inflight_from_environment() -> int:
@@ -99,12 +121,15 @@ def max_inflight_from_environment() -> int:
                                 requirement="a whole number (0 = no limit)")
 
 
-def shed_load(app: ASGIApp, max_inflight: int | None = None) -> ASGIApp:
+def shed_load(app: ASGIApp, max_inflight: int | None = None, *, threads: int = 1) -> ASGIApp:
     """``app`` behind a :class:`LoadShedding` limit (from the environment when not given); ``app``
-    itself when the limit is 0."""
+    itself when the limit is 0. ``threads``: the worker's handler threads, the requests in
+    progress at which it is saturated (see :class:`RetrySchedule`)."""
     limit = max_inflight_from_environment() if max_inflight is None else max_inflight
-    return LoadShedding(app, limit) if limit > 0 else app
+    if limit == 0:
+        return app
+    return LoadShedding(app, limit, schedule=RetrySchedule(saturated_at=min(limit, threads)))
 
 
-__all__ = ["DEFAULT_MAX_INFLIGHT", "MAX_INFLIGHT_ENV", "LoadShedding", "max_inflight_from_environment",
-           "shed_load"]
+__all__ = ["DEFAULT_MAX_INFLIGHT", "MAX_INFLIGHT_ENV", "LoadShedding", "client_digest",
+           "max_inflight_from_environment", "shed_load"]
