@@ -78,6 +78,7 @@ class RetrySchedule:
         self.share = share
         self.longest = longest
         self._measures: deque[float] = deque(maxlen=MEASURES_KEPT)  # requests per saturated second
+        self._capacity: float | None = None  # the highest of them, kept for the hot path
         self._inflight = 0
         self._since = 0.0  # the last event's time
         self._saturated = 0.0  # saturated time in the current window
@@ -101,12 +102,18 @@ class RetrySchedule:
         self._inflight = max(0, self._inflight - 1)
         if self._saturated >= MEASURE_WINDOW and self._completed >= MEASURE_COMPLETIONS:
             self._measures.append(self._completed / self._saturated)
+            self._capacity = max(self._measures)
             self._saturated, self._completed = 0.0, 0
 
     @property
     def capacity(self) -> float | None:
         """Requests the worker completes per second when saturated; None until measured."""
-        return max(self._measures) if self._measures else None
+        return self._capacity
+
+    @property
+    def inflight(self) -> int:
+        """Requests the worker has taken and not yet completed."""
+        return self._inflight
 
     def shed(self, now: float, client: bytes | None = None) -> int:
         """A request is being shed: the whole seconds it should wait before it comes back.

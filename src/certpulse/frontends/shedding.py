@@ -63,7 +63,6 @@ class LoadShedding:
         self.schedule = schedule or RetrySchedule()
         self.exempt = frozenset(exempt)
         self.monotonic = monotonic
-        self.inflight = 0
         self.peak = 0
         set_inflight_limit(max_inflight)
 
@@ -71,21 +70,19 @@ class LoadShedding:
         if scope["type"] != "http" or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
-        if self.inflight >= self.max_inflight:
+        if self.schedule.inflight >= self.max_inflight:
             await self._shed(scope, receive, send)
             return
-        self.inflight += 1
-        observe_inflight(+1)
         self.schedule.started(self.monotonic())
-        if self.inflight > self.peak:
-            self.peak = self.inflight
+        observe_inflight(+1)
+        if self.schedule.inflight > self.peak:
+            self.peak = self.schedule.inflight
             observe_inflight_peak(self.peak)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.inflight -= 1
-            observe_inflight(-1)
             self._measure(self.schedule.completed)
+            observe_inflight(-1)
 
     def _measure(self, event: Callable[[float], _T]) -> _T:
         """Tell the schedule what happened now, and publish the capacity when it was remeasured."""
