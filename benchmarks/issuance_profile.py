@@ -53,7 +53,7 @@ STEPS = (
     ("whole handler (FastAPI route or the direct one)", ("create_app.<locals>.submit", "SubmitRoute.")),
     ("  authentication", ("CAService.authenticate",)),
     ("  policy decision before the transaction", ("CAService._decide_ahead",)),
-    ("  write transaction (lock wait included)", ("write (certpulse/store/db.py)",)),
+    ("  write transaction (lock wait included)", ("write (certpulse/sql/db.py)",)),
     ("    confirming caller and state", ("CAService._current_caller", "read_generation")),
     ("    request row", ("CAService._insert_request",)),
     ("    serial reservation", ("CAService._reserve_serial",)),

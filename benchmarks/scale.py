@@ -572,7 +572,7 @@ def fill_ca(url: str, directory: Path, rows: int) -> dict[str, Any]:
     from certpulse.ca.config import CADir
     from certpulse.ca.model import Caller
     from certpulse.ca.setup import init_ca, open_service
-    from certpulse.store import schema as t
+    from certpulse.ca.storage import schema as t
 
     ca_dir = CADir(directory)
     init_ca(ca_dir, name="bench", key_type="ec-p256", now=NOW, database_url=url)
@@ -792,7 +792,7 @@ def bench_ca(report: Report, backend: str, rows: int, runs: int, work: Path, htt
     from certpulse.ca.model import Caller
     from certpulse.ca.setup import open_service
     from certpulse.ca.stats import read_stats
-    from certpulse.store.db import read
+    from certpulse.sql.db import read
 
     with contextlib.ExitStack() as stack:
         if backend == "postgres":

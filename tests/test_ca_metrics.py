@@ -27,7 +27,7 @@ from certpulse.ca.setup import open_service
 from certpulse.ca.state import KeyRing
 from certpulse.frontends.http import create_app
 from certpulse.frontends.metrics import multiprocess_mode
-from certpulse.store.db import make_engine
+from certpulse.sql.db import make_engine
 from support import CA, Client, assert_problem, make_csr, run_cli, serve
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -21,7 +21,7 @@ from certpulse.events import schema as et
 from certpulse.events.log import latest_seq, prune, read_events
 from certpulse.events.model import CertFacts, EventDraft, EventId
 from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
-from certpulse.store.db import read, write
+from certpulse.sql.db import read, write
 from test_planner import DAY, NOW, YEAR, cert, manual, manual_tpl, server, tpl
 
 AUTO = tpl("machine")

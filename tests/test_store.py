@@ -23,18 +23,18 @@ from certpulse.ca.model import Caller
 from certpulse.ca.service import CAService
 from certpulse.ca.state import KeyRing
 from certpulse.ca.stats import read_stats
+from certpulse.ca.storage import MIGRATIONS, migrate
+from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
-from certpulse.store import schema as t
-from certpulse.store.db import (
+from certpulse.sql.db import (
     BUSY_TIMEOUT_MS,
     alembic_config,
     make_engine,
-    migrate,
     read,
     sqlite_url,
     write,
 )
-from certpulse.store.types import UTCDateTime
+from certpulse.sql.types import UTCDateTime
 from conftest import BACKENDS, database
 
 NOW = dt.datetime(2030, 6, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -74,7 +74,7 @@ def table_names(engine: Engine) -> set[str]:
 
 
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config("sqlite://", MIGRATIONS)).get_current_head()
     assert head is not None
     return head
 
@@ -135,7 +135,7 @@ def test_migrate_is_idempotent(engine: Engine) -> None:
 
 def test_downgrade_to_nothing_and_back(engine: Engine) -> None:
     with engine.begin() as conn:
-        config = alembic_config(engine.url.render_as_string(hide_password=False))
+        config = alembic_config(engine.url.render_as_string(hide_password=False), MIGRATIONS)
         config.attributes["connection"] = conn
         command.downgrade(config, "base")
     assert table_names(engine) <= {"alembic_version"}

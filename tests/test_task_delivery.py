@@ -45,7 +45,7 @@ from certpulse.events.tasks import (
     remove_task,
     run_test,
 )
-from certpulse.store.db import read, write
+from certpulse.sql.db import read, write
 from support import run_cli
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)

@@ -43,7 +43,7 @@ from certpulse.events import schema as event_tables
 from certpulse.events.log import latest_seq
 from certpulse.events.model import event_name
 from certpulse.pki.certs import thumbprint
-from certpulse.store.db import read
+from certpulse.sql.db import read
 
 # Outcomes a pulse records (PulseResult.outcome) and states a task can be in (events.schema):
 # always exported, at zero when unseen, so that rate() and alerts work from the first scrape.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import Boolean, Column, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
-from certpulse.store.types import UTCDateTime
+from certpulse.sql.types import UTCDateTime
 
 metadata = MetaData(
     naming_convention={

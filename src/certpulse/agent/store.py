@@ -41,7 +41,7 @@ from certpulse.pki import template_info
 from certpulse.pki.certs import pem, serial_hex, sha256_thumbprint, subject_names, thumbprint
 from certpulse.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
 from certpulse.rebind.schema import bindings
-from certpulse.store.db import make_engine, migrate, read, write
+from certpulse.sql.db import make_engine, migrate, read, write
 
 if TYPE_CHECKING:
     from certpulse.agent.config import AgentConfig

@@ -17,12 +17,12 @@ from sqlalchemy.exc import IntegrityError
 from certpulse.ca.model import IMPLICIT_GROUPS, MANAGER_ROLE, Caller, new_secret
 from certpulse.ca.service import CAService
 from certpulse.ca.state import bump_generation
+from certpulse.ca.storage import schema as t
 from certpulse.ca.templates import Template, parse_template, parse_template_toml
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.certs import thumbprint
 from certpulse.pki.template_info import new_template_oid
-from certpulse.store import schema as t
-from certpulse.store.db import read, write
+from certpulse.sql.db import read, write
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ROLES = (MANAGER_ROLE,)

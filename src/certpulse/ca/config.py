@@ -14,7 +14,7 @@ from pathlib import Path
 import tomli_w
 
 from certpulse.errors import Reason, Refusal
-from certpulse.store.db import sqlite_url
+from certpulse.sql.db import sqlite_url
 
 SYSTEM_CA_DIR = Path("/var/lib/certpulse-ca")
 CONFIG_NAME = "ca.toml"

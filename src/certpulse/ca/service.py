@@ -39,6 +39,7 @@ from certpulse.ca.model import (
     new_secret,
 )
 from certpulse.ca.state import GENERATION, KeyRing, Snapshot, load_snapshot, read_generation
+from certpulse.ca.storage import schema as t
 from certpulse.ca.templates import Template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
@@ -47,8 +48,7 @@ from certpulse.pki.certs import der, load_csr, parse_serial, pem, serial_hex, th
 from certpulse.pki.key_archival import dumps as envelope_json
 from certpulse.pki.keys import PublicKey
 from certpulse.pki.names import names_from_json, names_to_json
-from certpulse.store import schema as t
-from certpulse.store.db import DirectStatement, read, write
+from certpulse.sql.db import DirectStatement, read, write
 
 REVOCATION_REASONS = tuple(
     r.value for r in x509.ReasonFlags if r not in (x509.ReasonFlags.remove_from_crl,)

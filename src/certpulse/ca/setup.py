@@ -18,6 +18,8 @@ from certpulse.ca.config import CAConfig, CADir
 from certpulse.ca.model import Caller
 from certpulse.ca.service import CAService
 from certpulse.ca.state import KeyRing, bump_generation
+from certpulse.ca.storage import migrate
+from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.build import (
     build_ca_certificate,
@@ -29,8 +31,7 @@ from certpulse.pki.build import (
 )
 from certpulse.pki.certs import der, pem, serial_hex, thumbprint
 from certpulse.pki.keys import PrivateKey, generate_private_key, write_private_key
-from certpulse.store import schema as t
-from certpulse.store.db import make_engine, migrate, write
+from certpulse.sql.db import make_engine, write
 
 ROOT_VALIDITY = dt.timedelta(days=20 * 365)
 ISSUER_VALIDITY = dt.timedelta(days=10 * 365)

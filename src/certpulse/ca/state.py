@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import Connection, Integer, Text, select, update
 
 from certpulse.ca.model import Authority, Signer
+from certpulse.ca.storage import schema as t
 from certpulse.ca.templates import Template, parse_template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.keys import PrivateKey, load_private_key_pem
-from certpulse.store import schema as t
 
 GENERATION = "generation"
 

@@ -17,8 +17,8 @@ from collections import defaultdict
 from cryptography import x509
 from sqlalchemy import Connection, and_, case, func, select
 
+from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason
-from certpulse.store import schema as t
 
 UNKNOWN_TEMPLATE = "(unknown)"
 """The template label of refusals that named no template this CA has. Template names are

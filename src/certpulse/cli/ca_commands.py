@@ -18,13 +18,14 @@ from certpulse import clock
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.service import REVOCATION_REASONS
 from certpulse.ca.setup import add_issuer, ensure_tls_certificate, init_ca
+from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
 from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, service
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.keys import KEY_SPECS
-from certpulse.store.db import make_engine, migrate
+from certpulse.sql.db import make_engine
 
 ca_app = typer.Typer(help="Create and run an enrollment service (CA)", no_args_is_help=True)
 template_app = typer.Typer(help="Certificate templates", no_args_is_help=True)

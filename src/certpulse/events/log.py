@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, delete, func, select
 
 from certpulse.events import schema as t
 from certpulse.events.model import CertFacts, Event, EventDraft
-from certpulse.store.db import read, write
+from certpulse.sql.db import read, write
 
 HARD_LIMIT_FACTOR = 10  # undelivered events are kept, up to ten times the retention count
 

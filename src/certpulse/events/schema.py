@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
 )
 
-from certpulse.store.types import UTCDateTime
+from certpulse.sql.types import UTCDateTime
 
 metadata = MetaData(
     naming_convention={

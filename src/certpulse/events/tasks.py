@@ -56,7 +56,7 @@ from certpulse.events.commands import (
     task_environment,
 )
 from certpulse.events.model import CHANNELS, TASK_TYPES, CertFacts, Event, EventDraft, EventId
-from certpulse.store.db import read, write
+from certpulse.sql.db import read, write
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 THUMBPRINT_PATTERN = re.compile(r"[0-9A-F]{40}")

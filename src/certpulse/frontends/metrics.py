@@ -41,7 +41,7 @@ from certpulse.ca.service import CAService
 from certpulse.ca.stats import CAStats, read_stats
 from certpulse.errors import Reason
 from certpulse.frontends.problems import problem
-from certpulse.store.db import read
+from certpulse.sql.db import read
 
 log = logging.getLogger("certpulse.api")
 

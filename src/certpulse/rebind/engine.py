@@ -24,7 +24,7 @@ from certpulse.events.model import EventDraft, EventId
 from certpulse.rebind.bindings import Binding, get_binding, list_bindings, update_binding
 from certpulse.rebind.deployers.base import Backup, Deployer, DeployFailed, Material, get_deployer
 from certpulse.rebind.probe import parse_probe, probe_target, settled_probe
-from certpulse.store.db import read
+from certpulse.sql.db import read
 
 CURSOR = "rebind_cursor"
 RETRY_BASE = dt.timedelta(minutes=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, Text
 
-from certpulse.store.types import UTCDateTime
+from certpulse.sql.types import UTCDateTime
 
 metadata = MetaData(naming_convention={"pk": "pk_%(table_name)s"})
 

@@ -6,7 +6,7 @@ Create Date: 2026-11-22 03:19:44.043067
 """
 from alembic import op
 import sqlalchemy as sa
-import certpulse.store.types
+import certpulse.sql.types
 
 
 revision = 'a001'
@@ -23,8 +23,8 @@ def upgrade() -> None:
     sa.Column('names', sa.Text(), nullable=False),
     sa.Column('serial', sa.String(length=40), nullable=False),
     sa.Column('issuer', sa.Text(), nullable=False),
-    sa.Column('not_before', certpulse.store.types.UTCDateTime(), nullable=False),
-    sa.Column('not_after', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('not_before', certpulse.sql.types.UTCDateTime(), nullable=False),
+    sa.Column('not_after', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.Column('template_oid', sa.String(length=128), nullable=True),
     sa.Column('template_name', sa.String(length=64), nullable=True),
     sa.Column('major_version', sa.Integer(), nullable=False),
@@ -34,9 +34,9 @@ def upgrade() -> None:
     sa.Column('issuer_name', sa.String(length=64), nullable=True),
     sa.Column('has_key', sa.Boolean(), nullable=False),
     sa.Column('archived', sa.Boolean(), nullable=False),
-    sa.Column('archived_at', certpulse.store.types.UTCDateTime(), nullable=True),
+    sa.Column('archived_at', certpulse.sql.types.UTCDateTime(), nullable=True),
     sa.Column('replaced_by', sa.String(length=40), nullable=True),
-    sa.Column('installed_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('installed_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.PrimaryKeyConstraint('thumbprint', name=op.f('pk_certificates'))
     )
     with op.batch_alter_table('certificates', schema=None) as batch_op:
@@ -57,8 +57,8 @@ def upgrade() -> None:
     sa.Column('replaces', sa.Text(), nullable=False),
     sa.Column('replace_action', sa.String(length=16), nullable=True),
     sa.Column('source', sa.String(length=16), nullable=False),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
-    sa.Column('submitted_at', certpulse.store.types.UTCDateTime(), nullable=True),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
+    sa.Column('submitted_at', certpulse.sql.types.UTCDateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_flights'))
     )
     op.create_table('state',

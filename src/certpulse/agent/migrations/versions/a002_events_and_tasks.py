@@ -6,7 +6,7 @@ Create Date: 2026-11-22 06:00:00
 """
 from alembic import op
 import sqlalchemy as sa
-import certpulse.store.types
+import certpulse.sql.types
 
 
 revision = 'a002'
@@ -20,7 +20,7 @@ def upgrade() -> None:
     sa.Column('seq', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('event_id', sa.Integer(), nullable=False),
     sa.Column('channel', sa.String(length=8), nullable=False),
-    sa.Column('time', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('time', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.Column('uid', sa.Integer(), nullable=False),
     sa.Column('action', sa.String(length=32), nullable=True),
     sa.Column('template', sa.String(length=64), nullable=True),
@@ -41,14 +41,14 @@ def upgrade() -> None:
     sa.Column('old_thumbprint', sa.String(length=40), nullable=True),
     sa.Column('timeout', sa.Float(), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.Column('cursor', sa.Integer(), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('next_attempt_at', certpulse.store.types.UTCDateTime(), nullable=True),
+    sa.Column('next_attempt_at', certpulse.sql.types.UTCDateTime(), nullable=True),
     sa.Column('runs', sa.Integer(), nullable=False),
     sa.Column('failures', sa.Integer(), nullable=False),
-    sa.Column('last_run_at', certpulse.store.types.UTCDateTime(), nullable=True),
+    sa.Column('last_run_at', certpulse.sql.types.UTCDateTime(), nullable=True),
     sa.Column('last_outcome', sa.String(length=16), nullable=True),
     sa.Column('last_exit', sa.Integer(), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
@@ -60,8 +60,8 @@ def upgrade() -> None:
     sa.Column('event_seq', sa.Integer(), nullable=True),
     sa.Column('event_id', sa.Integer(), nullable=False),
     sa.Column('attempt', sa.Integer(), nullable=False),
-    sa.Column('started_at', certpulse.store.types.UTCDateTime(), nullable=False),
-    sa.Column('finished_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('started_at', certpulse.sql.types.UTCDateTime(), nullable=False),
+    sa.Column('finished_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.Column('outcome', sa.String(length=16), nullable=False),
     sa.Column('exit_status', sa.Integer(), nullable=True),
     sa.Column('output', sa.LargeBinary(), nullable=False),
@@ -75,7 +75,7 @@ def upgrade() -> None:
     op.create_table('expiry_notices',
     sa.Column('thumbprint', sa.String(length=40), nullable=False),
     sa.Column('threshold', sa.String(length=16), nullable=False),
-    sa.Column('raised_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('raised_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.Column('event_seq', sa.Integer(), nullable=False),
     sa.PrimaryKeyConstraint('thumbprint', 'threshold', name='pk_expiry_notices')
     )

@@ -6,7 +6,7 @@ Create Date: 2026-11-22 06:10:00
 """
 from alembic import op
 import sqlalchemy as sa
-import certpulse.store.types
+import certpulse.sql.types
 
 
 revision = 'a003'
@@ -27,14 +27,14 @@ def upgrade() -> None:
     sa.Column('auto', sa.Boolean(), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('next_attempt_at', certpulse.store.types.UTCDateTime(), nullable=True),
+    sa.Column('next_attempt_at', certpulse.sql.types.UTCDateTime(), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('last_output', sa.Text(), nullable=True),
     sa.Column('verdict', sa.String(length=16), nullable=True),
     sa.Column('served', sa.String(length=40), nullable=True),
-    sa.Column('checked_at', certpulse.store.types.UTCDateTime(), nullable=True),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
-    sa.Column('updated_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('checked_at', certpulse.sql.types.UTCDateTime(), nullable=True),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
+    sa.Column('updated_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.PrimaryKeyConstraint('name', name=op.f('pk_bindings'))
     )
 

@@ -27,7 +27,7 @@ from sqlalchemy import (
     text,
 )
 
-from certpulse.store.types import UTCDateTime
+from certpulse.sql.types import UTCDateTime
 
 metadata = MetaData(
     naming_convention={

@@ -6,7 +6,7 @@ Create Date: 2026-11-22 03:04:55.519032
 """
 from alembic import op
 import sqlalchemy as sa
-import certpulse.store.types
+import certpulse.sql.types
 
 
 revision = '0001'
@@ -20,13 +20,13 @@ def upgrade() -> None:
     sa.Column('key_hash', sa.String(length=64), nullable=False),
     sa.Column('name', sa.String(length=64), nullable=False),
     sa.Column('role', sa.String(length=16), nullable=False),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.PrimaryKeyConstraint('key_hash', name=op.f('pk_api_keys')),
     sa.UniqueConstraint('name', name=op.f('uq_api_keys_name'))
     )
     op.create_table('audit',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.Column('actor', sa.String(length=128), nullable=False),
     sa.Column('action', sa.String(length=32), nullable=False),
     sa.Column('template_name', sa.String(length=64), nullable=True),
@@ -51,7 +51,7 @@ def upgrade() -> None:
     sa.Column('cost', sa.Integer(), nullable=False),
     sa.Column('renewal_only', sa.Boolean(), nullable=False),
     sa.Column('enabled', sa.Boolean(), nullable=False),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['parent_id'], ['authorities.id'], name=op.f('fk_authorities_parent_id_authorities')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_authorities')),
     sa.UniqueConstraint('name', name=op.f('uq_authorities_name'))
@@ -63,7 +63,7 @@ def upgrade() -> None:
     sa.Column('roles', sa.String(length=255), nullable=False),
     sa.Column('credential_hash', sa.String(length=64), nullable=True),
     sa.Column('enabled', sa.Boolean(), nullable=False),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_principals')),
     sa.UniqueConstraint('credential_hash', name=op.f('uq_principals_credential_hash')),
     sa.UniqueConstraint('name', name=op.f('uq_principals_name'))
@@ -79,8 +79,8 @@ def upgrade() -> None:
     sa.Column('major_version', sa.Integer(), nullable=False),
     sa.Column('minor_version', sa.Integer(), nullable=False),
     sa.Column('document', sa.Text(), nullable=False),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
-    sa.Column('updated_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
+    sa.Column('updated_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.PrimaryKeyConstraint('name', name=op.f('pk_templates')),
     sa.UniqueConstraint('oid', name=op.f('uq_templates_oid'))
     )
@@ -93,14 +93,14 @@ def upgrade() -> None:
     sa.Column('template_name', sa.String(length=64), nullable=False),
     sa.Column('subject', sa.Text(), nullable=False),
     sa.Column('names', sa.Text(), nullable=False),
-    sa.Column('not_before', certpulse.store.types.UTCDateTime(), nullable=False),
-    sa.Column('not_after', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('not_before', certpulse.sql.types.UTCDateTime(), nullable=False),
+    sa.Column('not_after', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('der', sa.LargeBinary(), nullable=True),
     sa.Column('thumbprint', sa.String(length=40), nullable=True),
-    sa.Column('revoked_at', certpulse.store.types.UTCDateTime(), nullable=True),
+    sa.Column('revoked_at', certpulse.sql.types.UTCDateTime(), nullable=True),
     sa.Column('revocation_reason', sa.String(length=32), nullable=True),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['authority_id'], ['authorities.id'], name=op.f('fk_certificates_authority_id_authorities')),
     sa.ForeignKeyConstraint(['principal_id'], ['principals.id'], name=op.f('fk_certificates_principal_id_principals')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_certificates')),
@@ -116,9 +116,9 @@ def upgrade() -> None:
     op.create_table('enrollment_tokens',
     sa.Column('token_hash', sa.String(length=64), nullable=False),
     sa.Column('principal_id', sa.Integer(), nullable=False),
-    sa.Column('expires_at', certpulse.store.types.UTCDateTime(), nullable=False),
-    sa.Column('used_at', certpulse.store.types.UTCDateTime(), nullable=True),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('expires_at', certpulse.sql.types.UTCDateTime(), nullable=False),
+    sa.Column('used_at', certpulse.sql.types.UTCDateTime(), nullable=True),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['principal_id'], ['principals.id'], name=op.f('fk_enrollment_tokens_principal_id_principals')),
     sa.PrimaryKeyConstraint('token_hash', name=op.f('pk_enrollment_tokens'))
     )
@@ -152,8 +152,8 @@ def upgrade() -> None:
     sa.Column('authority_id', sa.Integer(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('reason', sa.Text(), nullable=True),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
-    sa.Column('decided_at', certpulse.store.types.UTCDateTime(), nullable=True),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
+    sa.Column('decided_at', certpulse.sql.types.UTCDateTime(), nullable=True),
     sa.Column('decided_by', sa.String(length=128), nullable=True),
     sa.Column('certificate_id', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['authority_id'], ['authorities.id'], name=op.f('fk_requests_authority_id_authorities')),
@@ -169,7 +169,7 @@ def upgrade() -> None:
     sa.Column('request_id', sa.Integer(), nullable=False),
     sa.Column('authority_id', sa.Integer(), nullable=False),
     sa.Column('envelope', sa.Text(), nullable=False),
-    sa.Column('created_at', certpulse.store.types.UTCDateTime(), nullable=False),
+    sa.Column('created_at', certpulse.sql.types.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['authority_id'], ['authorities.id'], name=op.f('fk_archived_keys_authority_id_authorities')),
     sa.ForeignKeyConstraint(['request_id'], ['requests.id'], name=op.f('fk_archived_keys_request_id_requests')),
     sa.PrimaryKeyConstraint('request_id', name=op.f('pk_archived_keys'))

@@ -1,4 +1,7 @@
-"""Engines for the two supported databases, and the migration entry point.
+"""Engines for the two supported databases, transactions, and the migration runner.
+
+Shared by the CA's database (:mod:`certpulse.ca.storage`) and the machine-local one
+(:mod:`certpulse.machine`); each passes its own migrations folder to :func:`migrate`.
 
 SQLite is the embedded default: WAL journal (readers never block the writer), a busy timeout
 so concurrent writers wait instead of failing, foreign keys on, and write transactions opened
@@ -46,7 +49,6 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 BUSY_TIMEOUT_MS = 10_000
-MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def sqlite_url(path: Path) -> str:
@@ -224,7 +226,7 @@ class DirectStatement:
         return cursor
 
 
-def alembic_config(url: str, location: Path = MIGRATIONS) -> Config:
+def alembic_config(url: str, location: Path) -> Config:
     from alembic.config import Config  # imported here: most commands never migrate
 
     config = Config()
@@ -233,8 +235,8 @@ def alembic_config(url: str, location: Path = MIGRATIONS) -> Config:
     return config
 
 
-def migrate(engine: Engine, location: Path = MIGRATIONS) -> None:
-    """Bring the schema to the newest migration (creating it on an empty database)."""
+def migrate(engine: Engine, location: Path) -> None:
+    """Bring the schema to the newest migration in ``location`` (creating it on an empty database)."""
     from alembic import command
 
     try:
@@ -245,6 +247,3 @@ def migrate(engine: Engine, location: Path = MIGRATIONS) -> None:
     except OperationalError as exc:
         raise Refusal(Reason.STORE, f"cannot reach the database: {exc.orig}") from None
 
-
-def describe(engine: Engine) -> dict[str, Any]:
-    return {"dialect": engine.dialect.name, "url": engine.url.render_as_string(hide_password=True)}

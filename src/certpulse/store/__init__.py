@@ -1,1 +1,0 @@
-"""The CA's database: one SQLAlchemy Core implementation for SQLite and PostgreSQL."""
