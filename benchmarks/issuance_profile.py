@@ -57,7 +57,7 @@ STEPS = (
     ("    confirming caller and state", ("CAService._current_caller", "read_generation")),
     ("    request row", ("CAService._insert_request",)),
     ("    serial reservation", ("CAService._reserve_serial",)),
-    ("    building and signing the certificate", ("build_end_entity",)),
+    ("    building and signing the certificate", ("end_entity_builder", "CertificateBuilder.sign")),
     ("    audit row", ("CAService._audit",)),
     ("  latency histogram", ("observe_submission",)),
 )

@@ -61,8 +61,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certpulse.agent import gather
-from certpulse.agent import schema as agent_schema
-from certpulse.agent.config import AgentConfig, PolicyServerConfig, save_config, write_credential
+from certpulse.agent.config import AgentConfig, PolicyServerConfig, open_agent_store, save_config, write_credential
 from certpulse.agent.expiry import expiry_notices
 from certpulse.agent.model import (
     IssuerPolicy,
@@ -74,11 +73,12 @@ from certpulse.agent.model import (
     TemplatePolicy,
 )
 from certpulse.agent.planner import plan
-from certpulse.agent.store import LocalStore, open_store
-from certpulse.events import log as event_log
-from certpulse.events.model import CertFacts, EventDraft, EventId
+from certpulse.machine import log as event_log
+from certpulse.machine import schema as agent_schema
+from certpulse.machine.certstore import LocalStore
+from certpulse.machine.events import CertFacts, EventDraft, EventId
 from certpulse.pki import template_info
-from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
+from certpulse.pki.build import build_ca_certificate, end_entity_builder, random_serial, signature_hash, simple_name
 from certpulse.pki.certs import pem, serial_hex, sha256_thumbprint, subject_names, thumbprint
 from certpulse.pki.keys import private_key_pem
 
@@ -319,12 +319,12 @@ def issue(authority: Authority, spec: CertSpec) -> tuple[ec.EllipticCurvePrivate
     extra: tuple[x509.ExtensionType, ...] = ()
     if spec.template is not None:
         extra = (template_info.encode(template_info.TemplateInfo(spec.template.oid, spec.major_version, 0)),)
-    cert = build_end_entity(
+    cert = end_entity_builder(
         subject=simple_name(host), public_key=key.public_key(), issuer_cert=authority.issuer,
-        issuer_key=authority.issuer_key, serial=random_serial(), not_before=spec.not_before,
+        issuer_key=authority.issuer_key, not_before=spec.not_before,
         not_after=spec.not_after, sans=[x509.DNSName(host)], key_usage=KEY_USAGE,
         ekus=(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string, ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string),
-        extra=extra)
+        extra=extra).serial_number(random_serial()).sign(authority.issuer_key, signature_hash(authority.issuer_key))
     return key, cert
 
 
@@ -397,7 +397,7 @@ def build_store(directory: Path, certs: int, n_templates: int, api_sample: int) 
     issued = [issue(authority, spec) for spec in specs]
     generate_seconds = time.perf_counter() - start
     chain = [authority.issuer]
-    store = open_store(directory, config)
+    store = open_agent_store(directory, config)
     try:
         api_seconds: list[float] = []
         for spec, (key, cert) in zip(specs[:api_sample], issued[:api_sample], strict=True):
@@ -455,7 +455,7 @@ def bench_gather(report: Report, built: BuiltStore, runs: int) -> None:
     trust = gather.Trust(roots=(built.authority.root,), issuers={"CA-1": built.authority.issuer}, kra=())
     policies = [gather.GatheredPolicy(built.servers[0], trust), gather.GatheredPolicy(built.servers[1], trust)]
     config = AgentConfig(servers=(PolicyServerConfig(url=URL_A),), principal="bench.example.internal")
-    store = open_store(built.directory, config)
+    store = open_agent_store(built.directory, config)
     try:
         snapshot = gather.snapshot(store, policies, NOW)
         valid = sum(c.chain_valid for c in snapshot.certificates)
@@ -483,7 +483,8 @@ def bench_gather(report: Report, built: BuiltStore, runs: int) -> None:
                             lambda: expiry_notices(Options(), servers, snapshot, NOW, warning_percent=10,
                                                    raised=store.expiry_raised())))
         report.note(f"a networked pulse also asks the CA for the status of every current, unexpired certificate "
-                    f"it does not already know to be revoked (Agent._revoked): {status_calls} HTTP requests here")
+                    f"it does not already know to be revoked (agent.revocation.refresh_revoked): {status_calls} "
+                    "HTTP requests here")
         # The agent's own queries: it lists its store whole and filters in Python (the expiry
         # monitor included): no query selects by expiry.
         capture = Capture(store.engine)

@@ -38,10 +38,10 @@ from certpulse.agent import client as client_mod
 from certpulse.agent.config import AgentConfig, PolicyServerConfig, save_config, write_credential
 from certpulse.agent.daemon import follows_retry_after, next_delay
 from certpulse.agent.pulse import Agent
-from certpulse.agent.store import LocalStore
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.model import Caller
 from certpulse.ca.service import CAService
+from certpulse.machine.certstore import LocalStore
 
 TEMPLATE = "machine"
 

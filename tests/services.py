@@ -5,7 +5,6 @@ Debian's packages provide them (``scripts/system-packages``, which ``make test``
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import signal
@@ -17,12 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from certpulse.rebind.deployers import Material
 from certpulse.rebind.probe import probe
+from pki_factory import self_signed
 from support import free_port
 
 HINT = "run scripts/system-packages (make test does) to install nginx and haproxy"
@@ -88,17 +84,11 @@ class TlsServer:
 
 def write_placeholder(cert_path: Path, key_path: Path) -> str:
     """A self-signed certificate of no CA, for a server to start with; its thumbprint."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "placeholder")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    placeholder = self_signed("placeholder", days=1)
+    cert_path.write_text(placeholder.pem)
+    key_path.write_bytes(placeholder.key_pem)
     key_path.chmod(0o600)
-    return cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - a thumbprint
+    return placeholder.thumbprint
 
 
 class Nginx:

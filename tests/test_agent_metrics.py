@@ -23,14 +23,13 @@ import httpx
 import pytest
 import tomli_w
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
 from agent_support import Agent, action_for, new_agent, one, one_line_error, sha1_thumbprint, wait_for
-from certpulse.agent import schema as agent_tables
-from certpulse.events import schema as event_tables
+from certpulse.machine import schema as machine_tables
+from pki_factory import self_signed, utc_now
 from support import CA, free_port
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -78,15 +77,6 @@ def timestamp(iso: str) -> float:
     return dt.datetime.fromisoformat(iso).timestamp()
 
 
-def self_signed(cn: str, days: int) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)])
-    start = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=1)
-    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(start)
-            .not_valid_after(start + dt.timedelta(days=days)).sign(key, hashes.SHA256()))
-
-
 def monitor(agent: Agent, folder: Path) -> None:
     path = agent.dir / "agent.toml"
     data = tomllib.loads(path.read_text())
@@ -101,7 +91,7 @@ def test_metrics_command_reports_certificates_renewal_pulses_and_additional_stor
     agent = new_agent(pki, ca_url, tmp_path / "agent")
     extra = tmp_path / "monitored"
     extra.mkdir()
-    watched = self_signed("legacy.example.internal", 30)
+    watched = self_signed("legacy.example.internal", days=30, start=utc_now() - dt.timedelta(days=1)).certificate
     pem = watched.public_bytes(serialization.Encoding.PEM)
     (extra / "legacy.pem").write_bytes(pem)
     (extra / "legacy-copy.crt").write_bytes(pem)  # one certificate in two files: still one series
@@ -181,14 +171,15 @@ def test_failed_pulses_failing_renewals_and_tasks(pki: CA, ca_url: str, tmp_path
     engine = create_engine(f"sqlite:///{agent.dir / 'store' / 'meta.db'}")
     try:
         with engine.begin() as conn:
-            conn.execute(agent_tables.state.insert().values(
+            conn.execute(machine_tables.state.insert().values(
                 name="failing", value=json.dumps({"template:webserver": "unavailable", "ABCDEF": "name-not-allowed"})))
             for name, state, runs, failures, last in (("reload-nginx", "retrying", 3, 1, now),
                                                       ("never-ran", "ok", 0, 0, None)):
-                conn.execute(event_tables.tasks.insert().values(
+                conn.execute(machine_tables.tasks.insert().values(
                     name=name, task_type="replace", command="/usr/local/bin/reload", args="[]", channel="system",
-                    timeout=30.0, sha256="0" * 64, created_at=now, cursor=0, state=state, attempts=1, runs=runs,
+                    timeout=30.0, sha256="0" * 64, created_at=now, state=state, attempts=1, runs=runs,
                     failures=failures, last_run_at=last))
+                conn.execute(machine_tables.cursors.insert().values(consumer=f"task:{name}", seq=0))
     finally:
         engine.dispose()
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certpulse.agent import gather
 from certpulse.agent.daemon import BACKOFF_FLOOR, follows_retry_after, next_delay
-from certpulse.agent.store import LocalStore
-from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
+from certpulse.machine.certstore import LocalStore
+from certpulse.pki.keys import PrivateKey
+from pki_factory import Authority
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -51,32 +51,27 @@ def test_backoff_grows_then_stops_at_the_cap() -> None:
     assert ceilings[-1] > 1800  # reached the cap's neighbourhood, and no further
 
 
-Issued = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
-World = tuple[LocalStore, ec.EllipticCurvePrivateKey, x509.Certificate]
+World = tuple[LocalStore, Authority]
 
 
-def _issue(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, name: str) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = build_end_entity(subject=simple_name(name), public_key=key.public_key(), issuer_cert=ca, issuer_key=ca_key,
-                            serial=random_serial(), not_before=NOW, not_after=NOW + 365 * 24 * HOUR, sans=[],
-                            key_usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                            ekus=())
-    return key, cert
+def _issue(ca: Authority, name: str) -> tuple[PrivateKey, x509.Certificate]:
+    issued = ca.issue(name, not_before=NOW, not_after=NOW + 365 * 24 * HOUR)
+    assert issued.key is not None
+    return issued.key, issued.certificate
 
 
 @pytest.fixture
 def store_and_ca(tmp_path: Path) -> Iterator[World]:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = build_ca_certificate(subject=simple_name("Test CA"), public_key=ca_key.public_key(), issuer_cert=None,
-                              signing_key=ca_key, not_before=NOW, not_after=NOW + 3650 * 24 * HOUR, path_length=0)
+    ca = Authority.root("Test CA", not_before=NOW, not_after=NOW + 3650 * 24 * HOUR, path_length=0)
     store = LocalStore(tmp_path / "store")
-    yield store, ca_key, ca
+    yield store, ca
     store.close()
 
 
 def test_key_files_are_0600_and_the_live_link_names_a_matching_pair(store_and_ca: World) -> None:
-    store, ca_key, ca = store_and_ca
-    key, cert = _issue(ca_key, ca, "one")
+    store, authority = store_and_ca
+    ca = authority.certificate
+    key, cert = _issue(authority, "one")
     record = store.install(key=key, cert=cert, chain=[ca], source="auto", now=NOW, template_name="machine")
     folder = Path(os.path.realpath(store.live_link("machine")))
     assert folder == store.folder(record.thumbprint)
@@ -88,11 +83,12 @@ def test_key_files_are_0600_and_the_live_link_names_a_matching_pair(store_and_ca
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root; CI runs as root")
 def test_renewal_keeps_the_key_owner_and_group(store_and_ca: World) -> None:
-    store, ca_key, ca = store_and_ca
-    key, cert = _issue(ca_key, ca, "old")
+    store, authority = store_and_ca
+    ca = authority.certificate
+    key, cert = _issue(authority, "old")
     old = store.install(key=key, cert=cert, chain=[ca], source="auto", now=NOW, template_name="machine")
     os.chown(store.folder(old.thumbprint) / "key.pem", 4321, 8765)
-    new_key, new_cert = _issue(ca_key, ca, "new")
+    new_key, new_cert = _issue(authority, "new")
     new = store.install(key=new_key, cert=new_cert, chain=[ca], source="auto", now=NOW, template_name="machine",
                         replaces=(old.thumbprint,))
     st_new = (store.folder(new.thumbprint) / "key.pem").stat()
@@ -103,10 +99,11 @@ def test_renewal_keeps_the_key_owner_and_group(store_and_ca: World) -> None:
 
 
 def test_recover_points_a_stale_link_at_the_current_version(store_and_ca: World) -> None:
-    store, ca_key, ca = store_and_ca
-    key, cert = _issue(ca_key, ca, "old")
+    store, authority = store_and_ca
+    ca = authority.certificate
+    key, cert = _issue(authority, "old")
     old = store.install(key=key, cert=cert, chain=[ca], source="auto", now=NOW, template_name="machine")
-    new_key, new_cert = _issue(ca_key, ca, "new")
+    new_key, new_cert = _issue(authority, "new")
     new = store.install(key=new_key, cert=new_cert, chain=[ca], source="auto", now=NOW, template_name="machine",
                         replaces=(old.thumbprint,))
     # What a kill between the database commit and the link swap leaves behind:
@@ -122,22 +119,35 @@ def test_recover_points_a_stale_link_at_the_current_version(store_and_ca: World)
 def test_chain_validation_remembers_signatures_by_the_exact_bytes() -> None:
     """gather caches signature checks; a forgery that copies every name (and even the serial) of
     a certificate already verified is still refused, at the first and at every later check."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = build_ca_certificate(subject=simple_name("Cache CA"), public_key=ca_key.public_key(), issuer_cert=None,
-                              signing_key=ca_key, not_before=NOW, not_after=NOW + 3650 * 24 * HOUR, path_length=0)
-    impostor_key = ec.generate_private_key(ec.SECP256R1())
-    impostor = build_ca_certificate(subject=simple_name("Cache CA"), public_key=impostor_key.public_key(),
-                                    issuer_cert=None, signing_key=impostor_key, not_before=NOW,
-                                    not_after=NOW + 3650 * 24 * HOUR, path_length=0)
-    _, genuine = _issue(ca_key, ca, "host")
-    forged = build_end_entity(subject=genuine.subject, public_key=genuine.public_key(),  # type: ignore[arg-type]
-                              issuer_cert=ca, issuer_key=impostor_key, serial=genuine.serial_number,
-                              not_before=NOW, not_after=NOW + 365 * 24 * HOUR, sans=[],
-                              key_usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                              ekus=())
+    authority = Authority.root("Cache CA", not_before=NOW, not_after=NOW + 3650 * 24 * HOUR, path_length=0)
+    impostor = Authority.root("Cache CA", not_before=NOW, not_after=NOW + 3650 * 24 * HOUR, path_length=0)
+    ca = authority.certificate
+    _, genuine = _issue(authority, "host")
+    # Every name of the genuine certificate, signed by the impostor's key.
+    forged = authority.issue(public_key=genuine.public_key(), subject=genuine.subject, not_before=NOW,  # type: ignore[arg-type]
+                             not_after=NOW + 365 * 24 * HOUR, signing_key=impostor.key,
+                             serial=genuine.serial_number).certificate
     at = NOW + HOUR
     for _ in range(2):  # the second round answers from the cache
         assert gather.chain_valid(genuine, [], [ca], at)
         assert not gather.chain_valid(forged, [], [ca], at)
-        assert not gather.chain_valid(genuine, [], [impostor], at)  # same names, another key
+        assert not gather.chain_valid(genuine, [], [impostor.certificate], at)  # same names, another key
         assert not gather.chain_valid(genuine, [], [ca], NOW + 3650 * 24 * HOUR)  # dates are checked every time
+
+
+def test_a_fault_inside_signature_verification_is_not_taken_for_a_bad_signature(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """D6: the check used to catch every exception, so a programming error (here a RuntimeError
+    out of verification) was recorded, and cached for the life of the process, as "not signed by
+    this issuer"."""
+    authority = Authority.root("Fault CA", not_before=NOW, not_after=NOW + 3650 * 24 * HOUR, path_length=0)
+    _, genuine = _issue(authority, "fault")
+
+    def broken(self: x509.Certificate, issuer: x509.Certificate) -> None:
+        raise RuntimeError("a bug, not a forgery")
+
+    monkeypatch.setattr(x509.Certificate, "verify_directly_issued_by", broken)
+    with pytest.raises(RuntimeError):
+        gather.chain_valid(genuine, [], [authority.certificate], NOW + HOUR)
+    monkeypatch.undo()
+    assert gather.chain_valid(genuine, [], [authority.certificate], NOW + HOUR)  # nothing wrong was remembered

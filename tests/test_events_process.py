@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+import pki_factory
 from agent_support import Agent, CAProcess, action_for, new_agent, one, sha1_thumbprint, wait_for
+from certpulse.pki.keys import PrivateKey
 from support import CA, free_port, load_cert
 
 
@@ -47,16 +49,11 @@ def cert_file(agent: Agent, thumbprint: str) -> x509.Certificate:
     return load_cert((agent.dir / "store" / "certs" / thumbprint / "cert.pem").read_text())
 
 
-def self_signed(cn: str, days: int, *, start: dt.datetime | None = None) -> tuple[ec.EllipticCurvePrivateKey,
-                                                                                   x509.Certificate]:
+def self_signed(cn: str, days: int, *, start: dt.datetime | None = None) -> tuple[PrivateKey, x509.Certificate]:
     """A certificate of no CA the agent knows: the agent can never renew it, only watch it."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)])
-    begin = start or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(begin)
-            .not_valid_after(begin + dt.timedelta(days=days)).sign(key, hashes.SHA256()))
-    return key, cert
+    issued = pki_factory.self_signed(cn, days=days, start=start)
+    assert issued.key is not None
+    return issued.key, issued.certificate
 
 
 def import_p12(agent: Agent, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, path: Path) -> str:

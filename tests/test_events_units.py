@@ -12,16 +12,17 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from certpulse.agent.expiry import expiry_notices
 from certpulse.agent.model import Options, StoredCertificate, StoreSnapshot
-from certpulse.agent.store import LocalStore
-from certpulse.events import schema as et
-from certpulse.events.log import latest_seq, prune, read_events
-from certpulse.events.model import CertFacts, EventDraft, EventId
-from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
+from certpulse.machine import cursors
+from certpulse.machine import schema as et
+from certpulse.machine.certstore import LocalStore
+from certpulse.machine.events import CertFacts, EventDraft, EventId
+from certpulse.machine.log import latest_seq, prune, read_events
+from certpulse.pki.keys import PrivateKey
 from certpulse.sql.db import read, write
+from pki_factory import Authority
 from test_planner import DAY, NOW, YEAR, cert, manual, manual_tpl, server, tpl
 
 AUTO = tpl("machine")
@@ -111,16 +112,13 @@ def store(tmp_path: Path) -> Iterator[LocalStore]:
     opened.close()
 
 
-def _certificate(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = build_ca_certificate(subject=simple_name("Events CA"), public_key=ca_key.public_key(), issuer_cert=None,
-                              signing_key=ca_key, not_before=NOW, not_after=NOW + 10 * YEAR, path_length=0)
-    key = ec.generate_private_key(ec.SECP256R1())
-    issued = build_end_entity(subject=simple_name(name), public_key=key.public_key(), issuer_cert=ca,
-                              issuer_key=ca_key, serial=random_serial(), not_before=NOW, not_after=NOW + YEAR,
-                              sans=[x509.DNSName(name)], ekus=(x509.ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,),
-                              key_usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False))
-    return key, issued
+def _certificate(name: str) -> tuple[PrivateKey, x509.Certificate]:
+    """A server certificate of a CA of its own (the store checks no chain)."""
+    authority = Authority.root("Events CA", not_before=NOW, not_after=NOW + 10 * YEAR, path_length=0)
+    issued = authority.issue(name, sans=[name], not_before=NOW, not_after=NOW + YEAR,
+                             ekus=(x509.ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,))
+    assert issued.key is not None
+    return issued.key, issued.certificate
 
 
 def test_install_renew_archive_delete_each_write_their_events(store: LocalStore) -> None:
@@ -157,7 +155,7 @@ def test_an_event_is_never_written_without_its_change(store: LocalStore) -> None
     def failing_append(*args: object, **kwargs: object) -> None:
         raise Boom
 
-    import certpulse.agent.store as store_module
+    import certpulse.machine.certstore as store_module
 
     original = store_module.event_log.append
     store_module.event_log.append = failing_append  # type: ignore[assignment]
@@ -178,11 +176,12 @@ def test_sequence_numbers_survive_retention_and_retention_spares_undelivered_eve
     with write(store.engine) as conn:
         conn.execute(et.tasks.insert().values(
             name="t", task_type="export", command="/bin/true", args=json.dumps([]), channel="user", timeout=5,
-            sha256="0" * 64, created_at=NOW, cursor=50, state="ok", attempts=0, runs=0, failures=0))
+            sha256="0" * 64, created_at=NOW, state="ok", attempts=0, runs=0, failures=0))
+        cursors.create(conn, cursors.task_consumer("t"), 50)
     later = NOW + 2 * DAY
     assert prune(store.engine, now=later, max_age=DAY, max_count=100) == 50  # only what task "t" has seen
     with write(store.engine) as conn:
-        conn.execute(et.tasks.update().values(cursor=300))
+        cursors.advance(conn, cursors.task_consumer("t"), 300)
     assert prune(store.engine, now=later, max_age=10 * YEAR, max_count=100) == 150
     remaining = read_events(store.engine)
     assert [e.seq for e in remaining] == list(range(201, 301))
@@ -193,6 +192,36 @@ def test_sequence_numbers_survive_retention_and_retention_spares_undelivered_eve
     assert event.seq == 301  # never reused
 
 
+def test_retention_spares_what_the_rebind_engine_has_not_read(store: LocalStore, tmp_path: Path) -> None:
+    """D4: the rebind engine's cursor counts like a task's. Before the cursors table it lived in
+    the state table, and retention pruned events rebind had not acted on."""
+    from certpulse.rebind import engine as rebind
+
+    facts = CertFacts(thumbprint="AC" * 20, sha256="CD" * 32, subject="CN=r", subject_names=("r",), ekus=(),
+                      template=None, template_oid=None, store="personal", not_before=NOW, expiration=NOW + YEAR)
+    store.record([EventDraft(EventId.EXPORTED, old=facts) for _ in range(10)], NOW)
+    assert rebind.ensure_cursor(store) == 10  # the first binding: rebind reads from here on
+    store.record([EventDraft(EventId.EXPORTED, old=facts) for _ in range(290)], NOW)
+    later = NOW + 2 * DAY
+    assert prune(store.engine, now=later, max_age=DAY, max_count=100) == 10  # only what rebind has read
+    assert read_events(store.engine)[0].seq == 11
+    rebind.process(store, tmp_path, later)  # reads everything (no binding moves for 1007s)
+    with read(store.engine) as conn:
+        assert cursors.get(conn, cursors.REBIND) == 300
+    assert prune(store.engine, now=later, max_age=DAY, max_count=100) == 290
+    assert read_events(store.engine) == []
+
+
+def test_a_consumer_cursor_never_moves_backwards(store: LocalStore) -> None:
+    with write(store.engine) as conn:
+        cursors.create(conn, "rebind", 40)
+        assert cursors.advance(conn, "rebind", 30) is False
+        assert cursors.advance(conn, "rebind", 45) is True
+        assert cursors.move_from(conn, "rebind", 40, 50) is False  # it is at 45 now, not 40
+        assert cursors.get(conn, "rebind") == 45
+        assert cursors.lowest(conn) == 45
+
+
 def test_undelivered_events_are_kept_only_up_to_the_hard_limit(store: LocalStore) -> None:
     facts = CertFacts(thumbprint="EF" * 20, sha256="01" * 32, subject="CN=y", subject_names=("y",), ekus=(),
                       template=None, template_oid=None, store="personal", not_before=NOW, expiration=NOW + YEAR)
@@ -200,7 +229,8 @@ def test_undelivered_events_are_kept_only_up_to_the_hard_limit(store: LocalStore
     with write(store.engine) as conn:
         conn.execute(et.tasks.insert().values(
             name="stuck", task_type="export", command="/bin/true", args="[]", channel="user", timeout=5,
-            sha256="0" * 64, created_at=NOW, cursor=0, state="refused", attempts=0, runs=0, failures=0))
+            sha256="0" * 64, created_at=NOW, state="refused", attempts=0, runs=0, failures=0))
+        cursors.create(conn, cursors.task_consumer("stuck"), 0)
     assert prune(store.engine, now=NOW + YEAR, max_age=DAY, max_count=100) == 100  # 1100 - 10 x 100
     assert len(read_events(store.engine)) == 1000
 

@@ -22,9 +22,10 @@ from certpulse.pki import build, names, signing, template_info
 from certpulse.pki.build import (
     MIN_SERIAL,
     build_ca_certificate,
-    build_end_entity,
+    end_entity_builder,
     inclusive_not_after,
     random_serial,
+    signature_hash,
     simple_name,
 )
 from certpulse.pki.keys import PrivateKey, check_public_key, describe_public_key
@@ -69,9 +70,9 @@ def end_entity(
 ) -> x509.Certificate:
     issuer_cert, issuer_key = ca()
     subject_key = key or ec_key()
-    return build_end_entity(
+    return end_entity_builder(
         subject=simple_name("leaf.example.internal"), public_key=subject_key.public_key(),
-        issuer_cert=issuer_cert, issuer_key=issuer_key, serial=serial,
+        issuer_cert=issuer_cert, issuer_key=issuer_key,
         not_before=NOW, not_after=inclusive_not_after(NOW, dt.timedelta(days=1)),
         sans=[x509.DNSName("leaf.example.internal")],
         key_usage=x509.KeyUsage(
@@ -80,7 +81,7 @@ def end_entity(
             encipher_only=False, decipher_only=False,
         ),
         ekus=("1.3.6.1.5.5.7.3.2",), extra=extra,
-    )
+    ).serial_number(serial).sign(issuer_key, signature_hash(issuer_key))
 
 
 # --- serials --------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from certpulse.errors import Reason, Refusal
 from certpulse.pki import key_archival
 from certpulse.pki.build import (
     build_ca_certificate,
-    build_end_entity,
     build_kra_certificate,
+    end_entity_builder,
     random_serial,
+    signature_hash,
     simple_name,
 )
 from certpulse.pki.certs import serial_hex, thumbprint
@@ -293,11 +294,11 @@ def issue(
     serial = random_serial()
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    cert = build_end_entity(
+    cert = end_entity_builder(
         subject=simple_name(cn), public_key=key.public_key(), issuer_cert=ca.cert,
-        issuer_key=ca.key, serial=serial, not_before=not_before, not_after=not_after, sans=sans,
+        issuer_key=ca.key, not_before=not_before, not_after=not_after, sans=sans,
         key_usage=machine_template().key_usage_extension(), ekus=ekus,
-    )
+    ).serial_number(serial).sign(ca.key, signature_hash(ca.key))
     known = KnownCertificate(
         id=next(_next_id), authority_id=2, serial=serial_hex(serial), principal_id=principal_id,
         template_name=template_name, not_before=cert.not_valid_before_utc,

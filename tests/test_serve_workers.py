@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +42,17 @@ def test_parallel_enrollments_on_two_workers_get_distinct_serials(ca: CA, two_wo
 
 def test_keep_alive_answers_do_not_wait_for_delayed_acks(two_workers: str) -> None:
     """With several workers, Nagle's algorithm left on held each answer's last segment until the
-    client's delayed ACK (~40 ms a request on Linux): 20 requests on one connection took ~1 s."""
-    with httpx.Client(base_url=two_workers, timeout=10) as http:
+    client's delayed ACK: every request on a kept-alive connection then took at least the
+    kernel's delayed-ACK timer (40 ms on Linux), whatever the machine's speed.
+
+    So the median of 40 requests is compared with that fixed timer, not with a speed goal: a busy
+    machine makes some requests slow, but not the typical one 40 ms slow."""
+    latencies = []
+    with httpx.Client(base_url=two_workers, timeout=30) as http:
         http.get("/healthz")  # the connection is open and the worker warm
-        started = time.perf_counter()
-        for _ in range(20):
+        for _ in range(40):
+            started = time.perf_counter()
             assert http.get("/healthz").status_code == 200
-        elapsed = time.perf_counter() - started
-    assert elapsed < 0.6, f"20 keep-alive requests took {elapsed:.2f} s"
+            latencies.append(time.perf_counter() - started)
+    median = statistics.median(latencies)
+    assert median < 0.035, f"median keep-alive answer took {median * 1000:.0f} ms (a delayed ACK is 40 ms)"

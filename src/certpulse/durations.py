@@ -1,4 +1,5 @@
-"""Human durations (``365d``, ``6w``, ``8h``, ``90s``) used in templates and configuration."""
+"""Human durations (``365d``, ``6w``, ``8h``, ``90s``) used in templates and configuration, and the
+exponential backoff every retry uses."""
 
 from __future__ import annotations
 
@@ -35,3 +36,13 @@ def format_duration(delta: dt.timedelta) -> str:
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def backoff(attempt: int, base: dt.timedelta, cap: dt.timedelta) -> dt.timedelta:
+    """The wait before retry number ``attempt`` (1 for the first retry): ``base``, doubled for
+    each retry after the first, never more than ``cap``. The one exponential backoff of the agent,
+    its notification tasks and rebind (callers add their own jitter where a fleet retries together)."""
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    seconds = base.total_seconds() * 2.0 ** min(attempt - 1, 1000)  # a float: no overflow however long it failed
+    return dt.timedelta(seconds=min(seconds, cap.total_seconds()))

@@ -15,8 +15,6 @@ from typing import Any
 
 import httpx
 
-from certpulse.errors import Reason, Refusal
-
 MAX_BODY = 4 * 1024 * 1024
 MAX_RETRY_AFTER = 24 * 3600
 
@@ -57,11 +55,15 @@ def _short(value: Any, limit: int = 300) -> str:
 
 
 class CAClient:
-    def __init__(self, url: str, credential: str | None, *, verify: Any = True, timeout: float = 30) -> None:
+    """One policy server. ``transport`` is httpx's seam: None for the network, or a transport of
+    the caller's (an ``httpx.MockTransport`` in tests that play a hostile CA in-process)."""
+
+    def __init__(self, url: str, credential: str | None, *, verify: Any = True, timeout: float = 30,
+                 transport: httpx.BaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         self.url = url
         self.http = httpx.Client(base_url=url, headers=headers, verify=verify, timeout=timeout,
-                                 follow_redirects=False)
+                                 follow_redirects=False, transport=transport)
 
     def close(self) -> None:
         self.http.close()
@@ -89,8 +91,9 @@ class CAClient:
         return data
 
     @staticmethod
-    def exchange_token(url: str, token: str, *, verify: Any = True) -> dict[str, str]:
-        client = CAClient(url, None, verify=verify)
+    def exchange_token(url: str, token: str, *, verify: Any = True,
+                       transport: httpx.BaseTransport | None = None) -> dict[str, str]:
+        client = CAClient(url, None, verify=verify, transport=transport)
         try:
             data = client._call("POST", "/v1/tokens/exchange", json={"token": token})
         finally:
@@ -106,10 +109,14 @@ class CAClient:
         return data
 
     def submit(self, *, template: str, csr_pem: str, issuer: str, idempotency_key: str,
-               renewal: tuple[str, bytes] | None = None) -> RequestAnswer:
+               renewal: tuple[str, bytes] | None = None, archived_key: dict[str, str] | None = None) -> RequestAnswer:
+        """``renewal``: the old certificate (PEM) and its key's signature over the CSR;
+        ``archived_key``: the new key sealed to the KRA, for templates that archive keys."""
         body: dict[str, Any] = {"template": template, "csr": csr_pem, "issuer": issuer}
         if renewal is not None:
             body["renewal"] = {"certificate": renewal[0], "signature": base64.b64encode(renewal[1]).decode()}
+        if archived_key is not None:
+            body["archived_key"] = archived_key
         data = self._call("POST", "/v1/requests", json=body, headers={"Idempotency-Key": idempotency_key})
         return self._answer(data)
 
@@ -143,7 +150,3 @@ class CAClient:
                              chain=tuple(chain) if isinstance(chain, list) else (),
                              reason=_short(reason) if reason else None)
 
-
-def refusal_from(exc: ServerRefused) -> Refusal:
-    return Refusal(Reason.FORBIDDEN if exc.status in (401, 403) else Reason.MALFORMED_REQUEST,
-                   f"the CA refused: {exc.reason}: {exc.detail}")

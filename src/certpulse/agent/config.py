@@ -18,6 +18,7 @@ import tomli_w
 
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
+from certpulse.machine.certstore import LocalStore, open_store
 
 SYSTEM_DIR = Path("/var/lib/certpulse")
 CONFIG_NAME = "agent.toml"
@@ -183,6 +184,15 @@ def save_config(directory: Path, config: AgentConfig) -> None:
               "# syslog: also send events to syslog (syslog_address, syslog_facility);\n"
               "# task_retries / task_retry_backoff: how often and how soon a failed notification task is retried.\n")
     path.write_text(header + tomli_w.dumps(config.document()))
+
+
+def open_agent_store(directory: Path, config: AgentConfig) -> LocalStore:
+    """The store of the agent in ``directory``, writing on the agent's channel; its events also go
+    to syslog when the agent is configured so, whichever command raised them. Needs no
+    credential: commands that only read or change the store work without one."""
+    return open_store(directory, channel=config.channel,
+                      syslog_address=config.syslog_address if config.syslog else None,
+                      syslog_facility=config.syslog_facility)
 
 
 def read_credential(directory: Path, server: PolicyServerConfig) -> str:

@@ -14,7 +14,6 @@ current certificates stay in place however long the CA is down.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import logging
 import os
 import random
@@ -25,11 +24,12 @@ from types import FrameType
 
 from certpulse import clock
 from certpulse.agent.config import AgentConfig
-from certpulse.agent.faults import fault_point
 from certpulse.agent.pulse import Agent, PulseResult
-from certpulse.agent.store import LocalStore
-from certpulse.errors import Reason, Refusal
-from certpulse.events.tasks import Dispatcher
+from certpulse.durations import backoff
+from certpulse.events.tasks import Dispatcher, TaskSettings
+from certpulse.faults import fault_point
+from certpulse.machine.certstore import LocalStore
+from certpulse.machine.locks import AgentLock
 from certpulse.rebind import engine as rebind
 
 log = logging.getLogger("certpulse.agent")
@@ -39,7 +39,6 @@ BACKOFF_FLOOR = 60.0
 # exponential backoff after these, so the agent never polls it every second for long.
 SCHEDULED_RETRIES = 5
 MIN_SCHEDULED_WAIT = 1.0
-LOCK_NAME = "agent.lock"
 TASK_POLL_SECONDS = 30.0  # retries fall due between events; the delivery thread looks this often
 
 
@@ -68,53 +67,12 @@ def next_delay(*, refresh: dt.timedelta, failures: int, retry_after: float | Non
         wait = max(retry_after, MIN_SCHEDULED_WAIT)
         return min(wait + rng.uniform(0, max(1.0, wait * 0.1)), max(wait, cap.total_seconds()))
     backed_off = failures - SCHEDULED_RETRIES if retry_after is not None else failures
-    ceiling = min(cap.total_seconds(), BACKOFF_FLOOR * 2 ** (backed_off - 1))
+    ceiling = backoff(backed_off, dt.timedelta(seconds=BACKOFF_FLOOR), cap).total_seconds()
     delay = max(BACKOFF_FLOOR, rng.uniform(ceiling / 2, ceiling))
     if retry_after is None:
         return delay
     low = max(delay, retry_after)
     return rng.uniform(low, max(low, min(low * 1.5, max(cap.total_seconds(), BACKOFF_FLOOR))))
-
-
-class AgentLock:
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / LOCK_NAME
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = self.holder()
-            raise Refusal(Reason.CONFLICT, f"another agent is running on this store (pid {holder or '?'}); "
-                                           "use 'certpulse agent pulse' to make it pulse now") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def holder(self) -> int | None:
-        """The pid of the agent that holds the lock, or None when nobody does."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.read(fd, 32).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
 
 
 def deliver_tasks(directory: Path, config: AgentConfig, store: LocalStore) -> None:
@@ -128,11 +86,16 @@ def deliver_tasks(directory: Path, config: AgentConfig, store: LocalStore) -> No
     deliver(store, config, directory)
 
 
+def task_settings(config: AgentConfig) -> TaskSettings:
+    """The notification tasks' retry settings, from the agent's configuration."""
+    return TaskSettings(retries=config.task_retries, base_backoff=config.task_retry_backoff)
+
+
 def deliver(store: LocalStore, config: AgentConfig, directory: Path) -> bool:
     """Rebind first (services keep serving a valid certificate), then notification tasks. True
     when the task dispatcher stopped early and should be called again soon."""
     rebind.process(store, directory, clock.now())
-    return Dispatcher(store, config, directory).run(clock.now()).stopped_early
+    return Dispatcher(store, task_settings(config), directory).run(clock.now()).stopped_early
 
 
 class TaskDelivery:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
 from certpulse.agent.config import PolicyServerConfig
@@ -28,8 +29,8 @@ from certpulse.agent.model import (
     TemplatePolicy,
 )
 from certpulse.agent.planner import renewal_time
-from certpulse.agent.store import CertRecord, LocalStore
 from certpulse.errors import Reason, Refusal
+from certpulse.machine.certstore import CertRecord, LocalStore
 from certpulse.pki import template_info
 from certpulse.pki.certs import thumbprint
 
@@ -101,7 +102,10 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         try:
             cert.verify_directly_issued_by(issuer)
             signed = True
-        except (ValueError, TypeError, Exception):
+        except (InvalidSignature, ValueError, TypeError):
+            # What verification raises for a certificate this issuer did not sign (a bad signature,
+            # another key type, a signature algorithm that does not fit). Anything else is a fault
+            # of ours: it propagates, and is never remembered as "not signed".
             signed = False
         if len(_SIGNED) >= _SIGNED_MAX:
             _SIGNED.clear()

@@ -1,4 +1,8 @@
-"""What a person does by hand: request a certificate (the seed's certreq), import, export."""
+"""What a person does by hand: request a certificate (the seed's certreq), import, export, move.
+
+Only a request talks to the CA. Import, export and move work on the machine's store alone, so
+they need no credential and work while the CA is down.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from certpulse.agent.config import AgentConfig
 from certpulse.agent.csr import build_csr
+from certpulse.agent.executor import ActionOutcome
+from certpulse.agent.gather import cached_templates
 from certpulse.agent.model import Action, Kind
-from certpulse.agent.pulse import ActionOutcome, Agent
-from certpulse.agent.store import CertRecord
+from certpulse.agent.pulse import Agent
 from certpulse.errors import Reason, Refusal
-from certpulse.events.model import EventDraft, EventId
+from certpulse.machine.certstore import CertRecord, LocalStore
+from certpulse.machine.events import EventDraft, EventId
 from certpulse.pki import template_info
 from certpulse.pki.keys import generate_private_key, key_matches
 
@@ -61,11 +68,14 @@ def request_certificate(agent: Agent, template_name: str, now: dt.datetime, *, s
         flight = agent.store.begin_flight(
             kind="request", template=template.name, policy_url=policy.server.url, issuers=action.issuers, key=key,
             csr=csr, renewal_of=None, replaces=(), replace_action=None, source="manual", now=now)
-        return agent._submit(action, flight, now)
+        return agent.executor().submit(action, flight, now)
     raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {template_name!r} in the policy")
 
 
-def import_p12(agent: Agent, path: Path, password: str | None, now: dt.datetime) -> CertRecord:
+def import_p12(store: LocalStore, config: AgentConfig, path: Path, password: str | None,
+               now: dt.datetime) -> CertRecord:
+    """Import a key and certificate as manually enrolled; its template is named from the policy
+    each server gave last (no network)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -81,22 +91,23 @@ def import_p12(agent: Agent, path: Path, password: str | None, now: dt.datetime)
     if key is not None and not key_matches(key, cert.public_key()):
         raise Refusal(Reason.INVALID_ARGUMENT, f"the key in {path} does not belong to its certificate")
     info = template_info.decode(cert)
-    template = agent.cached_templates(now).get(info.oid) if info is not None else None
+    templates = cached_templates(config.servers, store.get_state, now)
+    template = templates.get(info.oid) if info is not None else None
     name = template.name if template is not None else None
-    return agent.store.install(key=key, cert=cert, chain=list(extra or []), source="manual", now=now,
+    return store.install(key=key, cert=cert, chain=list(extra or []), source="manual", now=now,
                                template_name=name, action="import")
 
 
-def export_p12(agent: Agent, prefix: str, path: Path, password: str, now: dt.datetime) -> CertRecord:
+def export_p12(store: LocalStore, prefix: str, path: Path, password: str, now: dt.datetime) -> CertRecord:
     """Write the certificate with its key to PKCS#12 (0600): event 1007 once the file is written."""
-    record = agent.store.find(prefix)
+    record = store.find(prefix)
     if not record.has_key:
         raise Refusal(Reason.INVALID_ARGUMENT, f"{record.thumbprint} has no private key to export")
     if len(password) < 8:
         raise Refusal(Reason.INVALID_ARGUMENT, "use a password of at least 8 characters")
     data = pkcs12.serialize_key_and_certificates(
-        record.subject.encode()[:64] or None, agent.store.key(record.thumbprint),
-        agent.store.certificate(record.thumbprint), agent.store.chain(record.thumbprint) or None,
+        record.subject.encode()[:64] or None, store.key(record.thumbprint),
+        store.certificate(record.thumbprint), store.chain(record.thumbprint) or None,
         serialization.BestAvailableEncryption(password.encode()))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -107,16 +118,16 @@ def export_p12(agent: Agent, prefix: str, path: Path, password: str, now: dt.dat
         os.write(fd, data)
     finally:
         os.close(fd)
-    agent.store.record([EventDraft(EventId.EXPORTED, action="pkcs12", old=agent.store.facts(record.thumbprint),
-                                   detail=f"exported with its private key to {path}")], now)
+    store.record([EventDraft(EventId.EXPORTED, action="pkcs12", old=store.facts(record.thumbprint),
+                             detail=f"exported with its private key to {path}")], now)
     return record
 
 
-def export_pem(agent: Agent, prefix: str, path: Path) -> CertRecord:
+def export_pem(store: LocalStore, prefix: str, path: Path) -> CertRecord:
     """Write the certificate and its chain, no key: public data, so no event (the seed: only an
     export with the private key raises 1007)."""
-    record = agent.store.find(prefix)
-    folder = agent.store.folder(record.thumbprint)
+    record = store.find(prefix)
+    folder = store.folder(record.thumbprint)
     try:
         path.write_bytes((folder / "fullchain.pem").read_bytes())
     except OSError as exc:
@@ -124,28 +135,30 @@ def export_pem(agent: Agent, prefix: str, path: Path) -> CertRecord:
     return record
 
 
-def move_certificate(agent: Agent, prefix: str, target: Agent, now: dt.datetime, *, copy: bool) -> CertRecord:
+def move_certificate(store: LocalStore, prefix: str, target: LocalStore, now: dt.datetime, *,
+                     copy: bool) -> CertRecord:
     """Move (or copy) a certificate with its key into another agent's store (the seed's Move-Item):
     1006 with action ``move_or_copy`` there and, for a move, 1004 (action ``move``) here."""
-    record = agent.store.find(prefix)
+    record = store.find(prefix)
     if not record.has_key:
         raise Refusal(Reason.INVALID_ARGUMENT, f"{record.thumbprint} has no private key: only key-bearing "
                                                "certificates are moved")
-    if not copy and agent.store.served_by_binding(record.thumbprint):
+    if not copy and store.served_by_binding(record.thumbprint):
         raise Refusal(Reason.CONFLICT, f"a binding still serves {record.thumbprint}: copy it (--copy), or move the "
                                        "binding to another certificate first")
-    if target.store.root.resolve() == agent.store.root.resolve():
+    if target.root.resolve() == store.root.resolve():
         raise Refusal(Reason.INVALID_ARGUMENT, "the source and the target are the same store")
     try:
-        target.store.find(record.thumbprint)
+        target.find(record.thumbprint)
     except Refusal:
         pass
     else:
         raise Refusal(Reason.CONFLICT, f"{record.thumbprint} is already in the target store")
-    installed = target.store.install(
-        key=agent.store.key(record.thumbprint), cert=agent.store.certificate(record.thumbprint),
-        chain=agent.store.chain(record.thumbprint), source="manual", now=now, template_name=record.template_name,
-        policy_id=record.policy_id, issuer_name=record.issuer_name, action="move_or_copy")
+    installed = target.install(
+        key=store.key(record.thumbprint), cert=store.certificate(record.thumbprint),
+        chain=store.chain(record.thumbprint), source="manual", now=now, template_name=record.template_name,
+        policy_id=record.policy_id, issuer_name=record.issuer_name, action="move_or_copy",
+        policy_url=record.policy_url)
     if not copy:
-        agent.store.delete(record.thumbprint, now, action="move")
+        store.delete(record.thumbprint, now, action="move")
     return installed

@@ -35,20 +35,19 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from certpulse.agent import gather
-from certpulse.agent import schema as agent_tables
 from certpulse.agent.config import AgentConfig
-from certpulse.agent.store import CertRecord, Flight, LocalStore
 from certpulse.errors import Reason, Refusal
-from certpulse.events import schema as event_tables
-from certpulse.events.log import latest_seq
-from certpulse.events.model import event_name
+from certpulse.machine import schema as machine_tables
+from certpulse.machine.certstore import CertRecord, Flight, LocalStore
+from certpulse.machine.events import event_name
+from certpulse.machine.log import latest_seq
+from certpulse.machine.schema import TASK_STATES
 from certpulse.pki.certs import thumbprint
 from certpulse.sql.db import read
 
-# Outcomes a pulse records (PulseResult.outcome) and states a task can be in (events.schema):
+# Outcomes a pulse records (PulseResult.outcome) and states a task can be in (machine.schema):
 # always exported, at zero when unseen, so that rate() and alerts work from the first scrape.
 PULSE_OUTCOMES = ("ok", "failed", "disabled")
-TASK_STATES = ("ok", "retrying", "failed", "refused")
 PERSONAL = "personal"
 _STATE_NAMES = ("pulse_counts", "last_pulse", "next_pulse", "failing")
 
@@ -102,18 +101,18 @@ class AgentCollector(Collector):
     def _read(self) -> _Snapshot:
         with read(self.store.engine) as conn:
             certificates = [CertRecord.from_row(r) for r in conn.execute(
-                select(agent_tables.certificates).where(agent_tables.certificates.c.archived.is_(False))
-                .order_by(agent_tables.certificates.c.installed_at, agent_tables.certificates.c.thumbprint))]
+                select(machine_tables.certificates).where(machine_tables.certificates.c.archived.is_(False))
+                .order_by(machine_tables.certificates.c.installed_at, machine_tables.certificates.c.thumbprint))]
             flights = [Flight.from_row(r) for r in conn.execute(
-                select(agent_tables.flights).order_by(agent_tables.flights.c.created_at))]
+                select(machine_tables.flights).order_by(machine_tables.flights.c.created_at))]
             state: dict[str, Any] = {}
             names = [*_STATE_NAMES, *(gather.policy_cache_key(s.url) for s in self.config.servers)]
-            for name, value in conn.execute(select(agent_tables.state.c.name, agent_tables.state.c.value)
-                                            .where(agent_tables.state.c.name.in_(names))):
+            for name, value in conn.execute(select(machine_tables.state.c.name, machine_tables.state.c.value)
+                                            .where(machine_tables.state.c.name.in_(names))):
                 with contextlib.suppress(ValueError):
                     state[name] = json.loads(value)
-            tasks = list(conn.execute(select(event_tables.tasks).order_by(event_tables.tasks.c.name)))
-            events = event_tables.events
+            tasks = list(conn.execute(select(machine_tables.tasks).order_by(machine_tables.tasks.c.name)))
+            events = machine_tables.events
             by_id = [(int(i), int(n)) for i, n in conn.execute(
                 select(events.c.event_id, func.count()).group_by(events.c.event_id).order_by(events.c.event_id))]
             last = latest_seq(conn)

@@ -23,10 +23,11 @@ from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.build import (
     build_ca_certificate,
-    build_end_entity,
     build_kra_certificate,
+    end_entity_builder,
     inclusive_not_after,
     random_serial,
+    signature_hash,
     simple_name,
 )
 from certpulse.pki.certs import der, pem, serial_hex, thumbprint
@@ -158,13 +159,14 @@ def ensure_tls_certificate(ca_dir: CADir, service: CAService, hosts: list[str], 
             sans.append(x509.DNSName(host))
     serial = random_serial()
     not_after = min(inclusive_not_after(now, TLS_VALIDITY), issuer.certificate.not_valid_after_utc)
-    cert = build_end_entity(
+    cert = end_entity_builder(
         subject=simple_name(hosts[0]), public_key=key.public_key(), issuer_cert=issuer.certificate,
-        issuer_key=issuer_key, serial=serial, not_before=now, not_after=not_after, sans=sans,
+        issuer_key=issuer_key, not_before=now, not_after=not_after, sans=sans,
         key_usage=x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                 data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                 crl_sign=False, encipher_only=False, decipher_only=False),
-        ekus=(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,))
+        ekus=(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,)).serial_number(serial).sign(
+            issuer_key, signature_hash(issuer_key))
     with write(service.engine) as conn:
         conn.execute(t.certificates.insert().values(
             authority_id=issuer.id, serial=serial_hex(serial), template_name="_api-server",

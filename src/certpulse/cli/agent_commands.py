@@ -19,18 +19,20 @@ from certpulse.agent.config import (
     context_for_uid,
     default_dir,
     load_config,
+    open_agent_store,
     resolve_dir,
     save_config,
     write_credential,
 )
-from certpulse.agent.daemon import AgentLock, deliver_tasks, run, signal_running_agent
-from certpulse.agent.gather import planned_renewal
+from certpulse.agent.daemon import deliver_tasks, run, signal_running_agent
+from certpulse.agent.gather import cached_templates, planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
-from certpulse.agent.store import LocalStore, open_store
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
+from certpulse.machine.certstore import LocalStore
+from certpulse.machine.locks import AgentLock
 from certpulse.rebind.bindings import list_bindings
 
 agent_app = typer.Typer(help="The autoenrollment agent", no_args_is_help=True)
@@ -48,10 +50,11 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 @contextlib.contextmanager
 def agent_store(dir_: Path | None) -> Iterator[tuple[Path, AgentConfig, LocalStore]]:
     """The agent's folder, configuration and store, for commands that need no CA and no
-    credential (tasks, bindings, events): they work while the CA is down."""
+    credential (certificates, tasks, bindings, events, status): they work while the CA is down
+    and when the credential cannot be read."""
     directory = resolve_dir(dir_)
     config = load_config(directory)
-    store = open_store(directory, config)
+    store = open_agent_store(directory, config)
     try:
         yield directory, config, store
     finally:
@@ -97,7 +100,7 @@ def agent_init(
     config = AgentConfig(servers=(PolicyServerConfig(url=server.rstrip("/"), ca_file=stored_ca),),
                          principal=answer["principal"], refresh_interval=interval, context=context_for_uid())
     save_config(directory, config)
-    Agent(directory, config).close()  # creates the store
+    open_agent_store(directory, config).close()  # creates the store
     console.print(f"[green]agent for {answer['principal']!r} initialised in {directory}[/green]")
 
 
@@ -221,21 +224,19 @@ def agent_metrics(dir_: AgentDir = None) -> None:
 @agent_app.command("status")
 def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     """The last pulse, its outcome, the next one, and every certificate with its renewal time."""
-    agent = _open(dir_)
-    try:
-        last = agent.store.get_state("last_pulse")
-        next_pulse = agent.store.get_state("next_pulse")
-        running = AgentLock(agent.directory).holder()
-        templates = agent.cached_templates(clock.now())
+    with agent_store(dir_) as (directory, config, store):
+        now = clock.now()
+        last = store.get_state("last_pulse")
+        next_pulse = store.get_state("next_pulse")
+        running = AgentLock(directory).holder()
+        templates = cached_templates(config.servers, store.get_state, now)
         rows = []
-        for record in agent.store.certificates(include_archived=False):
-            due = planned_renewal(record, agent.store.certificate(record.thumbprint), templates, clock.now())
+        for record in store.certificates(include_archived=False):
+            due = planned_renewal(record, store.certificate(record.thumbprint), templates, now)
             rows.append({**record.to_dict(), "renewal_time": due.isoformat() if due else None})
         pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
-                    "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in agent.store.flights()]
-        bindings = [b.to_dict() for b in list_bindings(agent.store)]
-    finally:
-        agent.close()
+                    "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in store.flights()]
+        bindings = [b.to_dict() for b in list_bindings(store)]
     status = {"daemon_pid": running, "last_pulse": last, "next_pulse": next_pulse, "certificates": rows,
               "pending": pending, "bindings": bindings}
     if json_:
@@ -270,11 +271,8 @@ def cert_list(
     json_: JsonOption = False,
 ) -> None:
     """List the personal store."""
-    agent = _open(dir_)
-    try:
-        records = agent.store.certificates(include_archived=all_)
-    finally:
-        agent.close()
+    with agent_store(dir_) as (_, _, store):
+        records = store.certificates(include_archived=all_)
     if json_:
         emit_json([r.to_dict() for r in records])
         return
@@ -286,12 +284,9 @@ def cert_list(
 @cert_app.command("show")
 def cert_show(thumbprint: str, dir_: AgentDir = None, json_: JsonOption = False) -> None:
     """Show one certificate (any unique thumbprint prefix)."""
-    agent = _open(dir_)
-    try:
-        record = agent.store.find(thumbprint)
-        folder = agent.store.folder(record.thumbprint)
-    finally:
-        agent.close()
+    with agent_store(dir_) as (_, _, store):
+        record = store.find(thumbprint)
+        folder = store.folder(record.thumbprint)
     data = {**record.to_dict(), "folder": str(folder)}
     if json_:
         emit_json(data)
@@ -332,12 +327,9 @@ def cert_import(
     password: Annotated[str | None, typer.Option("--password", help="PKCS#12 password")] = None,
 ) -> None:
     """Import a PKCS#12 file (key and certificate) as a manually enrolled certificate."""
-    agent = _open(dir_)
-    try:
-        record = import_p12(agent, file, password, clock.now())
-        deliver_tasks(agent.directory, agent.config, agent.store)
-    finally:
-        agent.close()
+    with agent_store(dir_) as (directory, config, store):
+        record = import_p12(store, config, file, password, clock.now())
+        deliver_tasks(directory, config, store)
     console.print(f"[green]imported {record.thumbprint}[/green] ({record.subject})")
 
 
@@ -354,16 +346,13 @@ def cert_export(
         raise Refusal(Reason.INVALID_ARGUMENT, "give exactly one of --p12 (with the key) or --pem (without)")
     if p12 is not None and password is None:
         password = typer.prompt("PKCS#12 password", hide_input=True, confirmation_prompt=True)
-    agent = _open(dir_)
-    try:
+    with agent_store(dir_) as (directory, config, store):
         if p12 is not None:
-            record = export_p12(agent, thumbprint, p12, password or "", clock.now())
-            deliver_tasks(agent.directory, agent.config, agent.store)
+            record = export_p12(store, thumbprint, p12, password or "", clock.now())
+            deliver_tasks(directory, config, store)
         else:
             assert pem_ is not None
-            record = export_pem(agent, thumbprint, pem_)
-    finally:
-        agent.close()
+            record = export_pem(store, thumbprint, pem_)
     console.print(f"[green]exported {record.thumbprint}[/green] to {p12 or pem_}")
 
 
@@ -374,24 +363,18 @@ def cert_delete(
     force: Annotated[bool, typer.Option("--force", help="Even when a binding still serves it")] = False,
 ) -> None:
     """Delete a certificate and its key from the store (event 1004)."""
-    agent = _open(dir_)
-    try:
-        record = agent.store.delete(thumbprint, clock.now(), action="manual", force=force)
-        deliver_tasks(agent.directory, agent.config, agent.store)
-    finally:
-        agent.close()
+    with agent_store(dir_) as (directory, config, store):
+        record = store.delete(thumbprint, clock.now(), action="manual", force=force)
+        deliver_tasks(directory, config, store)
     console.print(f"[yellow]deleted {record.thumbprint}[/yellow] ({record.subject})")
 
 
 @cert_app.command("replace")
 def cert_replace(old: str, new: str, dir_: AgentDir = None) -> None:
     """Replace OLD by NEW (the seed's Replace-Certificate): OLD is archived, event 1001 (action replace)."""
-    agent = _open(dir_)
-    try:
-        old_record, new_record = agent.store.replace(old, new, clock.now())
-        deliver_tasks(agent.directory, agent.config, agent.store)
-    finally:
-        agent.close()
+    with agent_store(dir_) as (directory, config, store):
+        old_record, new_record = store.replace(old, new, clock.now())
+        deliver_tasks(directory, config, store)
     console.print(f"[green]{old_record.thumbprint} replaced by {new_record.thumbprint}[/green]")
 
 
@@ -403,17 +386,10 @@ def cert_move(
     copy: Annotated[bool, typer.Option("--copy", help="Copy: keep it here too")] = False,
 ) -> None:
     """Move (or copy) a certificate with its key to another agent's store (events 1006 there, 1004 here)."""
-    agent = _open(dir_)
-    try:
-        target = _open(to)
-        try:
-            record = move_certificate(agent, thumbprint, target, clock.now(), copy=copy)
-            deliver_tasks(agent.directory, agent.config, agent.store)
-            deliver_tasks(target.directory, target.config, target.store)
-        finally:
-            target.close()
-    finally:
-        agent.close()
+    with agent_store(dir_) as (directory, config, store), agent_store(to) as (target_dir, target_config, target):
+        record = move_certificate(store, thumbprint, target, clock.now(), copy=copy)
+        deliver_tasks(directory, config, store)
+        deliver_tasks(target_dir, target_config, target)
     console.print(f"[green]{'copied' if copy else 'moved'} {record.thumbprint}[/green] to {to}")
 
 

@@ -12,13 +12,13 @@ import typer
 from rich.markup import escape
 
 from certpulse import clock
-from certpulse.agent.store import LocalStore
 from certpulse.cli.agent_commands import AgentDir, JsonOption, agent_store
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
-from certpulse.events.log import read_events
-from certpulse.events.model import CHANNELS, Event
+from certpulse.machine.certstore import LocalStore
+from certpulse.machine.events import CHANNELS, Event
+from certpulse.machine.log import read_events
 
 FOLLOW_POLL_SECONDS = 0.5
 

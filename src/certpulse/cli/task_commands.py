@@ -13,12 +13,13 @@ import typer
 from rich.markup import escape
 
 from certpulse import clock
+from certpulse.agent.daemon import task_settings
 from certpulse.cli.agent_commands import AgentDir, JsonOption, agent_store
 from certpulse.cli.output import console, emit_json, table
 from certpulse.errors import Reason, Refusal
 from certpulse.events import tasks as task_mod
-from certpulse.events.commands import DEFAULT_TIMEOUT
-from certpulse.events.model import TASK_TYPES
+from certpulse.events.tasks import TASK_TYPES
+from certpulse.sandbox import DEFAULT_TIMEOUT
 
 task_app = typer.Typer(help="Notification tasks: commands run for lifecycle events", no_args_is_help=True)
 
@@ -131,7 +132,7 @@ def task_test(name: NameArgument, dir_: AgentDir = None, json_: JsonOption = Fal
 def task_run_pending(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     """Deliver pending events to the tasks now (the agent does this after every pulse)."""
     with agent_store(dir_) as (directory, config, store):
-        summary = task_mod.dispatch(store, config, directory, clock.now())
+        summary = task_mod.dispatch(store, task_settings(config), directory, clock.now())
     if json_:
         emit_json(summary.to_dict())
         return

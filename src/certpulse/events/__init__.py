@@ -1,6 +1,7 @@
-"""Lifecycle events (the seed's CertificateServicesClient-Lifecycle logs) and notification tasks.
+"""Notification tasks: the seed's New-CertificateNotificationTask.
 
-``model`` says what an event is, ``log`` appends and reads them (inside the store's own
-transaction), ``commands`` checks and runs a task's command safely, ``tasks`` delivers events to
-tasks at least once, in order, with a durable cursor per task.
+``tasks`` registers the commands operators want run for lifecycle events and delivers the
+machine's events (:mod:`certpulse.machine.log`) to them at least once, in order, each task from
+its own durable cursor (:mod:`certpulse.machine.cursors`); the commands run through
+:mod:`certpulse.sandbox`.
 """

@@ -38,15 +38,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, update
+from sqlalchemy import Connection, Select, delete, literal, select, update
 
-from certpulse.agent.config import AgentConfig
-from certpulse.agent.locks import try_lock
-from certpulse.agent.store import CertRecord, LocalStore
+from certpulse.durations import backoff
 from certpulse.errors import Reason, Refusal
-from certpulse.events import log as event_log
-from certpulse.events import schema as t
-from certpulse.events.commands import (
+from certpulse.machine import cursors
+from certpulse.machine import log as event_log
+from certpulse.machine import schema as t
+from certpulse.machine.certstore import CertRecord, LocalStore
+from certpulse.machine.events import CHANNELS, CertFacts, Event, EventDraft, EventId
+from certpulse.machine.locks import try_lock
+from certpulse.pki.certs import normalize_thumbprint
+from certpulse.sandbox import (
     DEFAULT_TIMEOUT,
     KILL_GRACE,
     RunResult,
@@ -55,7 +58,6 @@ from certpulse.events.commands import (
     run_command,
     task_environment,
 )
-from certpulse.events.model import CHANNELS, TASK_TYPES, CertFacts, Event, EventDraft, EventId
 from certpulse.sql.db import read, write
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -69,8 +71,30 @@ DEFAULT_BUDGET = 300.0  # ... and seconds: a call always returns; the next one c
 PASS_QUOTA = 5  # runs per task before the other tasks get their turn
 MAX_BACKOFF = dt.timedelta(days=1)
 KEEP_RUNS = 100  # history rows kept per task (each holds up to 64 KiB of output)
-STATES = ("ok", "retrying", "failed", "refused")
 PLACEHOLDER_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+# ``task add --type``: which events each task type reacts to. ``failure`` is ours: the failures
+# of enrollment itself (task failures do not trigger tasks, so a failing task cannot loop).
+TASK_TYPES: dict[str, frozenset[EventId]] = {
+    "new": frozenset({EventId.NEW}),
+    "replace": frozenset({EventId.REPLACE}),
+    "expire": frozenset({EventId.EXPIRED}),
+    "close-to-expiration": frozenset({EventId.CLOSE_TO_EXPIRATION}),
+    "delete": frozenset({EventId.DELETED}),
+    "archive": frozenset({EventId.ARCHIVED}),
+    "export": frozenset({EventId.EXPORTED}),
+    "failure": frozenset({EventId.RENEWAL_FAILED, EventId.PENDING_DROPPED, EventId.REQUEST_DENIED,
+                          EventId.NOT_DEPLOYED, EventId.BINDING_DRIFT}),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskSettings:
+    """How a failed run is retried: ``retries`` more times, waiting ``base_backoff``, then twice
+    that, and so on (capped at a day), before the task gives up on the event (1103)."""
+
+    retries: int
+    base_backoff: dt.timedelta
 
 
 # -- what a task and a run are --------------------------------------------------------------------
@@ -99,6 +123,7 @@ class Task:
 
     @classmethod
     def from_row(cls, row: Any) -> Task:
+        """From a row of :func:`_task_query` (the task with its cursor)."""
         return cls(name=row.name, task_type=row.task_type, command=row.command, args=tuple(json.loads(row.args)),
                    channel=row.channel, old_thumbprint=row.old_thumbprint, timeout=row.timeout, sha256=row.sha256,
                    created_at=row.created_at, cursor=row.cursor, state=row.state, attempts=row.attempts,
@@ -167,9 +192,9 @@ def _validate_args(args: Sequence[str]) -> tuple[str, ...]:
     return tuple(args)
 
 
-def normalize_thumbprint(text: str) -> str:
-    """A SHA-1 thumbprint as Windows shows it, whatever separators or case it was typed with."""
-    cleaned = text.strip().upper().replace(":", "").replace(" ", "")
+def _old_thumbprint(text: str) -> str:
+    """``--old-thumbprint``: a whole SHA-1 thumbprint, however it was typed."""
+    cleaned = normalize_thumbprint(text)
     if not THUMBPRINT_PATTERN.fullmatch(cleaned):
         raise Refusal(Reason.INVALID_ARGUMENT, f"--old-thumbprint {text!r} is not a 40-digit SHA-1 thumbprint")
     return cleaned
@@ -196,7 +221,7 @@ def add_task(store: LocalStore, *, name: str, task_type: str, command: str | os.
     raised from now on, never to the log's past."""
     _validate(name, task_type, channel, agent_channel, timeout)
     arguments = _validate_args(args)
-    old = normalize_thumbprint(old_thumbprint) if old_thumbprint else None
+    old = _old_thumbprint(old_thumbprint) if old_thumbprint else None
     path, digest = check_command(command, allowed_uids=allowed_uids())
     definition = {"task_type": task_type, "command": str(path), "args": json.dumps(list(arguments)),
                   "channel": channel, "old_thumbprint": old, "timeout": float(timeout), "sha256": digest,
@@ -208,8 +233,8 @@ def add_task(store: LocalStore, *, name: str, task_type: str, command: str | os.
         if exists:
             conn.execute(update(t.tasks).where(t.tasks.c.name == name).values(**definition))
         else:
-            conn.execute(t.tasks.insert().values(name=name, created_at=now, cursor=event_log.latest_seq(conn),
-                                                 runs=0, failures=0, **definition))
+            conn.execute(t.tasks.insert().values(name=name, created_at=now, runs=0, failures=0, **definition))
+            cursors.create(conn, cursors.task_consumer(name), event_log.latest_seq(conn))
     return get_task(store, name)
 
 
@@ -231,12 +256,20 @@ def remove_task(store: LocalStore, name: str) -> Task:
     with write(store.engine) as conn:
         conn.execute(delete(t.tasks).where(t.tasks.c.name == name))
         conn.execute(delete(t.task_runs).where(t.task_runs.c.task_name == name))
+        cursors.remove(conn, cursors.task_consumer(name))
     return task
+
+
+def _task_query() -> Select[Any]:
+    """Tasks with their cursor (kept in ``cursors`` with the other consumers of the log)."""
+    consumer = literal(cursors.TASK_PREFIX) + t.tasks.c.name
+    return (select(t.tasks, t.cursors.c.seq.label("cursor"))
+            .join(t.cursors, t.cursors.c.consumer == consumer))
 
 
 def get_task(store: LocalStore, name: str) -> Task:
     with read(store.engine) as conn:
-        row = conn.execute(select(t.tasks).where(t.tasks.c.name == name)).first()
+        row = conn.execute(_task_query().where(t.tasks.c.name == name)).first()
     if row is None:
         raise Refusal(Reason.NOT_FOUND, f"no task named {name!r}")
     return Task.from_row(row)
@@ -244,7 +277,7 @@ def get_task(store: LocalStore, name: str) -> Task:
 
 def list_tasks(store: LocalStore) -> list[Task]:
     with read(store.engine) as conn:
-        return [Task.from_row(r) for r in conn.execute(select(t.tasks).order_by(t.tasks.c.name))]
+        return [Task.from_row(r) for r in conn.execute(_task_query().order_by(t.tasks.c.name))]
 
 
 def history(store: LocalStore, name: str, *, limit: int = 20) -> list[TaskRun]:
@@ -321,11 +354,11 @@ class _TaskChanged(Exception):
 class Dispatcher:
     """Delivers new events to every task, within a budget of runs and seconds."""
 
-    def __init__(self, store: LocalStore, config: AgentConfig, directory: Path, *,
+    def __init__(self, store: LocalStore, settings: TaskSettings, directory: Path, *,
                  max_runs: int = DEFAULT_MAX_RUNS, budget: float = DEFAULT_BUDGET,
                  kill_grace: float = KILL_GRACE) -> None:
         self.store = store
-        self.config = config
+        self.settings = settings
         self.directory = directory
         self.max_runs = max_runs
         self.budget = budget
@@ -410,8 +443,7 @@ class Dispatcher:
         if cursor <= task.cursor:
             return
         with write(self.store.engine) as conn:
-            conn.execute(update(t.tasks).where(t.tasks.c.name == task.name, t.tasks.c.cursor < cursor)
-                         .values(cursor=cursor))
+            cursors.advance(conn, cursors.task_consumer(task.name), cursor)
 
     def _skip(self, task: Task, event: Event) -> Task:
         moment = self._moment()
@@ -452,10 +484,10 @@ class Dispatcher:
             return {**common, "cursor": event.seq, "state": "ok", "attempts": 0, "next_attempt_at": None}, []
         self.summary.failed += 1
         attempts = task.attempts + 1
-        if attempts <= self.config.task_retries:
-            backoff = min(self.config.task_retry_backoff * 2 ** (attempts - 1), MAX_BACKOFF)
+        if attempts <= self.settings.retries:
+            wait = backoff(attempts, self.settings.base_backoff, MAX_BACKOFF)
             return {**common, "failures": task.failures + 1, "state": "retrying", "attempts": attempts,
-                    "next_attempt_at": finished + backoff}, []
+                    "next_attempt_at": finished + wait}, []
         self.summary.gave_up += 1
         values = {**common, "failures": task.failures + 1, "cursor": event.seq, "state": "failed", "attempts": 0,
                   "next_attempt_at": None}
@@ -470,17 +502,19 @@ class Dispatcher:
             return values, []
         return values, [_refused_event(task, event, result)]
 
-    def _update(self, conn: Connection, task: Task, **values: Any) -> None:
-        """Update the task as it was when its run began; anything else means it was removed or
-        redefined meanwhile, and the result is dropped (rolled back)."""
+    def _update(self, conn: Connection, task: Task, cursor: int | None = None, **values: Any) -> None:
+        """Update the task as it was when its run began (and move its cursor to ``cursor``); anything
+        else means it was removed or redefined meanwhile, and the result is dropped (rolled back)."""
         changed = conn.execute(update(t.tasks).where(
-            t.tasks.c.name == task.name, t.tasks.c.sha256 == task.sha256, t.tasks.c.cursor == task.cursor,
+            t.tasks.c.name == task.name, t.tasks.c.sha256 == task.sha256,
             t.tasks.c.attempts == task.attempts).values(**values)).rowcount
-        if not changed:
+        moved = cursors.move_from(conn, cursors.task_consumer(task.name), task.cursor,
+                                  task.cursor if cursor is None else cursor)
+        if not changed or not moved:
             raise _TaskChanged(task.name)
 
 
-def dispatch(store: LocalStore, config: AgentConfig, directory: Path, now: dt.datetime, *,
+def dispatch(store: LocalStore, settings: TaskSettings, directory: Path, now: dt.datetime, *,
              max_runs: int = DEFAULT_MAX_RUNS, budget: float = DEFAULT_BUDGET,
              kill_grace: float = KILL_GRACE) -> DispatchSummary:
     """Deliver pending events to every task of the agent in ``directory`` (see :class:`Dispatcher`).
@@ -488,7 +522,7 @@ def dispatch(store: LocalStore, config: AgentConfig, directory: Path, now: dt.da
     Safe to call from any thread or process at any time: one dispatcher works per agent folder
     (``tasks.lock``); the others return at once with ``busy``. It returns after ``max_runs``
     command runs or ``budget`` seconds (plus at most one run's timeout); call it again later."""
-    return Dispatcher(store, config, directory, max_runs=max_runs, budget=budget, kill_grace=kill_grace).run(now)
+    return Dispatcher(store, settings, directory, max_runs=max_runs, budget=budget, kill_grace=kill_grace).run(now)
 
 
 def _failed_event(task: Task, event: Event, result: RunResult, attempts: int) -> EventDraft:
@@ -585,5 +619,6 @@ def run_test(store: LocalStore, name: str, *, directory: Path, now: dt.datetime,
                    reason=result.reason)
 
 
-__all__ = ["DispatchSummary", "Dispatcher", "Task", "TaskRun", "add_task", "dispatch", "dispatch_lock", "get_task",
-           "history", "list_tasks", "matches", "pin_task", "remove_task", "run_test", "synthetic_event", "trusted"]
+__all__ = ["TASK_TYPES", "DispatchSummary", "Dispatcher", "Task", "TaskRun", "TaskSettings", "add_task", "dispatch",
+           "dispatch_lock", "get_task", "history", "list_tasks", "matches", "pin_task", "remove_task", "run_test",
+           "synthetic_event", "trusted"]

@@ -87,30 +87,6 @@ def build_ca_certificate(
     return builder.sign(signing_key, signature_hash(signing_key))
 
 
-def build_end_entity(
-    *,
-    subject: x509.Name,
-    public_key: PublicKey,
-    issuer_cert: x509.Certificate,
-    issuer_key: PrivateKey,
-    serial: int,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
-    sans: list[x509.GeneralName],
-    key_usage: x509.KeyUsage,
-    ekus: tuple[str, ...],
-    extra: tuple[x509.ExtensionType, ...] = (),
-    issuer_ski: x509.SubjectKeyIdentifier | None = None,
-) -> x509.Certificate:
-    """An end-entity certificate whose extensions all come from the caller (the template)."""
-    builder = end_entity_builder(
-        subject=subject, public_key=public_key, issuer_cert=issuer_cert, issuer_key=issuer_key,
-        not_before=not_before, not_after=not_after, sans=sans, key_usage=key_usage, ekus=ekus, extra=extra,
-        issuer_ski=issuer_ski,
-    )
-    return builder.serial_number(serial).sign(issuer_key, signature_hash(issuer_key))
-
-
 def end_entity_builder(
     *,
     subject: x509.Name,
@@ -125,8 +101,9 @@ def end_entity_builder(
     extra: tuple[x509.ExtensionType, ...] = (),
     issuer_ski: x509.SubjectKeyIdentifier | None = None,
 ) -> x509.CertificateBuilder:
-    """Everything of :func:`build_end_entity` but the serial and the signature: what a CA can
-    assemble before it has reserved the serial (then ``.serial_number(s).sign(key, signature_hash(key))``)."""
+    """An end-entity certificate whose extensions all come from the caller (the template), but for
+    its serial and signature: a CA assembles it before it has reserved the serial, then
+    ``.serial_number(s).sign(key, signature_hash(key))`` (cryptography's builders are immutable)."""
     aki = (
         x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski)
         if issuer_ski is not None
@@ -173,8 +150,8 @@ def build_kra_certificate(
         data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
         encipher_only=False, decipher_only=False,
     )
-    return build_end_entity(
+    builder = end_entity_builder(
         subject=subject, public_key=public_key, issuer_cert=issuer_cert, issuer_key=issuer_key,
-        serial=random_serial(), not_before=not_before, not_after=not_after, sans=[],
-        key_usage=usage, ekus=(KRA_EKU.dotted_string,),
+        not_before=not_before, not_after=not_after, sans=[], key_usage=usage, ekus=(KRA_EKU.dotted_string,),
     )
+    return builder.serial_number(random_serial()).sign(issuer_key, signature_hash(issuer_key))

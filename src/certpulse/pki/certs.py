@@ -37,14 +37,6 @@ def load_certificate(data: bytes) -> x509.Certificate:
         raise Refusal(Reason.MALFORMED_REQUEST, f"not a parseable certificate: {exc}") from None
 
 
-def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """Every certificate of a PEM bundle."""
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise Refusal(Reason.MALFORMED_REQUEST, f"not a PEM certificate bundle: {exc}") from None
-
-
 def pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
@@ -56,6 +48,13 @@ def der(cert: x509.Certificate) -> bytes:
 def thumbprint(cert: x509.Certificate) -> str:
     """SHA-1 of the DER, upper-case hex, as Windows shows certificate thumbprints."""
     return cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - an identifier, not a security check
+
+
+def normalize_thumbprint(text: str) -> str:
+    """A thumbprint (or a prefix of one) as :func:`thumbprint` writes it, however a person typed
+    it: upper case, without the colons or spaces some tools put between the bytes. Not checked:
+    callers say what they accept (a whole SHA-1, or any prefix)."""
+    return text.strip().upper().replace(":", "").replace(" ", "")
 
 
 def sha256_thumbprint(cert: x509.Certificate) -> str:

@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 
-from certpulse.agent.store import LocalStore
 from certpulse.errors import Reason, Refusal
-from certpulse.rebind.schema import bindings as t
+from certpulse.machine.certstore import LocalStore
+from certpulse.machine.schema import bindings as t
 from certpulse.sql.db import read, write
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -16,17 +16,19 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from certpulse.agent.locks import try_lock
-from certpulse.agent.store import CertRecord, LocalStore
+from certpulse.durations import backoff
 from certpulse.errors import Refusal
-from certpulse.events.log import latest_seq, read_events
-from certpulse.events.model import EventDraft, EventId
+from certpulse.machine import cursors
+from certpulse.machine.certstore import CertRecord, LocalStore
+from certpulse.machine.current import recency
+from certpulse.machine.events import EventDraft, EventId
+from certpulse.machine.locks import try_lock
+from certpulse.machine.log import latest_seq, read_events
 from certpulse.rebind.bindings import Binding, get_binding, list_bindings, update_binding
 from certpulse.rebind.deployers.base import Backup, Deployer, DeployFailed, Material, get_deployer
 from certpulse.rebind.probe import parse_probe, probe_target, settled_probe
-from certpulse.sql.db import read
+from certpulse.sql.db import read, write
 
-CURSOR = "rebind_cursor"
 RETRY_BASE = dt.timedelta(minutes=1)
 RETRY_CAP = dt.timedelta(hours=1)
 PROBE_WINDOW = 10.0  # seconds a reloaded service has to settle on serving the new certificate
@@ -109,7 +111,7 @@ def _roll_back(store: LocalStore, binding: Binding, deployer: Deployer, backup: 
 def _failed(store: LocalStore, binding: Binding, thumbprint: str, failure: DeployFailed,
             now: dt.datetime) -> Outcome:
     attempts = binding.attempts + 1
-    delay = min(RETRY_BASE * 2 ** (attempts - 1), RETRY_CAP)
+    delay = backoff(attempts, RETRY_BASE, RETRY_CAP)
     output = (failure.output or "")[-4000:]
     update_binding(store, binding.name, now, target=thumbprint, state="failed", attempts=attempts,
                    next_attempt_at=now + delay, last_error=str(failure), last_output=output)
@@ -131,10 +133,16 @@ def process(store: LocalStore, directory: Path, now: dt.datetime) -> list[Outcom
         if not held:
             return []
         cursor = ensure_cursor(store)
-        for event in read_events(store.engine, after=int(cursor), event_ids=[EventId.REPLACE, EventId.NEW]):
+        with read(store.engine) as conn:
+            scanned = latest_seq(conn)  # every event up to here is read below, or of no concern
+        for event in read_events(store.engine, after=cursor, event_ids=[EventId.REPLACE, EventId.NEW]):
             _follow(store, event.event_id, event.old_thumbprint, event.new_thumbprint,
                     event.new.template if event.new else None, now)
-            store.set_state(CURSOR, event.seq)
+            with write(store.engine) as conn:
+                cursors.advance(conn, cursors.REBIND, event.seq)
+        # Past the events that do not concern rebind too, so that retention may remove them.
+        with write(store.engine) as conn:
+            cursors.advance(conn, cursors.REBIND, scanned)
         outcomes = []
         for binding in list_bindings(store):
             due = binding.next_attempt_at is None or binding.next_attempt_at <= now
@@ -145,13 +153,14 @@ def process(store: LocalStore, directory: Path, now: dt.datetime) -> list[Outcom
 
 def ensure_cursor(store: LocalStore) -> int:
     """Where the engine reads the log from; set when the first binding is added (what happened
-    before that is already in the certificate a new binding is deployed with)."""
-    cursor = store.get_state(CURSOR)
-    if cursor is None:
-        with read(store.engine) as conn:
+    before that is already in the certificate a new binding is deployed with). From then on
+    retention keeps every event after it (:func:`certpulse.machine.log.prune`)."""
+    with write(store.engine) as conn:
+        cursor = cursors.get(conn, cursors.REBIND)
+        if cursor is None:
             cursor = latest_seq(conn)
-        store.set_state(CURSOR, cursor)
-    return int(cursor)
+            cursors.create(conn, cursors.REBIND, cursor)
+    return cursor
 
 
 def _follow(store: LocalStore, event_id: int, old: str, new: str, template: str | None, now: dt.datetime) -> None:
@@ -168,8 +177,10 @@ def _follow(store: LocalStore, event_id: int, old: str, new: str, template: str 
 
 
 def _newer(store: LocalStore, candidate: str, current: str) -> bool:
+    """Whether ``candidate`` is more recent than ``current`` by the store's one rule (a certificate
+    the store no longer knows is never the more recent one)."""
     try:
-        return store.find(candidate).not_after > store.find(current).not_after
+        return recency(store.find(candidate)) > recency(store.find(current))
     except Refusal:
         return True
 
@@ -193,9 +204,8 @@ def initial_certificate(store: LocalStore, template: str | None, thumbprint: str
 
 
 def newest_of(store: LocalStore, template: str) -> CertRecord | None:
-    current = [r for r in store.certificates(include_archived=False)
-               if r.template_name == template and r.has_key and r.replaced_by is None]
-    return max(current, key=lambda r: (r.not_after, r.installed_at)) if current else None
+    """The template's current certificate: what a binding that follows the template serves."""
+    return store.current(template)
 
 
 # -- the drift check --------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ thumbprint themselves (a Windows-style store, a keystore updated by its own tool
 Options:
 
 * ``command`` (required) — the absolute path of the executable. It is checked and pinned like a
-  notification task's command (:mod:`certpulse.events.commands`): owned by root or the agent's
+  notification task's command (:mod:`certpulse.sandbox`): owned by root or the agent's
   user, writable by nobody else, no folder on its way writable by others; its SHA-256 is stored
   with the binding, and at reload time exactly the checked bytes run. A command changed since
   ``binding add`` is refused, never run (add the binding again to re-pin it).
@@ -25,10 +25,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from certpulse.errors import Reason, Refusal
-from certpulse.events.commands import allowed_uids, check_command, run_command, task_environment
 from certpulse.rebind.deployers.base import Backup, Deployer, DeployFailed, Material
 from certpulse.rebind.deployers.files import refuse_unknown
 from certpulse.rebind.deployers.runner import DEFAULT_TIMEOUT, output_text, parse_command_line, parse_timeout
+from certpulse.sandbox import allowed_uids, check_command, run_command, task_environment
 
 
 class CommandDeployer(Deployer):

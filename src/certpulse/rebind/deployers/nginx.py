@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from certpulse.errors import Reason, Refusal
-from certpulse.events.commands import SAFE_PATH
 from certpulse.rebind.deployers.atomic import restore_files
 from certpulse.rebind.deployers.base import Backup, Deployer, DeployFailed, Material
 from certpulse.rebind.deployers.files import SHAPES, deploy_shapes, parse_password_file, parse_shapes, refuse_unknown
 from certpulse.rebind.deployers.runner import DEFAULT_TIMEOUT, parse_timeout, run_or_fail
+from certpulse.sandbox import SAFE_PATH
 
 FALLBACK_BINARY = "/usr/sbin/nginx"
 

@@ -3,7 +3,7 @@
 A reload command is given as one line (``reload=systemctl reload nginx``) and split with
 :func:`shlex.split` into an argument list when the binding is added, so ``;``, ``|`` or ``$(...)``
 in it are plain characters of an argument, never shell syntax. The child gets the same
-treatment as a notification task's command (:mod:`certpulse.events.commands`): a fixed
+treatment as a notification task's command (:mod:`certpulse.sandbox`): a fixed
 environment with a fixed ``PATH`` and nothing inherited, its own process group killed at the
 time limit, output captured up to a cap and the rest drained, all with bounded memory and time.
 
@@ -21,14 +21,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from certpulse.errors import Reason, Refusal
-from certpulse.events.commands import (
+from certpulse.rebind.deployers.base import DeployFailed
+from certpulse.sandbox import (
     KILL_GRACE,
     OUTPUT_CAP,
     RunResult,
     supervise,
     task_environment,
 )
-from certpulse.rebind.deployers.base import DeployFailed
 
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 3600.0

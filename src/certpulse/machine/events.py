@@ -2,7 +2,7 @@
 certificate facts every event carries.
 
 Pure data: nothing here touches the disk, the clock or the network. An :class:`EventDraft` is
-what a component wants to say; :mod:`certpulse.events.log` gives it a sequence number, a time,
+what a component wants to say; :mod:`certpulse.machine.log` gives it a sequence number, a time,
 a channel and the raising user when it is written, in the same transaction as the change.
 """
 
@@ -53,20 +53,6 @@ DESCRIPTIONS: dict[EventId, tuple[str, str]] = {
     EventId.TASK_REFUSED: ("task-refused", "error"),
     EventId.NOT_DEPLOYED: ("not-deployed", "error"),
     EventId.BINDING_DRIFT: ("binding-drift", "warning"),
-}
-
-# ``task add --type``: which events each task type reacts to. ``failure`` is ours: the failures
-# of enrollment itself (task failures do not trigger tasks, so a failing task cannot loop).
-TASK_TYPES: dict[str, frozenset[EventId]] = {
-    "new": frozenset({EventId.NEW}),
-    "replace": frozenset({EventId.REPLACE}),
-    "expire": frozenset({EventId.EXPIRED}),
-    "close-to-expiration": frozenset({EventId.CLOSE_TO_EXPIRATION}),
-    "delete": frozenset({EventId.DELETED}),
-    "archive": frozenset({EventId.ARCHIVED}),
-    "export": frozenset({EventId.EXPORTED}),
-    "failure": frozenset({EventId.RENEWAL_FAILED, EventId.PENDING_DROPPED, EventId.REQUEST_DENIED,
-                          EventId.NOT_DEPLOYED, EventId.BINDING_DRIFT}),
 }
 
 CHANNELS = ("system", "user")

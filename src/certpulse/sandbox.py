@@ -1,6 +1,8 @@
-"""Checking and running a notification task's command safely (the seed's "Scripting considerations").
+"""The process sandbox: checking, pinning and running an operator's command safely (the seed's
+"Scripting considerations"). Notification tasks run their command through it, and rebind's
+deployers their reload commands.
 
-A task runs with the agent's privileges (root, for the machine context), so whoever can change
+A command runs with the agent's privileges (root, for the machine context), so whoever can change
 the command, or swap it for another file, can run code as the agent. Hence:
 
 * :func:`check_command` refuses a command that anyone but root and the agent's user could change

@@ -1,8 +1,8 @@
-"""The agent's certificate store on disk.
+"""The machine's certificate store on disk (the seeds' personal store and request store).
 
 Layout under the store folder::
 
-    meta.db                 metadata (SQLite): certificates, flights (requests at the CA), state
+    meta.db                 the machine-local database (:mod:`certpulse.machine.schema`)
     certs/<THUMBPRINT>/     one folder per certificate version: key.pem (0600), cert.pem,
                             chain.pem, fullchain.pem; written whole, then renamed into place
     live/<template>         symlink to the current version's folder, swapped atomically
@@ -11,7 +11,9 @@ Layout under the store folder::
 A consumer resolves ``live/<template>`` once and reads key and certificate from the folder it
 points to: a version folder never changes after it is renamed into place, so a reader never
 sees a key with the wrong certificate, whenever the agent is killed. :meth:`recover` repairs a
-link left behind by a kill between the database commit and the link swap.
+link left behind by a kill between the database commit and the link swap. Which version a
+template's link names is :func:`certpulse.machine.current.current`'s rule, the one rebind and the
+planner use too.
 """
 
 from __future__ import annotations
@@ -23,30 +25,26 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Connection, Engine, delete, select, update
 
-from certpulse.agent import schema as t
-from certpulse.agent.faults import fault_point
 from certpulse.errors import Reason, Refusal
-from certpulse.events import log as event_log
-from certpulse.events import schema as et
-from certpulse.events.model import CertFacts, Event, EventDraft, EventId
+from certpulse.faults import fault_point
+from certpulse.machine import current as current_rule
+from certpulse.machine import log as event_log
+from certpulse.machine import schema as t
+from certpulse.machine.db import open_database
+from certpulse.machine.events import CertFacts, Event, EventDraft, EventId
+from certpulse.machine.syslog import SyslogForwarder
 from certpulse.pki import template_info
-from certpulse.pki.certs import pem, serial_hex, sha256_thumbprint, subject_names, thumbprint
+from certpulse.pki.certs import normalize_thumbprint, pem, serial_hex, sha256_thumbprint, subject_names, thumbprint
 from certpulse.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
-from certpulse.rebind.schema import bindings
-from certpulse.sql.db import make_engine, migrate, read, write
-
-if TYPE_CHECKING:
-    from certpulse.agent.config import AgentConfig
-
-MIGRATIONS = Path(__file__).with_name("migrations")
+from certpulse.sql.db import read, write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +68,7 @@ class CertRecord:
     archived: bool
     replaced_by: str | None
     installed_at: dt.datetime
+    policy_url: str | None = None  # the policy server that issued it (None: imported, or not recorded)
 
     @classmethod
     def from_row(cls, row: Any) -> CertRecord:
@@ -79,7 +78,7 @@ class CertRecord:
             template_oid=row.template_oid, template_name=row.template_name, major_version=row.major_version,
             minor_version=row.minor_version, source=row.source, policy_id=row.policy_id,
             issuer_name=row.issuer_name, has_key=row.has_key, archived=row.archived,
-            replaced_by=row.replaced_by, installed_at=row.installed_at,
+            replaced_by=row.replaced_by, installed_at=row.installed_at, policy_url=row.policy_url,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +124,7 @@ def _held(conn: Connection, thumbprints: Sequence[str]) -> set[str]:
     """Which of these certificates a binding still serves."""
     if not thumbprints:
         return set()
-    rows = conn.execute(select(bindings.c.thumbprint).where(bindings.c.thumbprint.in_(list(thumbprints))))
+    rows = conn.execute(select(t.bindings.c.thumbprint).where(t.bindings.c.thumbprint.in_(list(thumbprints))))
     return {r.thumbprint for r in rows}
 
 
@@ -164,24 +163,26 @@ class LocalStore:
         self.flights_dir = root / "flights"
         for folder in (root, self.certs_dir, self.live_dir, self.flights_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.engine: Engine = make_engine(f"sqlite:///{(root / 'meta.db').resolve()}", pool_size=2)
-        migrate(self.engine, MIGRATIONS)
+        self.engine: Engine = open_database(root)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # -- reading ------------------------------------------------------------------------
 
-    def certificates(self, *, include_archived: bool = True) -> list[CertRecord]:
+    def certificates(self, *, include_archived: bool = True, template: str | None = None) -> list[CertRecord]:
+        """Every version in the store (by installation), or those of one ``template``."""
         query = select(t.certificates).order_by(t.certificates.c.installed_at, t.certificates.c.thumbprint)
         if not include_archived:
             query = query.where(t.certificates.c.archived.is_(False))
+        if template is not None:
+            query = query.where(t.certificates.c.template_name == template)
         with read(self.engine) as conn:
             return [CertRecord.from_row(r) for r in conn.execute(query)]
 
     def find(self, prefix: str) -> CertRecord:
         """A certificate by thumbprint or any unique prefix of it (case-insensitive)."""
-        wanted = prefix.strip().upper().replace(":", "").replace(" ", "")
+        wanted = normalize_thumbprint(prefix)
         if not wanted or any(c not in "0123456789ABCDEF" for c in wanted):
             raise Refusal(Reason.INVALID_ARGUMENT, f"{prefix!r} is not a hexadecimal thumbprint")
         with read(self.engine) as conn:
@@ -215,7 +216,7 @@ class LocalStore:
         self, *, key: PrivateKey | None, cert: x509.Certificate, chain: list[x509.Certificate], source: str,
         now: dt.datetime, policy_id: str | None = None, issuer_name: str | None = None,
         replaces: tuple[str, ...] = (), flight_id: str | None = None, template_name: str | None = None,
-        action: str = "enroll", replace_action: str | None = None,
+        action: str = "enroll", replace_action: str | None = None, policy_url: str | None = None,
     ) -> CertRecord:
         """Install a certificate version and, in the same transaction, archive what it replaces and
         write the events: 1006 (``action``) when it comes with its key, then for each certificate
@@ -237,7 +238,8 @@ class LocalStore:
                     not_after=cert.not_valid_after_utc, template_oid=info.oid if info else None,
                     template_name=template_name, major_version=info.major if info else 0,
                     minor_version=info.minor if info else 0, source=source, policy_id=policy_id,
-                    issuer_name=issuer_name, has_key=key is not None, archived=False, installed_at=now))
+                    issuer_name=issuer_name, has_key=key is not None, archived=False, installed_at=now,
+                    policy_url=policy_url))
                 if key is not None:
                     drafts.append(EventDraft(EventId.NEW, action=action, new=new_facts))
             held = _held(conn, [old for old, _ in replaced])
@@ -261,7 +263,7 @@ class LocalStore:
         self.announce(events)
         fault_point("before-link", self.root)
         if template_name:
-            self._point_live(template_name, print_)
+            self._repair_link(template_name)  # the new version, unless a more recent one is current
         if flight_id is not None:
             shutil.rmtree(self.flights_dir / flight_id, ignore_errors=True)
         return self.find(print_)
@@ -351,19 +353,27 @@ class LocalStore:
                     shutil.rmtree(folder, ignore_errors=True)
         self._repair_links()
 
+    def current(self, template: str) -> CertRecord | None:
+        """The template's current certificate (:func:`certpulse.machine.current.current`)."""
+        return current_rule.current(self.certificates(include_archived=False, template=template), template)
+
+    def _repair_link(self, template: str) -> None:
+        """Point the template's live link at its current version (if it has one)."""
+        record = self.current(template)
+        if record is not None:
+            self._point_live_if_moved(template, record.thumbprint)
+
+    def _point_live_if_moved(self, template: str, print_: str) -> None:
+        link = self.live_link(template)
+        if not link.is_symlink() or os.readlink(link) != os.path.join("..", "certs", print_):
+            self._point_live(template, print_)
+
     def _repair_links(self) -> None:
-        """Point every template's live link at its newest current version."""
-        current: dict[str, CertRecord] = {}
-        for record in self.certificates(include_archived=False):
-            if record.template_name and record.has_key:
-                best = current.get(record.template_name)
-                if best is None or (record.not_after, record.installed_at) > (best.not_after, best.installed_at):
-                    current[record.template_name] = record
+        """Point every template's live link at its current version (a replaced one never is,
+        even while a binding still serves it)."""
+        current = current_rule.current_by_template(self.certificates(include_archived=False))
         for template, record in current.items():
-            link = self.live_link(template)
-            target = os.path.join("..", "certs", record.thumbprint)
-            if not link.is_symlink() or os.readlink(link) != target:
-                self._point_live(template, record.thumbprint)
+            self._point_live_if_moved(template, record.thumbprint)
 
     def archive(self, print_: str, now: dt.datetime, *, action: str = "cleanup") -> None:
         facts = self.facts_if_held(print_)
@@ -450,7 +460,7 @@ class LocalStore:
     def expiry_raised(self) -> frozenset[tuple[str, str]]:
         """(thumbprint, threshold) pairs whose 1003/1002 was raised already."""
         with read(self.engine) as conn:
-            rows = conn.execute(select(et.expiry_notices.c.thumbprint, et.expiry_notices.c.threshold)).all()
+            rows = conn.execute(select(t.expiry_notices.c.thumbprint, t.expiry_notices.c.threshold)).all()
         return frozenset((r.thumbprint, r.threshold) for r in rows)
 
     def raise_expiry(self, notices: Sequence[tuple[str, str, EventDraft]], now: dt.datetime) -> list[Event]:
@@ -461,7 +471,7 @@ class LocalStore:
         with write(self.engine) as conn:
             events = event_log.append(conn, [draft for _, _, draft in notices], now=now, channel=self.channel)
             for (print_, threshold, _), event in zip(notices, events, strict=True):
-                conn.execute(et.expiry_notices.insert().values(
+                conn.execute(t.expiry_notices.insert().values(
                     thumbprint=print_, threshold=threshold, raised_at=now, event_seq=event.seq))
         self.announce(events)
         return events
@@ -524,18 +534,13 @@ class LocalStore:
             if conn.execute(update(t.state).where(t.state.c.name == name).values(value=encoded)).rowcount == 0:
                 conn.execute(t.state.insert().values(name=name, value=encoded))
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[LocalStore]:
-        try:
-            yield self
-        finally:
-            self.close()
 
-
-def open_store(directory: Path, config: AgentConfig) -> LocalStore:
-    """The store of the agent in ``directory``, writing on the agent's channel; its events also go
-    to syslog when the agent is configured so, whichever command raised them."""
-    store = LocalStore(directory / "store", channel=config.channel)
-    if config.syslog:
-        store.listeners.append(event_log.SyslogForwarder(config.syslog_address, config.syslog_facility))
+def open_store(directory: Path, *, channel: str, syslog_address: str | None = None,
+               syslog_facility: str = "daemon") -> LocalStore:
+    """The store of the agent folder ``directory`` (``<directory>/store``), writing events on
+    ``channel``; with ``syslog_address`` its events also go to syslog, whichever command raised
+    them."""
+    store = LocalStore(directory / "store", channel=channel)
+    if syslog_address:
+        store.listeners.append(SyslogForwarder(syslog_address, syslog_facility))
     return store

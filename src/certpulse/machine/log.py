@@ -1,25 +1,25 @@
 """The append-only event log: written inside the caller's transaction, read by sequence number.
 
 :func:`append` takes the caller's open connection, so the store commits an event together with
-the change it describes. Nothing updates an event; retention (:func:`prune`) only removes the
-oldest ones, and never one that a notification task has not been given yet, unless the log
-has grown past its hard limit.
+the change it describes (an outbox: listeners hear of it only after the commit). Nothing updates
+an event; retention (:func:`prune`) only removes the oldest ones, and never one that a consumer
+of the log (a notification task, the rebind engine: :mod:`certpulse.machine.cursors`) has not
+had yet, unless the log has grown past its hard limit.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
-import logging.handlers
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select
 
-from certpulse.events import schema as t
-from certpulse.events.model import CertFacts, Event, EventDraft
+from certpulse.machine import cursors
+from certpulse.machine.events import CertFacts, Event, EventDraft
+from certpulse.machine.schema import events as t
 from certpulse.sql.db import read, write
 
 HARD_LIMIT_FACTOR = 10  # undelivered events are kept, up to ten times the retention count
@@ -35,7 +35,7 @@ def append(conn: Connection, drafts: Iterable[EventDraft], *, now: dt.datetime, 
                 "detail": draft.detail, "data": draft.data}
         template = draft.template or (draft.new.template if draft.new else None) or (
             draft.old.template if draft.old else None)
-        result = conn.execute(t.events.insert().values(
+        result = conn.execute(t.insert().values(
             event_id=int(draft.event_id), channel=channel, time=now, uid=raised_by, action=draft.action,
             template=template, old_thumbprint=draft.old.thumbprint if draft.old else None,
             new_thumbprint=draft.new.thumbprint if draft.new else None, body=json.dumps(body, default=str)))
@@ -57,14 +57,14 @@ def event_from_row(row: Any) -> Event:
 def read_events(engine: Engine, *, after: int = 0, event_ids: Sequence[int] = (), channel: str | None = None,
                 since: dt.datetime | None = None, limit: int | None = None, newest: bool = False) -> list[Event]:
     """Events after sequence number ``after``, oldest first (the newest ``limit`` with ``newest``)."""
-    query = select(t.events).where(t.events.c.seq > after)
+    query = select(t).where(t.c.seq > after)
     if event_ids:
-        query = query.where(t.events.c.event_id.in_([int(i) for i in event_ids]))
+        query = query.where(t.c.event_id.in_([int(i) for i in event_ids]))
     if channel is not None:
-        query = query.where(t.events.c.channel == channel)
+        query = query.where(t.c.channel == channel)
     if since is not None:
-        query = query.where(t.events.c.time >= since)
-    query = query.order_by(t.events.c.seq.desc() if newest else t.events.c.seq)
+        query = query.where(t.c.time >= since)
+    query = query.order_by(t.c.seq.desc() if newest else t.c.seq)
     if limit is not None:
         query = query.limit(limit)
     with read(engine) as conn:
@@ -74,7 +74,7 @@ def read_events(engine: Engine, *, after: int = 0, event_ids: Sequence[int] = ()
 
 def latest_seq(conn: Connection) -> int:
     """The highest sequence number ever given (0 for an empty log), retention notwithstanding."""
-    value = conn.execute(select(func.max(t.events.c.seq))).scalar()
+    value = conn.execute(select(func.max(t.c.seq))).scalar()
     if conn.dialect.name == "sqlite":
         # AUTOINCREMENT remembers the highest number even when retention removed that row.
         remembered = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = 'events'").scalar()
@@ -84,49 +84,16 @@ def latest_seq(conn: Connection) -> int:
 
 def prune(engine: Engine, *, now: dt.datetime, max_age: dt.timedelta, max_count: int) -> int:
     """Remove events older than ``max_age`` or beyond the newest ``max_count``: only those every
-    task has been given, unless the log is past ``HARD_LIMIT_FACTOR`` times ``max_count``.
-    Returns how many were removed."""
+    consumer of the log has had (tasks and rebind alike), unless the log is past
+    ``HARD_LIMIT_FACTOR`` times ``max_count``. Returns how many were removed."""
     with write(engine) as conn:
         newest = latest_seq(conn)
-        delivered = conn.execute(select(func.min(t.tasks.c.cursor))).scalar()
+        delivered = cursors.lowest(conn)
         keep_from_count = newest - max_count  # seq <= this is beyond the count
         limit = delivered if delivered is not None else newest
-        removed = conn.execute(delete(t.events).where(
-            t.events.c.seq <= limit,
-            (t.events.c.time < now - max_age) | (t.events.c.seq <= keep_from_count))).rowcount
+        removed = conn.execute(delete(t).where(
+            t.c.seq <= limit,
+            (t.c.time < now - max_age) | (t.c.seq <= keep_from_count))).rowcount
         hard = newest - max_count * HARD_LIMIT_FACTOR
-        removed += conn.execute(delete(t.events).where(t.events.c.seq <= hard)).rowcount
+        removed += conn.execute(delete(t).where(t.c.seq <= hard)).rowcount
     return int(removed or 0)
-
-
-class SyslogForwarder:
-    """Sends each event, once written, to syslog (the system journal reads ``/dev/log`` too).
-
-    Best effort: the log in ``meta.db`` is the record; a syslog that is down loses nothing there."""
-
-    def __init__(self, address: str = "/dev/log", facility: str = "daemon") -> None:
-        self.address = address
-        self.facility = logging.handlers.SysLogHandler.facility_names.get(facility, 3)
-        self.logger = logging.getLogger(f"certpulse.events.syslog.{address}")
-        self.logger.propagate = False
-        self.logger.setLevel(logging.INFO)
-
-    def _connect(self) -> bool:
-        """Connect on first use, and again after syslog was away: it may start after the agent."""
-        if self.logger.handlers:
-            return True
-        try:
-            handler = logging.handlers.SysLogHandler(address=self.address, facility=self.facility)
-        except OSError as exc:
-            logging.getLogger("certpulse.events").warning("syslog at %s is unreachable: %s", self.address, exc)
-            return False
-        handler.setFormatter(logging.Formatter("certpulse[%(process)d]: %(message)s"))
-        self.logger.addHandler(handler)
-        return True
-
-    def __call__(self, events: Sequence[Event]) -> None:
-        if not self._connect():
-            return
-        for event in events:
-            level = {"error": logging.ERROR, "warning": logging.WARNING}.get(event.level, logging.INFO)
-            self.logger.log(level, "event seq=%d channel=%s %s", event.seq, event.channel, event.summary())
