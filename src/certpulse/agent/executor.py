@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 
@@ -34,6 +34,7 @@ from certpulse.pki.keys import PrivateKey, generate_private_key, key_matches
 
 log = logging.getLogger("certpulse.agent")
 
+Outcome = Literal["done", "pending", "refused", "unavailable", "skipped"]
 # Refusals that mean "not this issuer": the next one in the action's list is tried.
 TRY_NEXT_ISSUER = ("no-issuer", "unknown-issuer", "issuer-renewal-only")
 
@@ -41,7 +42,7 @@ TRY_NEXT_ISSUER = ("no-issuer", "unknown-issuer", "issuer-renewal-only")
 @dataclasses.dataclass
 class ActionOutcome:
     action: Action
-    outcome: str  # done | pending | refused | unavailable | skipped
+    outcome: Outcome
     detail: str = ""
     thumbprint: str | None = None
     retry_after: float | None = None  # the server's Retry-After, when it was unavailable

@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -29,12 +29,13 @@ from certpulse.machine.log import prune
 from certpulse.pki.certs import thumbprint
 
 log = logging.getLogger("certpulse.agent")
+PulseOutcome = Literal["ok", "failed", "disabled"]
 
 
 @dataclasses.dataclass
 class PulseResult:
     started_at: dt.datetime
-    outcome: str  # ok | failed | disabled
+    outcome: PulseOutcome
     plan: Plan | None = None
     outcomes: list[ActionOutcome] = dataclasses.field(default_factory=list)
     error: str | None = None

@@ -48,6 +48,7 @@ from certpulse.machine import schema as t
 from certpulse.machine.certstore import CertRecord, LocalStore
 from certpulse.machine.events import CHANNELS, CertFacts, Event, EventDraft, EventId
 from certpulse.machine.locks import try_lock
+from certpulse.machine.schema import TaskState
 from certpulse.pki.certs import normalize_thumbprint
 from certpulse.sandbox import (
     DEFAULT_TIMEOUT,
@@ -111,7 +112,7 @@ class Task:
     sha256: str
     created_at: dt.datetime
     cursor: int
-    state: str
+    state: TaskState
     attempts: int
     next_attempt_at: dt.datetime | None
     runs: int
@@ -148,7 +149,7 @@ class TaskRun:
     attempt: int
     started_at: dt.datetime
     finished_at: dt.datetime
-    outcome: str  # ok | failed | timeout | refused | skipped
+    outcome: str  # ok | failed | timeout | refused | skipped (sandbox.RunResult's, or skipped)
     exit_status: int | None
     output: bytes
     output_truncated: bool

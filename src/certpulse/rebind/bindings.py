@@ -13,6 +13,7 @@ from sqlalchemy import delete, select, update
 
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import LocalStore
+from certpulse.machine.schema import BindingState
 from certpulse.machine.schema import bindings as t
 from certpulse.sql.db import read, write
 
@@ -29,7 +30,7 @@ class Binding:
     options: dict[str, Any]
     probe: str | None
     auto: bool
-    state: str
+    state: BindingState
     attempts: int
     next_attempt_at: dt.datetime | None
     last_error: str | None

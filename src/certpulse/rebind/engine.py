@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from certpulse.durations import backoff
 from certpulse.errors import Refusal
@@ -35,6 +35,7 @@ PROBE_WINDOW = 10.0  # seconds a reloaded service has to settle on serving the n
 CHECK_SETTLE_WINDOW = 3.0  # seconds the drift check asks again before an unexpected answer counts
 PROBE_TIMEOUT = 5.0
 LOCK_NAME = "rebind.lock"
+Verdict = Literal["ok", "stale", "mismatch", "unreachable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ class CheckResult:
     configured: str | None
     served: str | None
     newest: str | None
-    verdict: str  # ok | stale | mismatch | unreachable
+    verdict: Verdict
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,6 +228,7 @@ def check(store: LocalStore, now: dt.datetime, *, names: list[str] | None = None
             # Perhaps a reload still handing over (old and new workers both accepting): drift only
             # when the answer holds over several connections.
             seen = settled_probe(target, window=CHECK_SETTLE_WINDOW, timeout=PROBE_TIMEOUT)
+        verdict: Verdict
         if seen.thumbprint is None:
             verdict, detail = "unreachable", seen.error or "no answer"
         elif seen.thumbprint == expected:
