@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 
 from certpulse.agent.model import Options, PolicyServer, StoredCertificate, StoreSnapshot
-from certpulse.agent.planner import renewed_by_agent
+from certpulse.agent.planner import plan
 from test_planner import (
     DAY,
     DUE,
@@ -52,7 +52,7 @@ class HandledCase:
 
 
 def handled(case: HandledCase) -> frozenset[str]:
-    return renewed_by_agent(case.options, case.servers, StoreSnapshot(certificates=case.certs), NOW)
+    return plan(case.options, case.servers, StoreSnapshot(certificates=case.certs), NOW).handled
 
 
 def _case(id: str, servers: tuple[PolicyServer, ...], certs: tuple[StoredCertificate, ...], handled: set[str],
