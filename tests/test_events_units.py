@@ -14,12 +14,17 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from certpulse.agent import gather
+from certpulse.agent.config import AgentConfig, PolicyServerConfig, write_credential
 from certpulse.agent.expiry import expiry_notices
-from certpulse.agent.model import Options, StoredCertificate, StoreSnapshot
+from certpulse.agent.model import Options, StoredCertificate, StoreSnapshot, TemplatePolicy
+from certpulse.agent.planner import Plan, plan
+from certpulse.agent.pulse import Agent
 from certpulse.agent.store import LocalStore
 from certpulse.events import schema as et
 from certpulse.events.log import latest_seq, prune, read_events
 from certpulse.events.model import CertFacts, EventDraft, EventId
+from certpulse.pki import template_info
 from certpulse.pki.build import build_ca_certificate, build_end_entity, random_serial, simple_name
 from certpulse.sql.db import read, write
 from test_planner import DAY, NOW, YEAR, cert, manual, manual_tpl, server, tpl
@@ -32,8 +37,9 @@ ON = Options()
 
 def notices(certs: list[StoredCertificate], *, options: Options = ON, now: dt.datetime = NOW, percent: int = 10,
             raised: frozenset[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
-    found = expiry_notices(options, [server(AUTO, MANUAL, ENROLL_ONLY)], StoreSnapshot(certificates=tuple(certs)),
-                           now, warning_percent=percent, raised=raised)
+    snapshot = StoreSnapshot(certificates=tuple(certs))
+    handled = plan(options, [server(AUTO, MANUAL, ENROLL_ONLY)], snapshot, now).handled
+    found = expiry_notices(options, snapshot, now, handled=handled, warning_percent=percent, raised=raised)
     return [(n.thumbprint, n.threshold) for n in found]
 
 
@@ -101,6 +107,24 @@ def test_warning_percent_is_a_share_of_the_lifetime() -> None:
     assert notices(short, percent=10) == []
 
 
+def test_the_monitor_takes_the_plans_word_for_what_the_agent_handles() -> None:
+    """The monitor does not judge for itself: whatever the plan says the agent takes care of is
+    left alone, and everything else in the personal store is watched."""
+    certs = (cert("auto", AUTO, left=10 * DAY), cert("foreign", None, left=10 * DAY, source="manual"),
+             cert("extra", None, left=10 * DAY, source="manual", store="/etc/ssl/extra"))
+
+    def watched(handled: set[str]) -> list[str]:
+        found = expiry_notices(ON, StoreSnapshot(certificates=certs), NOW, handled=frozenset(handled),
+                               warning_percent=10, raised=frozenset())
+        return [n.thumbprint for n in found]
+
+    assert watched(set()) == ["extra", "auto", "foreign"]  # by store, then thumbprint
+    assert watched({"auto"}) == ["extra", "foreign"]
+    assert watched({"foreign"}) == ["extra", "auto"]  # a certificate of no template, when the plan says so
+    # Handled goes by thumbprint: a certificate in the personal and an additional store is one.
+    assert watched({"extra"}) == ["auto", "foreign"]
+
+
 # -- the log on a real store ------------------------------------------------------------------------
 
 
@@ -111,15 +135,18 @@ def store(tmp_path: Path) -> Iterator[LocalStore]:
     opened.close()
 
 
-def _certificate(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _certificate(name: str, *, template: TemplatePolicy | None = None,
+                 lifetime: dt.timedelta = YEAR) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = build_ca_certificate(subject=simple_name("Events CA"), public_key=ca_key.public_key(), issuer_cert=None,
                               signing_key=ca_key, not_before=NOW, not_after=NOW + 10 * YEAR, path_length=0)
     key = ec.generate_private_key(ec.SECP256R1())
     issued = build_end_entity(subject=simple_name(name), public_key=key.public_key(), issuer_cert=ca,
-                              issuer_key=ca_key, serial=random_serial(), not_before=NOW, not_after=NOW + YEAR,
+                              issuer_key=ca_key, serial=random_serial(), not_before=NOW, not_after=NOW + lifetime,
                               sans=[x509.DNSName(name)], ekus=(x509.ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,),
-                              key_usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False))
+                              key_usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                              extra=(template_info.encode(template_info.TemplateInfo(template.oid, 2, 0)),)
+                              if template is not None else ())
     return key, issued
 
 
@@ -216,3 +243,41 @@ def test_event_filters(store: LocalStore) -> None:
     assert read_events(store.engine, channel="system") == []
     assert [e.event_id for e in read_events(store.engine, limit=1, newest=True)] == [1002]
     assert [e.template for e in read_events(store.engine)] == ["t", "t"]
+
+
+# -- the monitor in a pulse --------------------------------------------------------------------------
+
+
+def test_the_pulse_monitor_uses_the_plans_handled_set_and_plans_when_it_has_none(tmp_path: Path) -> None:
+    """After a pulse that planned, the monitor takes that plan's word; after one that could not
+    plan (no policy server answered), it plans on what it has."""
+    directory = tmp_path / "agent"
+    directory.mkdir()
+    write_credential(directory, "unused")
+    agent = Agent(directory, AgentConfig(servers=(PolicyServerConfig(url="http://127.0.0.1:9/cep"),),
+                                         principal="monitor.example"))
+    try:
+        prints = []
+        for name in ("a", "b"):
+            key, issued = _certificate(f"{name}.example", template=AUTO, lifetime=100 * DAY)
+            prints.append(agent.store.install(key=key, cert=issued, chain=[], source="auto", now=NOW,
+                                              template_name=AUTO.name).thumbprint)
+        a, b = prints
+        now = NOW + 95 * DAY  # 5 % of the lifetime left: close to expiration, unless the agent renews it
+
+        def warned() -> set[str | None]:
+            return {e.old_thumbprint for e in read_events(agent.store.engine, event_ids=(1003,))}
+
+        # The plan handles a, not b. With no policy at hand a second opinion would handle neither.
+        agent._monitor_expiry(gather.snapshot(agent.store, [], now), Plan((), (), handled=frozenset({a})), now)
+        assert warned() == {b}
+        # No plan, and a policy that autoenrolls the template: planning handles a.
+        agent.policies = [gather.GatheredPolicy(server(AUTO), gather.Trust(roots=(), issuers={}, kra=()))]
+        agent._monitor_expiry(None, None, now)
+        assert warned() == {b}
+        # No plan and no policy: nothing is handled.
+        agent.policies = []
+        agent._monitor_expiry(None, None, now)
+        assert warned() == {a, b}
+    finally:
+        agent.close()

@@ -820,10 +820,3 @@ def _carried_elsewhere(personal: _Certs, cert: StoredCertificate, template: Temp
 
 def _has_ra_certificate(certs: Iterable[StoredCertificate], now: dt.datetime) -> bool:
     return any(c.is_ra and c.usable(now) for c in certs)
-
-
-def renewed_by_agent(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot,
-                     now: dt.datetime) -> frozenset[str]:
-    """:attr:`Plan.handled` of a plan made for the purpose (until the expiry monitor takes the
-    pulse's own plan)."""
-    return plan(options, servers, store, now).handled
