@@ -148,6 +148,9 @@ class StoreSnapshot:
 
 
 class Kind(enum.StrEnum):
+    """What an action does. ARCHIVE and SKIP are never planned: a replaced certificate is archived
+    when its successor is installed, and a rule that does not act leaves a Note, not an action."""
+
     DROP_STALE_REQUEST = "drop-stale-request"
     POLL_PENDING = "poll-pending"
     RENEW = "renew"

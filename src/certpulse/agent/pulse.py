@@ -295,9 +295,6 @@ class Agent:
                 except Refusal as exc:  # a binding still serves it
                     return ActionOutcome(action, "skipped", exc.detail)
                 return ActionOutcome(action, "done")
-            if action.kind is Kind.ARCHIVE and action.thumbprint:
-                self.store.archive(action.thumbprint, now)
-                return ActionOutcome(action, "done")
         except ServerUnavailable as exc:
             return ActionOutcome(action, "unavailable", exc.detail, retry_after=exc.retry_after)
         except ServerRefused as exc:
