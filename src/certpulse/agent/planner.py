@@ -126,7 +126,7 @@ class RuleInput:
     replaced: frozenset[str] = frozenset()
 
 
-Check: TypeAlias = Callable[[RuleInput], "Skip | None"]
+Check: TypeAlias = Callable[[RuleInput], Skip | None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -542,9 +542,11 @@ class _Pass:
 
     def verdict(self, chain: Chain, template: TemplatePolicy, group: Group) -> Skip | None:
         key = (id(chain), id(template), id(group))
-        if key not in self._verdicts:
-            self._verdicts[key] = chain.first_skip(self.given(template, group))
-        return self._verdicts[key]
+        try:
+            return self._verdicts[key]
+        except KeyError:
+            skip = self._verdicts[key] = chain.first_skip(self.given(template, group))
+            return skip
 
 
 def plan(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot, now: dt.datetime) -> Plan:
@@ -596,18 +598,19 @@ def _pending_requests(options: Options, store: StoreSnapshot, now: dt.datetime, 
 def _renew_autoenrolled(run: _Pass, covered: set[str], notes: list[Note]) -> list[Action]:
     """6(a): renew certificates of templates set up for autoenrollment."""
     actions: list[Action] = []
-    for cert in run.personal.all:
+    view, personal, now = run.view, run.personal, run.now  # read once: the loop runs per certificate
+    for cert in personal.all:
         if cert.archived or cert.source != "auto" or cert.template_oid is None:
             continue
-        found = run.view.find(oid=cert.template_oid, policy_id=cert.policy_id)
+        found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
         if found is None:
             notes.append(Note("6a:no-template", cert.template_name, cert.thumbprint, "template not in any policy"))
             continue
         template, group = found
-        if not cert.usable(run.now):
+        if not cert.usable(now):
             # Failed validation, revoked or expired: never renewed; 6(b) makes a new request.
             continue
-        if _carried_elsewhere(run.personal, cert, template, run.now, major=True) is not None:
+        if _carried_elsewhere(personal, cert, template, now, major=True) is not None:
             continue  # an older copy, or one beside a certificate that is not due: the template is held
         skip = run.verdict(RENEW_AUTO, template, group)
         if skip is None or skip.code != "ra-signatures":
@@ -683,15 +686,16 @@ def _renew_manual(run: _Pass, replaced: frozenset[str], notes: list[Note]) -> li
     """
     actions: list[Action] = []
     broken_of: dict[str | None, tuple[list[StoredCertificate], str]] = {}  # siblings, the most recent
+    view, now = run.view, run.now  # read once: the loop runs per certificate
     for cert in run.personal.all:
         if cert.archived or cert.source != "manual" or cert.template_oid is None:
             continue
-        found = run.view.find(oid=cert.template_oid, policy_id=cert.policy_id)
+        found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
         if found is None:
             continue
         template, group = found
-        broken = not cert.usable(run.now)  # expired, revoked or failing validation: a new request
-        if not broken and not threshold_reached(cert, template, run.now):
+        broken = not cert.usable(now)  # expired, revoked or failing validation: a new request
+        if not broken and not threshold_reached(cert, template, now):
             continue
         siblings: list[StoredCertificate] = []
         if broken and cert.thumbprint not in replaced:  # one 6(b) replaces is noted by the chain
@@ -735,9 +739,11 @@ def _manual_renewal(run: _Pass, cert: StoredCertificate, template: TemplatePolic
 
 def _cleanup(run: _Pass) -> list[Action]:
     """Archived certificates of "delete" templates go once expired or revoked; encryption never."""
+    now = run.now  # read once: the filter runs per certificate
     return [Action(Kind.DELETE, "cleanup:delete", template=cert.template_name, thumbprint=cert.thumbprint,
                    detail="archived and " + ("revoked" if cert.revoked else "expired"))
-            for cert in run.personal.all if cert.archived and _deletable(run, cert)]
+            for cert in run.personal.all
+            if cert.archived and (cert.revoked or cert.expired(now)) and _deletable(run, cert)]
 
 
 def _deletable(run: _Pass, cert: StoredCertificate) -> bool:
@@ -745,7 +751,7 @@ def _deletable(run: _Pass, cert: StoredCertificate) -> bool:
     if not (cert.expired(run.now) or cert.revoked) or cert.template_oid is None:
         return False
     found = run.view.find(oid=cert.template_oid, policy_id=cert.policy_id)
-    return found is not None and run.verdict(CLEANUP, *found) is None
+    return found is not None and run.verdict(CLEANUP, found[0], found[1]) is None
 
 
 def _with_deletions(run: _Pass, action: Action) -> Action:
@@ -772,19 +778,20 @@ def _handled(run: _Pass) -> frozenset[str]:
     standing reasons keeps from renewal. A pending request is no reason to warn: its answer
     replaces the certificate."""
     handled: set[str] = set()
-    for cert in run.personal.all:
+    view, personal, options = run.view, run.personal, run.options  # read once: the loop runs per certificate
+    for cert in personal.all:
         if cert.archived or cert.template_oid is None:
             continue
-        newest = run.personal.newest_usable(cert.template_name) if cert.template_name else None
+        newest = personal.newest_usable(cert.template_name) if cert.template_name else None
         if newest is not None and _recency(newest) > _recency(cert):
             handled.add(cert.thumbprint)  # an older copy: the newer certificate holds the template
             continue
-        found = run.view.find(oid=cert.template_oid, policy_id=cert.policy_id)
+        found = view.find(oid=cert.template_oid, policy_id=cert.policy_id)
         if found is None:
             continue
-        if cert.source == "auto" and run.options.enroll:
+        if cert.source == "auto" and options.enroll:
             chain = AUTO_STANDING
-        elif cert.source == "manual" and run.options.manage:
+        elif cert.source == "manual" and options.manage:
             chain = MANUAL_STANDING
         else:
             continue
