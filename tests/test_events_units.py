@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from certpulse.agent import gather
+from certpulse.agent.config import AgentConfig, PolicyServerConfig, write_credential
 from certpulse.agent.expiry import expiry_notices
-from certpulse.agent.model import Options, StoredCertificate, StoreSnapshot
+from certpulse.agent.model import Options, StoredCertificate, StoreSnapshot, TemplatePolicy
+from certpulse.agent.planner import Plan, plan
+from certpulse.agent.pulse import Agent
 from certpulse.machine import cursors
 from certpulse.machine import schema as et
 from certpulse.machine.certstore import LocalStore
 from certpulse.machine.events import CertFacts, EventDraft, EventId
 from certpulse.machine.log import latest_seq, prune, read_events
+from certpulse.pki import template_info
 from certpulse.pki.keys import PrivateKey
 from certpulse.sql.db import read, write
 from pki_factory import Authority
@@ -33,8 +38,9 @@ ON = Options()
 
 def notices(certs: list[StoredCertificate], *, options: Options = ON, now: dt.datetime = NOW, percent: int = 10,
             raised: frozenset[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
-    found = expiry_notices(options, [server(AUTO, MANUAL, ENROLL_ONLY)], StoreSnapshot(certificates=tuple(certs)),
-                           now, warning_percent=percent, raised=raised)
+    snapshot = StoreSnapshot(certificates=tuple(certs))
+    handled = plan(options, [server(AUTO, MANUAL, ENROLL_ONLY)], snapshot, now).handled
+    found = expiry_notices(options, snapshot, now, handled=handled, warning_percent=percent, raised=raised)
     return [(n.thumbprint, n.threshold) for n in found]
 
 
@@ -102,6 +108,24 @@ def test_warning_percent_is_a_share_of_the_lifetime() -> None:
     assert notices(short, percent=10) == []
 
 
+def test_the_monitor_takes_the_plans_word_for_what_the_agent_handles() -> None:
+    """The monitor does not judge for itself: whatever the plan says the agent takes care of is
+    left alone, and everything else in the personal store is watched."""
+    certs = (cert("auto", AUTO, left=10 * DAY), cert("foreign", None, left=10 * DAY, source="manual"),
+             cert("extra", None, left=10 * DAY, source="manual", store="/etc/ssl/extra"))
+
+    def watched(handled: set[str]) -> list[str]:
+        found = expiry_notices(ON, StoreSnapshot(certificates=certs), NOW, handled=frozenset(handled),
+                               warning_percent=10, raised=frozenset())
+        return [n.thumbprint for n in found]
+
+    assert watched(set()) == ["extra", "auto", "foreign"]  # by store, then thumbprint
+    assert watched({"auto"}) == ["extra", "foreign"]
+    assert watched({"foreign"}) == ["extra", "auto"]  # a certificate of no template, when the plan says so
+    # Handled goes by thumbprint: a certificate in the personal and an additional store is one.
+    assert watched({"extra"}) == ["auto", "foreign"]
+
+
 # -- the log on a real store ------------------------------------------------------------------------
 
 
@@ -112,11 +136,13 @@ def store(tmp_path: Path) -> Iterator[LocalStore]:
     opened.close()
 
 
-def _certificate(name: str) -> tuple[PrivateKey, x509.Certificate]:
-    """A server certificate of a CA of its own (the store checks no chain)."""
+def _certificate(name: str, *, template: TemplatePolicy | None = None,
+                 lifetime: dt.timedelta = YEAR) -> tuple[PrivateKey, x509.Certificate]:
+    """A server certificate of a CA of its own (the store checks no chain), of ``template``."""
     authority = Authority.root("Events CA", not_before=NOW, not_after=NOW + 10 * YEAR, path_length=0)
-    issued = authority.issue(name, sans=[name], not_before=NOW, not_after=NOW + YEAR,
-                             ekus=(x509.ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,))
+    issued = authority.issue(name, sans=[name], not_before=NOW, not_after=NOW + lifetime,
+                             ekus=(x509.ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,),
+                             template=template_info.TemplateInfo(template.oid, 2, 0) if template is not None else None)
     assert issued.key is not None
     return issued.key, issued.certificate
 
@@ -246,3 +272,41 @@ def test_event_filters(store: LocalStore) -> None:
     assert read_events(store.engine, channel="system") == []
     assert [e.event_id for e in read_events(store.engine, limit=1, newest=True)] == [1002]
     assert [e.template for e in read_events(store.engine)] == ["t", "t"]
+
+
+# -- the monitor in a pulse --------------------------------------------------------------------------
+
+
+def test_the_pulse_monitor_uses_the_plans_handled_set_and_plans_when_it_has_none(tmp_path: Path) -> None:
+    """After a pulse that planned, the monitor takes that plan's word; after one that could not
+    plan (no policy server answered), it plans on what it has."""
+    directory = tmp_path / "agent"
+    directory.mkdir()
+    write_credential(directory, "unused")
+    agent = Agent(directory, AgentConfig(servers=(PolicyServerConfig(url="http://127.0.0.1:9/cep"),),
+                                         principal="monitor.example"))
+    try:
+        prints = []
+        for name in ("a", "b"):
+            key, issued = _certificate(f"{name}.example", template=AUTO, lifetime=100 * DAY)
+            prints.append(agent.store.install(key=key, cert=issued, chain=[], source="auto", now=NOW,
+                                              template_name=AUTO.name).thumbprint)
+        a, b = prints
+        now = NOW + 95 * DAY  # 5 % of the lifetime left: close to expiration, unless the agent renews it
+
+        def warned() -> set[str | None]:
+            return {e.old_thumbprint for e in read_events(agent.store.engine, event_ids=(1003,))}
+
+        # The plan handles a, not b. With no policy at hand a second opinion would handle neither.
+        agent._monitor_expiry(gather.snapshot(agent.store, [], now), Plan((), (), handled=frozenset({a})), now)
+        assert warned() == {b}
+        # No plan, and a policy that autoenrolls the template: planning handles a.
+        agent.policies = [gather.GatheredPolicy(server(AUTO), gather.Trust(roots=(), issuers={}, kra=()))]
+        agent._monitor_expiry(None, None, now)
+        assert warned() == {b}
+        # No plan and no policy: nothing is handled.
+        agent.policies = []
+        agent._monitor_expiry(None, None, now)
+        assert warned() == {a, b}
+    finally:
+        agent.close()

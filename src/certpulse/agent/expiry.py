@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable
 from typing import Literal
 
-from certpulse.agent.model import Options, PolicyServer, StoreSnapshot
-from certpulse.agent.planner import renewed_by_agent
+from certpulse.agent.model import Options, StoreSnapshot
 
 Threshold = Literal["close", "expired"]
 
@@ -26,16 +24,18 @@ class ExpiryNotice:
     not_after: dt.datetime
 
 
-def expiry_notices(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot, now: dt.datetime,
-                   *, warning_percent: int, raised: frozenset[tuple[str, str]]) -> tuple[ExpiryNotice, ...]:
+def expiry_notices(options: Options, store: StoreSnapshot, now: dt.datetime, *, handled: frozenset[str],
+                   warning_percent: int, raised: frozenset[tuple[str, str]]) -> tuple[ExpiryNotice, ...]:
     """Notices due now: for personal certificates the agent will not renew itself and every
     certificate of the additional stores, ``close`` once ``warning_percent`` of the lifetime is
     left and ``expired`` after ``not_after``. A certificate found already expired gets only
     ``expired``. Archived certificates are not watched; one whose chain this agent cannot validate
-    (a certificate of another CA, imported by hand) is watched like any other."""
+    (a certificate of another CA, imported by hand) is watched like any other.
+
+    ``handled`` is what the agent takes care of itself: the plan's :attr:`Plan.handled`, the
+    planner's answer from the same pass that planned the renewals, not a second opinion."""
     if not options.enabled:
         return ()  # SPEC 1: a disabled agent does nothing but say so
-    handled = renewed_by_agent(options, servers, store, now)
     notices: list[ExpiryNotice] = []
     seen: set[tuple[str, str]] = set()
     for cert in sorted(store.certificates, key=lambda c: (c.store, c.thumbprint)):

@@ -185,7 +185,7 @@ def _template(item: Any) -> TemplatePolicy:
 
 
 def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_default: bool,
-                 now: dt.datetime, unreachable: frozenset[str] = frozenset()) -> GatheredPolicy:
+                 now: dt.datetime) -> GatheredPolicy:
     policy_id = data.get("policy_id")
     if not isinstance(policy_id, str) or not policy_id or len(policy_id) > 64:
         raise PolicyError("policy_id is missing")
@@ -203,8 +203,7 @@ def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_def
             issuer_certs[item["name"]] = cert
         issuers.append(IssuerPolicy(name=item["name"], cost=item["cost"],
                                     renewal_only=bool(item.get("renewal_only", False)),
-                                    templates=frozenset(_strs(item, "templates")), valid=valid,
-                                    reachable=item["name"] not in unreachable))
+                                    templates=frozenset(_strs(item, "templates")), valid=valid))
     kra = tuple(k for k in _pems(data, "kra") if chain_valid(k, [], roots, now) and _has_eku(k, KRA_EKU))
     directory: list[tuple[str, dt.datetime]] = []
     for entry in _list(data, "directory"):

@@ -21,6 +21,7 @@ from certpulse.agent.csr import build_csr
 from certpulse.agent.executor import ActionOutcome
 from certpulse.agent.gather import cached_templates
 from certpulse.agent.model import Action, Kind
+from certpulse.agent.planner import serving_issuers
 from certpulse.agent.pulse import Agent
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import CertRecord, LocalStore
@@ -52,8 +53,7 @@ def request_certificate(agent: Agent, template_name: str, now: dt.datetime, *, s
             continue
         if "enroll" not in template.rights and "autoenroll" not in template.rights:
             raise Refusal(Reason.TEMPLATE_NOT_PERMITTED, f"this principal may not enroll for {template_name!r}")
-        issuers = sorted((i for i in policy.server.issuers if i.valid and template.name in i.templates
-                          and not i.renewal_only), key=lambda i: (i.cost, i.name))
+        issuers = [issuer for _, issuer in serving_issuers((policy.server,), template.name, new_request=True)]
         if not issuers:
             raise Refusal(Reason.NO_ISSUER, f"no issuer serves {template_name!r} for new requests")
         try:

@@ -14,6 +14,7 @@ from typing import Literal
 
 Context = Literal["machine", "user"]
 Source = Literal["auto", "manual"]
+ReplaceAction = Literal["renew", "supersede"]  # the 1001 a replacing request raises
 AUTH_STRENGTH = {"certificate": 0, "token": 1, "password": 2}
 CLOCK_SKEW = dt.timedelta(minutes=5)  # how far ahead of this machine the CA's clock may run
 
@@ -66,7 +67,7 @@ class IssuerPolicy:
     renewal_only: bool
     templates: frozenset[str]
     valid: bool  # passed RFC 5280 validation in the gather step
-    reachable: bool = True
+    reachable: bool = True  # one known to be down is tried last; the gather step knows of none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +87,6 @@ class PolicyServer:
     def template(self, name: str) -> TemplatePolicy | None:
         for template in self.templates:
             if template.name == name:
-                return template
-        return None
-
-    def template_by_oid(self, oid: str) -> TemplatePolicy | None:
-        for template in self.templates:
-            if template.oid == oid:
                 return template
         return None
 
@@ -153,6 +148,9 @@ class StoreSnapshot:
 
 
 class Kind(enum.StrEnum):
+    """What an action does. ARCHIVE and SKIP are never planned: a replaced certificate is archived
+    when its successor is installed, and a rule that does not act leaves a Note, not an action."""
+
     DROP_STALE_REQUEST = "drop-stale-request"
     POLL_PENDING = "poll-pending"
     RENEW = "renew"
@@ -175,7 +173,7 @@ class Action:
     issuers: tuple[str, ...] = ()  # in order of preference; the executor falls back down the list
     policy_url: str | None = None
     replaces: tuple[str, ...] = ()  # certificates the result replaces (1001), e.g. superseded ones
-    replace_action: str | None = None  # renew | supersede
+    replace_action: ReplaceAction | None = None
     new_request: bool = False  # a new request (not a renewal signed by the old key)
     subject_from: str | None = None  # thumbprint whose subject a new request reuses
     # Replaced certificates to delete instead of archive once the new one is installed: the

@@ -151,7 +151,7 @@ class Agent:
             result.outcome, result.error, result.retry_after = "failed", exc.detail, exc.retry_after
             snapshot = None
         self._raise_failures(result.outcomes, now)
-        self._monitor_expiry(snapshot, now)
+        self._monitor_expiry(snapshot, result.plan, now)
         prune(self.store.engine, now=now, max_age=self.config.event_retention,
               max_count=self.config.event_retention_count)
         if any(o.outcome == "unavailable" for o in result.outcomes):
@@ -199,15 +199,18 @@ class Agent:
             self.store.set_state("failing", failing)
         self.store.record(drafts, now)
 
-    def _monitor_expiry(self, snapshot: StoreSnapshot | None, now: dt.datetime) -> None:
-        """1003 and 1002 for certificates the agent will not renew itself (and additional stores)."""
+    def _monitor_expiry(self, snapshot: StoreSnapshot | None, planned: Plan | None, now: dt.datetime) -> None:
+        """1003 and 1002 for certificates the agent will not renew itself (and additional stores):
+        the plan says which ones it takes care of."""
         if snapshot is None:  # no policy server answered: watch what is on disk all the same
             snapshot = gather_mod.snapshot(self.store, self.policies, now, revoked=frozenset(known_revoked(self.store)),
                                            additional=self._additional())
         current = {r.thumbprint for r in self.store.certificates(include_archived=False)}
         watched = tuple(c for c in snapshot.certificates if c.store != "personal" or c.thumbprint in current)
-        notices = expiry_notices(self.options, [p.server for p in self.policies],
-                                 dataclasses.replace(snapshot, certificates=watched), now,
+        held = dataclasses.replace(snapshot, certificates=watched)
+        if planned is None:  # no plan this pulse: planning is pure, so ask it about what is held
+            planned = plan(self.options, [p.server for p in self.policies], held, now)
+        notices = expiry_notices(self.options, held, now, handled=planned.handled,
                                  warning_percent=self.config.expiry_warning_percent, raised=self.store.expiry_raised())
         if not notices:
             return
