@@ -687,6 +687,30 @@ def test_renewal_of_a_certificate_from_a_foreign_ca_with_the_same_issuer_name() 
                    gathered(webserver_template(), known=known_map(old)))
 
 
+class _FaultyVerification:
+    """A real certificate whose issuer check fails with a programming error, not a verdict."""
+
+    def __init__(self, cert: x509.Certificate) -> None:
+        self._cert = cert
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cert, name)
+
+    def verify_directly_issued_by(self, issuer: x509.Certificate) -> None:
+        raise RuntimeError("a fault inside signature verification")
+
+
+def test_a_fault_in_signature_verification_is_not_a_verdict() -> None:
+    """Only what verification raises for another issuer's certificate means "not issued by us";
+    a fault must not be swallowed as a refusal (nor cached as one)."""
+    old = issue()
+    csr = make_csr()
+    faulty = Evidence(_FaultyVerification(old.cert), sign_bytes(old.key, csr))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="a fault inside signature verification"):
+        decide(MACHINE, request("webserver", csr, renewal=faulty),
+               gathered(webserver_template(), known=known_map(old)), NOW)
+
+
 def test_renewal_across_templates_needs_supersedes() -> None:
     old = issue(template_name="legacy")
     csr = make_csr()

@@ -20,6 +20,7 @@ import datetime as dt
 from collections.abc import Mapping
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -158,13 +159,16 @@ def _check_csr(data: bytes) -> x509.CertificateSigningRequest:
 
 
 def _issued_by_us(cert: x509.Certificate, state: Gathered) -> Authority | None:
+    """The issuing CA whose key signed ``cert``, if one of ours did. Only what verification raises
+    for a certificate some other key signed means "not this one": a bad signature, or a key or
+    algorithm that does not fit (ValueError, TypeError). Anything else is a fault, not a verdict."""
     for authority in state.authorities:
         if authority.role != "issuer" or authority.certificate.subject != cert.issuer:
             continue
         try:
             cert.verify_directly_issued_by(authority.certificate)
-        except (ValueError, TypeError, Exception):  # noqa: S112 - try the next authority
-            continue
+        except (InvalidSignature, ValueError, TypeError):
+            continue  # try the next authority
         return authority
     return None
 
