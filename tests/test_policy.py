@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from certpulse.ca.model import Authority, Caller, EnrollmentRequest, Evidence, KnownCertificate
-from certpulse.ca.policy import Decision, Gathered, decide
+from certpulse.ca.policy import Decision, Gathered, decide, validity
 from certpulse.ca.templates import EKU_NAMES, Template, parse_template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import key_archival
@@ -1028,6 +1028,17 @@ def test_validity_shorter_than_the_issuer_is_not_clamped() -> None:
     state = gathered(machine_template(), authorities=[root_authority(), ending])
     decision = decide(MACHINE, request("machine", make_csr()), state, NOW)
     assert decision.not_after == NOW + 365 * DAY - SECOND
+
+
+def test_one_validity_rule_for_decisions_and_approvals() -> None:
+    """``validity`` is the rule ``decide`` applies, and approval issues with it too."""
+    template = machine_template()
+    for ending in (issuer(3, "ending", not_after=NOW + 10 * DAY), issuer(4, "lasting", not_after=NOW + 400 * DAY)):
+        decision = decide(MACHINE, request("machine", make_csr()),
+                          gathered(template, authorities=[root_authority(), ending]), NOW)
+        assert validity(template, ending, NOW) == (decision.not_before, decision.not_after)
+    assert validity(template, issuer(3, "ending", not_after=NOW + 10 * DAY), NOW) == (NOW, NOW + 10 * DAY)
+    assert validity(template, issuer(4, "lasting", not_after=NOW + 400 * DAY), NOW) == (NOW, NOW + 365 * DAY - SECOND)
 
 
 # ================================================================================================

@@ -43,7 +43,7 @@ from certpulse.ca.storage import schema as t
 from certpulse.ca.templates import Template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
-from certpulse.pki.build import end_entity_builder, inclusive_not_after, random_serial, signature_hash
+from certpulse.pki.build import end_entity_builder, random_serial, signature_hash
 from certpulse.pki.certs import der, load_csr, parse_serial, pem, serial_hex, thumbprint
 from certpulse.pki.key_archival import dumps as envelope_json
 from certpulse.pki.keys import PublicKey
@@ -605,12 +605,11 @@ class CAService:
                 csr = x509.load_der_x509_csr(row.csr_der)
                 public_key: PublicKey = csr.public_key()  # type: ignore[assignment]
                 names = names_from_json(row.names)
+                not_before, not_after = request_policy.validity(template, issuer, now)
                 decision = request_policy.Decision(
                     template=template, kind=row.kind, subject=x509.Name.from_rfc4514_string(row.subject),
                     names=names, public_key=public_key, csr_der=row.csr_der,
-                    issuer=issuer, not_before=now,
-                    not_after=min(inclusive_not_after(now, template.validity),
-                                  issuer.certificate.not_valid_after_utc),
+                    issuer=issuer, not_before=not_before, not_after=not_after,
                     pending=True, renewal_of=None, archived_key=None,
                 )
                 self._audit(conn, now, caller.actor, "approved", template=template.name,
