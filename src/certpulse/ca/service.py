@@ -39,6 +39,7 @@ from certpulse.ca.model import (
     new_secret,
 )
 from certpulse.ca.state import GENERATION, KeyRing, Snapshot, load_snapshot, read_generation
+from certpulse.ca.stats import CAStats, current_stats
 from certpulse.ca.storage import schema as t
 from certpulse.ca.templates import Template
 from certpulse.errors import Reason, Refusal
@@ -141,6 +142,10 @@ class CAService:
                 current = load_snapshot(conn)
                 self._snapshot = current
         return current
+
+    def stats(self, now: dt.datetime) -> CAStats:
+        """The counts an operator watches (what ``/metrics`` exposes), read now."""
+        return current_stats(self.engine, now)
 
     # -- audit --------------------------------------------------------------------------
 
