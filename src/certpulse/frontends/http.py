@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal, assert_never
 from cryptography import x509
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,7 +41,6 @@ from certpulse import __version__, clock
 from certpulse.ca import results
 from certpulse.ca.config import CADir, resolve_ca_dir
 from certpulse.ca.model import ANONYMOUS, Caller, EnrollmentRequest, Evidence
-from certpulse.ca.revocation import REVOCATION_REASONS
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service
 from certpulse.errors import Reason, Refusal
@@ -49,6 +48,15 @@ from certpulse.frontends import documents
 from certpulse.frontends.limits import BodyLimit
 from certpulse.frontends.metrics import METRICS_RESPONSES, metrics_endpoint, observe_submission
 from certpulse.frontends.problems import problem
+from certpulse.frontends.schema import (
+    Credential,
+    DenyBody,
+    EnrollmentBody,
+    RequestResult,
+    RevokeBody,
+    SignedEvidence,
+    TokenExchange,
+)
 from certpulse.frontends.shedding import shed_load
 from certpulse.frontends.threads import limit_threads
 from certpulse.pki.certs import load_certificate
@@ -66,74 +74,6 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "Body over the size limit"),
     )
 }
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TokenExchange(_Body):
-    token: str = Field(max_length=200, description="The one-time enrollment token from 'principal add'")
-
-
-class Credential(BaseModel):
-    principal: str
-    kind: str
-    credential: str = Field(description="Bearer credential for every later call; shown once")
-
-
-class SignedEvidence(_Body):
-    certificate: str = Field(max_length=16_000, description="PEM certificate whose key signed the CSR")
-    signature: str = Field(max_length=4_000, description="base64 signature over the CSR's DER")
-
-
-class ArchivedKey(_Body):
-    kra: str = Field(max_length=64)
-    wrapped_key: str = Field(max_length=4_000)
-    nonce: str = Field(max_length=64)
-    ciphertext: str = Field(max_length=20_000)
-
-
-class EnrollmentBody(_Body):
-    template: str = Field(max_length=64)
-    csr: str = Field(max_length=40_000, description="PKCS#10 request: PEM, or base64 DER")
-    issuer: str | None = Field(default=None, max_length=64, description="Issuer chosen by the client (by cost)")
-    renewal: SignedEvidence | None = Field(
-        default=None,
-        description="Present for a renewal: the old certificate and its key's signature over the new CSR",
-    )
-    ra_signatures: list[SignedEvidence] = Field(default_factory=list, max_length=5)
-    archived_key: ArchivedKey | None = None
-
-
-class RequestResult(BaseModel):
-    id: int
-    status: Literal["pending", "issued", "denied", "failed"]
-    template: str | None = None
-    kind: str | None = None
-    requester: str | None = None
-    subject: str | None = None
-    names: list[str] | None = None
-    created_at: str | None = None
-    decided_at: str | None = None
-    decided_by: str | None = None
-    reason: str | None = None
-    serial: str | None = None
-    thumbprint: str | None = None
-    certificate: str | None = None
-    chain: list[str] | None = None
-    replayed: bool | None = Field(
-        default=None, description="True when an earlier request with the same Idempotency-Key answered"
-    )
-
-
-class DenyBody(_Body):
-    reason: str = Field(min_length=1, max_length=1000)
-
-
-class RevokeBody(_Body):
-    reason: str = Field(default="unspecified", description=f"One of: {', '.join(REVOCATION_REASONS)}")
-    issuer: str | None = Field(default=None, max_length=64)
 
 
 def _decode_bytes(text: str, what: str) -> bytes:
