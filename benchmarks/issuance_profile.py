@@ -51,14 +51,15 @@ KINDS = (
 # Steps of an issuance (inclusive: everything under the frame)
 STEPS = (
     ("whole handler (FastAPI route or the direct one)", ("create_app.<locals>.submit", "SubmitRoute.")),
-    ("  authentication", ("CAService.authenticate",)),
-    ("  policy decision before the transaction", ("CAService._decide_ahead",)),
+    ("  authentication", ("Authentication.authenticate",)),
+    ("  policy decision and certificate assembly before the transaction",
+     ("RegistrationAuthority._decide_ahead",)),
     ("  write transaction (lock wait included)", ("write (certpulse/sql/db.py)",)),
-    ("    confirming caller and state", ("CAService._current_caller", "read_generation")),
-    ("    request row", ("CAService._insert_request",)),
-    ("    serial reservation", ("CAService._reserve_serial",)),
-    ("    building and signing the certificate", ("end_entity_builder", "CertificateBuilder.sign")),
-    ("    audit row", ("CAService._audit",)),
+    ("    confirming caller and state", ("Authentication.confirm", "read_generation")),
+    ("    request row", ("RegistrationAuthority._insert_request",)),
+    ("    serial reservation", ("CertificateAuthority._reserve_serial",)),
+    ("    signing the certificate", ("CertificateBuilder.sign",)),
+    ("    audit row", ("AuditTrail.record",)),
     ("  latency histogram", ("observe_submission",)),
 )
 

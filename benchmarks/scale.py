@@ -19,7 +19,7 @@ Four measurements, each repeated (min / median / max):
 * ``ca-sqlite`` / ``ca-postgres``: a CA made with ``init_ca`` whose database is filled in bulk
   (executemany / COPY, not through the API) with R issued certificates, their requests and
   audit rows (default 1,000,000). The CA's own listing and lookup operations are then run
-  through ``CAService`` (request list, audit log, status, revocation, policy directory,
+  through the CA core's roles (request list, audit log, status, revocation, policy directory,
   metrics counts ...); every SQL statement they send is captured and shown with its query
   plan (``EXPLAIN QUERY PLAN`` / ``EXPLAIN``), flagged when it reads a whole table.
   PostgreSQL uses a schema of its own in the local ``test`` database, dropped afterwards.
@@ -833,18 +833,19 @@ def bench_ca(report: Report, backend: str, rows: int, runs: int, work: Path, htt
                 read_stats(conn, NOW)
 
         operations: list[tuple[str, Callable[[], object]]] = [
-            ("GET /v1/requests (list: the first 500 by id)", lambda: service.list_requests(operator, NOW)),
-            ("GET /v1/requests?status=pending", lambda: service.list_requests(operator, NOW, "pending")),
-            ("GET /v1/requests?status=issued", lambda: service.list_requests(operator, NOW, "issued")),
-            ("GET /v1/requests?status=denied", lambda: service.list_requests(operator, NOW, "denied")),
-            ("GET /v1/requests/{id}", lambda: service.get_request(operator, request_id)),
-            ("GET /v1/audit (newest 100)", lambda: service.audit_log(operator, NOW)),
-            ("GET /v1/audit?request_id=", lambda: service.audit_log(operator, NOW, request_id=request_id)),
-            ("GET /v1/certificates/{serial} (status)", lambda: service.status(rng.choice(serials), NOW)),
-            ("certpulse status SERIAL --issuer", lambda: service.status(rng.choice(serials), NOW, "issuing-1")),
-            ("POST /v1/certificates/{serial}/revoke", lambda: service.revoke(operator, next(revocable),
-                                                                             "superseded", NOW)),
-            ("GET /v1/policy (the caller's directory)", lambda: service.policy(busy_caller, NOW)),
+            ("GET /v1/requests (list: the first 500 by id)", lambda: service.requests.list(operator, NOW)),
+            ("GET /v1/requests?status=pending", lambda: service.requests.list(operator, NOW, "pending")),
+            ("GET /v1/requests?status=issued", lambda: service.requests.list(operator, NOW, "issued")),
+            ("GET /v1/requests?status=denied", lambda: service.requests.list(operator, NOW, "denied")),
+            ("GET /v1/requests/{id}", lambda: service.requests.get(operator, request_id)),
+            ("GET /v1/audit (newest 100)", lambda: service.audit.read(operator, NOW)),
+            ("GET /v1/audit?request_id=", lambda: service.audit.read(operator, NOW, request_id=request_id)),
+            ("GET /v1/certificates/{serial} (status)", lambda: service.revocation.status(rng.choice(serials), NOW)),
+            ("certpulse status SERIAL --issuer",
+             lambda: service.revocation.status(rng.choice(serials), NOW, "issuing-1")),
+            ("POST /v1/certificates/{serial}/revoke",
+             lambda: service.revocation.revoke(operator, next(revocable), "superseded", NOW)),
+            ("GET /v1/policy (the caller's directory)", lambda: service.policy.document(busy_caller, NOW)),
             ("GET /metrics (read_stats: counts, valid, pending)", stats),
         ]
         for name, operation in operations:

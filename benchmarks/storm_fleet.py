@@ -60,7 +60,7 @@ def register_principals(service: CAService, count: int, now: dt.datetime,
     for index in range(count):
         name = f"{prefix}-{index:0{width}d}.example.internal"
         token = admin.add_principal(name, "machine", now)["token"]
-        made.append((name, service.exchange_token(token, now)["credential"]))
+        made.append((name, service.auth.exchange_token(token, now).credential))
     return made
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from certpulse.ca.config import CADir
 from certpulse.ca.model import Caller, EnrollmentRequest, Evidence
+from certpulse.ca.results import Issued
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service
 from certpulse.errors import Reason, Refusal
@@ -47,16 +48,28 @@ def principal(ca: CA, server: str, *extra: str) -> tuple[str, str]:
 
 def between(service: CAService, change: Callable[[], None]) -> None:
     """Run ``change`` after the next submission's decision and before its write transaction."""
-    decide = service._decide_ahead
+    ra = service.requests
+    decide = ra._decide_ahead
 
     def decide_then_change(*args: Any) -> Any:
         ahead = decide(*args)
         assert ahead is not None, "the decision ahead refused; the test would prove nothing"
-        service._decide_ahead = decide  # type: ignore[method-assign]
+        ra._decide_ahead = decide  # type: ignore[method-assign]
         change()
         return ahead
 
-    service._decide_ahead = decide_then_change  # type: ignore[method-assign]
+    ra._decide_ahead = decide_then_change  # type: ignore[method-assign]
+
+
+def authenticate(service: CAService, credential: str) -> Caller:
+    """The caller as a submission authenticates it: remembered by this process."""
+    return service.auth.authenticate(credential, now(), remembered=True)
+
+
+def issued(service: CAService, caller: Caller, req: EnrollmentRequest) -> Issued:
+    result = service.requests.submit(caller, req, now())
+    assert isinstance(result, Issued), result
+    return result
 
 
 def new_request(template: str = "machine", **csr: Any) -> EnrollmentRequest:
@@ -69,41 +82,41 @@ def now() -> dt.datetime:
 
 def test_a_credential_replaced_after_the_decision_is_refused(ca: CA, server: str, service: CAService) -> None:
     name, credential = principal(ca, server)
-    caller = service.authenticate(credential, remembered=True)
-    assert service.submit(caller, new_request(), now())["status"] == "issued"
+    caller = authenticate(service, credential)
+    issued(service, caller, new_request())
     token = json.loads(ca.cli("principal", "token", name, "--json").stdout)["token"]
-    between(service, lambda: service.exchange_token(token, now()))
+    between(service, lambda: service.auth.exchange_token(token, now()))
     with pytest.raises(Refusal) as refused:
-        service.submit(service.authenticate(credential, remembered=True), new_request(), now())
+        service.requests.submit(authenticate(service, credential), new_request(), now())
     assert refused.value.reason is Reason.UNAUTHENTICATED
     with pytest.raises(Refusal):  # and it is forgotten
-        service.authenticate(credential, remembered=True)
+        authenticate(service, credential)
 
 
 def test_a_group_left_after_the_decision_is_seen(ca: CA, server: str, service: CAService) -> None:
     name, credential = principal(ca, server, "--group", "webservers")
-    caller = service.authenticate(credential, remembered=True)
+    caller = authenticate(service, credential)
     web = {"template": "webserver", "dns": ["www.example.internal"]}
-    assert service.submit(caller, new_request(**web), now())["status"] == "issued"
+    issued(service, caller, new_request(**web))
     between(service, lambda: ca.cli("principal", "groups", name, "--remove", "webservers"))
     with pytest.raises(Refusal) as refused:
-        service.submit(service.authenticate(credential, remembered=True), new_request(**web), now())
+        service.requests.submit(authenticate(service, credential), new_request(**web), now())
     assert refused.value.reason is Reason.TEMPLATE_NOT_PERMITTED
 
 
 def test_a_certificate_revoked_after_the_decision_is_not_renewed(ca: CA, server: str, service: CAService) -> None:
     _, credential = principal(ca, server)
-    caller = service.authenticate(credential, remembered=True)
+    caller = authenticate(service, credential)
     old_key, old_csr = make_csr()
-    old = service.submit(caller, EnrollmentRequest(template="machine", csr=old_csr.encode()), now())
+    old = issued(service, caller, EnrollmentRequest(template="machine", csr=old_csr.encode()))
     _, new_csr = make_csr()
-    evidence = renewal_evidence(old_key, old["certificate"], new_csr)
+    evidence = renewal_evidence(old_key, old.certificate, new_csr)
     renewal = EnrollmentRequest(
         template="machine", csr=new_csr.encode(),
         renewal=Evidence(load_cert(evidence["certificate"]), base64.b64decode(evidence["signature"])))
-    between(service, lambda: service.revoke(OPERATOR, old["serial"], "keyCompromise", now()))
+    between(service, lambda: service.revocation.revoke(OPERATOR, old.serial, "keyCompromise", now()))
     with pytest.raises(Refusal) as refused:
-        service.submit(caller, renewal, now())
+        service.requests.submit(caller, renewal, now())
     assert refused.value.reason is Reason.RENEWAL_OF_REVOKED
     assert csr_der(new_csr)  # the CSR itself was fine
 
@@ -116,12 +129,12 @@ def test_a_template_edited_after_the_decision_issues_its_new_version(
     (tmp_path / "t.toml").write_text(text)
     ca.cli("template", "add", str(tmp_path / "t.toml"))
     _, credential = principal(ca, server)
-    caller = service.authenticate(credential, remembered=True)
-    first = service.submit(caller, new_request(name), now())
-    assert template_info.decode(load_cert(first["certificate"])) is not None
+    caller = authenticate(service, credential)
+    first = issued(service, caller, new_request(name))
+    assert template_info.decode(load_cert(first.certificate)) is not None
     (tmp_path / "t.toml").write_text(text.replace('validity = "365d"', 'validity = "200d"'))
     between(service, lambda: ca.cli("template", "edit", name, str(tmp_path / "t.toml")))
-    second = load_cert(service.submit(caller, new_request(name), now())["certificate"])
+    second = load_cert(issued(service, caller, new_request(name)).certificate)
     info = template_info.decode(second)
     assert info is not None and (info.major, info.minor) == (1, 1)
     assert second.not_valid_after_utc - second.not_valid_before_utc == dt.timedelta(days=200, seconds=-1)

@@ -1,6 +1,6 @@
-"""The issuance path's DirectStatements (store/db.py) send the driver exactly what SQLAlchemy
-would send for the same statement and values, on SQLite and PostgreSQL, and a driver error
-leaves them as SQLAlchemy's own exception."""
+"""The issuance path's DirectStatements (ca/storage/statements.py, run by sql/db.py) send the
+driver exactly what SQLAlchemy would send for the same statement and values, on SQLite and
+PostgreSQL, and a driver error leaves them as SQLAlchemy's own exception."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from certpulse.ca.config import CADir
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service
+from certpulse.ca.storage.statements import Statements
 from support import CA
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
@@ -62,7 +63,7 @@ def sent(conn: Connection, run: Any) -> tuple[str, Any]:
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_a_direct_statement_sends_what_sqlalchemy_sends(service: CAService, name: str) -> None:
-    direct = getattr(service._sql, name)
+    direct = getattr(Statements(service.engine.dialect), name)
     with service.engine.connect() as conn, conn.begin():
         statement, parameters = sent(conn, lambda: conn.execute(direct._compiled.statement, SAMPLES[name]))
         conn.rollback()
@@ -85,4 +86,4 @@ def test_a_driver_error_is_sqlalchemys_exception(service: CAService) -> None:
               "subject": "CN=x", "names": "{}", "not_before": NOW, "not_after": NOW, "status": "reserved",
               "created_at": NOW}
     with pytest.raises(IntegrityError), service.engine.connect() as conn, conn.begin():  # no such authority
-        service._sql.reserve.run(conn, values)
+        Statements(service.engine.dialect).reserve.run(conn, values)

@@ -200,8 +200,8 @@ def principals(ca: CA, count: int) -> list[str]:
     admin = CAAdmin(service, Caller(kind="operator", name="test"))
     now = clock.now()
     try:
-        return [service.exchange_token(admin.add_principal(f"storm-{uuid.uuid4().hex[:8]}.example.internal",
-                                                           "machine", now)["token"], now)["credential"]
+        return [service.auth.exchange_token(admin.add_principal(f"storm-{uuid.uuid4().hex[:8]}.example.internal",
+                                                           "machine", now)["token"], now).credential
                 for _ in range(count)]
     finally:
         service.engine.dispose()

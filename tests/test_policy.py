@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from certpulse.ca.model import Authority, Caller, EnrollmentRequest, Evidence, KnownCertificate
-from certpulse.ca.policy import Decision, Gathered, decide
+from certpulse.ca.policy import Decision, Gathered, decide, validity
 from certpulse.ca.templates import EKU_NAMES, Template, parse_template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import key_archival
@@ -688,6 +688,30 @@ def test_renewal_of_a_certificate_from_a_foreign_ca_with_the_same_issuer_name() 
                    gathered(webserver_template(), known=known_map(old)))
 
 
+class _FaultyVerification:
+    """A real certificate whose issuer check fails with a programming error, not a verdict."""
+
+    def __init__(self, cert: x509.Certificate) -> None:
+        self._cert = cert
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cert, name)
+
+    def verify_directly_issued_by(self, issuer: x509.Certificate) -> None:
+        raise RuntimeError("a fault inside signature verification")
+
+
+def test_a_fault_in_signature_verification_is_not_a_verdict() -> None:
+    """Only what verification raises for another issuer's certificate means "not issued by us";
+    a fault must not be swallowed as a refusal (nor cached as one)."""
+    old = issue()
+    csr = make_csr()
+    faulty = Evidence(_FaultyVerification(old.cert), sign_bytes(old.key, csr))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="a fault inside signature verification"):
+        decide(MACHINE, request("webserver", csr, renewal=faulty),
+               gathered(webserver_template(), known=known_map(old)), NOW)
+
+
 def test_renewal_across_templates_needs_supersedes() -> None:
     old = issue(template_name="legacy")
     csr = make_csr()
@@ -1005,6 +1029,17 @@ def test_validity_shorter_than_the_issuer_is_not_clamped() -> None:
     state = gathered(machine_template(), authorities=[root_authority(), ending])
     decision = decide(MACHINE, request("machine", make_csr()), state, NOW)
     assert decision.not_after == NOW + 365 * DAY - SECOND
+
+
+def test_one_validity_rule_for_decisions_and_approvals() -> None:
+    """``validity`` is the rule ``decide`` applies, and approval issues with it too."""
+    template = machine_template()
+    for ending in (issuer(3, "ending", not_after=NOW + 10 * DAY), issuer(4, "lasting", not_after=NOW + 400 * DAY)):
+        decision = decide(MACHINE, request("machine", make_csr()),
+                          gathered(template, authorities=[root_authority(), ending]), NOW)
+        assert validity(template, ending, NOW) == (decision.not_before, decision.not_after)
+    assert validity(template, issuer(3, "ending", not_after=NOW + 10 * DAY), NOW) == (NOW, NOW + 10 * DAY)
+    assert validity(template, issuer(4, "lasting", not_after=NOW + 400 * DAY), NOW) == (NOW, NOW + 365 * DAY - SECOND)
 
 
 # ================================================================================================

@@ -363,7 +363,7 @@ OPERATOR = Caller(kind="operator", name="test")
 
 def test_listing_requests_by_status_reads_them_in_id_order_from_an_index(service: CAService) -> None:
     for status in ("pending", "issued"):
-        [(_, plan)] = plans_of(service.engine, lambda s=status: service.list_requests(OPERATOR, NOW, s))
+        [(_, plan)] = plans_of(service.engine, lambda s=status: service.requests.list(OPERATOR, NOW, s))
         assert "ix_requests_status_id" in plan, plan
         assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan  # no sort of every matching row
 
@@ -390,11 +390,11 @@ def test_lookups_and_listings_read_no_whole_table(service: CAService) -> None:
     """Every other statement of the request, audit and status operations uses a key or an
     index (or walks the primary key and stops at its LIMIT)."""
     operations: list[Callable[[], object]] = [
-        lambda: service.list_requests(OPERATOR, NOW),
-        lambda: service.audit_log(OPERATOR, NOW),
-        lambda: service.audit_log(OPERATOR, NOW, request_id=7),
-        lambda: refused(service.status, "1f", NOW),
-        lambda: refused(service.get_request, OPERATOR, 7),
+        lambda: service.requests.list(OPERATOR, NOW),
+        lambda: service.audit.read(OPERATOR, NOW),
+        lambda: service.audit.read(OPERATOR, NOW, request_id=7),
+        lambda: refused(service.revocation.status, "1f", NOW),
+        lambda: refused(service.requests.get, OPERATOR, 7),
     ]
     for operation in operations:
         for statement, plan in plans_of(service.engine, operation):
@@ -409,7 +409,7 @@ def test_sqlite_lookups_by_serial_and_principal_keep_their_selective_indexes(sql
     also say status = 'issued', and read every issued certificate. None of 0003's does."""
     service = CAService(sqlite_engine, KeyRing(tmp_path), policy_id="p", token_lifetime=dt.timedelta(hours=1))
     machine = Caller(kind="principal", name="host", principal_id=1, principal_kind="machine")
-    [(_, plan)] = plans_of(sqlite_engine, lambda: refused(service.status, "1f", NOW))
+    [(_, plan)] = plans_of(sqlite_engine, lambda: refused(service.revocation.status, "1f", NOW))
     assert "ix_certificates_serial" in plan, plan
-    plans = plans_of(sqlite_engine, lambda: service.policy(machine, NOW))
+    plans = plans_of(sqlite_engine, lambda: service.policy.document(machine, NOW))
     assert any("ix_certificates_principal_id_template_name" in plan for _, plan in plans), plans

@@ -12,6 +12,7 @@ import threading
 import time
 
 import anyio
+import anyio.to_thread
 import httpx
 import pytest
 from starlette.concurrency import run_in_threadpool
@@ -26,33 +27,65 @@ def threads_ca(tmp_path_factory: pytest.TempPathFactory) -> CA:
     return init_ca(directory, f"sqlite:///{directory.parent / 'ca.db'}")
 
 
+# How long anything here may take on a loaded machine before the test calls it a failure. It
+# bounds waits for a condition, never a window that a slow thread must hit.
+SETTLE_SECONDS = 60.0
+
+
 def _most_at_once(threads: int, calls: int) -> int:
-    """Run ``calls`` blocking calls at once through an app behind ThreadLimit(threads); how many
-    of them were running together at most."""
+    """Start ``calls`` blocking calls at once through an app behind ThreadLimit(threads); how many
+    of them were running together at most.
+
+    Every call that gets a thread is held there until the worker has settled: each call is
+    either running in a thread or queued for one on the event loop. Only then are they let go.
+    So the count does not depend on how fast threads start: with a limit that works, exactly
+    ``threads`` hold while the rest queue; with one that does not, every call gets a thread and
+    the count shows it.
+    """
     running = 0
     most = 0
     lock = threading.Lock()
+    release = threading.Event()
 
     def blocking() -> None:
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
-        time.sleep(0.05)
-        with lock:
-            running -= 1
+        try:
+            assert release.wait(SETTLE_SECONDS), "the calls were never let go"
+        finally:
+            with lock:
+                running -= 1
 
     async def app(scope: object, receive: object, send: object) -> None:
         await run_in_threadpool(blocking)
 
     limited = ThreadLimit(app, threads)  # type: ignore[arg-type]
 
+    async def settle() -> None:
+        """Let the calls go once each of them runs in a thread or waits for one."""
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            with lock:
+                held = running
+            if held + limiter.statistics().tasks_waiting == calls:
+                break
+            assert time.monotonic() < deadline, f"{held} running, {limiter.statistics()}: never settled"
+            await anyio.sleep(0.01)
+        release.set()
+
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(calls):
                 tg.start_soon(limited, {"type": "http"}, None, None)
+            tg.start_soon(settle)
 
-    anyio.run(main)
+    try:
+        anyio.run(main)
+    finally:
+        release.set()  # never leave a pool thread waiting after a failure
     return most
 
 
@@ -60,6 +93,16 @@ def test_at_most_the_limit_of_blocking_handlers_run_at_once() -> None:
     assert _most_at_once(3, 12) == 3
     assert _most_at_once(1, 4) == 1
     assert _most_at_once(40, 12) == 12  # a larger limit really lets more run
+
+
+def test_the_count_would_see_a_broken_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measure above can fail: with the limit left at anyio's default (40 threads), twelve
+    calls all run at once although three were asked for."""
+    async def unlimited(self: ThreadLimit, scope: object, receive: object, send: object) -> None:
+        await self.app(scope, receive, send)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ThreadLimit, "__call__", unlimited)
+    assert _most_at_once(3, 12) == 12
 
 
 def test_the_limit_comes_from_the_command_line_or_the_environment(monkeypatch: pytest.MonkeyPatch,

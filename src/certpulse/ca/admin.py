@@ -41,7 +41,7 @@ class CAAdmin:
         self.caller = caller
 
     def _audit(self, conn: Connection, now: dt.datetime, action: str, **fields: Any) -> None:
-        self.service._audit(conn, now, self.caller.actor, action, **fields)
+        self.service.audit.record(conn, now, self.caller.actor, action, **fields)
 
     # -- templates ----------------------------------------------------------------------
 
@@ -120,11 +120,11 @@ class CAAdmin:
 
     def templates(self) -> list[Template]:
         with read(self.engine) as conn:
-            return sorted(self.service.snapshot(conn).templates.values(), key=lambda x: x.name)
+            return sorted(self.service.state.get(conn).templates.values(), key=lambda x: x.name)
 
     def template(self, name: str) -> Template:
         with read(self.engine) as conn:
-            template = self.service.snapshot(conn).templates.get(name)
+            template = self.service.state.get(conn).templates.get(name)
         if template is None:
             raise Refusal(Reason.UNKNOWN_TEMPLATE, f"no template named {name!r}")
         return template
@@ -210,7 +210,7 @@ class CAAdmin:
 
     def issuers(self) -> list[dict[str, Any]]:
         with read(self.engine) as conn:
-            snap = self.service.snapshot(conn)
+            snap = self.service.state.get(conn)
         return [
             {"name": a.name, "role": a.role, "cost": a.cost, "renewal_only": a.renewal_only,
              "enabled": a.enabled, "templates": sorted(a.templates), "subject": a.certificate.subject.rfc4514_string(),

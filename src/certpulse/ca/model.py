@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 
+from certpulse.errors import Reason, Refusal
 from certpulse.pki.keys import PrivateKey
 
 CallerKind = Literal["principal", "admin", "operator", "anonymous"]
@@ -44,6 +45,12 @@ class Caller:
 
 
 ANONYMOUS = Caller(kind="anonymous", name="-")
+
+
+def require_manager(caller: Caller) -> None:
+    """Refuse a caller that is not a CA manager (approval, denial, revocation, listings, audit)."""
+    if not caller.is_manager:
+        raise Refusal(Reason.FORBIDDEN, f"{caller.actor} is not a CA manager")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import datetime as dt
 from collections.abc import Mapping
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -99,8 +100,7 @@ def decide(caller: Caller, req: EnrollmentRequest, state: Gathered, now: dt.date
     public_key = check_public_key(csr.public_key(), template.key_types)
     subject, names = _check_names(caller, template, csr, req.renewal if renewal_of else None)
     issuer = _choose_issuer(req, template, state, renewal=renewal_of is not None, now=now)
-    not_before = now
-    not_after = min(inclusive_not_after(now, template.validity), issuer.certificate.not_valid_after_utc)
+    not_before, not_after = validity(template, issuer, now)
     return Decision(
         template=template,
         kind="renewal" if renewal_of else "new",
@@ -115,6 +115,13 @@ def decide(caller: Caller, req: EnrollmentRequest, state: Gathered, now: dt.date
         renewal_of=renewal_of,
         archived_key=archived,
     )
+
+
+def validity(template: Template, issuer: Authority, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The validity window of a certificate issued at ``now``: from ``now``, for the template's
+    validity (notAfter inclusive), never past the issuer's own notAfter. Issuance at approval
+    uses it too, so that a certificate's lifetime has one rule however it was decided."""
+    return now, min(inclusive_not_after(now, template.validity), issuer.certificate.not_valid_after_utc)
 
 
 def _check_template(caller: Caller, req: EnrollmentRequest, state: Gathered) -> Template:
@@ -158,13 +165,16 @@ def _check_csr(data: bytes) -> x509.CertificateSigningRequest:
 
 
 def _issued_by_us(cert: x509.Certificate, state: Gathered) -> Authority | None:
+    """The issuing CA whose key signed ``cert``, if one of ours did. Only what verification raises
+    for a certificate some other key signed means "not this one": a bad signature, or a key or
+    algorithm that does not fit (ValueError, TypeError). Anything else is a fault, not a verdict."""
     for authority in state.authorities:
         if authority.role != "issuer" or authority.certificate.subject != cert.issuer:
             continue
         try:
             cert.verify_directly_issued_by(authority.certificate)
-        except (ValueError, TypeError, Exception):  # noqa: S112 - try the next authority
-            continue
+        except (InvalidSignature, ValueError, TypeError):
+            continue  # try the next authority
         return authority
     return None
 

@@ -131,8 +131,8 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
         for template in templates:
             conn.execute(t.issuer_templates.insert().values(authority_id=authority_id, template_name=template))
         bump_generation(conn)
-        service._audit(conn, now, "operator:cli", "issuer-added",
-                       detail=f"{name}; cost {cost}; renewal-only {renewal_only}; thumbprint {thumbprint(cert)}")
+        service.audit.record(conn, now, "operator:cli", "issuer-added",
+                             detail=f"{name}; cost {cost}; renewal-only {renewal_only}; thumbprint {thumbprint(cert)}")
 
 
 def ensure_tls_certificate(ca_dir: CADir, service: CAService, hosts: list[str], now: dt.datetime) -> tuple[Path, Path]:
@@ -144,7 +144,7 @@ def ensure_tls_certificate(ca_dir: CADir, service: CAService, hosts: list[str], 
             return cert_path, key_path
     _private_dir(ca_dir.tls)
     with write(service.engine) as conn:
-        snap = service.snapshot(conn)
+        snap = service.state.get(conn)
     issuers = sorted((a for a in snap.by_role("issuer") if a.enabled and a.valid_at(now)), key=lambda a: a.cost)
     if not issuers:
         raise Refusal(Reason.NO_ISSUER, "no valid issuing CA to issue the server certificate")
@@ -172,8 +172,8 @@ def ensure_tls_certificate(ca_dir: CADir, service: CAService, hosts: list[str], 
             authority_id=issuer.id, serial=serial_hex(serial), template_name="_api-server",
             subject=cert.subject.rfc4514_string(), names='{"dns": []}', not_before=now, not_after=not_after,
             status="issued", der=der(cert), thumbprint=thumbprint(cert), created_at=now))
-        service._audit(conn, now, "operator:serve", "issued", template="_api-server",
-                       serial=serial_hex(serial), names=hosts, detail="API server TLS certificate")
+        service.audit.record(conn, now, "operator:serve", "issued", template="_api-server",
+                             serial=serial_hex(serial), names=hosts, detail="API server TLS certificate")
     write_private_key(key_path, key)
     chain = pem(cert) + pem(issuer.certificate)
     cert_path.write_text(chain)

@@ -20,6 +20,7 @@ from certpulse.ca.model import Authority, Signer
 from certpulse.ca.storage import schema as t
 from certpulse.ca.templates import Template, parse_template
 from certpulse.errors import Reason, Refusal
+from certpulse.pki.certs import pem
 from certpulse.pki.keys import PrivateKey, load_private_key_pem
 
 GENERATION = "generation"
@@ -30,12 +31,29 @@ class Snapshot:
     generation: int
     authorities: tuple[Authority, ...]
     templates: dict[str, Template]
+    # PEM chains by issuer id, made on first use: every issuance answers with its issuer's chain
+    _chains: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def authority(self, authority_id: int) -> Authority:
         for authority in self.authorities:
             if authority.id == authority_id:
                 return authority
         raise Refusal(Reason.STORE, f"authority {authority_id} is missing")
+
+    def chain(self, issuer_id: int) -> tuple[str, ...]:
+        """The issuer's certificate and its parents up to the root, as PEM. Kept with the
+        snapshot, so that an administrative change (a new generation) never serves a stale one."""
+        chain = self._chains.get(issuer_id)
+        if chain is None:
+            links: list[str] = []
+            authority = self.authority(issuer_id)
+            while True:
+                links.append(pem(authority.certificate))
+                if authority.parent_id is None:
+                    break
+                authority = self.authority(authority.parent_id)
+            chain = self._chains[issuer_id] = tuple(links)
+        return chain
 
     def by_role(self, role: str) -> list[Authority]:
         return [a for a in self.authorities if a.role == role]
@@ -90,6 +108,38 @@ def load_snapshot(conn: Connection) -> Snapshot:
         for row in conn.execute(select(t.templates))
     }
     return Snapshot(generation, authorities, templates)
+
+
+class SnapshotCache:
+    """This process's snapshot, reloaded when an administrative change moved the generation."""
+
+    def __init__(self) -> None:
+        self._current: Snapshot | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Snapshot | None:
+        """The snapshot last loaded, unchecked: for work done before a transaction that then
+        confirms the generation it rested on."""
+        return self._current
+
+    def get(self, conn: Connection) -> Snapshot:
+        """The snapshot as of ``conn``'s transaction (one read of the generation when it is current)."""
+        generation = read_generation(conn)
+        current = self._current
+        if current is None or current.generation != generation:
+            with self._lock:
+                current = load_snapshot(conn)
+                self._current = current
+        return current
+
+    def at(self, conn: Connection, generation: int) -> Snapshot:
+        """The snapshot of ``generation``, which ``conn``'s transaction has already read: the
+        cached one without another query when it is that generation."""
+        current = self._current
+        if current is not None and current.generation == generation:
+            return current
+        return self.get(conn)
 
 
 class KeyRing:

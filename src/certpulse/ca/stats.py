@@ -5,7 +5,8 @@ every worker process of ``ca serve`` shares and that survives restarts, so the n
 right however many processes answer and however often they restart -- and counting costs
 nothing on the paths that issue certificates. The price is paid when someone asks (a
 metrics scrape): a handful of grouped queries, each one pass over its table. Nothing here
-knows about HTTP or any metrics format; :mod:`certpulse.frontends.metrics` renders the result.
+knows about HTTP or any metrics format; :mod:`certpulse.frontends.metrics` renders the result,
+and asks for it through :func:`current_stats` (front ends never read the database themselves).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import datetime as dt
 from collections import defaultdict
 
 from cryptography import x509
-from sqlalchemy import Connection, and_, case, func, select
+from sqlalchemy import Connection, Engine, and_, case, func, select
 
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason
+from certpulse.sql.db import read
 
 UNKNOWN_TEMPLATE = "(unknown)"
 """The template label of refusals that named no template this CA has. Template names are
@@ -55,6 +57,12 @@ class CAStats:
         if self.oldest_pending is None:
             return 0.0
         return max(0.0, (self.now - self.oldest_pending).total_seconds())
+
+
+def current_stats(engine: Engine, now: dt.datetime) -> CAStats:
+    """Every count, in a read transaction of its own."""
+    with read(engine) as conn:
+        return read_stats(conn, now)
 
 
 def read_stats(conn: Connection, now: dt.datetime) -> CAStats:

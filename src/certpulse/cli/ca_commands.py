@@ -16,7 +16,7 @@ import typer
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
-from certpulse.ca.service import REVOCATION_REASONS
+from certpulse.ca.revocation import REVOCATION_REASONS
 from certpulse.ca.setup import add_issuer, ensure_tls_certificate, init_ca
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
@@ -24,6 +24,7 @@ from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, servic
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
+from certpulse.frontends import documents
 from certpulse.pki.keys import KEY_SPECS
 from certpulse.sql.db import make_engine
 
@@ -333,33 +334,44 @@ def request_list(
     json_: JsonOption = False,
 ) -> None:
     """List requests."""
-    rows = service(dir_).list_requests(operator(), clock.now(), status)
+    listed = service(dir_).requests.list(operator(), clock.now(), status)
     if json_:
-        emit_json(rows)
+        emit_json([documents.request(r) for r in listed.requests])
         return
     table("Requests", ["id", "status", "template", "kind", "requester", "names", "created", "decided by"],
-          [(r["id"], r["status"], r["template"], r["kind"], r["requester"], ", ".join(r["names"]),
-            r["created_at"], r["decided_by"]) for r in rows])
+          [(r.request_id, r.status, r.template, r.kind, r.requester, ", ".join(r.names), r.created_at.isoformat(),
+            r.decided_by) for r in listed.requests])
 
 
 @request_app.command("show")
 def request_show(request_id: int, dir_: DirOption = None, json_: JsonOption = False) -> None:
     """Show one request (and its certificate once issued)."""
-    result = service(dir_).get_request(operator(), request_id)
+    result = service(dir_).requests.get(operator(), request_id)
     if json_:
-        emit_json(result)
+        emit_json(documents.request(result))
         return
-    for key in ("id", "status", "template", "kind", "requester", "subject", "names", "created_at",
-                "decided_at", "decided_by", "reason", "serial", "thumbprint"):
-        if result.get(key) is not None:
-            console.print(f"[bold]{key}[/bold]: {result[key]}")
+    issued = result.issued
+    _print_fields(
+        ("id", result.request_id), ("status", result.status), ("template", result.template), ("kind", result.kind),
+        ("requester", result.requester), ("subject", result.subject), ("names", list(result.names)),
+        ("created_at", result.created_at.isoformat()),
+        ("decided_at", result.decided_at.isoformat() if result.decided_at else None),
+        ("decided_by", result.decided_by), ("reason", result.reason),
+        ("serial", issued.serial if issued else None), ("thumbprint", issued.thumbprint if issued else None))
+
+
+def _print_fields(*fields: tuple[str, object]) -> None:
+    """One "name: value" line per field that has a value."""
+    for name, value in fields:
+        if value is not None:
+            console.print(f"[bold]{name}[/bold]: {value}")
 
 
 @request_app.command("approve")
 def request_approve(request_id: int, dir_: DirOption = None) -> None:
     """Approve a pending request: the certificate is issued now."""
-    result = service(dir_).approve(operator(), request_id, clock.now())
-    console.print(f"[green]request {request_id} approved[/green]: serial {result['serial']}")
+    result = service(dir_).requests.approve(operator(), request_id, clock.now())
+    console.print(f"[green]request {request_id} approved[/green]: serial {result.issued.serial}")
 
 
 @request_app.command("deny")
@@ -369,7 +381,7 @@ def request_deny(
     dir_: DirOption = None,
 ) -> None:
     """Deny a pending request."""
-    service(dir_).deny(operator(), request_id, reason, clock.now())
+    service(dir_).requests.deny(operator(), request_id, reason, clock.now())
     console.print(f"[yellow]request {request_id} denied[/yellow]")
 
 
@@ -380,32 +392,35 @@ def revoke(
     dir_: DirOption = None,
 ) -> None:
     """Revoke a certificate by serial number (hex)."""
-    result = service(dir_).revoke(operator(), serial, reason, clock.now(), issuer=issuer)
-    console.print(f"[yellow]certificate {result['serial']} revoked[/yellow] ({reason})")
+    result = service(dir_).revocation.revoke(operator(), serial, reason, clock.now(), issuer=issuer)
+    console.print(f"[yellow]certificate {result.serial} revoked[/yellow] ({result.reason})")
 
 
 def status(serial: str, dir_: DirOption = None, json_: JsonOption = False,
            issuer: Annotated[str | None, typer.Option("--issuer")] = None) -> None:
     """Show a certificate's status by serial number."""
-    result = service(dir_).status(serial, clock.now(), issuer=issuer)
+    result = service(dir_).revocation.status(serial, clock.now(), issuer=issuer)
     if json_:
-        emit_json(result)
+        emit_json(documents.certificate_status(result))
         return
-    for key, value in result.items():
-        if value is not None:
-            console.print(f"[bold]{key}[/bold]: {value}")
+    _print_fields(
+        ("serial", result.serial), ("issuer", result.issuer), ("status", result.status), ("template", result.template),
+        ("subject", result.subject), ("not_before", result.not_before.isoformat()),
+        ("not_after", result.not_after.isoformat()),
+        ("revoked_at", result.revoked_at.isoformat() if result.revoked_at else None),
+        ("revocation_reason", result.revocation_reason), ("thumbprint", result.thumbprint))
 
 
 def audit(dir_: DirOption = None, json_: JsonOption = False,
           limit: Annotated[int, typer.Option("--limit", min=1, max=10000)] = 50) -> None:
     """Show the audit log, newest first."""
-    rows = service(dir_).audit_log(operator(), clock.now(), limit=limit)
+    log = service(dir_).audit.read(operator(), clock.now(), limit=limit)
     if json_:
-        emit_json(rows)
+        emit_json([documents.audit_entry(e) for e in log.entries])
         return
     table("Audit", ["at", "actor", "action", "template", "request", "serial", "reason", "detail"],
-          [(r["at"], r["actor"], r["action"], r["template"], r["request_id"], r["serial"], r["reason"],
-            (r["detail"] or "")[:80]) for r in rows])
+          [(e.at.isoformat(), e.actor, e.action, e.template, e.request_id, e.serial, e.reason, (e.detail or "")[:80])
+           for e in log.entries])
 
 
 @apikey_app.command("add")

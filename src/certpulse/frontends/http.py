@@ -3,6 +3,9 @@
 Handlers are plain ``def`` functions: the core does blocking database and signing work, so
 they run in the server's thread pool. Every refusal leaves as RFC 7807 problem JSON.
 
+The core answers with typed results (:mod:`certpulse.ca.results`); :func:`answer` gives each
+its status code and JSON document, in one place, so every route answers as the API documents.
+
 ``POST /v1/requests`` is the hot path (hundreds of issuances a second), and FastAPI's work per
 request (dependency resolution in the thread pool, then the handler in it again, response-model
 validation) cost about as much CPU as the issuance itself. :class:`SubmitRoute` answers a
@@ -15,18 +18,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import logging
 import os
 import re
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, assert_never
 
 from cryptography import x509
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,14 +38,25 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from certpulse import __version__, clock
+from certpulse.ca import results
 from certpulse.ca.config import CADir, resolve_ca_dir
 from certpulse.ca.model import ANONYMOUS, Caller, EnrollmentRequest, Evidence
-from certpulse.ca.service import REVOCATION_REASONS, CAService
+from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service
 from certpulse.errors import Reason, Refusal
+from certpulse.frontends import documents
 from certpulse.frontends.limits import BodyLimit
 from certpulse.frontends.metrics import METRICS_RESPONSES, metrics_endpoint, observe_submission
-from certpulse.frontends.problems import problem, status_for
+from certpulse.frontends.problems import problem
+from certpulse.frontends.schema import (
+    Credential,
+    DenyBody,
+    EnrollmentBody,
+    RequestResult,
+    RevokeBody,
+    SignedEvidence,
+    TokenExchange,
+)
 from certpulse.frontends.shedding import shed_load
 from certpulse.frontends.threads import limit_threads
 from certpulse.pki.certs import load_certificate
@@ -61,74 +76,6 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TokenExchange(_Body):
-    token: str = Field(max_length=200, description="The one-time enrollment token from 'principal add'")
-
-
-class Credential(BaseModel):
-    principal: str
-    kind: str
-    credential: str = Field(description="Bearer credential for every later call; shown once")
-
-
-class SignedEvidence(_Body):
-    certificate: str = Field(max_length=16_000, description="PEM certificate whose key signed the CSR")
-    signature: str = Field(max_length=4_000, description="base64 signature over the CSR's DER")
-
-
-class ArchivedKey(_Body):
-    kra: str = Field(max_length=64)
-    wrapped_key: str = Field(max_length=4_000)
-    nonce: str = Field(max_length=64)
-    ciphertext: str = Field(max_length=20_000)
-
-
-class EnrollmentBody(_Body):
-    template: str = Field(max_length=64)
-    csr: str = Field(max_length=40_000, description="PKCS#10 request: PEM, or base64 DER")
-    issuer: str | None = Field(default=None, max_length=64, description="Issuer chosen by the client (by cost)")
-    renewal: SignedEvidence | None = Field(
-        default=None,
-        description="Present for a renewal: the old certificate and its key's signature over the new CSR",
-    )
-    ra_signatures: list[SignedEvidence] = Field(default_factory=list, max_length=5)
-    archived_key: ArchivedKey | None = None
-
-
-class RequestResult(BaseModel):
-    id: int
-    status: Literal["pending", "issued", "denied", "failed"]
-    template: str | None = None
-    kind: str | None = None
-    requester: str | None = None
-    subject: str | None = None
-    names: list[str] | None = None
-    created_at: str | None = None
-    decided_at: str | None = None
-    decided_by: str | None = None
-    reason: str | None = None
-    serial: str | None = None
-    thumbprint: str | None = None
-    certificate: str | None = None
-    chain: list[str] | None = None
-    replayed: bool | None = Field(
-        default=None, description="True when an earlier request with the same Idempotency-Key answered"
-    )
-
-
-class DenyBody(_Body):
-    reason: str = Field(min_length=1, max_length=1000)
-
-
-class RevokeBody(_Body):
-    reason: str = Field(default="unspecified", description=f"One of: {', '.join(REVOCATION_REASONS)}")
-    issuer: str | None = Field(default=None, max_length=64)
-
-
 def _decode_bytes(text: str, what: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -141,38 +88,41 @@ def _evidence(item: SignedEvidence, what: str) -> Evidence:
     return Evidence(cert, _decode_bytes(item.signature, f"{what} signature"))
 
 
+def bearer_secret(authorization: str | None) -> str | None:
+    """The secret of an ``Authorization: Bearer`` header (None without one)."""
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
 def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None,
                    *, remembered: bool = False) -> Caller:
-    """The authenticated caller from ``Authorization: Bearer``; refusals are audited."""
+    """The authenticated caller from ``Authorization: Bearer`` (the core audits refusals)."""
     service: CAService = request.app.state.service
-    secret = None
-    if authorization and authorization.lower().startswith("bearer "):
-        secret = authorization[7:].strip()
-    try:
-        return service.authenticate(secret, remembered=remembered)
-    except Refusal as refusal:
-        service.audit_refusal(ANONYMOUS.actor, "unauthenticated", refusal, clock.now())
-        raise
+    return service.auth.authenticate(bearer_secret(authorization), clock.now(), remembered=remembered)
 
 
 def submitting_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
     """The caller of a submission, remembered per process: the submission's write transaction
-    checks again that its credential and groups are current (CAService.submit)."""
+    checks again that its credential and groups are current (RegistrationAuthority.submit)."""
     return current_caller(request, authorization, remembered=True)
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
 SubmitterDep = Annotated[Caller, Depends(submitting_caller)]
 IDEMPOTENCY_KEY = r"^[A-Za-z0-9_-]{1,64}$"
+# How a submission ended, for the latency histograms (frontends/metrics.py)
+SUBMISSION_OUTCOMES: dict[type[results.Submission], str] = {
+    results.Issued: "issued", results.Pending: "pending", results.Replayed: "replayed"}
 
 
-def submit_enrollment(service: CAService, body: EnrollmentBody, who: Caller, idempotency_key: str | None) -> Response:
-    """A submission by an authenticated caller, answered: 201 issued, 202 pending, 200 replayed.
-    Refusals raise (the caller's error handling answers them); the latency is observed either way."""
+def submit_enrollment(service: CAService, body: EnrollmentBody, who: Caller, idempotency_key: str | None,
+                      now: dt.datetime) -> Response:
+    """A submission by an authenticated caller, answered (see :func:`answer`). Refusals raise (the
+    caller's error handling answers them); the latency is observed either way."""
     started = time.perf_counter()
     outcome = "error"  # anything unexpected; replaced by what happened (for the latency histograms)
     try:
-        now = clock.now()
         try:
             req = EnrollmentRequest(
                 template=body.template, csr=body.csr.encode("utf-8", "replace"), issuer=body.issuer,
@@ -182,16 +132,11 @@ def submit_enrollment(service: CAService, body: EnrollmentBody, who: Caller, ide
                 idempotency_key=idempotency_key,
             )
         except Refusal as refusal:
-            service.audit_refusal(who.actor, "refused", refusal, now, template=body.template)
+            service.audit.refusal(who.actor, "refused", refusal, now, template=body.template)
             raise
-        result = service.submit(who, req, now)
-        outcome = "replayed" if result.get("replayed") else str(result["status"])
-        if result["status"] == "pending":
-            return JSONResponse(result, status_code=202)
-        if result.get("replayed"):
-            return JSONResponse(result, status_code=200)
-        # what the route's response model (RequestResult, without None fields) makes of it
-        return JSONResponse({k: v for k, v in result.items() if v is not None}, status_code=201)
+        result = service.requests.submit(who, req, now)
+        outcome = SUBMISSION_OUTCOMES[type(result)]
+        return answer(result)
     except Refusal:
         outcome = "refused"
         raise
@@ -200,6 +145,43 @@ def submit_enrollment(service: CAService, body: EnrollmentBody, who: Caller, ide
         raise
     finally:
         observe_submission(outcome, started)
+
+
+def answer(result: results.Result) -> Response:
+    """The status code and JSON document of each of the core's results: the API's contract.
+
+    A new certificate is 201 and a request left for approval 202; a replayed submission shows
+    the first request as it stands now, every field included, flagged ``replayed`` (still 202
+    while it waits, 200 once decided). Reads leave out empty fields, as their response models
+    document, except the status, revocation and audit documents, which always had every field.
+    """
+    match result:
+        case results.Issued():
+            return JSONResponse(documents.issued(result), status_code=201)
+        case results.Pending():
+            return JSONResponse(documents.pending(result), status_code=202)
+        case results.Replayed(request=first):
+            return JSONResponse({**documents.request(first), "replayed": True},
+                                status_code=202 if first.status == "pending" else 200)
+        case results.Approved(issued=issued):
+            return JSONResponse(documents.issued(issued))
+        case results.Denied():
+            return JSONResponse(documents.denied(result))
+        case results.RequestSummary():
+            return JSONResponse(documents.without_none(documents.request(result)))
+        case results.RequestList(requests=requests):
+            return JSONResponse([documents.without_none(documents.request(r)) for r in requests])
+        case results.Revoked():
+            return JSONResponse(documents.revoked(result))
+        case results.CertificateStatus():
+            return JSONResponse(documents.certificate_status(result))
+        case results.Credential():
+            return JSONResponse(documents.credential(result))
+        case results.AuditLog(entries=entries):
+            return JSONResponse([documents.audit_entry(e) for e in entries])
+        case results.PolicyDocument():
+            return JSONResponse(documents.policy(result))
+    assert_never(result)
 
 
 def refusal_answer(exc: Refusal) -> Response:
@@ -277,20 +259,13 @@ class SubmitRoute:
             body = EnrollmentBody.model_validate_json(data)
         except ValidationError:
             return None
-        authorization = seen.get(b"authorization")
-        secret = None
-        if authorization and authorization.lower().startswith("bearer "):
-            secret = authorization[7:].strip()
-        return body, secret, key
+        return body, bearer_secret(seen.get(b"authorization")), key
 
     def _answer(self, body: EnrollmentBody, secret: str | None, key: str | None) -> Response:
         try:
-            try:
-                who = self.service.authenticate(secret, remembered=True)
-            except Refusal as refusal:
-                self.service.audit_refusal(ANONYMOUS.actor, "unauthenticated", refusal, clock.now())
-                raise
-            return submit_enrollment(self.service, body, who, key)
+            now = clock.now()
+            who = self.service.auth.authenticate(secret, now, remembered=True)
+            return submit_enrollment(self.service, body, who, key, now)
         except Refusal as exc:
             return refusal_answer(exc)
         except OperationalError as exc:
@@ -317,14 +292,14 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         detail = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
-        service.audit_refusal(ANONYMOUS.actor, "malformed", Refusal(Reason.MALFORMED_REQUEST, detail), clock.now())
+        service.audit.refusal(ANONYMOUS.actor, "malformed", Refusal(Reason.MALFORMED_REQUEST, detail), clock.now())
         return problem(Reason.MALFORMED_REQUEST, detail)
 
     @app.exception_handler(StarletteHTTPException)
     def on_http(request: Request, exc: StarletteHTTPException) -> Response:
         reason = Reason.NOT_FOUND if exc.status_code in (404, 405) else Reason.MALFORMED_REQUEST
         if reason is Reason.MALFORMED_REQUEST:  # e.g. a body that is not UTF-8 or nests too deep
-            service.audit_refusal(ANONYMOUS.actor, "malformed", Refusal(reason, str(exc.detail)), clock.now())
+            service.audit.refusal(ANONYMOUS.actor, "malformed", Refusal(reason, str(exc.detail)), clock.now())
         return problem(reason, str(exc.detail), status=exc.status_code)
 
     @app.exception_handler(OperationalError)
@@ -347,13 +322,13 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
     @app.post("/v1/tokens/exchange", tags=["enrollment"], response_model=Credential,
               summary="Trade a one-time enrollment token for the principal's credential",
               responses=PROBLEM_RESPONSES)
-    def exchange(body: TokenExchange) -> dict[str, str]:
-        return service.exchange_token(body.token, clock.now())
+    def exchange(body: TokenExchange) -> Response:
+        return answer(service.auth.exchange_token(body.token, clock.now()))
 
     @app.get("/v1/policy", tags=["enrollment"], summary="Enrollment policy (the seeds' CEP) for the caller",
-             responses=PROBLEM_RESPONSES)
-    def policy(who: CallerDep) -> dict[str, Any]:
-        return service.policy(who, clock.now())
+             response_model=dict[str, Any], responses=PROBLEM_RESPONSES)
+    def policy(who: CallerDep) -> Response:
+        return answer(service.policy.document(who, clock.now()))
 
     @app.post("/v1/requests", tags=["enrollment"], status_code=201, response_model=RequestResult,
               response_model_exclude_none=True,
@@ -367,52 +342,52 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
                )] = None) -> Response:
         # Well-formed submissions are answered by SubmitRoute before they get here; this answers the
         # rest (a form of the body it does not take) the same way, and documents the route.
-        return submit_enrollment(service, body, who, idempotency_key)
+        return submit_enrollment(service, body, who, idempotency_key, clock.now())
 
     @app.get("/v1/requests", tags=["management"], response_model=list[RequestResult],
              response_model_exclude_none=True, summary="List requests (CA managers)",
              responses=PROBLEM_RESPONSES)
     def list_requests(who: CallerDep,
                       status: Annotated[Literal["pending", "issued", "denied", "failed"] | None, Query()] = None,
-                      limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> list[dict[str, Any]]:
-        return service.list_requests(who, clock.now(), status, limit)
+                      limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> Response:
+        return answer(service.requests.list(who, clock.now(), status, limit))
 
     @app.get("/v1/requests/{request_id}", tags=["enrollment"], response_model=RequestResult,
              response_model_exclude_none=True, summary="A request's status and, once issued, its certificate",
              responses=PROBLEM_RESPONSES)
-    def get_request(request_id: int, who: CallerDep) -> dict[str, Any]:
-        return service.get_request(who, request_id)
+    def get_request(request_id: int, who: CallerDep) -> Response:
+        return answer(service.requests.get(who, request_id))
 
     @app.post("/v1/requests/{request_id}/approve", tags=["management"], response_model=RequestResult,
               response_model_exclude_none=True, summary="Approve a pending request (CA managers)",
               responses=PROBLEM_RESPONSES)
-    def approve(request_id: int, who: CallerDep) -> dict[str, Any]:
-        return service.approve(who, request_id, clock.now())
+    def approve(request_id: int, who: CallerDep) -> Response:
+        return answer(service.requests.approve(who, request_id, clock.now()))
 
     @app.post("/v1/requests/{request_id}/deny", tags=["management"], response_model=RequestResult,
               response_model_exclude_none=True, summary="Deny a pending request (CA managers)",
               responses=PROBLEM_RESPONSES)
-    def deny(request_id: int, body: DenyBody, who: CallerDep) -> dict[str, Any]:
-        return service.deny(who, request_id, body.reason, clock.now())
+    def deny(request_id: int, body: DenyBody, who: CallerDep) -> Response:
+        return answer(service.requests.deny(who, request_id, body.reason, clock.now()))
 
     @app.post("/v1/certificates/{serial}/revoke", tags=["management"], summary="Revoke a certificate",
-              responses=PROBLEM_RESPONSES)
-    def revoke(serial: str, body: RevokeBody, who: CallerDep) -> dict[str, Any]:
-        return service.revoke(who, serial, body.reason, clock.now(), issuer=body.issuer)
+              response_model=dict[str, Any], responses=PROBLEM_RESPONSES)
+    def revoke(serial: str, body: RevokeBody, who: CallerDep) -> Response:
+        return answer(service.revocation.revoke(who, serial, body.reason, clock.now(), issuer=body.issuer))
 
     @app.get("/v1/certificates/{serial}", tags=["status"], summary="A certificate's status (good, revoked, expired)",
-             responses=PROBLEM_RESPONSES)
-    def status(serial: str, issuer: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
-        return service.status(serial, clock.now(), issuer=issuer)
+             response_model=dict[str, Any], responses=PROBLEM_RESPONSES)
+    def status(serial: str, issuer: Annotated[str | None, Query(max_length=64)] = None) -> Response:
+        return answer(service.revocation.status(serial, clock.now(), issuer=issuer))
 
     @app.get("/v1/audit", tags=["management"], summary="The audit log, newest first (CA managers)",
-             responses=PROBLEM_RESPONSES)
+             response_model=list[dict[str, Any]], responses=PROBLEM_RESPONSES)
     def audit(who: CallerDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-              request_id: Annotated[int | None, Query()] = None) -> list[dict[str, Any]]:
-        return service.audit_log(who, clock.now(), limit=limit, request_id=request_id)
+              request_id: Annotated[int | None, Query()] = None) -> Response:
+        return answer(service.audit.read(who, clock.now(), limit=limit, request_id=request_id))
 
     def on_too_large(scope: MutableMapping[str, Any]) -> None:
-        service.audit_refusal(ANONYMOUS.actor, "refused",
+        service.audit.refusal(ANONYMOUS.actor, "refused",
                               Refusal(Reason.BODY_TOO_LARGE, f"{scope.get('method')} {scope.get('path')}"),
                               clock.now())
 
@@ -427,4 +402,4 @@ def app_from_environment() -> Any:
     return shed_load(threaded, threads=threaded.threads)
 
 
-__all__ = ["app_from_environment", "create_app", "status_for"]
+__all__ = ["answer", "app_from_environment", "create_app"]

@@ -38,10 +38,9 @@ from starlette.responses import Response
 
 from certpulse import __version__, clock
 from certpulse.ca.service import CAService
-from certpulse.ca.stats import CAStats, read_stats
+from certpulse.ca.stats import CAStats
 from certpulse.errors import Reason
 from certpulse.frontends.problems import problem
-from certpulse.sql.db import read
 
 log = logging.getLogger("certpulse.api")
 
@@ -229,8 +228,7 @@ def render(service: CAService, accept: str | None) -> Response:
     """The exposition for one scrape; a 503 problem (never a 500) when the database fails."""
     started = time.perf_counter()
     try:
-        with read(service.engine) as conn:
-            stats = read_stats(conn, clock.now())
+        stats = service.stats(clock.now())
     except SQLAlchemyError as exc:
         log.error("metrics: database unavailable: %s", exc)
         return problem(Reason.UNAVAILABLE, f"metrics need the certificate database, which failed: "

@@ -1,0 +1,320 @@
+"""The registration authority: certificate requests, from submission to a decision.
+
+A submission is checked against the request policy (:func:`certpulse.ca.policy.decide`) and
+then issued at once, left pending for a CA manager, or refused; a retry carrying an idempotency
+key already used gets the first request back instead. CA managers approve or deny pending
+requests; requesters and managers read them.
+
+The submission is the hot path (hundreds a second), so its CPU work stays out of the write
+transaction: the request is decided first, on the cached state snapshot and a remembered caller,
+and its certificate prepared; the write transaction then only confirms that neither moved (the
+state generation, the caller's credential, what the database says of presented certificates)
+before it records and signs. Anything that moved, and every refusal, is decided again inside
+the transaction against the database as it is. On SQLite the write transaction is the one writer
+of the whole database, so this is what lets several workers issue at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import Connection, Engine, and_, select, update
+
+from certpulse.ca import policy as request_policy
+from certpulse.ca.audit import AuditTrail
+from certpulse.ca.auth import Authentication
+from certpulse.ca.issuance import CertificateAuthority, Unsigned
+from certpulse.ca.model import Caller, EnrollmentRequest, KnownCertificate, require_manager
+from certpulse.ca.results import (
+    Approved,
+    Denied,
+    Issued,
+    Pending,
+    Replayed,
+    RequestList,
+    RequestSummary,
+    Submission,
+)
+from certpulse.ca.state import KeyRing, Snapshot, SnapshotCache
+from certpulse.ca.storage import schema as t
+from certpulse.ca.storage.statements import REQUEST_ISSUED, Statements
+from certpulse.errors import Reason, Refusal
+from certpulse.pki.certs import load_csr, pem, thumbprint
+from certpulse.pki.key_archival import dumps as envelope_json
+from certpulse.pki.keys import PublicKey
+from certpulse.pki.names import names_from_json, names_to_json
+from certpulse.sql.db import read, write
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Ahead:
+    """A decision made before the write transaction, and the state it rested on."""
+
+    decision: request_policy.Decision
+    generation: int
+    known: dict[str, KnownCertificate]
+    unsigned: Unsigned | None  # None when the request waits for approval
+
+
+class RegistrationAuthority:
+    def __init__(self, engine: Engine, statements: Statements, state: SnapshotCache, keyring: KeyRing,
+                 auth: Authentication, ca: CertificateAuthority, audit: AuditTrail) -> None:
+        self.engine = engine
+        self._insert_request_row = statements.insert_request
+        self._state = state
+        self._keyring = keyring
+        self._auth = auth
+        self._ca = ca
+        self._audit = audit
+
+    # -- submission ---------------------------------------------------------------------
+
+    def submit(self, caller: Caller, req: EnrollmentRequest, now: dt.datetime) -> Submission:
+        """Check a request and either issue, leave it pending, or refuse it (audited either way)."""
+        try:
+            if caller.kind != "principal":
+                raise Refusal(Reason.FORBIDDEN, "only principals enroll; use the principal's credential")
+            ahead = self._decide_ahead(caller, req, now)
+            with write(self.engine) as conn:
+                generation, current = self._auth.confirm(conn, caller)
+                if current is not caller:
+                    ahead, caller = None, current
+                if req.idempotency_key is not None:
+                    replay = self._replay(conn, caller, req)
+                    if replay is not None:
+                        return replay
+                presents = req.renewal is not None or bool(req.ra_signatures)
+                if ahead is not None and ahead.generation == generation and (
+                        not presents or self._known(conn, req) == ahead.known):
+                    decision, unsigned = ahead.decision, ahead.unsigned
+                else:  # the state moved (or the policy refused): decide on the database as it is now
+                    decision = request_policy.decide(caller, req, self._gather(conn, req), now)
+                    unsigned = None
+                if not decision.pending:
+                    return self._issue(conn, unsigned or self._ca.prepare(decision), now, generation,
+                                       actor=caller.actor, principal_id=caller.principal_id,
+                                       new_by=caller, idempotency_key=req.idempotency_key)
+                request_id = self._insert_request(conn, caller, decision, now, req.idempotency_key)
+                self._audit.record(conn, now, caller.actor, "pending", template=decision.template.name,
+                                   request_id=request_id, names=decision.names.all(),
+                                   detail=f"{decision.kind} request awaits CA-manager approval")
+                return Pending(request_id)
+        except Refusal as refusal:
+            self._audit.refusal(caller.actor, "refused", refusal, now, template=req.template)
+            raise
+
+    def _replay(self, conn: Connection, caller: Caller, req: EnrollmentRequest) -> Replayed | None:
+        """The earlier request with the same idempotency key, if any: a retry after a lost answer
+        gets the first result (and never a second certificate)."""
+        row = conn.execute(select(t.requests).where(and_(
+            t.requests.c.principal_id == caller.principal_id,
+            t.requests.c.idempotency_key == req.idempotency_key,
+        ))).first()
+        if row is None:
+            return None
+        try:
+            same = x509.load_der_x509_csr(row.csr_der) == load_csr(req.csr)
+        except Refusal:
+            same = False
+        if not same or row.template_name != req.template:
+            raise Refusal(Reason.CONFLICT, "this idempotency key was used for a different request")
+        return Replayed(self._with_certificate(conn, row))
+
+    def _decide_ahead(self, caller: Caller, req: EnrollmentRequest, now: dt.datetime) -> _Ahead | None:
+        """The policy's decision before the write transaction, on the cached snapshot (read when
+        there is none yet) and, when the request presents certificates, on what the database says
+        of them now; with its certificate prepared. None when the policy refuses: a refusal is
+        decided again in the transaction, after any replay and against the current state, so that
+        it is never a stale one."""
+        snap = self._state.current
+        known: dict[str, KnownCertificate] = {}
+        if snap is None or req.renewal is not None or req.ra_signatures:
+            with read(self.engine) as conn:
+                snap = self._state.get(conn)
+                known = self._known(conn, req)
+        try:
+            decision = request_policy.decide(caller, req, self._gathered(snap, req, known), now)
+        except Refusal:
+            return None
+        return _Ahead(decision, snap.generation, known, None if decision.pending else self._ca.prepare(decision))
+
+    def _gather(self, conn: Connection, req: EnrollmentRequest) -> request_policy.Gathered:
+        return self._gathered(self._state.get(conn), req, self._known(conn, req))
+
+    @staticmethod
+    def _known(conn: Connection, req: EnrollmentRequest) -> dict[str, KnownCertificate]:
+        """What the database says of the certificates a request presents (renewal, RA signatures)."""
+        presented = [e.certificate for e in (*req.ra_signatures, *([req.renewal] if req.renewal else []))]
+        known: dict[str, KnownCertificate] = {}
+        if presented:
+            prints = [thumbprint(c) for c in presented]
+            for row in conn.execute(select(t.certificates).where(t.certificates.c.thumbprint.in_(prints))):
+                known[row.thumbprint] = KnownCertificate(
+                    id=row.id, authority_id=row.authority_id, serial=row.serial,
+                    principal_id=row.principal_id, template_name=row.template_name,
+                    not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
+                )
+        return known
+
+    def _gathered(self, snap: Snapshot, req: EnrollmentRequest,
+                  known: dict[str, KnownCertificate]) -> request_policy.Gathered:
+        template = snap.templates.get(req.template)
+        kra = snap.kra() if template is not None and template.archive_private_key else None
+        return request_policy.Gathered(
+            template=template, authorities=snap.authorities, known=known,
+            kra=kra, kra_key=self._keyring.kra_key(kra),
+        )
+
+    def _insert_request(self, conn: Connection, caller: Caller, d: request_policy.Decision, now: dt.datetime,
+                        idempotency_key: str | None = None, certificate_id: int | None = None) -> int:
+        """The request's row: pending, or (with ``certificate_id``) issued now."""
+        cursor = self._insert_request_row.run(conn, {
+            "principal_id": caller.principal_id, "requester": caller.actor, "template_name": d.template.name,
+            "template_major": d.template.major_version, "template_minor": d.template.minor_version,
+            "kind": d.kind, "csr_der": d.csr_der, "subject": d.subject_text(), "names": names_to_json(d.names),
+            "renewal_of": d.renewal_of.id if d.renewal_of else None, "authority_id": d.issuer.id,
+            "status": "issued" if certificate_id is not None else "pending", "created_at": now,
+            "decided_at": now if certificate_id is not None else None, "decided_by": None,
+            "certificate_id": certificate_id, "idempotency_key": idempotency_key,
+        })
+        request_id = int(cursor.fetchone()[0])
+        if d.archived_key is not None:
+            kra_id = conn.execute(
+                select(t.authorities.c.id).where(t.authorities.c.role == "kra").order_by(t.authorities.c.id)
+            ).scalar_one()
+            conn.execute(t.archived_keys.insert().values(
+                request_id=request_id, authority_id=kra_id,
+                envelope=envelope_json(dict(d.archived_key)), created_at=now,
+            ))
+        return request_id
+
+    def _issue(self, conn: Connection, unsigned: Unsigned, now: dt.datetime, generation: int, *, actor: str,
+               principal_id: int | None, request_id: int | None = None, new_by: Caller | None = None,
+               idempotency_key: str | None = None) -> Issued:
+        """Sign and record, in ``conn``'s transaction. ``request_id`` names a pending request being
+        approved; a new submission by ``new_by`` has its request row written issued once the
+        certificate's row exists (one statement fewer than writing it and then updating it)."""
+        d = unsigned.decision
+        signed = self._ca.sign(conn, unsigned, now, request_id=request_id, principal_id=principal_id)
+        if request_id is None:
+            assert new_by is not None
+            request_id = self._insert_request(conn, new_by, d, now, idempotency_key,
+                                              certificate_id=signed.certificate_id)
+        else:
+            conn.execute(REQUEST_ISSUED, {
+                "request_id": request_id, "certificate_id": signed.certificate_id, "decided_at": now,
+                "decided_by": actor if actor.startswith(("admin:", "operator:")) or d.pending else None,
+            })
+        return self._ca.record(conn, unsigned, signed, request_id=request_id, actor=actor, now=now,
+                               generation=generation)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, caller: Caller, request_id: int) -> RequestSummary:
+        """A request its requester (or a CA manager) may see, with its certificate once issued."""
+        with read(self.engine) as conn:
+            row = conn.execute(select(t.requests).where(t.requests.c.id == request_id)).first()
+            if row is None or (not caller.is_manager and row.requester != caller.actor):
+                raise Refusal(Reason.NOT_FOUND, f"no request {request_id}")
+            return self._with_certificate(conn, row)
+
+    def _with_certificate(self, conn: Connection, row: Any) -> RequestSummary:
+        """A request's summary, with its certificate and chain once it is issued."""
+        if row.status != "issued" or row.certificate_id is None:
+            return summary(row)
+        cert = conn.execute(select(t.certificates).where(t.certificates.c.id == row.certificate_id)).one()
+        chain = self._state.get(conn).chain(row.authority_id)
+        issued = Issued(request_id=row.id, serial=cert.serial, thumbprint=cert.thumbprint,
+                        certificate=pem(x509.load_der_x509_certificate(cert.der)), chain=chain)
+        return summary(row, issued)
+
+    # -- decisions by CA managers -------------------------------------------------------
+
+    def approve(self, caller: Caller, request_id: int, now: dt.datetime) -> Approved:
+        """Issue a pending request's certificate now, as the template and issuer stand now."""
+        try:
+            require_manager(caller)
+            with write(self.engine) as conn:
+                row = self._pending_row(conn, request_id)
+                if row.requester == caller.actor:
+                    raise Refusal(Reason.SELF_APPROVAL, "a requester cannot approve its own request")
+                snap = self._state.get(conn)
+                decision = self._approved_decision(row, snap, now)
+                self._audit.record(conn, now, caller.actor, "approved", template=decision.template.name,
+                                   request_id=request_id, names=decision.names.all())
+                return Approved(self._issue(conn, self._ca.prepare(decision), now, snap.generation,
+                                            actor=caller.actor, principal_id=row.principal_id,
+                                            request_id=request_id))
+        except Refusal as refusal:
+            self._audit.refusal(caller.actor, "approve-refused", refusal, now, request_id=request_id)
+            raise
+
+    @staticmethod
+    def _approved_decision(row: Any, snap: Snapshot, now: dt.datetime) -> request_policy.Decision:
+        """The stored request's decision, on the template and issuer as they are now."""
+        template = snap.templates.get(row.template_name)
+        if template is None:
+            raise Refusal(Reason.UNKNOWN_TEMPLATE, f"template {row.template_name!r} no longer exists")
+        issuer = snap.authority(row.authority_id)
+        if not issuer.serves(template.name) or not issuer.valid_at(now):
+            raise Refusal(Reason.NO_ISSUER, f"issuer {issuer.name!r} no longer serves {template.name!r}")
+        public_key: PublicKey = x509.load_der_x509_csr(row.csr_der).public_key()  # type: ignore[assignment]
+        not_before, not_after = request_policy.validity(template, issuer, now)
+        return request_policy.Decision(
+            template=template, kind=row.kind, subject=x509.Name.from_rfc4514_string(row.subject),
+            names=names_from_json(row.names), public_key=public_key, csr_der=row.csr_der,
+            issuer=issuer, not_before=not_before, not_after=not_after,
+            pending=True, renewal_of=None, archived_key=None,
+        )
+
+    def deny(self, caller: Caller, request_id: int, reason: str, now: dt.datetime) -> Denied:
+        try:
+            require_manager(caller)
+            if not reason.strip():
+                raise Refusal(Reason.INVALID_ARGUMENT, "a denial needs a reason")
+            with write(self.engine) as conn:
+                row = self._pending_row(conn, request_id)
+                conn.execute(update(t.requests).where(t.requests.c.id == request_id).values(
+                    status="denied", reason=reason, decided_at=now, decided_by=caller.actor))
+                self._audit.record(conn, now, caller.actor, "denied", template=row.template_name,
+                                   request_id=request_id, names=names_from_json(row.names).all(),
+                                   reason="denied-by-manager", detail=reason)
+        except Refusal as refusal:
+            self._audit.refusal(caller.actor, "deny-refused", refusal, now, request_id=request_id)
+            raise
+        return Denied(request_id, reason)
+
+    @staticmethod
+    def _pending_row(conn: Connection, request_id: int) -> Any:
+        # FOR UPDATE: concurrent approvals/denials of one request on PostgreSQL queue here, and all
+        # but the first then see it decided (SQLite's BEGIN IMMEDIATE already serialises them).
+        row = conn.execute(
+            select(t.requests).where(t.requests.c.id == request_id).with_for_update()
+        ).first()
+        if row is None:
+            raise Refusal(Reason.NOT_FOUND, f"no request {request_id}")
+        if row.status != "pending":
+            raise Refusal(Reason.NOT_PENDING, f"request {request_id} is {row.status}, not pending")
+        return row
+
+    def list(self, caller: Caller, now: dt.datetime, status: str | None = None,
+             limit: int = 500) -> RequestList:
+        """Requests in id order (with one ``status`` only, when given), for CA managers."""
+        self._audit.require_manager(caller, now, "list-refused")
+        query = select(t.requests).order_by(t.requests.c.id).limit(max(1, min(limit, 10_000)))
+        if status:
+            query = query.where(t.requests.c.status == status)
+        with read(self.engine) as conn:
+            return RequestList(tuple(summary(row) for row in conn.execute(query)))
+
+
+def summary(row: Any, issued: Issued | None = None) -> RequestSummary:
+    """A ``requests`` row as a result."""
+    return RequestSummary(
+        request_id=row.id, status=row.status, template=row.template_name, kind=row.kind, requester=row.requester,
+        subject=row.subject, names=tuple(names_from_json(row.names).all()), created_at=row.created_at,
+        decided_at=row.decided_at, decided_by=row.decided_by, reason=row.reason, issued=issued,
+    )

@@ -1,0 +1,88 @@
+"""Revocation and certificate status.
+
+Revocation lives in the certificate's own row (``revoked_at``, ``revocation_reason``), so a
+status answer is one indexed lookup by serial; a CA manager revokes, anyone may ask the status
+(it is what a relying party needs, and reveals nothing a certificate does not already show).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import Connection, Engine, and_, select, update
+
+from certpulse.ca.audit import AuditTrail
+from certpulse.ca.model import Caller, require_manager
+from certpulse.ca.results import CertificateState, CertificateStatus, Revoked
+from certpulse.ca.storage import schema as t
+from certpulse.errors import Reason, Refusal
+from certpulse.pki.certs import parse_serial, serial_hex
+from certpulse.pki.names import names_from_json
+from certpulse.sql.db import read, write
+
+# RFC 5280 reason names, as cryptography spells them; removeFromCRL is for delta CRLs only
+REVOCATION_REASONS = tuple(
+    r.value for r in x509.ReasonFlags if r not in (x509.ReasonFlags.remove_from_crl,)
+)
+
+
+class Revocation:
+    def __init__(self, engine: Engine, audit: AuditTrail) -> None:
+        self.engine = engine
+        self._audit = audit
+
+    def revoke(self, caller: Caller, serial: str, reason: str, now: dt.datetime,
+               issuer: str | None = None) -> Revoked:
+        """Revoke an issued certificate (CA managers; ``issuer`` when the serial exists at several)."""
+        try:
+            require_manager(caller)
+            if reason not in REVOCATION_REASONS:
+                raise Refusal(Reason.INVALID_ARGUMENT,
+                              f"unknown revocation reason {reason!r}; use one of {', '.join(REVOCATION_REASONS)}")
+            with write(self.engine) as conn:
+                row = _find_certificate(conn, serial, issuer)
+                if row.revoked_at is not None:
+                    raise Refusal(Reason.ALREADY_REVOKED,
+                                  f"certificate {row.serial} was revoked at {row.revoked_at.isoformat()}")
+                revoked = conn.execute(
+                    update(t.certificates)
+                    .where(and_(t.certificates.c.id == row.id, t.certificates.c.revoked_at.is_(None)))
+                    .values(revoked_at=now, revocation_reason=reason))
+                if revoked.rowcount != 1:  # a concurrent call revoked it after we read the row
+                    raise Refusal(Reason.ALREADY_REVOKED, f"certificate {row.serial} was revoked meanwhile")
+                self._audit.record(conn, now, caller.actor, "revoked", template=row.template_name,
+                                   request_id=row.request_id, serial=row.serial,
+                                   names=names_from_json(row.names).all(), reason=reason)
+        except Refusal as refusal:
+            self._audit.refusal(caller.actor, "revoke-refused", refusal, now)
+            raise
+        return Revoked(serial=row.serial, reason=reason, revoked_at=now)
+
+    def status(self, serial: str, now: dt.datetime, issuer: str | None = None) -> CertificateStatus:
+        """Good, revoked or expired, at ``now``."""
+        with read(self.engine) as conn:
+            row = _find_certificate(conn, serial, issuer)
+        state: CertificateState = "revoked" if row.revoked_at else ("expired" if now > row.not_after else "good")
+        return CertificateStatus(
+            serial=row.serial, issuer=row.issuer_name, status=state, template=row.template_name,
+            subject=row.subject, not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
+            revocation_reason=row.revocation_reason, thumbprint=row.thumbprint,
+        )
+
+
+def _find_certificate(conn: Connection, serial: str, issuer: str | None) -> Any:
+    """The issued certificate with this serial (any spelling of the hex), with its issuer's name."""
+    canonical = serial_hex(parse_serial(serial))
+    query = select(t.certificates, t.authorities.c.name.label("issuer_name")).join(
+        t.authorities, t.authorities.c.id == t.certificates.c.authority_id
+    ).where(and_(t.certificates.c.serial == canonical, t.certificates.c.status == "issued"))
+    if issuer is not None:
+        query = query.where(t.authorities.c.name == issuer)
+    rows = conn.execute(query).all()
+    if not rows:
+        raise Refusal(Reason.NOT_FOUND, f"no certificate with serial {canonical}")
+    if len(rows) > 1:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"serial {canonical} exists at several issuers; name one")
+    return rows[0]
