@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from certpulse.agent import planner
-from certpulse.agent.model import Options, PolicyServer, StoredCertificate, TemplatePolicy
-from certpulse.agent.planner import (
+from certpulse.agent import planner, rules
+from certpulse.agent.model import Note, Options, PolicyServer, StoredCertificate, TemplatePolicy
+from certpulse.agent.policy_view import CertIndex, PolicyView
+from certpulse.agent.rules import (
     CLEANUP,
     ENROLL_NEW,
     RENEW_AUTO,
     RENEW_MANUAL,
     Chain,
     Check,
-    Note,
     RuleInput,
     Skip,
 )
@@ -62,10 +62,10 @@ def given(template: TemplatePolicy, *, servers: Sequence[PolicyServer] | None = 
           certs: Sequence[StoredCertificate] = (), options: Options | None = None, pending: Sequence[str] = (),
           cert: StoredCertificate | None = None, replaced: Sequence[str] = ()) -> RuleInput:
     """The input a chain sees for ``template``, found in the policy the way the planner finds it."""
-    view = planner._PolicyView(servers if servers is not None else (server(template),))
+    view = PolicyView(servers if servers is not None else (server(template),))
     found = view.find(name=template.name)
     assert found is not None, f"{template.name} is in no policy"
-    return RuleInput(options or Options(), view, found[0], found[1], planner._Certs(certs, NOW), NOW,
+    return RuleInput(options or Options(), view, found[0], found[1], CertIndex(certs, NOW), NOW,
                      frozenset(pending), cert, frozenset(replaced))
 
 
@@ -73,107 +73,107 @@ NEW_REQUESTS_ONLY_RO = (issuer("RO", "WebServer", renewal_only=True),)
 
 # (id, check, input, the skip it must answer, or None)
 CHECK_CASES: list[tuple[str, Check, Callable[[], RuleInput], Skip | None]] = [
-    ("pending", planner.request_pending, lambda: given(M, pending=("Machine",)),
+    ("pending", rules.request_pending, lambda: given(M, pending=("Machine",)),
      Skip("pending", "a request for it is pending")),
-    ("pending-other-template", planner.request_pending, lambda: given(M, pending=("Other",)), None),
-    ("no-autoenroll", planner.no_autoenroll, lambda: given(NO_AUTO), Skip("no-autoenroll", "no autoenroll permission")),
-    ("autoenroll", planner.no_autoenroll, lambda: given(M), None),
-    ("no-issuer", planner.no_issuer, lambda: given(M, servers=(server(M, issuers=(issuer("CA1", "Other"),)),)),
+    ("pending-other-template", rules.request_pending, lambda: given(M, pending=("Other",)), None),
+    ("no-autoenroll", rules.no_autoenroll, lambda: given(NO_AUTO), Skip("no-autoenroll", "no autoenroll permission")),
+    ("autoenroll", rules.no_autoenroll, lambda: given(M), None),
+    ("no-issuer", rules.no_issuer, lambda: given(M, servers=(server(M, issuers=(issuer("CA1", "Other"),)),)),
      Skip("no-issuer", "no valid issuer serves the template")),
-    ("no-issuer-invalid-one", planner.no_issuer,
+    ("no-issuer-invalid-one", rules.no_issuer,
      lambda: given(M, servers=(server(M, issuers=(issuer("CA1", "Machine", valid=False),)),)),
      Skip("no-issuer", "no valid issuer serves the template")),
-    ("no-issuer-renewal-only-serves-a-renewal", planner.no_issuer,
+    ("no-issuer-renewal-only-serves-a-renewal", rules.no_issuer,
      lambda: given(M, servers=(server(M, issuers=(issuer("RO", "Machine", renewal_only=True),)),)), None),
-    ("no-issuer-other-group-does-not-count", planner.no_issuer,
+    ("no-issuer-other-group-does-not-count", rules.no_issuer,
      lambda: given(M, servers=(server(M, issuers=(issuer("CA1", "Other"),)),
                                server(tpl("Other"), policy_id="pol-b", is_default=False,
                                       issuers=(issuer("CB", "Machine"),)))),
      Skip("no-issuer", "no valid issuer serves the template")),
-    ("new-request-renewal-only", planner.no_issuer_for_new_request,
+    ("new-request-renewal-only", rules.no_issuer_for_new_request,
      lambda: given(M, servers=(server(M, issuers=(issuer("RO", "Machine", renewal_only=True),)),)),
      Skip("no-issuer", "no issuer serves the template for new requests")),
-    ("new-request-other-group-counts", planner.no_issuer_for_new_request,
+    ("new-request-other-group-counts", rules.no_issuer_for_new_request,
      lambda: given(M, servers=(server(M, issuers=(issuer("RO", "Machine", renewal_only=True),)),
                                server(tpl("Other"), policy_id="pol-b", is_default=False,
                                       issuers=(issuer("CB", "Machine"),)))), None),
-    ("manual-broken-renewal-only", planner.no_issuer_or_renewal_only,
+    ("manual-broken-renewal-only", rules.no_issuer_or_renewal_only,
      lambda: given(WEB, servers=(server(WEB, issuers=NEW_REQUESTS_ONLY_RO),), cert=manual("m", WEB, left=-DAY)),
      Skip("renewal-only", "only renewal-only issuers serve it, and this is a new request")),
-    ("manual-due-renewal-only", planner.no_issuer_or_renewal_only,
+    ("manual-due-renewal-only", rules.no_issuer_or_renewal_only,
      lambda: given(WEB, servers=(server(WEB, issuers=NEW_REQUESTS_ONLY_RO),), cert=manual("m", WEB, left=DUE)), None),
-    ("manual-broken-no-valid-issuer", planner.no_issuer_or_renewal_only,
+    ("manual-broken-no-valid-issuer", rules.no_issuer_or_renewal_only,
      lambda: given(WEB, servers=(server(WEB, issuers=(issuer("CA1", "WebServer", valid=False),)),),
                    cert=manual("m", WEB, left=-DAY)),
      Skip("no-issuer", "no valid issuer serves the template")),
-    ("no-kra", planner.needs_kra, lambda: given(KRA, servers=(server(KRA, kra_valid=False),)),
+    ("no-kra", rules.needs_kra, lambda: given(KRA, servers=(server(KRA, kra_valid=False),)),
      Skip("no-kra", "key archival required and no valid KRA certificate")),
-    ("kra", planner.needs_kra, lambda: given(KRA, servers=(server(KRA, kra_valid=True),)), None),
-    ("no-archival-no-kra-needed", planner.needs_kra, lambda: given(M, servers=(server(M, kra_valid=False),)), None),
-    ("6a-ra-2", planner.ra_signatures_new_request_instead, lambda: given(RA2),
+    ("kra", rules.needs_kra, lambda: given(KRA, servers=(server(KRA, kra_valid=True),)), None),
+    ("no-archival-no-kra-needed", rules.needs_kra, lambda: given(M, servers=(server(M, kra_valid=False),)), None),
+    ("6a-ra-2", rules.ra_signatures_new_request_instead, lambda: given(RA2),
      Skip("ra-signatures", "2+ RA signatures required: a new request instead")),
-    ("6a-ra-1", planner.ra_signatures_new_request_instead, lambda: given(RA1), None),
-    ("6b-ra-2", planner.ra_signatures, lambda: given(RA2, certs=(ra_cert(),)),
+    ("6a-ra-1", rules.ra_signatures_new_request_instead, lambda: given(RA1), None),
+    ("6b-ra-2", rules.ra_signatures, lambda: given(RA2, certs=(ra_cert(),)),
      Skip("ra-signatures", "2+ RA signatures required")),
-    ("6b-ra-1", planner.ra_signatures, lambda: given(RA1), None),
-    ("ra-1-without-ra-certificate", planner.one_ra_without_ra_certificate, lambda: given(RA1),
+    ("6b-ra-1", rules.ra_signatures, lambda: given(RA1), None),
+    ("ra-1-without-ra-certificate", rules.one_ra_without_ra_certificate, lambda: given(RA1),
      Skip("no-ra-certificate", "1 RA signature required and no RA certificate to co-sign")),
-    ("ra-1-with-expired-ra-certificate", planner.one_ra_without_ra_certificate,
+    ("ra-1-with-expired-ra-certificate", rules.one_ra_without_ra_certificate,
      lambda: given(RA1, certs=(ra_cert(left=-SECOND),)),
      Skip("no-ra-certificate", "1 RA signature required and no RA certificate to co-sign")),
-    ("ra-1-with-ra-certificate", planner.one_ra_without_ra_certificate, lambda: given(RA1, certs=(ra_cert(),)), None),
-    ("ra-2-is-not-one", planner.one_ra_without_ra_certificate, lambda: given(RA2), None),
-    ("6c-ra-2-without-ra-certificate", planner.ra_signatures_without_ra_certificate, lambda: given(RA2),
+    ("ra-1-with-ra-certificate", rules.one_ra_without_ra_certificate, lambda: given(RA1, certs=(ra_cert(),)), None),
+    ("ra-2-is-not-one", rules.one_ra_without_ra_certificate, lambda: given(RA2), None),
+    ("6c-ra-2-without-ra-certificate", rules.ra_signatures_without_ra_certificate, lambda: given(RA2),
      Skip("ra-signatures", "2+ RA signatures required and no RA certificate")),
-    ("6c-ra-2-with-ra-certificate", planner.ra_signatures_without_ra_certificate,
+    ("6c-ra-2-with-ra-certificate", rules.ra_signatures_without_ra_certificate,
      lambda: given(RA2, certs=(ra_cert(),)), None),
-    ("subject-required", planner.subject_required, lambda: given(SUBJ),
+    ("subject-required", rules.subject_required, lambda: given(SUBJ),
      Skip("subject-required", "the subject must be supplied and may not come from the old certificate")),
-    ("subject-from-existing", planner.subject_required, lambda: given(SUBJ_REUSE), None),
-    ("subject-supplied", planner.subject_supplied, lambda: given(SUBJ_REUSE),
+    ("subject-from-existing", rules.subject_required, lambda: given(SUBJ_REUSE), None),
+    ("subject-supplied", rules.subject_supplied, lambda: given(SUBJ_REUSE),
      Skip("subject-required", "the subject must be supplied: enroll by hand (cert request)")),
-    ("subject-from-principal", planner.subject_supplied, lambda: given(M), None),
-    ("user-interaction-machine", planner.user_interaction_on_machine, lambda: given(UI),
+    ("subject-from-principal", rules.subject_supplied, lambda: given(M), None),
+    ("user-interaction-machine", rules.user_interaction_on_machine, lambda: given(UI),
      Skip("user-interaction", "a machine template that requires user interaction")),
-    ("user-interaction-user", planner.user_interaction_on_machine, lambda: given(UI, options=Options(context="user")),
+    ("user-interaction-user", rules.user_interaction_on_machine, lambda: given(UI, options=Options(context="user")),
      None),
-    ("superseded", planner.superseded, lambda: given(T_OLD, servers=(server(T_OLD, T_NEW),)),
+    ("superseded", rules.superseded, lambda: given(T_OLD, servers=(server(T_OLD, T_NEW),)),
      Skip("superseded", "superseded by 'New'")),
-    ("successor-out-of-reach", planner.superseded, lambda: given(T_OLD, servers=(server(T_OLD, T_NEW_NO_RIGHT),)),
+    ("successor-out-of-reach", rules.superseded, lambda: given(T_OLD, servers=(server(T_OLD, T_NEW_NO_RIGHT),)),
      None),
-    ("directory", planner.published_in_directory,
+    ("directory", rules.published_in_directory,
      lambda: given(DIR, servers=(server(DIR, directory=(("Directory", NOW),)),)),
      Skip("directory", "a valid certificate is already published in the directory")),
-    ("directory-expired", planner.published_in_directory,
+    ("directory-expired", rules.published_in_directory,
      lambda: given(DIR, servers=(server(DIR, directory=(("Directory", NOW - SECOND),)),)), None),
-    ("directory-not-checked", planner.published_in_directory,
+    ("directory-not-checked", rules.published_in_directory,
      lambda: given(M, servers=(server(M, directory=(("Machine", NOW + DAY),)),)), None),
-    ("replaced", planner.replaced_by_new_request,
+    ("replaced", rules.replaced_by_new_request,
      lambda: given(WEB, cert=manual("m", WEB, left=-DAY), replaced=("m",)),
      Skip("replaced", "a request planned in 6(b) replaces it")),
-    ("not-replaced", planner.replaced_by_new_request,
+    ("not-replaced", rules.replaced_by_new_request,
      lambda: given(WEB, cert=manual("m", WEB, left=-DAY), replaced=("other",)), None),
-    ("newer-copy", planner.newer_valid_copy,
+    ("newer-copy", rules.newer_valid_copy,
      lambda: given(WEB, cert=manual("m1", WEB, left=DUE),
                    certs=(manual("m1", WEB, left=DUE), manual("m2", WEB, left=300 * DAY))),
      Skip("newer", "another valid certificate of the template is in the store (m2)")),
-    ("broken-beside-an-older-valid-copy", planner.newer_valid_copy,
+    ("broken-beside-an-older-valid-copy", rules.newer_valid_copy,
      lambda: given(WEB, cert=manual("m1", WEB, left=-DAY, lifetime=30 * DAY),
                    certs=(manual("m1", WEB, left=-DAY, lifetime=30 * DAY), manual("m2", WEB, left=DAY))),
      Skip("newer", "another valid certificate of the template is in the store (m2)")),
-    ("due-beside-an-older-due-copy", planner.newer_valid_copy,
+    ("due-beside-an-older-due-copy", rules.newer_valid_copy,
      lambda: given(WEB, cert=manual("m2", WEB, left=DUE),
                    certs=(manual("m1", WEB, left=DAY), manual("m2", WEB, left=DUE))), None),
-    ("alone", planner.newer_valid_copy,
+    ("alone", rules.newer_valid_copy,
      lambda: given(WEB, cert=manual("m1", WEB, left=DUE), certs=(manual("m1", WEB, left=DUE),)), None),
-    ("archive-template", planner.old_certificate_archived, lambda: given(SIG_ARCHIVE),
+    ("archive-template", rules.old_certificate_archived, lambda: given(SIG_ARCHIVE),
      Skip("archive", "the template keeps old certificates archived")),
-    ("delete-template", planner.old_certificate_archived, lambda: given(SIG_DELETE), None),
-    ("encryption", planner.encryption_certificate, lambda: given(ENC_DELETE),
+    ("delete-template", rules.old_certificate_archived, lambda: given(SIG_DELETE), None),
+    ("encryption", rules.encryption_certificate, lambda: given(ENC_DELETE),
      Skip("encryption", "an encryption certificate is only ever archived")),
-    ("signature-and-encryption", planner.encryption_certificate, lambda: given(BOTH_DELETE),
+    ("signature-and-encryption", rules.encryption_certificate, lambda: given(BOTH_DELETE),
      Skip("encryption", "an encryption certificate is only ever archived")),
-    ("signature", planner.encryption_certificate, lambda: given(SIG_DELETE), None),
+    ("signature", rules.encryption_certificate, lambda: given(SIG_DELETE), None),
 ]
 
 
@@ -304,10 +304,10 @@ def test_a_template_verdict_is_reached_once_per_pass() -> None:
         asked.append(given.template.name)
         return None
 
-    view = planner._PolicyView((server(M),))
+    view = PolicyView((server(M),))
     found = view.find(name="Machine")
     assert found is not None
-    run = planner._Pass(Options(), view, planner._Certs((), NOW), NOW, frozenset())
+    run = planner._Pass(Options(), view, CertIndex((), NOW), NOW, frozenset())
     chain = Chain("6a", (counted,))
     for _ in range(3):
         assert run.verdict(chain, *found) is None

@@ -21,7 +21,7 @@ from certpulse.agent.csr import build_csr
 from certpulse.agent.executor import ActionOutcome
 from certpulse.agent.gather import cached_templates
 from certpulse.agent.model import Action, Kind
-from certpulse.agent.planner import serving_issuers
+from certpulse.agent.policy_view import serving_issuers
 from certpulse.agent.pulse import Agent
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import CertRecord, LocalStore

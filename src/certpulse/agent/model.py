@@ -184,3 +184,26 @@ class Action:
     def to_dict(self) -> dict[str, object]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
                 if v not in (None, (), "", False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """Something the planner decided not to do, and the rule that says so."""
+
+    rule: str
+    template: str | None = None
+    thumbprint: str | None = None
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The pulse's actions in order, the skips as notes, and ``handled``: the personal
+    certificates the agent takes care of itself. Those it renews (6a, 6c), those a superseding
+    template replaces, and older copies of a template a newer valid certificate holds; the
+    expiry monitor warns (1003 / 1002) about every other one, since the seed raises those events
+    only for what autoenrollment will not renew."""
+
+    actions: tuple[Action, ...]
+    notes: tuple[Note, ...]
+    handled: frozenset[str] = frozenset()
