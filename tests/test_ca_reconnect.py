@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from agent_support import wait_for
 from conftest import PG_ADMIN_URL, pg_schema
 from support import Client, init_ca, serve
 
@@ -30,6 +31,15 @@ def test_connections_the_server_closed_are_replaced_unnoticed(tmp_path: Path) ->
                     ended = conn.execute(text(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :n"),
                         {"n": name}).scalar_one()
+
+                    def gone() -> bool:
+                        # pg_terminate_backend only signals: a backend on a busy machine may take a
+                        # moment to exit and close its socket. Until it has, the connection is not
+                        # closed yet, and no checkout could know better.
+                        return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
+                                            {"n": name}).scalar_one() == 0
+
+                    wait_for(gone, 60, "the terminated backends to exit")
             finally:
                 admin.dispose()
             assert ended >= 1

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import random
 import re
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -131,33 +135,72 @@ def test_a_worker_at_its_limit_sheds_before_reading_and_stays_observable(one_slo
     assert httpx.get(f"{one_slot}/v1/policy", timeout=10).status_code == 401  # served again, not shed
 
 
-def test_a_full_worker_measures_its_capacity_and_hands_out_turns(shed_ca: CA) -> None:
+# A client process for the test below: asks until told to stop (or for at most DEADLINE seconds),
+# and records every shed answer as one JSON line: its Retry-After and its problem document.
+HAMMER = """
+import json, pathlib, sys, time
+import httpx
+base, out, stop = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+deadline = time.monotonic() + float(sys.argv[4])
+with httpx.Client(base_url=base, timeout=60) as http, out.open("w") as log:
+    while not stop.exists() and time.monotonic() < deadline:
+        # A token that opens nothing: when taken, the worker looks it up and audits the refusal
+        # (a write transaction), so the requests it completes cost far more than those it sheds.
+        response = http.post("/v1/tokens/exchange", json={"token": "cpe_not-a-token"})
+        if response.status_code == 503:
+            log.write(json.dumps({"retry_after": response.headers.get("retry-after"),
+                                  "type": response.headers.get("content-type"), "body": response.json()}) + "\\n")
+            log.flush()
+        elif response.status_code != 401:  # token-invalid
+            log.write(json.dumps({"unexpected": response.status_code, "text": response.text}) + "\\n")
+            log.flush()
+"""
+
+
+def _shed_answers(outputs: list[Path]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for path in outputs:
+        if path.exists():
+            found += [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return found
+
+
+def test_a_full_worker_measures_its_capacity_and_hands_out_turns(shed_ca: CA, tmp_path: Path) -> None:
     """Under more load than one slot takes, the worker measures what it completes while full and
     answers later arrivals with longer turns: Retry-After grows past the first second instead of
-    sending everyone back at once."""
+    sending everyone back at once.
+
+    Turns grow when clients are shed faster than the worker drains its turns, i.e. faster than
+    it completes requests: so the requests are ones that cost the worker a write transaction
+    when it takes them (a refused token exchange is audited) and next to nothing when it sheds
+    them, and they come from six client processes (on a busy machine one process of threads,
+    one interpreter lock, gets one CPU share; six get six)."""
+    script = tmp_path / "hammer.py"
+    script.write_text(HAMMER)
+    stop = tmp_path / "stop"
+    outputs = [tmp_path / f"shed-{i}.jsonl" for i in range(6)]
     with serve(shed_ca, "--max-inflight", "1") as base:
         assert metric(base, "certpulse_ca_measured_capacity") == 0  # nothing measured yet
-        turns: list[int] = []
-        stop = threading.Event()
-
-        def hammer() -> None:
-            with httpx.Client(base_url=base, timeout=10) as http:
-                while not stop.is_set():
-                    response = http.get("/v1/policy")  # no credential: a quick 401 when taken
-                    if response.status_code == 503:
-                        turns.append(assert_shed(response))
-                    else:
-                        assert response.status_code == 401, response.text
-
-        with ThreadPoolExecutor(max_workers=12) as pool:
-            running = [pool.submit(hammer) for _ in range(12)]
-            wait_for(lambda: max(turns, default=0) >= 3, 120, "a shed answer with a turn of 3 s or more")
-            stop.set()
-            for done in running:
-                done.result()
-        assert turns[0] == 1, turns[:10]  # before any measure: come back in a second
+        clients = [subprocess.Popen([sys.executable, str(script), base, str(out), str(stop), "300"])
+                   for out in outputs]
+        try:
+            wait_for(lambda: max((int(a["retry_after"]) for a in _shed_answers(outputs) if "retry_after" in a),
+                                 default=0) >= 3, 240, "a shed answer with a turn of 3 s or more")
+        finally:
+            stop.touch()
+            for client in clients:
+                client.wait(timeout=120)
+        answers = _shed_answers(outputs)
+        assert [a for a in answers if "unexpected" in a] == []
+        turns = [int(a["retry_after"]) for a in answers]
+        for answer, seconds in zip(answers, turns, strict=True):  # every one a proper shed answer
+            body = answer["body"]
+            assert answer["type"].startswith("application/problem+json")
+            assert 1 <= seconds <= LONGEST_RETRY_AFTER
+            assert body["reason"] == "unavailable" and body["status"] == 503 and body["retry_after"] == seconds
+            assert f"retry after {seconds} s" in body["detail"] and "limit of 1 requests in progress" in body["detail"]
+        assert 1 in turns  # before any measure: come back in a second
         assert metric(base, "certpulse_ca_measured_capacity") > 0
-        assert max(turns) <= LONGEST_RETRY_AFTER
         assert len(set(turns)) >= 3, sorted(set(turns))  # 1, then turns growing with the queue
 
 
