@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, assert_never
 
@@ -293,16 +293,16 @@ DEFAULT_AUDIT_ANONYMOUS_ROWS = 60
 AUDIT_FLUSH_SECONDS = 15.0
 
 
-def _in_background(work: Any, *args: Any) -> None:
-    """Run blocking ``work`` (an audit write) in the loop's default executor, not waited for, and
-    not on a handler thread: the answer has gone, and it must not queue behind the handlers."""
-    def guarded() -> None:
+def _logged(work: Callable[..., None]) -> Callable[..., None]:
+    """``work`` (an audit write, run in the background: its answer has gone) that logs a failure
+    instead of leaving it in a future nobody reads."""
+    def guarded(*args: Any) -> None:
         try:
             work(*args)
         except Exception:
             log.exception("could not audit a refusal")
 
-    asyncio.get_running_loop().run_in_executor(None, guarded)
+    return guarded
 
 
 @contextlib.asynccontextmanager
@@ -465,8 +465,7 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
         inner = limit_threads(inner, threads)
     shed = shed_load(inner, max_inflight, threads=threads or 1)
     app.state.shedding = shed if isinstance(shed, LoadShedding) else None
-    return BodyLimit(shed, max_body, lambda scope, refusal: _in_background(on_body_refused, scope, refusal),
-                     read_timeout=read_timeout)
+    return BodyLimit(shed, max_body, _logged(on_body_refused), read_timeout=read_timeout)
 
 
 def app_from_environment() -> Any:
@@ -480,7 +479,7 @@ def app_from_environment() -> Any:
     def on_protocol_refusal(reason: Reason, detail: str) -> None:  # headers too slow or too large
         service.audit.refusal(ANONYMOUS.actor, "refused", Refusal(reason, detail), clock.now())
 
-    read_deadline.refusal_listener = on_protocol_refusal
+    read_deadline.refusal_listener = _logged(on_protocol_refusal)
     return create_app(service, max_body=config.max_request_bytes, max_inflight=max_inflight_from_environment(),
                       threads=threads_from_environment(), read_timeout=read_timeout_from_environment())
 

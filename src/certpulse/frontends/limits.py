@@ -11,7 +11,7 @@ load-shedding limit (:mod:`certpulse.frontends.shedding`), so a request counts a
 ``--max-inflight`` only once its body is here: a client trickling its body holds a connection
 for at most the read timeout, never a place among the requests in progress.
 
-Refusals are reported to ``on_refusal`` after the answer is sent, in a thread of the event
+Refusals are reported to ``on_refusal`` before the answer is sent, in a thread of the event
 loop's default executor (it audits: a database write, which must neither block the loop nor
 wait for a handler thread).
 """
@@ -85,7 +85,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, refusal: Refusal) -> None:
+        # audited before the answer, as every refusal is; in the loop's default executor, neither
+        # blocking the loop nor queueing behind (or taking) a handler thread
+        await asyncio.get_running_loop().run_in_executor(None, self.on_refusal, scope, refusal)
         response = problem(refusal.reason, refusal.detail)
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
-        asyncio.get_running_loop().run_in_executor(None, self.on_refusal, scope, refusal)
