@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -198,6 +199,23 @@ def test_slow_and_silent_headers_are_cut_off(limits_ca: CA) -> None:
         enroll(limits_ca, base)
 
 
+def test_the_deadline_holds_over_tls(limits_ca: CA) -> None:
+    """Over TLS the same protocol reads the request: slow headers after the handshake get 408."""
+    context = ssl.create_default_context(cafile=str(limits_ca.dir / "certs" / "root.pem"))
+    with serve(limits_ca, "--read-timeout", str(READ_TIMEOUT), tls=True) as base:
+        with socket.create_connection(_address(base), timeout=60) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            started = time.monotonic()
+            sock.sendall(b"POST /v1/tokens/exchange HTTP/1.1\r\nHost: ca\r\n")
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert status_of(answer) == 408 and problem_of(answer)["reason"] == "request-timeout", answer
+            assert READ_TIMEOUT - 0.5 <= time.monotonic() - started <= READ_TIMEOUT + SLACK
+        assert httpx.get(f"{base}/healthz", timeout=30, verify=context).json()["status"] == "ok"
+
+
 def test_headers_over_the_limit_are_refused(limits_ca: CA) -> None:
     with serve(limits_ca, "--read-timeout", "60") as base, \
             socket.create_connection(_address(base), timeout=60) as sock:
@@ -299,6 +317,31 @@ def test_a_flood_of_bad_credentials_is_counted_and_audited_within_bounds(limits_
     summaries = [int(str(detail).split(" ", 1)[0]) for _, _, detail in rows if "more refused" in str(detail)]
     assert summaries and all(reason == "unauthenticated" for _, reason, _ in rows), rows
     assert len(rows) - len(summaries) + sum(summaries) == FLOOD, rows
+
+
+def test_every_kind_of_anonymous_refusal_is_counted(limits_ca: CA) -> None:
+    """No credential, a bad one, a bad token, a malformed body, a body over the limit: each is
+    counted under its action and reason; an authenticated caller's refusal is not anonymous."""
+    sends = {
+        ("unauthenticated", "unauthenticated"): lambda http: http.get("/v1/policy"),
+        ("token-refused", "token-invalid"): lambda http: http.post("/v1/tokens/exchange", json={"token": "cpe_x"}),
+        ("malformed", "malformed-request"): lambda http: http.post("/v1/tokens/exchange", content=b"{not json",
+                                                                   headers={"content-type": "application/json"}),
+        ("refused", "body-too-large"): lambda http: http.post("/v1/tokens/exchange", content=b"x" * 70_000),
+    }
+    with serve(limits_ca) as base, httpx.Client(base_url=base, timeout=60) as http:
+        for (action, reason), send in sends.items():
+            series = f'{{action="{action}",reason="{reason}"}}'
+            before = metric(base, "certpulse_ca_anonymous_refusals_total", series)
+            for _ in range(3):
+                answer = send(http)
+                assert 400 <= answer.status_code < 500 and answer.json()["reason"] == reason, answer.text
+            assert metric(base, "certpulse_ca_anonymous_refusals_total", series) == before + 3, (action, reason)
+        client = Client.enrolled(base, limits_ca.add_principal(f"m-{uuid.uuid4().hex[:8]}.example.internal"))
+        assert_problem(client.http.get("/v1/requests"), 403, "forbidden")
+        anonymous = [line for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines()
+                     if line.startswith("certpulse_ca_anonymous_refusals_total{")]
+        assert anonymous and not [line for line in anonymous if 'reason="forbidden"' in line], anonymous
 
 
 def test_the_sample_keeps_the_first_rows_of_each_minute_and_sums_the_rest() -> None:
