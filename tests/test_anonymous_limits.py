@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +34,7 @@ from certpulse.ca.audit import AnonymousSample
 from certpulse.ca.config import CADir
 from certpulse.ca.model import ANONYMOUS, Caller
 from certpulse.ca.setup import open_service
+from certpulse.frontends.health import BUSY_FOR
 from certpulse.frontends.read_deadline import MAX_HEAD_BYTES
 from support import CA, Client, assert_problem, init_ca, load_cert, serve
 
@@ -246,25 +247,43 @@ def writer_lock(ca: CA) -> Iterator[None]:
 
 
 def test_healthz_is_degraded_while_the_worker_is_saturated(limits_ca: CA) -> None:
-    with serve(limits_ca, "--max-inflight", "2", "--threads", "2") as base:
-        ok = httpx.get(f"{base}/healthz", timeout=30)
+    """Degraded (503) while every handler thread has been busy for a while, and while every place
+    is taken; ok again once the work is done. The work is real: token exchanges whose writes wait
+    for the database's writer lock, which the test holds."""
+    def health() -> httpx.Response:
+        return httpx.get(f"{base}/healthz", timeout=30)
+
+    def health_when(check: Callable[[httpx.Response], bool], what: str) -> httpx.Response:
+        seen: list[httpx.Response] = []
+
+        def probe() -> bool:
+            seen.append(health())
+            return check(seen[-1])
+
+        wait_for(probe, 90, what)
+        return seen[-1]
+
+    def exchange() -> httpx.Response:
+        return httpx.post(f"{base}/v1/tokens/exchange", json={"token": "cpe_none"}, timeout=180)
+
+    with serve(limits_ca, "--max-inflight", "3", "--threads", "2") as base:
+        ok = health()
         assert ok.status_code == 200 and ok.json()["status"] == "ok", ok.text
-        assert ok.json()["inflight"] == 0 and ok.json()["inflight_limit"] == 2 and ok.json()["threads"] == 2
-        with ThreadPoolExecutor(2) as pool:
+        assert (ok.json()["inflight"], ok.json()["inflight_limit"], ok.json()["threads"]) == (0, 3, 2), ok.text
+        with ThreadPoolExecutor(3) as pool:
             with writer_lock(limits_ca):
-                # two token exchanges that must write: in progress, their threads waiting for the lock
-                held = [pool.submit(httpx.post, f"{base}/v1/tokens/exchange", json={"token": "cpe_none"},
-                                    timeout=120) for _ in range(2)]
-                degraded = wait_for(lambda: (r := httpx.get(f"{base}/healthz", timeout=30)).status_code == 503
-                                    and r, 60, "/healthz to say degraded")
-                document = degraded.json()
+                held = [pool.submit(exchange) for _ in range(2)]  # both threads busy, one place left
+                busy = health_when(lambda r: r.status_code == 503, "/healthz to say degraded with every thread busy")
+                document = busy.json()
                 assert document["status"] == "degraded" and document["inflight"] == 2, document
-                shed = httpx.get(f"{base}/v1/policy", timeout=30)
-                assert_problem(shed, 503, "unavailable")
+                assert document["busy_seconds"] >= BUSY_FOR and document["full_seconds"] == 0, document
+                held.append(pool.submit(exchange))  # the last place
+                full = health_when(lambda r: r.json()["full_seconds"] > 0, "/healthz to say every place is taken")
+                assert full.status_code == 503 and full.json()["inflight"] == 3, full.text
+                assert_problem(httpx.get(f"{base}/v1/policy", timeout=30), 503, "unavailable")  # shed
             for answer in held:
-                assert_problem(answer.result(timeout=120), 401, "token-invalid")
-        healthy = wait_for(lambda: (r := httpx.get(f"{base}/healthz", timeout=30)).status_code == 200 and r,
-                           60, "/healthz to say ok again")
+                assert_problem(answer.result(timeout=180), 401, "token-invalid")
+        healthy = health_when(lambda r: r.status_code == 200, "/healthz to say ok again")
         assert healthy.json()["status"] == "ok" and healthy.json()["inflight"] == 0, healthy.text
 
 
@@ -322,7 +341,7 @@ def test_a_flood_of_bad_credentials_is_counted_and_audited_within_bounds(limits_
 def test_every_kind_of_anonymous_refusal_is_counted(limits_ca: CA) -> None:
     """No credential, a bad one, a bad token, a malformed body, a body over the limit: each is
     counted under its action and reason; an authenticated caller's refusal is not anonymous."""
-    sends = {
+    sends: dict[tuple[str, str], Callable[[httpx.Client], httpx.Response]] = {
         ("unauthenticated", "unauthenticated"): lambda http: http.get("/v1/policy"),
         ("token-refused", "token-invalid"): lambda http: http.post("/v1/tokens/exchange", json={"token": "cpe_x"}),
         ("malformed", "malformed-request"): lambda http: http.post("/v1/tokens/exchange", content=b"{not json",

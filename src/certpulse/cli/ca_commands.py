@@ -93,7 +93,7 @@ def ca_serve(
         help="Seconds a request has to arrive whole, headers and body; then 408 and the connection closes")] = 30,
     max_connections: Annotated[int, typer.Option(
         "--max-connections", min=16, max=1_000_000,
-        help="Open connections one worker keeps; past that new requests get 503")] = 1024,
+        help="Open connections one worker keeps; past that new requests get 503")] = 4096,
     audit_anonymous_rows: Annotated[int, typer.Option(
         "--audit-anonymous-rows", min=0, max=1_000_000,
         help="Audit rows per minute, per refusal reason and worker, for refusals of anonymous callers; "
