@@ -1,15 +1,18 @@
 """Load shedding: a worker at its limit of requests in progress answers 503 + Retry-After (an RFC
 7807 problem) before doing any work; /healthz and /metrics still answer; the agent backs off.
 
-A request is held in progress by a raw connection that sends its headers and only part of its
-body: the server has started it (it counts against the limit) and waits for the rest.
+A request is held in progress by real work that cannot finish: the test holds the SQLite CA's
+writer lock (sql/db.py), and a token exchange, whose body is whole (only whole requests count
+against the limit: frontends/limits.py), waits for it in its handler thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
+import os
 import random
 import re
 import socket
@@ -46,10 +49,15 @@ def shed_ca(tmp_path_factory: pytest.TempPathFactory) -> CA:
     return init_ca(directory, f"sqlite:///{directory.parent / 'ca.db'}")
 
 
+# The SQLite database of each server's CA, for hold()
+SHED_DATABASE: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def one_slot(shed_ca: CA) -> Iterator[str]:
     """A server whose single worker takes one request at a time."""
     with serve(shed_ca, "--max-inflight", "1") as base:
+        SHED_DATABASE[base] = Path(shed_ca.database_url.removeprefix("sqlite:///"))
         yield base
 
 
@@ -62,20 +70,21 @@ def metric(base: str, name: str) -> float:
 
 
 class HeldRequest:
-    """A token exchange whose body is half sent: in progress on the server until :meth:`finish`."""
+    """A token exchange in progress on the server, waiting for the writer lock, until :meth:`finish`."""
 
     BODY = b'{"token": "cpe_not-a-real-token"}'
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, lock: WriterLockHold) -> None:
         url = urlsplit(base)
-        self.sock = socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=10)
+        self.lock = lock
+        self.sock = socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=60)
         head = (b"POST /v1/tokens/exchange HTTP/1.1\r\nHost: ca\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(self.BODY))
-        self.sock.sendall(head + self.BODY[:7])
+        self.sock.sendall(head + self.BODY)
 
     def finish(self) -> bytes:
-        """Send the rest of the body; the server's answer (status line first)."""
-        self.sock.sendall(self.BODY[7:])
+        """Let the writes go on; the server's answer (status line first)."""
+        self.lock.release()
         answer = b""
         with contextlib.suppress(TimeoutError):
             while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
@@ -87,15 +96,31 @@ class HeldRequest:
         return answer
 
 
+class WriterLockHold:
+    """The SQLite CA database's writer lock (``ca.db-writer``), held by this test process."""
+
+    def __init__(self, database: Path) -> None:
+        self.fd: int | None = os.open(f"{database}-writer", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 @contextlib.contextmanager
 def hold(base: str, count: int = 1) -> Iterator[list[HeldRequest]]:
     before = metric(base, "certpulse_ca_requests_inflight")
-    held = [HeldRequest(base) for _ in range(count)]
+    lock = WriterLockHold(SHED_DATABASE[base])
+    held = [HeldRequest(base, lock) for _ in range(count)]
     try:
         wait_for(lambda: metric(base, "certpulse_ca_requests_inflight") >= before + count, 60,
                  "the held requests to be in progress")
         yield held
     finally:
+        lock.release()
         for request in held:
             with contextlib.suppress(OSError):
                 request.sock.close()
@@ -123,8 +148,10 @@ def test_a_worker_at_its_limit_sheds_before_reading_and_stays_observable(one_slo
                                  headers={"Authorization": "Bearer cpc_whatever"}) for _ in range(6)]
             answers += [http.get("/v1/policy"), http.post("/v1/tokens/exchange", content=b"not json")]
             assert len({assert_shed(a) for a in answers}) >= 1
-            # liveness and metrics are never shed, even now
-            assert http.get("/healthz").status_code == 200
+            # /healthz and metrics are never shed, even now: /healthz answers that the worker is saturated
+            health = http.get("/healthz")
+            assert health.status_code == 503 and health.json()["status"] == "degraded", health.text
+            assert health.json()["inflight"] == 1 and health.json()["inflight_limit"] == 1, health.text
             assert metric(one_slot, "certpulse_ca_requests_shed_total") >= shed_before + len(answers)
             assert metric(one_slot, "certpulse_ca_requests_inflight_limit") == 1
             assert metric(one_slot, "certpulse_ca_requests_inflight_peak") == 1

@@ -35,6 +35,8 @@ class Reason(enum.StrEnum):
     KEY_NOT_ALLOWED = "key-not-allowed"
     NAME_NOT_ALLOWED = "name-not-allowed"
     BODY_TOO_LARGE = "body-too-large"
+    REQUEST_TIMEOUT = "request-timeout"  # headers and body not received within the read deadline
+    HEADERS_TOO_LARGE = "headers-too-large"
     # renewal and co-signatures
     RENEWAL_INVALID = "renewal-invalid"
     RENEWAL_OF_EXPIRED = "renewal-of-expired"

@@ -40,6 +40,12 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 KEY_TYPES = ", ".join(s for s in KEY_SPECS if s != "ec-p521")
 MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"  # read by each worker (frontends/shedding.py); named here likewise
 THREADS_ENV = "CERTPULSE_THREADS"  # likewise (frontends/threads.py)
+READ_TIMEOUT_ENV = "CERTPULSE_READ_TIMEOUT"  # likewise (frontends/read_deadline.py)
+AUDIT_ANONYMOUS_ENV = "CERTPULSE_AUDIT_ANONYMOUS_ROWS"  # likewise (frontends/http.py, ca/audit.py)
+# uvicorn's own limits, per worker (README, "Limits against anonymous clients"):
+KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default, kept on purpose)
+BACKLOG = 2048  # connections the kernel queues before a worker accepts them (capped by net.core.somaxconn)
+GRACEFUL_SHUTDOWN_S = 30  # a stop waits this long for the requests in progress, then closes them
 
 
 def _admin(dir_: Path | None) -> CAAdmin:
@@ -82,6 +88,16 @@ def ca_serve(
     threads: Annotated[int, typer.Option(
         "--threads", min=1, max=256,
         help="Blocking handlers (database transaction, signature) one worker runs at once")] = 4,
+    read_timeout: Annotated[int, typer.Option(
+        "--read-timeout", min=1, max=3600,
+        help="Seconds a request has to arrive whole, headers and body; then 408 and the connection closes")] = 30,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", min=16, max=1_000_000,
+        help="Open connections one worker keeps; past that new requests get 503")] = 4096,
+    audit_anonymous_rows: Annotated[int, typer.Option(
+        "--audit-anonymous-rows", min=0, max=1_000_000,
+        help="Audit rows per minute, per refusal reason and worker, for refusals of anonymous callers; "
+             "the rest are summed in one row")] = 60,
 ) -> None:
     """Serve the enrollment API."""
     import uvicorn
@@ -103,11 +119,15 @@ def ca_serve(
     os.environ["CERTPULSE_CA_DIR"] = str(target.root.resolve())
     os.environ[MAX_INFLIGHT_ENV] = str(max_inflight)
     os.environ[THREADS_ENV] = str(threads)
+    os.environ[READ_TIMEOUT_ENV] = str(read_timeout)
+    os.environ[AUDIT_ANONYMOUS_ENV] = str(audit_anonymous_rows)
     console.print(f"serving CA {config.name!r} on {'https' if tls else 'http'}://{listen} ({workers} worker(s))")
     with _metrics_folder():
         uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
                     port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
-                    server_header=False, **ssl)  # type: ignore[arg-type]
+                    server_header=False, http="certpulse.frontends.read_deadline:BoundedHttpToolsProtocol",
+                    timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=max_connections, backlog=BACKLOG,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **ssl)  # type: ignore[arg-type]
 
 
 def _check_metrics_folder() -> None:

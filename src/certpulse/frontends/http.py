@@ -16,14 +16,16 @@ that path goes on to the FastAPI route, which refuses it as it always did and do
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import logging
 import os
 import re
 import time
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, assert_never
 
@@ -39,15 +41,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from certpulse import __version__, clock
 from certpulse.ca import results
+from certpulse.ca.audit import AnonymousSample
 from certpulse.ca.config import CADir, resolve_ca_dir
 from certpulse.ca.model import ANONYMOUS, Caller, EnrollmentRequest, Evidence
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service
 from certpulse.errors import Reason, Refusal
-from certpulse.frontends import documents
+from certpulse.frontends import documents, read_deadline
+from certpulse.frontends.environment import whole_number_setting
+from certpulse.frontends.health import worker_health
 from certpulse.frontends.limits import BodyLimit
-from certpulse.frontends.metrics import METRICS_RESPONSES, metrics_endpoint, observe_submission
+from certpulse.frontends.metrics import (
+    METRICS_RESPONSES,
+    metrics_endpoint,
+    observe_anonymous_refusal,
+    observe_submission,
+)
 from certpulse.frontends.problems import problem
+from certpulse.frontends.read_deadline import DEFAULT_READ_TIMEOUT, read_timeout_from_environment
 from certpulse.frontends.schema import (
     Credential,
     DenyBody,
@@ -57,8 +68,8 @@ from certpulse.frontends.schema import (
     SignedEvidence,
     TokenExchange,
 )
-from certpulse.frontends.shedding import shed_load
-from certpulse.frontends.threads import limit_threads
+from certpulse.frontends.shedding import LoadShedding, max_inflight_from_environment, shed_load
+from certpulse.frontends.threads import limit_threads, threads_from_environment
 from certpulse.pki.certs import load_certificate
 
 log = logging.getLogger("certpulse.api")
@@ -274,8 +285,63 @@ class SubmitRoute:
             return unexpected_error("POST", self.PATH)
 
 
-def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
+# Rows per (action, reason) per minute that anonymous refusals get one by one in each worker
+# (ca serve --audit-anonymous-rows; ca/audit.py samples the rest), and how often a worker writes
+# the summary rows of the minutes that are over.
+AUDIT_ANONYMOUS_ENV = "CERTPULSE_AUDIT_ANONYMOUS_ROWS"
+DEFAULT_AUDIT_ANONYMOUS_ROWS = 60
+AUDIT_FLUSH_SECONDS = 15.0
+
+
+def _logged(work: Callable[..., None]) -> Callable[..., None]:
+    """``work`` (an audit write, run in the background: its answer has gone) that logs a failure
+    instead of leaving it in a future nobody reads."""
+    def guarded(*args: Any) -> None:
+        try:
+            work(*args)
+        except Exception:
+            log.exception("could not audit a refusal")
+
+    return guarded
+
+
+@contextlib.asynccontextmanager
+async def _audit_flushing(service: CAService) -> AsyncIterator[None]:
+    """While the worker runs, write the anonymous refusals' summary rows as their minutes end;
+    at shutdown, write those of the minutes not yet over."""
+    loop = asyncio.get_running_loop()
+
+    async def flush_now_and_then() -> None:
+        while True:
+            await asyncio.sleep(AUDIT_FLUSH_SECONDS)
+            try:
+                await loop.run_in_executor(None, service.audit.flush, clock.now())
+            except Exception:
+                log.exception("could not write the audit's summary of anonymous refusals")
+
+    task = loop.create_task(flush_now_and_then())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await loop.run_in_executor(None, lambda: service.audit.flush(clock.now(), everything=True))
+
+
+def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: int = 0, threads: int | None = None,
+               read_timeout: int = DEFAULT_READ_TIMEOUT) -> Any:
+    """The application: the API behind, from the outside in, the body's size limit and read deadline
+    (:class:`BodyLimit`), the load-shedding limit (``max_inflight``, 0: none) and the handler
+    threads (``threads``, None: anyio's default). Reading the body comes first, so a request counts
+    against ``max_inflight`` only once it is whole."""
+    service.audit.on_anonymous = observe_anonymous_refusal
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with _audit_flushing(service):
+            yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="certpulse enrollment service",
         version=__version__,
         description="Certificate enrollment, policy (CEP), approval and revocation. "
@@ -310,9 +376,12 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
     def on_unexpected(request: Request, exc: Exception) -> Response:
         return unexpected_error(request.method, request.url.path)
 
-    @app.get("/healthz", tags=["service"], summary="Liveness")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    @app.get("/healthz", tags=["service"], summary="Readiness: 503 'degraded' while this worker is saturated",
+             responses={503: {"description": "Degraded: every place or handler thread taken"}})
+    async def healthz() -> Response:
+        # on the event loop (never waits for a handler thread), never shed; see frontends/health.py
+        healthy, document = worker_health(app.state.shedding, time.monotonic())
+        return JSONResponse(document, status_code=200 if healthy else 503)
 
     @app.get("/metrics", tags=["service"], response_class=PlainTextResponse, responses=METRICS_RESPONSES,
              summary="Prometheus metrics (unauthenticated, as Prometheus expects; counts only, no names)")
@@ -386,20 +455,33 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024) -> Any:
               request_id: Annotated[int | None, Query()] = None) -> Response:
         return answer(service.audit.read(who, clock.now(), limit=limit, request_id=request_id))
 
-    def on_too_large(scope: MutableMapping[str, Any]) -> None:
+    def on_body_refused(scope: MutableMapping[str, Any], refusal: Refusal) -> None:
+        # Anonymous: the credential has not been looked at (a body over the limit or too slow).
         service.audit.refusal(ANONYMOUS.actor, "refused",
-                              Refusal(Reason.BODY_TOO_LARGE, f"{scope.get('method')} {scope.get('path')}"),
-                              clock.now())
+                              Refusal(refusal.reason, f"{scope.get('method')} {scope.get('path')}"), clock.now())
 
-    return BodyLimit(SubmitRoute(app, service), max_body, on_too_large)
+    inner: ASGIApp = SubmitRoute(app, service)
+    if threads is not None:
+        inner = limit_threads(inner, threads)
+    shed = shed_load(inner, max_inflight, threads=threads or 1)
+    app.state.shedding = shed if isinstance(shed, LoadShedding) else None
+    return BodyLimit(shed, max_body, _logged(on_body_refused), read_timeout=read_timeout)
 
 
 def app_from_environment() -> Any:
     """The uvicorn factory: each worker process opens the CA named by ``CERTPULSE_CA_DIR``."""
     ca_dir = CADir(resolve_ca_dir(Path(os.environ["CERTPULSE_CA_DIR"]) if "CERTPULSE_CA_DIR" in os.environ else None))
     config = ca_dir.load()
-    threaded = limit_threads(create_app(open_service(ca_dir, config=config), max_body=config.max_request_bytes))
-    return shed_load(threaded, threads=threaded.threads)
+    service = open_service(ca_dir, config=config)
+    service.audit.sample = AnonymousSample(rows=whole_number_setting(
+        AUDIT_ANONYMOUS_ENV, DEFAULT_AUDIT_ANONYMOUS_ROWS, low=0, high=None, requirement="a whole number"))
+
+    def on_protocol_refusal(reason: Reason, detail: str) -> None:  # headers too slow or too large
+        service.audit.refusal(ANONYMOUS.actor, "refused", Refusal(reason, detail), clock.now())
+
+    read_deadline.refusal_listener = _logged(on_protocol_refusal)
+    return create_app(service, max_body=config.max_request_bytes, max_inflight=max_inflight_from_environment(),
+                      threads=threads_from_environment(), read_timeout=read_timeout_from_environment())
 
 
 __all__ = ["answer", "app_from_environment", "create_app"]

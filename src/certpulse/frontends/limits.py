@@ -1,25 +1,40 @@
-"""An ASGI guard that refuses request bodies over a size limit with 413, declared or streamed.
+"""An ASGI guard that reads each request body whole, within a size limit and a deadline.
 
 The body is read here, up to the limit, before the application sees it; a chunked body that
-grows past the limit is refused without reading the rest, and the application then gets the
-buffered body replayed. Nothing downstream ever holds more than ``max_bytes`` of a request.
+grows past the limit is refused with 413 without reading the rest, and the application then gets
+the buffered body replayed. Nothing downstream ever holds more than ``max_bytes`` of a request.
+
+The body must also be whole by the request's read deadline (:mod:`certpulse.frontends.read_deadline`:
+set by the server's protocol from when the request began, or ``read_timeout`` seconds from now
+when the server set none), else 408 and the connection is closed. This guard sits outside the
+load-shedding limit (:mod:`certpulse.frontends.shedding`), so a request counts against a worker's
+``--max-inflight`` only once its body is here: a client trickling its body holds a connection
+for at most the read timeout, never a place among the requests in progress.
+
+Refusals are reported to ``on_refusal`` before the answer is sent, in a thread of the event
+loop's default executor (it audits: a database write, which must neither block the loop nor
+wait for a handler thread).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from certpulse.errors import Reason
+from certpulse.errors import Reason, Refusal
 from certpulse.frontends.problems import problem
+from certpulse.frontends.read_deadline import DEADLINE_EXTENSION, DEFAULT_READ_TIMEOUT
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int, on_refusal: Callable[[Scope], None]) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, on_refusal: Callable[[Scope, Refusal], None], *,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.on_refusal = on_refusal
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,22 +47,32 @@ class BodyLimit:
                 except ValueError:
                     declared = -1
                 if declared > self.max_bytes or declared < 0:
-                    await self._refuse(scope, receive, send)
+                    await self._refuse(scope, receive, send, Refusal(
+                        Reason.BODY_TOO_LARGE, f"request bodies are limited to {self.max_bytes} bytes"))
                     return
+        loop = asyncio.get_running_loop()
+        due = scope.get("extensions", {}).get(DEADLINE_EXTENSION) or loop.time() + self.read_timeout
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout_at(due):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # client went away
+                        return
+                    body = message.get("body", b"")
+                    size += len(body)
+                    if size > self.max_bytes:
+                        await self._refuse(scope, receive, send, Refusal(
+                            Reason.BODY_TOO_LARGE, f"request bodies are limited to {self.max_bytes} bytes"))
+                        return
+                    chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await self._refuse(scope, receive, send, Refusal(
+                Reason.REQUEST_TIMEOUT, f"the request's body did not arrive within {self.read_timeout} s"))
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -59,8 +84,10 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.on_refusal(scope)
-        response = problem(Reason.BODY_TOO_LARGE, f"request bodies are limited to {self.max_bytes} bytes")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, refusal: Refusal) -> None:
+        # audited before the answer, as every refusal is; in the loop's default executor, neither
+        # blocking the loop nor queueing behind (or taking) a handler thread
+        await asyncio.get_running_loop().run_in_executor(None, self.on_refusal, scope, refusal)
+        response = problem(refusal.reason, refusal.detail)
         response.headers["Connection"] = "close"
         await response(scope, receive, send)

@@ -84,7 +84,7 @@ def observe_submission(outcome: str, started: float) -> None:
 # Load shedding (frontends/shedding.py): what each worker has in progress, and what it refused.
 REQUESTS_SHED = Counter(
     "certpulse_ca_requests_shed",
-    "Requests answered 503 with Retry-After, unread, because their worker already had its limit "
+    "Requests answered 503 with Retry-After, before any work, because their worker already had its limit "
     "(ca serve --max-inflight) of requests in progress",
     registry=_PROCESS_REGISTRY,
 )
@@ -114,6 +114,19 @@ WORKER_THREADS = Gauge(
     "Blocking handlers one worker runs at once: its thread pool (ca serve --threads)",
     registry=_PROCESS_REGISTRY, multiprocess_mode="max",
 )
+
+
+ANONYMOUS_REFUSALS = Counter(
+    "certpulse_ca_anonymous_refusals",
+    "Refusals of callers with no valid credential, every one, by the refused action and the reason "
+    "(unauthenticated, token-invalid, malformed-request, body-too-large, request-timeout, ...). The "
+    "audit log keeps only a sample of these (certpulse_ca_refusals_total counts its rows)",
+    ["action", "reason"], registry=_PROCESS_REGISTRY,
+)
+
+
+def observe_anonymous_refusal(action: str, reason: str) -> None:
+    ANONYMOUS_REFUSALS.labels(action, reason).inc()
 
 
 def observe_shed() -> None:
@@ -192,7 +205,8 @@ class _Families(Collector):
         refusals = CounterMetricFamily(
             "certpulse_ca_refusals_total",
             "Every refusal the CA audited, by the refused action and the reason (e.g. unauthenticated, "
-            "refused with bad-csr-signature, malformed)", labels=["action", "reason"])
+            "refused with bad-csr-signature, malformed). Anonymous refusals are audited sampled: "
+            "certpulse_ca_anonymous_refusals_total counts all of them", labels=["action", "reason"])
         for (action, reason), count in sorted(s.refusals.items()):
             refusals.add_metric([action, reason], count)
         yield refusals

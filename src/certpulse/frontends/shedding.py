@@ -3,11 +3,14 @@
 A CA that takes every request during a storm (a thousand machines logging on at once, or every
 certificate crossing its renewal threshold together) queues them inside the worker, answers
 each later than the one before, and ends up doing work for clients that have already given up.
-This ASGI middleware sits in front of everything else: when a worker already has
+This ASGI middleware sits in front of the application: when a worker already has
 ``max_inflight`` requests in progress, the next one is answered at once with ``503`` and a
-``Retry-After`` as an RFC 7807 problem, before its body is read, a credential is checked or the
-database is touched. Clients come back later; the certpulse agent keeps its current certificates
-and comes back when it was told (:mod:`certpulse.agent.daemon`).
+``Retry-After`` as an RFC 7807 problem, before a credential is checked or the database is
+touched. Its body has been read by then (:class:`certpulse.frontends.limits.BodyLimit` sits
+outside this limit, with a size limit and a deadline): a request counts against the limit only
+from the moment it is whole, so clients trickling their bodies cannot hold the places.
+Clients come back later; the certpulse agent keeps its current certificates and comes back when
+it was told (:mod:`certpulse.agent.daemon`).
 
 503 rather than 429: the limit is the server's capacity, not one client's rate, and a load
 balancer in front of several CA servers treats 503 as "try another one". ``Retry-After`` is a
@@ -55,7 +58,8 @@ class LoadShedding:
     """Answer ``503`` + ``Retry-After`` when ``max_inflight`` requests are already in progress."""
 
     def __init__(self, app: ASGIApp, max_inflight: int, *, schedule: RetrySchedule | None = None,
-                 exempt: Iterable[str] = EXEMPT_PATHS, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 exempt: Iterable[str] = EXEMPT_PATHS, monotonic: Callable[[], float] = time.monotonic,
+                 threads: int | None = None) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.app = app
@@ -64,6 +68,9 @@ class LoadShedding:
         self.exempt = frozenset(exempt)
         self.monotonic = monotonic
         self.peak = 0
+        self.threads = threads or self.schedule.saturated_at  # handler threads (frontends/threads.py)
+        self.full_since: float | None = None  # since when every place has been taken (None: not now)
+        self.busy_since: float | None = None  # since when every handler thread has had a request
         set_inflight_limit(max_inflight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,6 +81,7 @@ class LoadShedding:
             await self._shed(scope, receive, send)
             return
         self.schedule.started(self.monotonic())
+        self._note_load(self.monotonic())
         observe_inflight(+1)
         if self.schedule.inflight > self.peak:
             self.peak = self.schedule.inflight
@@ -82,7 +90,24 @@ class LoadShedding:
             await self.app(scope, receive, send)
         finally:
             self._measure(self.schedule.completed)
+            self._note_load(self.monotonic())
             observe_inflight(-1)
+
+    def _note_load(self, now: float) -> None:
+        """Keep since when the places, and the handler threads, have all been taken (for /healthz)."""
+        inflight = self.schedule.inflight
+        if inflight < self.max_inflight:
+            self.full_since = None
+        elif self.full_since is None:
+            self.full_since = now
+        if inflight < self.threads:
+            self.busy_since = None
+        elif self.busy_since is None:
+            self.busy_since = now
+
+    @property
+    def inflight(self) -> int:
+        return self.schedule.inflight
 
     def _measure(self, event: Callable[[float], _T]) -> _T:
         """Tell the schedule what happened now, and publish the capacity when it was remeasured."""
@@ -125,7 +150,7 @@ def shed_load(app: ASGIApp, max_inflight: int | None = None, *, threads: int = 1
     limit = max_inflight_from_environment() if max_inflight is None else max_inflight
     if limit == 0:
         return app
-    return LoadShedding(app, limit, schedule=RetrySchedule(saturated_at=min(limit, threads)))
+    return LoadShedding(app, limit, schedule=RetrySchedule(saturated_at=min(limit, threads)), threads=threads)
 
 
 __all__ = ["DEFAULT_MAX_INFLIGHT", "MAX_INFLIGHT_ENV", "LoadShedding", "client_digest",
