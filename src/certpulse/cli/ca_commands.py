@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +18,8 @@ import typer
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.revocation import REVOCATION_REASONS
-from certpulse.ca.setup import add_issuer, ensure_tls_certificate, init_ca
+from certpulse.ca.server_tls import MIN_TLS_VALIDITY, TLSRenewer, ensure_tls_certificate, server_names
+from certpulse.ca.setup import add_issuer, init_ca
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
 from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, service
@@ -74,7 +76,16 @@ def ca_serve(
     dir_: DirOption = None,
     listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on")] = "127.0.0.1:8443",
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes (one per core)")] = 1,
-    tls: Annotated[bool, typer.Option("--tls/--no-tls", help="HTTPS with a certificate this CA issues itself")] = False,
+    tls: Annotated[bool, typer.Option(
+        "--tls", help="HTTPS with a certificate this CA issues itself (the default; kept for old scripts)")] = False,
+    no_tls: Annotated[bool, typer.Option("--no-tls", hidden=True)] = False,
+    insecure_http: Annotated[bool, typer.Option(
+        "--insecure-http",
+        help="Plain HTTP instead of TLS: every request, bearer credentials included, in clear")] = False,
+    tls_names: Annotated[list[str] | None, typer.Option(
+        "--tls-name", help="A DNS name or IP address agents dial, added to the certificate (repeat)")] = None,
+    tls_lifetime: Annotated[str, typer.Option(
+        "--tls-lifetime", help="Lifetime of the server certificate; renewed when a third is left")] = "90d",
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log")] = False,
     max_inflight: Annotated[int, typer.Option(
         "--max-inflight", min=0, max=100_000,
@@ -83,31 +94,72 @@ def ca_serve(
         "--threads", min=1, max=256,
         help="Blocking handlers (database transaction, signature) one worker runs at once")] = 4,
 ) -> None:
-    """Serve the enrollment API."""
+    """Serve the enrollment API, over TLS with a certificate from this CA (renewed while it runs)."""
     import uvicorn
 
+    from certpulse.frontends.tls import ReloadingTLS
+
+    if no_tls:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--no-tls is gone: TLS is the default; plain HTTP needs --insecure-http")
+    if tls and insecure_http:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--tls and --insecure-http contradict each other: choose one")
+    if insecure_http and tls_names:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--tls-name names the TLS certificate: no use with --insecure-http")
     host, sep, port_text = listen.rpartition(":")
     if not sep or not port_text.isdigit() or not host:
         raise Refusal(Reason.INVALID_ARGUMENT, f"--listen must be HOST:PORT (got {listen!r})")
+    lifetime = parse_duration(tls_lifetime)
+    if lifetime < MIN_TLS_VALIDITY:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"--tls-lifetime must be at least {format_duration(MIN_TLS_VALIDITY)}")
+    names = server_names(host, tls_names or ())
     _check_metrics_folder()
     target = ca_dir(dir_)
     config = target.load()
     engine = make_engine(config.database_url, pool_size=1)
     migrate(engine)
     engine.dispose()
-    ssl: dict[str, str] = {}
-    if tls:
-        cert, key = ensure_tls_certificate(target, service(dir_), [host.strip("[]"), "localhost", "127.0.0.1"],
-                                           clock.now())
-        ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    ssl: dict[str, ReloadingTLS] = {}
+    renewer: TLSRenewer | None = None
+    if not insecure_http:
+        svc = service(dir_)
+        try:
+            files, _ = ensure_tls_certificate(target, svc, names, clock.now(), lifetime)
+        finally:
+            svc.engine.dispose()
+        ssl = {"ssl_context_factory": ReloadingTLS(files.cert, files.key)}
+        renewer = TLSRenewer(target, lambda: service(dir_), names, clock.now, lifetime)
     os.environ["CERTPULSE_CA_DIR"] = str(target.root.resolve())
     os.environ[MAX_INFLIGHT_ENV] = str(max_inflight)
     os.environ[THREADS_ENV] = str(threads)
-    console.print(f"serving CA {config.name!r} on {'https' if tls else 'http'}://{listen} ({workers} worker(s))")
+    _log_to_stderr()
+    if insecure_http:
+        logging.getLogger("certpulse.serve").warning(
+            "WARNING: --insecure-http: serving plain HTTP; all traffic, bearer credentials (API keys, enrollment "
+            "tokens, session credentials) included, travels in clear")
+    console.print(f"serving CA {config.name!r} on {'http' if insecure_http else 'https'}://{listen} "
+                  f"({workers} worker(s))")
     with _metrics_folder():
-        uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
-                    port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
-                    server_header=False, **ssl)  # type: ignore[arg-type]
+        if renewer is not None:
+            renewer.start()
+        try:
+            uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
+                        port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
+                        server_header=False, **ssl)  # type: ignore[arg-type]
+        finally:
+            if renewer is not None:
+                renewer.stop()
+
+
+def _log_to_stderr() -> None:
+    """The server's own messages (the plain-HTTP warning, certificate renewals) on stderr, as
+    uvicorn's are."""
+    logger = logging.getLogger("certpulse.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     certpulse: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _check_metrics_folder() -> None:
