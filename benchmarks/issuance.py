@@ -330,7 +330,8 @@ class Targets(contextlib.ExitStack):
                                 "--dir", str(folder)]))["token"]
         port = free_port()
         proc, log = self._spawn(name, [*CERTPULSE, "ca", "serve", "--dir", str(folder),
-                                       "--listen", f"127.0.0.1:{port}", "--workers", str(self.workers)])
+                                       "--listen", f"127.0.0.1:{port}", "--workers", str(self.workers),
+                                       "--insecure-http"])
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/healthz", proc, log)
         status, answer = post_json(f"{base}/v1/tokens/exchange", {"token": token})

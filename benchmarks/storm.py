@@ -205,7 +205,8 @@ def ca_server(ca_dir: Path, settings: Settings) -> Iterator[tuple[subprocess.Pop
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}",
-             "--workers", str(settings.workers), "--max-inflight", str(settings.max_inflight)],
+             "--workers", str(settings.workers), "--max-inflight", str(settings.max_inflight),
+             "--insecure-http"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     base = f"http://127.0.0.1:{port}"

@@ -14,19 +14,29 @@ from types import FrameType
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.revocation import REVOCATION_REASONS
-from certpulse.ca.server_tls import MIN_TLS_VALIDITY, TLSRenewer, ensure_tls_certificate, server_names
+from certpulse.ca.server_tls import (
+    MIN_TLS_VALIDITY,
+    TLSFiles,
+    TLSRenewer,
+    certificate_names,
+    current_certificate,
+    ensure_tls_certificate,
+    server_names,
+)
 from certpulse.ca.setup import add_issuer, init_ca
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
-from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, service
+from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, root_fingerprint, service
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents
+from certpulse.pki.certs import serial_hex
 from certpulse.pki.keys import KEY_SPECS
 from certpulse.sql.db import make_engine
 
@@ -39,6 +49,7 @@ apikey_app = typer.Typer(help="API keys for CA managers", no_args_is_help=True)
 # prometheus_client's multiprocess folder (named here: importing the metrics module would pull
 # prometheus_client into every command, and fix its storage mode before ``ca serve`` chooses it).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FINGERPRINT_LABEL = "Root fingerprint (pin it with `certpulse agent init --ca-fingerprint ...`)"
 KEY_TYPES = ", ".join(s for s in KEY_SPECS if s != "ec-p521")
 MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"  # read by each worker (frontends/shedding.py); named here likewise
 THREADS_ENV = "CERTPULSE_THREADS"  # likewise (frontends/threads.py)
@@ -69,6 +80,7 @@ def ca_init(
     console.print(f"[green]CA {name!r} created in {target.root}[/green] (root, issuer 'issuing-1', KRA)")
     console.print("Admin API key (shown once, stored only as a hash):")
     console.print(key, soft_wrap=True)
+    console.print(f"{FINGERPRINT_LABEL}: {root_fingerprint(target)}", soft_wrap=True)
 
 
 @ca_app.command("serve")
@@ -214,6 +226,36 @@ def _metrics_folder() -> Iterator[None]:
         signal.raise_signal(signal.SIGTERM)
 
 
+@ca_app.command("status")
+def ca_status(dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """The CA at a glance: name, database, issuers, the root fingerprint agents pin, the server's
+    TLS certificate."""
+    from sqlalchemy.engine import make_url
+
+    target = ca_dir(dir_)
+    config = target.load()
+    issuers = [{"name": r["name"], "not_after": r["not_after"], "enabled": r["enabled"], "cost": r["cost"],
+                "renewal_only": r["renewal_only"]}
+               for r in _admin(dir_).issuers() if r["role"] == "issuer"]
+    served = current_certificate(TLSFiles.of(target))
+    tls_doc = None if served is None else {
+        "serial": serial_hex(served.serial_number), "not_after": served.not_valid_after_utc.isoformat(),
+        "names": list(certificate_names(served).all())}
+    doc = {"name": config.name, "dir": str(target.root), "database": make_url(config.database_url).get_backend_name(),
+           "ca_fingerprint": root_fingerprint(target), "issuers": issuers, "tls": tls_doc}
+    if json_:
+        emit_json(doc)
+        return
+    for label, value in (("name", escape(config.name)), ("folder", escape(str(target.root))),
+                         ("database", doc["database"]), ("root fingerprint", doc["ca_fingerprint"]),
+                         ("TLS certificate", "none yet (ca serve issues it)" if tls_doc is None else
+                          f"serial {tls_doc['serial']}, not after {tls_doc['not_after']}, "
+                          f"names {escape(', '.join(tls_doc['names']))}")):
+        console.print(f"[bold]{label}[/bold]: {value}", soft_wrap=True)
+    table("Issuers", ["name", "not after", "enabled", "cost", "renewal only"],
+          [(i["name"], i["not_after"], i["enabled"], i["cost"], i["renewal_only"]) for i in issuers])
+
+
 @ca_app.command("add-issuer")
 def ca_add_issuer(
     name: str,
@@ -335,22 +377,26 @@ def principal_add(
 ) -> None:
     """Add a principal and print its one-time enrollment token."""
     result = _admin(dir_).add_principal(name, kind, clock.now(), groups=groups, roles=roles)
+    result["ca_fingerprint"] = root_fingerprint(ca_dir(dir_))
     if json_:
         emit_json(result)
         return
     console.print(f"[green]{kind} {name!r} added[/green]. One-time enrollment token (expires {result['expires_at']}):")
     console.print(result["token"], soft_wrap=True)
+    console.print(f"{FINGERPRINT_LABEL}: {result['ca_fingerprint']}", soft_wrap=True)
 
 
 @principal_app.command("token")
 def principal_token(name: str, dir_: DirOption = None, json_: JsonOption = False) -> None:
     """Issue a new one-time enrollment token for an existing principal."""
     result = _admin(dir_).new_token(name, clock.now())
+    result["ca_fingerprint"] = root_fingerprint(ca_dir(dir_))
     if json_:
         emit_json(result)
         return
     console.print(f"One-time enrollment token for {name!r} (expires {result['expires_at']}):")
     console.print(result["token"], soft_wrap=True)
+    console.print(f"{FINGERPRINT_LABEL}: {result['ca_fingerprint']}", soft_wrap=True)
 
 
 @principal_app.command("list")
