@@ -7,7 +7,7 @@ What one run does:
    ``--postgres URL`` for a fresh schema in PostgreSQL), registers N machine principals through
    the CA's Python API (``CAAdmin.add_principal`` + the token exchange, in process, before the
    server starts) and an agent folder for each (what ``agent init --ca-file`` leaves).
-2. Starts ``certpulse ca serve --workers W --max-inflight M`` on loopback.
+2. Starts ``certpulse ca serve --workers W --max-inflight M --insecure-http`` on loopback.
 3. **Enrollment storm**: every agent pulses at the same instant and keeps pulsing, backing off
    as the daemon does (``next_delay``: the server's Retry-After turn for the first few shed
    pulses, then the one-minute floor, exponential, with jitter; the agents' own backoff divided
