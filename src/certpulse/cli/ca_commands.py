@@ -146,7 +146,7 @@ def ca_serve(
     _log_to_stderr()
     if insecure_http:
         logging.getLogger("certpulse.serve").warning(
-            "WARNING: --insecure-http: serving plain HTTP; all traffic, bearer credentials (API keys, enrollment "
+            "--insecure-http: serving plain HTTP; all traffic, bearer credentials (API keys, enrollment "
             "tokens, session credentials) included, travels in clear")
     console.print(f"serving CA {config.name!r} on {'http' if insecure_http else 'https'}://{listen} "
                   f"({workers} worker(s))")
