@@ -6,7 +6,8 @@ Targets (``--targets``, all four by default):
 
 * ``certpulse-sqlite``: ``certpulse ca init`` (EC P-256 root and issuing CA) with its SQLite
   database, the ``machine`` template from ``examples/templates``, one machine principal whose
-  credential enrolls; ``certpulse ca serve --workers 2`` on loopback.
+  credential enrolls; ``certpulse ca serve --workers 2 --insecure-http`` on loopback (plain
+  HTTP, as ``cfssl serve`` is here: the comparison is of issuance, not of TLS).
 * ``certpulse-postgres``: the same on PostgreSQL (a schema of its own in the local ``test``
   database, dropped afterwards; ``--postgres URL`` or ``CERTPULSE_BENCH_PG`` names the server).
 * ``cfssl``: ``cfssl serve`` with an EC P-256 CA made by ``cfssl genkey -initca``, no database.
@@ -330,7 +331,8 @@ class Targets(contextlib.ExitStack):
                                 "--dir", str(folder)]))["token"]
         port = free_port()
         proc, log = self._spawn(name, [*CERTPULSE, "ca", "serve", "--dir", str(folder),
-                                       "--listen", f"127.0.0.1:{port}", "--workers", str(self.workers)])
+                                       "--listen", f"127.0.0.1:{port}", "--workers", str(self.workers),
+                                       "--insecure-http"])
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/healthz", proc, log)
         status, answer = post_json(f"{base}/v1/tokens/exchange", {"token": token})

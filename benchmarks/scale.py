@@ -884,7 +884,7 @@ def http_status(ca_dir: Path, serials: list[str], calls: int, runs: int) -> Figu
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen",
-                             f"127.0.0.1:{port}", "--workers", "1"], stdout=subprocess.DEVNULL,
+                             f"127.0.0.1:{port}", "--workers", "1", "--insecure-http"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     client = CAClient(f"http://127.0.0.1:{port}", None, timeout=10)
     try:

@@ -7,7 +7,7 @@ What one run does:
    ``--postgres URL`` for a fresh schema in PostgreSQL), registers N machine principals through
    the CA's Python API (``CAAdmin.add_principal`` + the token exchange, in process, before the
    server starts) and an agent folder for each (what ``agent init --ca-file`` leaves).
-2. Starts ``certpulse ca serve --workers W --max-inflight M`` on loopback.
+2. Starts ``certpulse ca serve --workers W --max-inflight M --insecure-http`` on loopback.
 3. **Enrollment storm**: every agent pulses at the same instant and keeps pulsing, backing off
    as the daemon does (``next_delay``: the server's Retry-After turn for the first few shed
    pulses, then the one-minute floor, exponential, with jitter; the agents' own backoff divided
@@ -205,7 +205,8 @@ def ca_server(ca_dir: Path, settings: Settings) -> Iterator[tuple[subprocess.Pop
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}",
-             "--workers", str(settings.workers), "--max-inflight", str(settings.max_inflight)],
+             "--workers", str(settings.workers), "--max-inflight", str(settings.max_inflight),
+             "--insecure-http"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     base = f"http://127.0.0.1:{port}"

@@ -1,4 +1,4 @@
-"""certpulse demo: a CA, an enrollment over HTTP, an approval, a revocation, then an agent
+"""certpulse demo: a CA, an enrollment over HTTPS, an approval, a revocation, then an agent
 that enrolls from nothing, renews early when a template's major version is raised (a notification
 task records the old and new thumbprints), and installs a request once a CA manager approves it —
 end to end, with the lifecycle event timeline at the end.
@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -50,15 +51,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(ca_dir: Path) -> Iterator[str]:
+    """``ca serve`` over TLS (its default), with a certificate its own issuing CA signed: the
+    demo's clients trust the CA's root (``certs/root.pem``) and nothing else."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    base = f"https://127.0.0.1:{port}"
     try:
         for _ in range(300):
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{base}/healthz", timeout=1, verify=trust(ca_dir)).status_code == 200:
                     break
             if proc.poll() is not None:
                 raise SystemExit("demo: ca serve exited early")
@@ -69,6 +72,11 @@ def server(ca_dir: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def trust(ca_dir: Path) -> ssl.SSLContext:
+    """Verification against the CA's own root only."""
+    return ssl.create_default_context(cafile=str(ca_dir / "certs" / "root.pem"))
 
 
 def new_csr() -> str:
@@ -86,7 +94,10 @@ def main() -> None:
         console.rule("[bold]certpulse demo: enrollment service and agent")
         init_out = certpulse("ca", "init", "--name", "Demo", ca_dir=ca_dir)
         admin_key = next(line.strip() for line in init_out.splitlines() if line.strip().startswith("cpa_"))
-        steps.append(("ca init", "ok", f"root, issuing CA and KRA in {ca_dir} (keys 0600)"))
+        fingerprint = next(line.rsplit(": ", 1)[1] for line in init_out.splitlines()
+                           if line.startswith("Root fingerprint"))
+        steps.append(("ca init", "ok", f"root, issuing CA and KRA in {ca_dir} (keys 0600); "
+                                       f"root fingerprint {fingerprint[:16]}…"))
         for name in ("machine", "webserver", "approval-required", "encryption"):
             certpulse("template", "add", str(REPO / "examples" / "templates" / f"{name}.toml"), ca_dir=ca_dir)
         steps.append(("template add", "ok", "machine, webserver, approval-required, encryption"))
@@ -94,10 +105,13 @@ def main() -> None:
         steps.append(("principal add", "ok", "machine web01.example.internal, one-time token printed once"))
 
         with server(ca_dir) as base:
-            credential = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token}).json()["credential"]
-            http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {credential}"}, timeout=30)
-            steps.append(("token exchange", "ok", "agent credential received over HTTP"))
-            reuse = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token})
+            verify = trust(ca_dir)
+            credential = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token},
+                                    verify=verify).json()["credential"]
+            http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {credential}"}, timeout=30,
+                                verify=verify)
+            steps.append(("token exchange", "ok", "credential received over HTTPS (verified against the CA root)"))
+            reuse = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token}, verify=verify)
             steps.append(("token reused", str(reuse.status_code), reuse.json()["reason"]))
 
             issued: dict[str, Any] = http.post("/v1/requests", json={"template": "machine", "csr": new_csr()}).json()
@@ -124,7 +138,8 @@ def main() -> None:
             status = http.get(f"/v1/certificates/{issued['serial']}").json()
             steps.append(("revoke", status["status"], f"reason {status['revocation_reason']}"))
 
-            audit = httpx.get(f"{base}/v1/audit", params={"limit": 8}, headers={"Authorization": f"Bearer {admin_key}"})
+            audit = httpx.get(f"{base}/v1/audit", params={"limit": 8}, headers={"Authorization": f"Bearer {admin_key}"},
+                              verify=verify)
 
             agent_steps = agent_story(base, ca_dir, work / "agent")
             timeline = json.loads(_run(["events", "--json", "--dir", str(work / "agent")]))
@@ -279,8 +294,9 @@ def agent_story(base: str, ca_dir: Path, agent_dir: Path) -> list[tuple[str, str
     """An agent enrolls from nothing, renews early on a major version, installs an approved request."""
     steps: list[tuple[str, str]] = []
     token = json.loads(certpulse("principal", "add", "app01.example.internal", "--json", ca_dir=ca_dir))["token"]
-    _run(["agent", "init", "--server", base, "--token", token, "--dir", str(agent_dir)])
-    steps.append(("agent init", "one-time token exchanged for the machine's credential"))
+    _run(["agent", "init", "--server", base, "--token", token, "--ca-file", str(ca_dir / "certs" / "root.pem"),
+          "--dir", str(agent_dir)])
+    steps.append(("agent init", "one-time token exchanged over HTTPS for the machine's credential"))
     record = register_task(agent_dir.parent, agent_dir)
     steps.append(("task add record-renewal", "runs scripts/on-replace.sh OLD NEW on every replacement (1001)"))
     first = json.loads(_run(["agent", "pulse", "--json", "--dir", str(agent_dir)]))

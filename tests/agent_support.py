@@ -266,7 +266,8 @@ class CAProcess:
         assert self.proc is None
         log = (self.ca.dir / f"serve-{self.port}-{time.monotonic_ns()}.log").open("w")
         self.proc = subprocess.Popen(
-            [*CERTPULSE, "ca", "serve", "--dir", str(self.ca.dir), "--listen", f"127.0.0.1:{self.port}"],
+            [*CERTPULSE, "ca", "serve", "--dir", str(self.ca.dir), "--listen", f"127.0.0.1:{self.port}",
+             "--insecure-http"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         proc = self.proc

@@ -76,12 +76,13 @@ def init_ca(directory: Path, database_url: str, *extra: str) -> CA:
 
 @contextlib.contextmanager
 def serve(ca: CA, *extra: str, tls: bool = False) -> Iterator[str]:
-    """A real ``certpulse ca serve`` on a free loopback port; yields its base URL."""
+    """A real ``certpulse ca serve`` on a free loopback port; yields its base URL. Plain HTTP
+    (``--insecure-http``) unless ``tls``: then the server's default, HTTPS."""
     port = free_port()
     args = [*CERTPULSE, "ca", "serve", "--dir", str(ca.dir), "--listen", f"127.0.0.1:{port}",
             *extra]
-    if tls:
-        args.append("--tls")
+    if not tls:
+        args.append("--insecure-http")
     log = (ca.dir / f"serve-{port}.log").open("w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     scheme = "https" if tls else "http"

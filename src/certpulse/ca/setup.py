@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import os
 import uuid
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from sqlalchemy import Engine, select
 
 from certpulse.ca.admin import CAAdmin
@@ -24,20 +22,16 @@ from certpulse.errors import Reason, Refusal
 from certpulse.pki.build import (
     build_ca_certificate,
     build_kra_certificate,
-    end_entity_builder,
     inclusive_not_after,
-    random_serial,
-    signature_hash,
     simple_name,
 )
-from certpulse.pki.certs import der, pem, serial_hex, thumbprint
-from certpulse.pki.keys import PrivateKey, generate_private_key, write_private_key
+from certpulse.pki.certs import der, pem, thumbprint
+from certpulse.pki.keys import generate_private_key, write_private_key
 from certpulse.sql.db import make_engine, write
 
 ROOT_VALIDITY = dt.timedelta(days=20 * 365)
 ISSUER_VALIDITY = dt.timedelta(days=10 * 365)
 KRA_VALIDITY = dt.timedelta(days=5 * 365)
-TLS_VALIDITY = dt.timedelta(days=90)
 
 
 def _private_dir(path: Path) -> None:
@@ -134,47 +128,3 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
         service.audit.record(conn, now, "operator:cli", "issuer-added",
                              detail=f"{name}; cost {cost}; renewal-only {renewal_only}; thumbprint {thumbprint(cert)}")
 
-
-def ensure_tls_certificate(ca_dir: CADir, service: CAService, hosts: list[str], now: dt.datetime) -> tuple[Path, Path]:
-    """A serverAuth certificate for the API, issued by this CA and recorded like any other."""
-    cert_path, key_path = ca_dir.tls / "server.pem", ca_dir.tls / "server.key"
-    if cert_path.exists() and key_path.exists():
-        current = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
-        if current.not_valid_after_utc - now > TLS_VALIDITY / 3:
-            return cert_path, key_path
-    _private_dir(ca_dir.tls)
-    with write(service.engine) as conn:
-        snap = service.state.get(conn)
-    issuers = sorted((a for a in snap.by_role("issuer") if a.enabled and a.valid_at(now)), key=lambda a: a.cost)
-    if not issuers:
-        raise Refusal(Reason.NO_ISSUER, "no valid issuing CA to issue the server certificate")
-    issuer = issuers[0]
-    issuer_key = service.keyring.key(issuer)
-    key: PrivateKey = generate_private_key("ec-p256")
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    serial = random_serial()
-    not_after = min(inclusive_not_after(now, TLS_VALIDITY), issuer.certificate.not_valid_after_utc)
-    cert = end_entity_builder(
-        subject=simple_name(hosts[0]), public_key=key.public_key(), issuer_cert=issuer.certificate,
-        issuer_key=issuer_key, not_before=now, not_after=not_after, sans=sans,
-        key_usage=x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                crl_sign=False, encipher_only=False, decipher_only=False),
-        ekus=(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,)).serial_number(serial).sign(
-            issuer_key, signature_hash(issuer_key))
-    with write(service.engine) as conn:
-        conn.execute(t.certificates.insert().values(
-            authority_id=issuer.id, serial=serial_hex(serial), template_name="_api-server",
-            subject=cert.subject.rfc4514_string(), names='{"dns": []}', not_before=now, not_after=not_after,
-            status="issued", der=der(cert), thumbprint=thumbprint(cert), created_at=now))
-        service.audit.record(conn, now, "operator:serve", "issued", template="_api-server",
-                             serial=serial_hex(serial), names=hosts, detail="API server TLS certificate")
-    write_private_key(key_path, key)
-    chain = pem(cert) + pem(issuer.certificate)
-    cert_path.write_text(chain)
-    return cert_path, key_path

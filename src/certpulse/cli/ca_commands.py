@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -13,18 +14,29 @@ from types import FrameType
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.revocation import REVOCATION_REASONS
-from certpulse.ca.setup import add_issuer, ensure_tls_certificate, init_ca
+from certpulse.ca.server_tls import (
+    MIN_TLS_VALIDITY,
+    TLSFiles,
+    TLSRenewer,
+    certificate_names,
+    current_certificate,
+    ensure_tls_certificate,
+    server_names,
+)
+from certpulse.ca.setup import add_issuer, init_ca
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
-from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, service
+from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, root_fingerprint, service
 from certpulse.cli.output import console, emit_json, table
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents
+from certpulse.pki.certs import serial_hex
 from certpulse.pki.keys import KEY_SPECS
 from certpulse.sql.db import make_engine
 
@@ -37,6 +49,7 @@ apikey_app = typer.Typer(help="API keys for CA managers", no_args_is_help=True)
 # prometheus_client's multiprocess folder (named here: importing the metrics module would pull
 # prometheus_client into every command, and fix its storage mode before ``ca serve`` chooses it).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FINGERPRINT_LABEL = "Root fingerprint (pin it with `certpulse agent init --ca-fingerprint ...`)"
 KEY_TYPES = ", ".join(s for s in KEY_SPECS if s != "ec-p521")
 MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"  # read by each worker (frontends/shedding.py); named here likewise
 THREADS_ENV = "CERTPULSE_THREADS"  # likewise (frontends/threads.py)
@@ -73,6 +86,7 @@ def ca_init(
     console.print(f"[green]CA {name!r} created in {target.root}[/green] (root, issuer 'issuing-1', KRA)")
     console.print("Admin API key (shown once, stored only as a hash):")
     console.print(key, soft_wrap=True)
+    console.print(f"{FINGERPRINT_LABEL}: {root_fingerprint(target)}", soft_wrap=True)
 
 
 @ca_app.command("serve")
@@ -80,7 +94,16 @@ def ca_serve(
     dir_: DirOption = None,
     listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on")] = "127.0.0.1:8443",
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes (one per core)")] = 1,
-    tls: Annotated[bool, typer.Option("--tls/--no-tls", help="HTTPS with a certificate this CA issues itself")] = False,
+    tls: Annotated[bool, typer.Option(
+        "--tls", help="HTTPS with a certificate this CA issues itself (the default; kept for old scripts)")] = False,
+    no_tls: Annotated[bool, typer.Option("--no-tls", hidden=True)] = False,
+    insecure_http: Annotated[bool, typer.Option(
+        "--insecure-http",
+        help="Plain HTTP instead of TLS: every request, bearer credentials included, in clear")] = False,
+    tls_names: Annotated[list[str] | None, typer.Option(
+        "--tls-name", help="A DNS name or IP address agents dial, added to the certificate (repeat)")] = None,
+    tls_lifetime: Annotated[str, typer.Option(
+        "--tls-lifetime", help="Lifetime of the server certificate; renewed when a third is left")] = "90d",
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log")] = False,
     max_inflight: Annotated[int, typer.Option(
         "--max-inflight", min=0, max=100_000,
@@ -99,35 +122,76 @@ def ca_serve(
         help="Audit rows per minute, per refusal reason and worker, for refusals of anonymous callers; "
              "the rest are summed in one row")] = 60,
 ) -> None:
-    """Serve the enrollment API."""
+    """Serve the enrollment API, over TLS with a certificate from this CA (renewed while it runs)."""
     import uvicorn
 
+    from certpulse.frontends.tls import ReloadingTLS
+
+    if no_tls:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--no-tls is gone: TLS is the default; plain HTTP needs --insecure-http")
+    if tls and insecure_http:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--tls and --insecure-http contradict each other: choose one")
+    if insecure_http and tls_names:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--tls-name names the TLS certificate: no use with --insecure-http")
     host, sep, port_text = listen.rpartition(":")
     if not sep or not port_text.isdigit() or not host:
         raise Refusal(Reason.INVALID_ARGUMENT, f"--listen must be HOST:PORT (got {listen!r})")
+    lifetime = parse_duration(tls_lifetime)
+    if lifetime < MIN_TLS_VALIDITY:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"--tls-lifetime must be at least {format_duration(MIN_TLS_VALIDITY)}")
+    names = server_names(host, tls_names or ())
     _check_metrics_folder()
     target = ca_dir(dir_)
     config = target.load()
     engine = make_engine(config.database_url, pool_size=1)
     migrate(engine)
     engine.dispose()
-    ssl: dict[str, str] = {}
-    if tls:
-        cert, key = ensure_tls_certificate(target, service(dir_), [host.strip("[]"), "localhost", "127.0.0.1"],
-                                           clock.now())
-        ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    ssl: dict[str, ReloadingTLS] = {}
+    renewer: TLSRenewer | None = None
+    if not insecure_http:
+        svc = service(dir_)
+        try:
+            files, _ = ensure_tls_certificate(target, svc, names, clock.now(), lifetime)
+        finally:
+            svc.engine.dispose()
+        ssl = {"ssl_context_factory": ReloadingTLS(files.cert, files.key)}
+        renewer = TLSRenewer(target, lambda: service(dir_), names, clock.now, lifetime)
     os.environ["CERTPULSE_CA_DIR"] = str(target.root.resolve())
     os.environ[MAX_INFLIGHT_ENV] = str(max_inflight)
     os.environ[THREADS_ENV] = str(threads)
     os.environ[READ_TIMEOUT_ENV] = str(read_timeout)
     os.environ[AUDIT_ANONYMOUS_ENV] = str(audit_anonymous_rows)
-    console.print(f"serving CA {config.name!r} on {'https' if tls else 'http'}://{listen} ({workers} worker(s))")
+    _log_to_stderr()
+    if insecure_http:
+        logging.getLogger("certpulse.serve").warning(
+            "--insecure-http: serving plain HTTP; all traffic, bearer credentials (API keys, enrollment "
+            "tokens, session credentials) included, travels in clear")
+    console.print(f"serving CA {config.name!r} on {'http' if insecure_http else 'https'}://{listen} "
+                  f"({workers} worker(s))")
     with _metrics_folder():
-        uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
-                    port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
-                    server_header=False, http="certpulse.frontends.read_deadline:BoundedHttpToolsProtocol",
-                    timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=max_connections, backlog=BACKLOG,
-                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **ssl)  # type: ignore[arg-type]
+        if renewer is not None:
+            renewer.start()
+        try:
+            uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
+                        port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
+                        server_header=False, http="certpulse.frontends.read_deadline:BoundedHttpToolsProtocol",
+                        timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=max_connections, backlog=BACKLOG,
+                        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **ssl)  # type: ignore[arg-type]
+        finally:
+            if renewer is not None:
+                renewer.stop()
+
+
+def _log_to_stderr() -> None:
+    """The server's own messages (the plain-HTTP warning, certificate renewals) on stderr, as
+    uvicorn's are."""
+    logger = logging.getLogger("certpulse.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     certpulse: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _check_metrics_folder() -> None:
@@ -180,6 +244,36 @@ def _metrics_folder() -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
     if terminated:
         signal.raise_signal(signal.SIGTERM)
+
+
+@ca_app.command("status")
+def ca_status(dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """The CA at a glance: name, database, issuers, the root fingerprint agents pin, the server's
+    TLS certificate."""
+    from sqlalchemy.engine import make_url
+
+    target = ca_dir(dir_)
+    config = target.load()
+    issuers = [{"name": r["name"], "not_after": r["not_after"], "enabled": r["enabled"], "cost": r["cost"],
+                "renewal_only": r["renewal_only"]}
+               for r in _admin(dir_).issuers() if r["role"] == "issuer"]
+    served = current_certificate(TLSFiles.of(target))
+    tls_doc = None if served is None else {
+        "serial": serial_hex(served.serial_number), "not_after": served.not_valid_after_utc.isoformat(),
+        "names": list(certificate_names(served).all())}
+    doc = {"name": config.name, "dir": str(target.root), "database": make_url(config.database_url).get_backend_name(),
+           "ca_fingerprint": root_fingerprint(target), "issuers": issuers, "tls": tls_doc}
+    if json_:
+        emit_json(doc)
+        return
+    for label, value in (("name", escape(config.name)), ("folder", escape(str(target.root))),
+                         ("database", doc["database"]), ("root fingerprint", doc["ca_fingerprint"]),
+                         ("TLS certificate", "none yet (ca serve issues it)" if tls_doc is None else
+                          f"serial {tls_doc['serial']}, not after {tls_doc['not_after']}, "
+                          f"names {escape(', '.join(tls_doc['names']))}")):
+        console.print(f"[bold]{label}[/bold]: {value}", soft_wrap=True)
+    table("Issuers", ["name", "not after", "enabled", "cost", "renewal only"],
+          [(i["name"], i["not_after"], i["enabled"], i["cost"], i["renewal_only"]) for i in issuers])
 
 
 @ca_app.command("add-issuer")
@@ -303,22 +397,26 @@ def principal_add(
 ) -> None:
     """Add a principal and print its one-time enrollment token."""
     result = _admin(dir_).add_principal(name, kind, clock.now(), groups=groups, roles=roles)
+    result["ca_fingerprint"] = root_fingerprint(ca_dir(dir_))
     if json_:
         emit_json(result)
         return
     console.print(f"[green]{kind} {name!r} added[/green]. One-time enrollment token (expires {result['expires_at']}):")
     console.print(result["token"], soft_wrap=True)
+    console.print(f"{FINGERPRINT_LABEL}: {result['ca_fingerprint']}", soft_wrap=True)
 
 
 @principal_app.command("token")
 def principal_token(name: str, dir_: DirOption = None, json_: JsonOption = False) -> None:
     """Issue a new one-time enrollment token for an existing principal."""
     result = _admin(dir_).new_token(name, clock.now())
+    result["ca_fingerprint"] = root_fingerprint(ca_dir(dir_))
     if json_:
         emit_json(result)
         return
     console.print(f"One-time enrollment token for {name!r} (expires {result['expires_at']}):")
     console.print(result["token"], soft_wrap=True)
+    console.print(f"{FINGERPRINT_LABEL}: {result['ca_fingerprint']}", soft_wrap=True)
 
 
 @principal_app.command("list")

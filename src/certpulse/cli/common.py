@@ -12,6 +12,8 @@ from certpulse.ca.config import SYSTEM_CA_DIR, CADir, resolve_ca_dir
 from certpulse.ca.model import Caller
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service
+from certpulse.errors import Reason, Refusal
+from certpulse.pki.fingerprint import ca_fingerprint
 
 DirOption = Annotated[
     Path | None,
@@ -27,6 +29,17 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 def ca_dir(given: Path | None) -> CADir:
     return CADir(resolve_ca_dir(given))
+
+
+def root_fingerprint(target: CADir) -> str:
+    """The fingerprint agents pin (``agent init --ca-fingerprint``): of the root in ``certs/root.pem``."""
+    from cryptography import x509
+
+    try:
+        root = x509.load_pem_x509_certificate((target.certs / "root.pem").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise Refusal(Reason.STORE, f"cannot read the root certificate in {target.certs}: {exc}") from None
+    return ca_fingerprint(root)
 
 
 def service(given: Path | None) -> CAService:
