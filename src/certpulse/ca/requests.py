@@ -217,7 +217,9 @@ class RegistrationAuthority:
         """A request its requester (or a CA manager) may see, with its certificate once issued."""
         with read(self.engine) as conn:
             row = conn.execute(select(t.requests).where(t.requests.c.id == request_id)).first()
-            if row is None or (not caller.is_manager and row.requester != caller.actor):
+            # By id, not by name: a principal added again under a removed one's name is a new one
+            if row is None or (not caller.is_manager and (
+                    row.principal_id is None or row.principal_id != caller.principal_id)):
                 raise Refusal(Reason.NOT_FOUND, f"no request {request_id}")
             return self._with_certificate(conn, row)
 
@@ -241,6 +243,9 @@ class RegistrationAuthority:
                 row = self._pending_row(conn, request_id)
                 if row.requester == caller.actor:
                     raise Refusal(Reason.SELF_APPROVAL, "a requester cannot approve its own request")
+                if not self._auth.enabled(conn, row.principal_id):
+                    raise Refusal(Reason.CONFLICT, f"the requester {row.requester} is disabled; "
+                                                   "enable it again or deny the request")
                 snap = self._state.get(conn)
                 decision = self._approved_decision(row, snap, now)
                 self._audit.record(conn, now, caller.actor, "approved", template=decision.template.name,
