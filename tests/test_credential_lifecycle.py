@@ -268,6 +268,20 @@ def test_a_disabled_principal_cannot_exchange_a_token_or_have_a_request_approved
     assert len(refusals) == 2 and all(r["reason"] == "conflict" for r in refusals)
 
 
+def test_a_disabled_manager_principal_loses_its_rights_at_once(ca: CA, two_workers: str) -> None:
+    name = unique("boss")
+    manager, credential = enrolled(ca, two_workers, name, "--kind", "user", "--role", "ca-manager")
+    assert all(a.status_code == 200 for a in on_fresh_connections(two_workers, credential, "GET", "/v1/audit"))
+    ca.cli("principal", "disable", name)
+    assert_all_unauthenticated(on_fresh_connections(two_workers, credential, "GET", "/v1/requests"))
+    assert_all_unauthenticated(on_fresh_connections(two_workers, credential, "POST", "/v1/requests/1/approve",
+                                                    times=4))
+    assert_all_unauthenticated(on_fresh_connections(two_workers, credential, "POST", "/v1/certificates/1f/revoke",
+                                                    {"reason": "keyCompromise"}, times=4))
+    ca.cli("principal", "enable", name)
+    assert manager.http.get("/v1/audit", params={"limit": 1}).status_code == 200
+
+
 def test_a_removed_principal_is_gone_and_its_name_makes_a_new_one(ca: CA, two_workers: str) -> None:
     name = unique("gone") + ".example.internal"
     client, credential = enrolled(ca, two_workers, name, "--group", "webservers")

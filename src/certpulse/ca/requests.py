@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography import x509
 from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from certpulse.ca import policy as request_policy
 from certpulse.ca.audit import AuditTrail
@@ -104,6 +105,11 @@ class RegistrationAuthority:
                 return Pending(request_id)
         except Refusal as refusal:
             self._audit.refusal(caller.actor, "refused", refusal, now, template=req.template)
+            raise
+        except IntegrityError:
+            # On PostgreSQL a principal removed while its submission was in flight fails the
+            # submission's foreign key: refused as unauthenticated (audited) when that is what happened
+            self._auth.current(caller, now)
             raise
 
     def _replay(self, conn: Connection, caller: Caller, req: EnrollmentRequest) -> Replayed | None:
