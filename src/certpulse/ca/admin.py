@@ -1,5 +1,8 @@
 """Administration of the CA's directory and catalogue: templates, principals, groups, issuers, API keys.
 
+Credentials are withdrawn here too: API keys revoked (never the last valid one), principals
+disabled, enabled again or removed, enrollment tokens superseded by a newer one.
+
 Every change bumps the state generation (so serving processes reload their snapshot) and
 writes an audit row with the acting operator.
 """
@@ -14,6 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
+from certpulse.ca.auth import api_key_valid
 from certpulse.ca.model import IMPLICIT_GROUPS, MANAGER_ROLE, Caller, new_secret
 from certpulse.ca.service import CAService
 from certpulse.ca.state import bump_generation
@@ -158,12 +162,75 @@ class CAAdmin:
         return {"name": name, "kind": kind, "token": token, "expires_at": expires.isoformat()}
 
     def new_token(self, name: str, now: dt.datetime) -> dict[str, Any]:
-        """A fresh one-time token (e.g. to re-bootstrap a rebuilt machine)."""
+        """A fresh one-time token (e.g. to re-bootstrap a rebuilt machine).
+
+        The principal's earlier unused tokens are superseded: only the newest can be exchanged.
+        Its current credential keeps working until the new token is exchanged, which replaces it
+        (as a new bootstrap token does elsewhere); to cut the credential off now, disable it."""
         with write(self.engine) as conn:
             principal_id = self._principal_id(conn, name)
+            superseded = conn.execute(
+                update(t.enrollment_tokens).where(
+                    t.enrollment_tokens.c.principal_id == principal_id, t.enrollment_tokens.c.used_at.is_(None),
+                    t.enrollment_tokens.c.superseded_at.is_(None),
+                ).values(superseded_at=now)
+            ).rowcount
+            if superseded:
+                self._audit(conn, now, "token-superseded", detail=f"principal {name}: {superseded} unused token(s)")
             token, expires = self._new_token(conn, principal_id, now)
             self._audit(conn, now, "token-issued", detail=f"principal {name}")
-        return {"name": name, "token": token, "expires_at": expires.isoformat()}
+        return {"name": name, "token": token, "expires_at": expires.isoformat(), "superseded": superseded}
+
+    def set_principal_enabled(self, name: str, enabled: bool, now: dt.datetime) -> bool:
+        """Disable a principal (its credential opens nothing, in every process, from the commit
+        on; its tokens cannot be exchanged; its pending requests cannot be approved) or enable it
+        again. Returns whether it changed."""
+        with write(self.engine) as conn:
+            row = conn.execute(select(t.principals).where(t.principals.c.name == name).with_for_update()).first()
+            if row is None:
+                raise Refusal(Reason.NOT_FOUND, f"no principal named {name!r}")
+            changed = bool(row.enabled) != enabled
+            conn.execute(update(t.principals).where(t.principals.c.id == row.id).values(enabled=enabled))
+            bump_generation(conn)
+            self._audit(conn, now, "principal-enabled" if enabled else "principal-disabled",
+                        detail=f"{row.kind} {name}" + ("" if changed else " (unchanged)"))
+        return changed
+
+    def remove_principal(self, name: str, now: dt.datetime) -> dict[str, Any]:
+        """Remove a principal: its row, groups and tokens go, so its credential opens nothing and
+        its name is free; a principal added later under that name is a new one (a new id: it
+        cannot read, renew or co-sign with what the removed one had). Its pending requests are
+        denied. Its certificates and requests stay on record (unlinked from any principal; the
+        requests keep the requester's name) and the audit trail keeps every row. Certificates
+        are not revoked: revoke them separately when the key is not to be trusted."""
+        with write(self.engine) as conn:
+            row = conn.execute(select(t.principals).where(t.principals.c.name == name).with_for_update()).first()
+            if row is None:
+                raise Refusal(Reason.NOT_FOUND, f"no principal named {name!r}")
+            pending = conn.execute(
+                select(t.requests.c.id, t.requests.c.template_name).where(
+                    t.requests.c.principal_id == row.id, t.requests.c.status == "pending",
+                ).with_for_update()
+            ).all()
+            why = f"principal {name} was removed"
+            for request in pending:
+                conn.execute(update(t.requests).where(t.requests.c.id == request.id).values(
+                    status="denied", reason=why, decided_at=now, decided_by=self.caller.actor))
+                self._audit(conn, now, "denied", template=request.template_name, request_id=request.id,
+                            reason="denied-by-manager", detail=why)
+            certificates = conn.execute(update(t.certificates).where(t.certificates.c.principal_id == row.id)
+                                        .values(principal_id=None)).rowcount
+            requests = conn.execute(update(t.requests).where(t.requests.c.principal_id == row.id)
+                                    .values(principal_id=None)).rowcount
+            conn.execute(delete(t.group_members).where(t.group_members.c.principal_id == row.id))
+            conn.execute(delete(t.enrollment_tokens).where(t.enrollment_tokens.c.principal_id == row.id))
+            conn.execute(delete(t.principals).where(t.principals.c.id == row.id))
+            bump_generation(conn)
+            self._audit(conn, now, "principal-removed",
+                        detail=f"{row.kind} {name} (id {row.id}); kept {certificates} certificate(s) and "
+                               f"{requests} request(s); denied {len(pending)} pending")
+        return {"name": name, "kind": row.kind, "certificates_kept": certificates, "requests_kept": requests,
+                "pending_denied": len(pending)}
 
     def _new_token(self, conn: Connection, principal_id: int, now: dt.datetime) -> tuple[str, dt.datetime]:
         token, digest = new_secret("cpe")
@@ -251,14 +318,60 @@ class CAAdmin:
 
     # -- API keys -----------------------------------------------------------------------
 
-    def add_api_key(self, name: str, now: dt.datetime) -> str:
+    def add_api_key(self, name: str, now: dt.datetime, expires: dt.timedelta | None = None) -> str:
+        """A new CA-manager key (valid for ``expires`` when given); only its hash is kept."""
         _check_name("API key", name)
+        if expires is not None and expires <= dt.timedelta(0):
+            raise Refusal(Reason.INVALID_ARGUMENT, "an API key's lifetime must be positive")
+        expires_at = now + expires if expires is not None else None
         key, digest = new_secret("cpa")
         with write(self.engine) as conn:
             try:
                 with conn.begin_nested():
-                    conn.execute(t.api_keys.insert().values(key_hash=digest, name=name, role="admin", created_at=now))
+                    conn.execute(t.api_keys.insert().values(key_hash=digest, name=name, role="admin", created_at=now,
+                                                            expires_at=expires_at))
             except IntegrityError:
-                raise Refusal(Reason.CONFLICT, f"an API key named {name!r} exists") from None
-            self._audit(conn, now, "api-key-added", detail=name)
+                raise Refusal(Reason.CONFLICT,
+                              f"an API key named {name!r} exists (names are not reused, even when revoked)") from None
+            self._audit(conn, now, "api-key-added",
+                        detail=name + (f"; expires {expires_at.isoformat()}" if expires_at else ""))
         return key
+
+    def api_keys(self, now: dt.datetime) -> list[dict[str, Any]]:
+        """Every API key ever made, oldest first: never the key itself (only its hash is kept)."""
+        with read(self.engine) as conn:
+            rows = conn.execute(select(t.api_keys).order_by(t.api_keys.c.created_at, t.api_keys.c.name)).all()
+        return [
+            {"name": r.name, "role": r.role, "created_at": r.created_at.isoformat(),
+             "expires_at": r.expires_at.isoformat() if r.expires_at else None,
+             "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+             "state": "revoked" if r.revoked_at else "valid" if api_key_valid(r, now) else "expired"}
+            for r in rows
+        ]
+
+    def revoke_api_key(self, name: str, now: dt.datetime) -> None:
+        """Revoke an API key by name: it opens nothing from the commit on, in every process.
+
+        The last valid key (unrevoked, unexpired) cannot be revoked, so that remote management
+        over HTTP is never locked out; add another first. (The command line on the CA host needs
+        no key: it acts as the operator.)"""
+        try:
+            with write(self.engine) as conn:
+                # Every key locked: two revocations at once cannot each count the other as remaining
+                keys = conn.execute(select(t.api_keys).order_by(t.api_keys.c.name).with_for_update()).all()
+                target = next((k for k in keys if k.name == name), None)
+                if target is None:
+                    raise Refusal(Reason.NOT_FOUND, f"no API key named {name!r}")
+                if target.revoked_at is not None:
+                    raise Refusal(Reason.CONFLICT, f"API key {name!r} was already revoked")
+                if api_key_valid(target, now) and not any(
+                        k.name != name and api_key_valid(k, now) for k in keys):
+                    raise Refusal(Reason.CONFLICT,
+                                  f"API key {name!r} is the last valid one; add another first "
+                                  f"('certpulse apikey add NAME'), then revoke it")
+                conn.execute(update(t.api_keys).where(t.api_keys.c.key_hash == target.key_hash)
+                             .values(revoked_at=now))
+                self._audit(conn, now, "api-key-revoked", detail=name)
+        except Refusal as refusal:
+            self.service.audit.refusal(self.caller.actor, "api-key-revoke-refused", refusal, now)
+            raise

@@ -10,6 +10,14 @@ work done inside a write transaction that then confirms it (:meth:`~Authenticati
 that the credential still opens the same enabled principal and that no administrative change
 (a new state generation) happened since its groups were read. Everything else reads the database.
 
+Credentials can be withdrawn, and a withdrawn one stops working at once in every process: an
+API key that is revoked or past its expiry, a principal that is disabled or removed. An API key
+is never remembered (each use reads its row); a remembered principal serves only the submission,
+whose write transaction confirms it against the database before anything is recorded, and a
+submission refused before that transaction confirms it too (:meth:`~Authentication.current`).
+Every other path reads the principal's row. So no process answers from memory for a principal
+that the database says is disabled or gone.
+
 Every refused credential is audited here, so a front end only has to find the secret in its
 protocol (a bearer header, a client certificate...) and pass it on.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, select, update
 
@@ -48,12 +57,28 @@ class Authentication:
         callers that act through a write transaction that confirms them (a submission), never to
         authorise anything else."""
         try:
-            return self._caller(secret, remembered)
+            return self._caller(secret, now, remembered)
         except Refusal as refusal:
             self._audit.refusal(ANONYMOUS.actor, "unauthenticated", refusal, now)
             raise
 
-    def _caller(self, secret: str | None, remembered: bool) -> Caller:
+    def current(self, caller: Caller, now: dt.datetime) -> Caller:
+        """``caller`` as the database has it now, for work that did not reach a write transaction
+        that confirms it (a submission refused before it): refused (and audited) when its
+        credential no longer opens an enabled principal."""
+        if caller.credential_hash is None:
+            return caller
+        with read(self.engine) as conn:
+            current = self._lookup_principal(conn, caller.credential_hash, read_generation(conn))
+        if current is None:
+            with self._lock:
+                self._callers.pop(caller.credential_hash, None)
+            refusal = Refusal(Reason.UNAUTHENTICATED, "the credential is not valid")
+            self._audit.refusal(ANONYMOUS.actor, "unauthenticated", refusal, now)
+            raise refusal
+        return current
+
+    def _caller(self, secret: str | None, now: dt.datetime, remembered: bool) -> Caller:
         if not secret:
             raise Refusal(Reason.UNAUTHENTICATED, "no credential was presented")
         digest = hash_secret(secret)
@@ -64,7 +89,7 @@ class Authentication:
         with read(self.engine) as conn:
             if secret.startswith("cpa_"):
                 key = conn.execute(select(t.api_keys).where(t.api_keys.c.key_hash == digest)).first()
-                if key is not None:
+                if key is not None and api_key_valid(key, now):
                     return Caller(kind="admin", name=key.name)
             else:
                 caller = self._lookup_principal(conn, digest, read_generation(conn))
@@ -91,6 +116,14 @@ class Authentication:
             groups=frozenset(groups), roles=frozenset(r for r in row.roles.split(",") if r),
             credential_hash=digest, generation=generation,
         )
+
+    @staticmethod
+    def enabled(conn: Connection, principal_id: int | None) -> bool:
+        """Whether a principal exists and is enabled (read in ``conn``'s transaction): a disabled
+        or removed requester's pending request is not approved."""
+        if principal_id is None:
+            return False
+        return bool(conn.execute(select(t.principals.c.enabled).where(t.principals.c.id == principal_id)).scalar())
 
     def _remember(self, caller: Caller) -> None:
         assert caller.credential_hash is not None
@@ -125,7 +158,7 @@ class Authentication:
         try:
             with write(self.engine) as conn:
                 row = conn.execute(
-                    select(t.enrollment_tokens, t.principals.c.name, t.principals.c.kind)
+                    select(t.enrollment_tokens, t.principals.c.name, t.principals.c.kind, t.principals.c.enabled)
                     .join(t.principals, t.principals.c.id == t.enrollment_tokens.c.principal_id)
                     .where(t.enrollment_tokens.c.token_hash == hash_secret(token))
                 ).first()
@@ -133,17 +166,22 @@ class Authentication:
                     raise Refusal(Reason.TOKEN_INVALID, "the enrollment token is not known")
                 if row.used_at is not None:
                     raise Refusal(Reason.TOKEN_USED, "the enrollment token was already used")
+                if row.superseded_at is not None:
+                    raise Refusal(Reason.TOKEN_INVALID, "the enrollment token was replaced by a newer one")
                 if now >= row.expires_at:
                     raise Refusal(Reason.TOKEN_EXPIRED, "the enrollment token has expired")
+                if not row.enabled:
+                    raise Refusal(Reason.TOKEN_INVALID, "the principal is disabled")
                 credential, digest = new_secret("cpc")
                 claimed = conn.execute(
                     update(t.enrollment_tokens)
                     .where(and_(t.enrollment_tokens.c.token_hash == row.token_hash,
-                                t.enrollment_tokens.c.used_at.is_(None)))
+                                t.enrollment_tokens.c.used_at.is_(None),
+                                t.enrollment_tokens.c.superseded_at.is_(None)))
                     .values(used_at=now)
                 )
-                if claimed.rowcount != 1:  # a concurrent exchange of the same token won
-                    raise Refusal(Reason.TOKEN_USED, "the enrollment token was already used")
+                if claimed.rowcount != 1:  # a concurrent exchange (or a newer token) won
+                    raise Refusal(Reason.TOKEN_USED, "the enrollment token was already used or replaced")
                 conn.execute(
                     update(t.principals).where(t.principals.c.id == row.principal_id)
                     .values(credential_hash=digest)
@@ -153,3 +191,8 @@ class Authentication:
             self._audit.refusal(ANONYMOUS.actor, "token-refused", refusal, now)
             raise
         return Credential(principal=row.name, kind=row.kind, credential=credential)
+
+
+def api_key_valid(key: Any, now: dt.datetime) -> bool:
+    """Whether an ``api_keys`` row opens the CA at ``now``: not revoked, and not expired."""
+    return key.revoked_at is None and (key.expires_at is None or now < key.expires_at)

@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography import x509
 from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from certpulse.ca import policy as request_policy
 from certpulse.ca.audit import AuditTrail
@@ -104,6 +105,11 @@ class RegistrationAuthority:
                 return Pending(request_id)
         except Refusal as refusal:
             self._audit.refusal(caller.actor, "refused", refusal, now, template=req.template)
+            raise
+        except IntegrityError:
+            # On PostgreSQL a principal removed while its submission was in flight fails the
+            # submission's foreign key: refused as unauthenticated (audited) when that is what happened
+            self._auth.current(caller, now)
             raise
 
     def _replay(self, conn: Connection, caller: Caller, req: EnrollmentRequest) -> Replayed | None:
@@ -217,7 +223,9 @@ class RegistrationAuthority:
         """A request its requester (or a CA manager) may see, with its certificate once issued."""
         with read(self.engine) as conn:
             row = conn.execute(select(t.requests).where(t.requests.c.id == request_id)).first()
-            if row is None or (not caller.is_manager and row.requester != caller.actor):
+            # By id, not by name: a principal added again under a removed one's name is a new one
+            if row is None or (not caller.is_manager and (
+                    row.principal_id is None or row.principal_id != caller.principal_id)):
                 raise Refusal(Reason.NOT_FOUND, f"no request {request_id}")
             return self._with_certificate(conn, row)
 
@@ -241,6 +249,9 @@ class RegistrationAuthority:
                 row = self._pending_row(conn, request_id)
                 if row.requester == caller.actor:
                     raise Refusal(Reason.SELF_APPROVAL, "a requester cannot approve its own request")
+                if not self._auth.enabled(conn, row.principal_id):
+                    raise Refusal(Reason.CONFLICT, f"the requester {row.requester} is disabled; "
+                                                   "enable it again or deny the request")
                 snap = self._state.get(conn)
                 decision = self._approved_decision(row, snap, now)
                 self._audit.record(conn, now, caller.actor, "approved", template=decision.template.name,

@@ -414,9 +414,38 @@ def principal_token(name: str, dir_: DirOption = None, json_: JsonOption = False
     if json_:
         emit_json(result)
         return
+    if result["superseded"]:
+        console.print(f"{result['superseded']} earlier unused token(s) of {name!r} can no longer be used.")
     console.print(f"One-time enrollment token for {name!r} (expires {result['expires_at']}):")
     console.print(result["token"], soft_wrap=True)
     console.print(f"{FINGERPRINT_LABEL}: {result['ca_fingerprint']}", soft_wrap=True)
+
+
+@principal_app.command("disable")
+def principal_disable(name: str, dir_: DirOption = None) -> None:
+    """Disable a principal: its credential stops working at once, on every server process."""
+    changed = _admin(dir_).set_principal_enabled(name, False, clock.now())
+    console.print(f"[yellow]principal {name!r} disabled[/yellow]" + ("" if changed else " (it already was)"))
+
+
+@principal_app.command("enable")
+def principal_enable(name: str, dir_: DirOption = None) -> None:
+    """Enable a disabled principal again: its credential works again."""
+    changed = _admin(dir_).set_principal_enabled(name, True, clock.now())
+    console.print(f"[green]principal {name!r} enabled[/green]" + ("" if changed else " (it already was)"))
+
+
+@principal_app.command("remove")
+def principal_remove(name: str, dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """Remove a principal: credential, tokens and groups go; certificates, requests and audit stay.
+
+    Its pending requests are denied. Adding the name again makes a new principal."""
+    result = _admin(dir_).remove_principal(name, clock.now())
+    if json_:
+        emit_json(result)
+        return
+    console.print(f"[yellow]principal {name!r} removed[/yellow]: kept {result['certificates_kept']} certificate(s) "
+                  f"and {result['requests_kept']} request(s); denied {result['pending_denied']} pending request(s)")
 
 
 @principal_app.command("list")
@@ -426,9 +455,9 @@ def principal_list(dir_: DirOption = None, json_: JsonOption = False) -> None:
     if json_:
         emit_json(rows)
         return
-    table("Principals", ["name", "kind", "groups", "roles", "enrolled"],
-          [(r["name"], r["kind"], ", ".join(r["groups"]), ", ".join(r["roles"]), "yes" if r["enrolled"] else "no")
-           for r in rows])
+    table("Principals", ["name", "kind", "groups", "roles", "enrolled", "enabled"],
+          [(r["name"], r["kind"], ", ".join(r["groups"]), ", ".join(r["roles"]), "yes" if r["enrolled"] else "no",
+            "yes" if r["enabled"] else "no") for r in rows])
 
 
 @principal_app.command("groups")
@@ -542,8 +571,33 @@ def audit(dir_: DirOption = None, json_: JsonOption = False,
 
 
 @apikey_app.command("add")
-def apikey_add(name: str, dir_: DirOption = None) -> None:
+def apikey_add(
+    name: str,
+    dir_: DirOption = None,
+    expires: Annotated[str | None, typer.Option(
+        "--expires", help="Lifetime, e.g. 90d (default: until revoked)")] = None,
+) -> None:
     """Create a CA-manager API key; printed once."""
-    key = _admin(dir_).add_api_key(name, clock.now())
+    lifetime = parse_duration(expires) if expires is not None else None
+    key = _admin(dir_).add_api_key(name, clock.now(), lifetime)
     console.print(f"API key {name!r} (shown once):")
     console.print(key, soft_wrap=True)
+
+
+@apikey_app.command("list")
+def apikey_list(dir_: DirOption = None, json_: JsonOption = False) -> None:
+    """List API keys: name, created, expires, revoked (never the key: only its hash is kept)."""
+    rows = _admin(dir_).api_keys(clock.now())
+    if json_:
+        emit_json(rows)
+        return
+    table("API keys", ["name", "role", "state", "created", "expires", "revoked"],
+          [(r["name"], r["role"], r["state"], r["created_at"], r["expires_at"] or "never", r["revoked_at"])
+           for r in rows])
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(name: str, dir_: DirOption = None) -> None:
+    """Revoke an API key by name; it stops working at once. The last valid key cannot be revoked."""
+    _admin(dir_).revoke_api_key(name, clock.now())
+    console.print(f"[yellow]API key {name!r} revoked[/yellow]")

@@ -143,6 +143,7 @@ def submit_enrollment(service: CAService, body: EnrollmentBody, who: Caller, ide
                 idempotency_key=idempotency_key,
             )
         except Refusal as refusal:
+            who = service.auth.current(who, now)  # a remembered caller withdrawn since is refused as such
             service.audit.refusal(who.actor, "refused", refusal, now, template=body.template)
             raise
         result = service.requests.submit(who, req, now)

@@ -107,6 +107,8 @@ enrollment_tokens = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     Column("used_at", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # Set when a newer token was issued to the same principal before this one was used (0004)
+    Column("superseded_at", UTCDateTime, nullable=True),
 )
 
 api_keys = Table(
@@ -116,6 +118,9 @@ api_keys = Table(
     Column("name", String(64), nullable=False, unique=True),
     Column("role", String(16), nullable=False),  # admin
     Column("created_at", UTCDateTime, nullable=False),
+    # A key opens nothing at or after expires_at, nor once revoked; the row stays for the record (0004)
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
 )
 
 requests = Table(
