@@ -284,6 +284,7 @@ class RegistrationAuthority:
                     return Approved(self._issue(conn, self._ca.prepare(decision), now, snap.generation,
                                                 actor=caller.actor, principal_id=row.principal_id,
                                                 request_id=request_id))
+            assert failed is not None  # the transaction either returned or recorded the failure
             raise failed
         except Refusal as refusal:
             if refusal is not failed:  # a failed request's refusal is audited with it
