@@ -193,7 +193,7 @@ def test_the_last_valid_api_key_cannot_be_revoked(fresh_ca: CA) -> None:
     states = {r["name"]: r["state"] for r in cli_json(ca, "apikey", "list")}
     assert states == {"admin": "revoked", "expired": "expired", "second": "valid"}
     refusals = [r for r in audit(ca) if r["action"] == "api-key-revoke-refused"]
-    assert len(refusals) == 3 and all(r["reason"] == "conflict" for r in refusals)
+    assert len(refusals) == 3 and all(r["reason"] == "requester-disabled" for r in refusals)
 
 
 def test_unknown_api_key_name_is_refused(ca: CA) -> None:
@@ -253,7 +253,7 @@ def test_a_disabled_principal_cannot_exchange_a_token_or_have_a_request_approved
     admin = Client(two_workers, ca.admin_key)
 
     refused = admin.http.post(f"/v1/requests/{request_id}/approve")
-    assert_problem(refused, 409, "conflict")
+    assert_problem(refused, 409, "requester-disabled")
     assert "disabled" in refused.json()["detail"]
     cli_refused = ca.cli("request", "approve", str(request_id), check=False)
     assert cli_refused.returncode != 0 and "disabled" in cli_refused.stderr
@@ -265,7 +265,7 @@ def test_a_disabled_principal_cannot_exchange_a_token_or_have_a_request_approved
     approved = admin.http.post(f"/v1/requests/{request_id}/approve")
     assert approved.status_code == 200, approved.text
     refusals = [r for r in audit(ca) if r["action"] == "approve-refused" and r["request_id"] == request_id]
-    assert len(refusals) == 2 and all(r["reason"] == "conflict" for r in refusals)
+    assert len(refusals) == 2 and all(r["reason"] == "requester-disabled" for r in refusals)
 
 
 def test_a_disabled_manager_principal_loses_its_rights_at_once(ca: CA, two_workers: str) -> None:

@@ -34,6 +34,11 @@ class Reason(enum.StrEnum):
     WEAK_SIGNATURE_ALGORITHM = "weak-signature-algorithm"
     KEY_NOT_ALLOWED = "key-not-allowed"
     NAME_NOT_ALLOWED = "name-not-allowed"
+    # names copied from the certificate being renewed that its template no longer allows: make
+    # a new request from what is allowed (the agent does)
+    NAME_NO_LONGER_ALLOWED = "name-no-longer-allowed"
+    KEY_BLOCKED = "key-blocked"  # a certificate for this key was revoked for keyCompromise
+    KEY_OF_ANOTHER_PRINCIPAL = "key-of-another-principal"  # certified to or requested by another
     BODY_TOO_LARGE = "body-too-large"
     REQUEST_TIMEOUT = "request-timeout"  # headers and body not received within the read deadline
     HEADERS_TOO_LARGE = "headers-too-large"
@@ -47,6 +52,7 @@ class Reason(enum.StrEnum):
     CONFLICT = "conflict"
     NOT_PENDING = "not-pending"
     SELF_APPROVAL = "self-approval"
+    REQUESTER_DISABLED = "requester-disabled"  # at approval: the requester is disabled or gone
     ALREADY_REVOKED = "already-revoked"
     # configuration
     INVALID_TEMPLATE = "invalid-template"

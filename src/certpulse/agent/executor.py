@@ -31,12 +31,16 @@ from certpulse.machine.events import EventDraft, EventId
 from certpulse.pki import key_archival, template_info
 from certpulse.pki.certs import pem
 from certpulse.pki.keys import PrivateKey, generate_private_key, key_matches
+from certpulse.pki.names import is_hostname
 
 log = logging.getLogger("certpulse.agent")
 
 Outcome = Literal["done", "pending", "refused", "unavailable", "skipped"]
 # Refusals that mean "not this issuer": the next one in the action's list is tried.
 TRY_NEXT_ISSUER = ("no-issuer", "unknown-issuer", "issuer-renewal-only")
+# Refusals of names a renewal copied from the old certificate (by the CA, or into the CSR by this
+# agent) that the template no longer allows: one new request from the principal's own names follows.
+COPIED_NAMES_REFUSED = ("name-no-longer-allowed", "name-not-allowed")
 
 
 @dataclasses.dataclass
@@ -47,6 +51,7 @@ class ActionOutcome:
     thumbprint: str | None = None
     retry_after: float | None = None  # the server's Retry-After, when it was unavailable
     evented: bool = False  # the failure already has its own event (a denial)
+    reason: str | None = None  # the CA's reason, when it refused the request
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.action.to_dict(), "outcome": self.outcome, "outcome_detail": self.detail,
@@ -127,7 +132,31 @@ class Executor:
             kind=action.kind.value, template=template.name, policy_url=policy.server.url, issuers=action.issuers,
             key=key, csr=csr, renewal_of=renewal_of, replaces=action.replaces, replace_action=action.replace_action,
             source="manual" if action.kind is Kind.RENEW_MANUAL else "auto", now=now)
-        return self.submit(action, flight, now)
+        outcome = self.submit(action, flight, now)
+        copied = subject is not None or (renewal_of is not None and template.subject_source == "request"
+                                         and template.renewal_subject_from_existing)
+        if outcome.reason in COPIED_NAMES_REFUSED and copied:
+            return self._request_own_names(action, template, policy, outcome, now)
+        return outcome
+
+    def _request_own_names(self, action: Action, template: TemplatePolicy, policy: gather.GatheredPolicy,
+                           refused: ActionOutcome, now: dt.datetime) -> ActionOutcome:
+        """The template no longer allows the names the old certificate carried: a new request
+        (no renewal evidence, which would copy them again) from what is this principal's own, its
+        name as the subject and, when it is a host name, as the one DNS name. Once per action: a
+        refusal of these names too ends it, and the next pulse starts over from the renewal."""
+        principal = self.principal.lower()
+        subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, self.principal)])
+        sans: list[x509.GeneralName] = [x509.DNSName(principal)] if is_hostname(principal, allow_wildcard=False) else []
+        key = generate_private_key(template.default_key_type)
+        flight = self.store.begin_flight(
+            kind=Kind.ENROLL.value, template=template.name, policy_url=policy.server.url, issuers=action.issuers,
+            key=key, csr=build_csr(key, subject, sans), renewal_of=None, replaces=action.replaces,
+            replace_action=action.replace_action, source="auto", now=now)
+        log.info("%s: the old names are no longer allowed (%s); requesting the principal's own names instead",
+                 template.name, refused.detail)
+        outcome = self.submit(action, flight, now)
+        return dataclasses.replace(outcome, detail=f"{outcome.detail} (after {refused.detail})".strip())
 
     def _sealed_key(self, flight: Flight) -> dict[str, str] | None:
         """The flight's key sealed to the KRA, when its template archives keys (None otherwise).
@@ -177,7 +206,7 @@ class Executor:
                 self.store.drop_flight(flight.id)
                 if exc.reason in ("renewal-of-revoked", "renewal-of-expired") and flight.renewal_of:
                     remember_revoked(self.store, flight.renewal_of)
-                return ActionOutcome(action, "refused", f"{exc.reason}: {exc.detail}")
+                return ActionOutcome(action, "refused", f"{exc.reason}: {exc.detail}", reason=exc.reason)
             return self._settle(action, flight, issuer, answer, now)
         return ActionOutcome(action, "unavailable", "; ".join(unavailable) or "no issuer to try",
                              retry_after=max(retry_after) if retry_after else None)

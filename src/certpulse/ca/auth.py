@@ -103,6 +103,19 @@ class Authentication:
         """The enabled principal holding this credential; ``generation`` must have been read first
         in this transaction, so that a change to its groups after the read moves it."""
         row = conn.execute(select(t.principals).where(t.principals.c.credential_hash == digest)).first()
+        return self._as_caller(conn, row, digest, generation)
+
+    def principal_by_id(self, conn: Connection, principal_id: int | None) -> Caller | None:
+        """The principal with this id as the database has it now (its groups and roles), or None
+        when it is disabled or gone: the requester of a request being approved."""
+        if principal_id is None:
+            return None
+        row = conn.execute(select(t.principals).where(t.principals.c.id == principal_id)).first()
+        return self._as_caller(conn, row, None, read_generation(conn))
+
+    @staticmethod
+    def _as_caller(conn: Connection, row: Any, digest: str | None, generation: int) -> Caller | None:
+        """An enabled principal's row as a caller, with its groups (None when disabled or absent)."""
         if row is None or not row.enabled:
             return None
         groups = set(
@@ -142,6 +155,14 @@ class Authentication:
             return read_generation(conn), caller
         value, holds = self._confirm.run(
             conn, {"principal_id": caller.principal_id, "credential_hash": digest}).fetchone()
+        return self.confirmed(conn, caller, value, holds)
+
+    def confirmed(self, conn: Connection, caller: Caller, value: str | None, holds: bool) -> tuple[int, Caller]:
+        """:meth:`confirm` on the two values of its statement (the generation, and whether the
+        credential still opens the enabled principal) read by a caller that folded them into a
+        statement of its own, to spare a round trip."""
+        digest = caller.credential_hash
+        assert digest is not None
         generation = int(value) if value is not None else 0
         if holds and caller.generation == generation:
             return generation, caller

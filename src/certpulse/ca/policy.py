@@ -8,21 +8,28 @@ the checks in the order the issue fixes and returns a :class:`Decision` or raise
 1. template exists, and the caller may read and enroll;
 2. the CSR parses and its signature verifies (proof of possession), with a modern hash;
 3. renewal evidence, RA co-signatures and key archival, when the request or template needs them;
-4. key type and size (global rules, then the template's);
-5. the subject and every SAN against the template's rules;
+4. key type and size (global rules, then the template's); then the key's standing: never a key
+   whose certificate was revoked for keyCompromise, never a key another principal requested;
+5. the subject and every SAN against the template's rules, also when a renewal copies them from
+   the certificate being renewed (:data:`~certpulse.errors.Reason.NAME_NO_LONGER_ALLOWED`);
 6. an issuer that serves the template, and the validity window (never past its notAfter).
+
+An approval decides again (:func:`decide_approval`): the same checks but those that need the
+requester's evidence, on the template, the requester's rights and the key's standing as they
+are at approval.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 from collections.abc import Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
@@ -32,7 +39,7 @@ from certpulse.errors import Reason, Refusal
 from certpulse.pki import key_archival
 from certpulse.pki.build import inclusive_not_after
 from certpulse.pki.certs import load_csr, thumbprint
-from certpulse.pki.keys import PrivateKey, PublicKey, check_public_key, key_matches
+from certpulse.pki.keys import PrivateKey, PublicKey, check_public_key, key_matches, spki_sha256
 from certpulse.pki.names import (
     RequestedNames,
     dns_name_matches,
@@ -58,6 +65,17 @@ DEFAULT_RA_POLICY = EKU_NAMES["certificate_request_agent"]
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyStanding:
+    """What the database says of the request's public key (by SPKI SHA-256)."""
+
+    blocked_by: str | None = None  # serial of a certificate for it revoked for keyCompromise
+    other_principal: bool = False  # another principal requested it (or was certified for it)
+
+
+CLEAN_KEY = KeyStanding()
+
+
+@dataclasses.dataclass(frozen=True)
 class Gathered:
     """Everything :func:`decide` may look at, read from the store before deciding."""
 
@@ -66,6 +84,19 @@ class Gathered:
     known: Mapping[str, KnownCertificate]  # by thumbprint, for every presented certificate
     kra_key: rsa.RSAPrivateKey | None = None
     kra: Authority | None = None
+    key: KeyStanding = CLEAN_KEY  # of the CSR's key; read in the transaction that records it
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRequest:
+    """A pending request as recorded at submission, for :func:`decide_approval`."""
+
+    template: str
+    kind: str  # new | renewal
+    csr_der: bytes
+    subject: x509.Name  # what submission decided (copied from the old certificate, or the CSR's)
+    names: RequestedNames
+    issuer_id: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +113,7 @@ class Decision:
     pending: bool
     renewal_of: KnownCertificate | None
     archived_key: Mapping[str, str] | None
+    key_sha256: str  # SPKI SHA-256 of public_key, recorded with the request
 
     def sans(self) -> list[x509.GeneralName]:
         return to_general_names(self.names)
@@ -98,7 +130,12 @@ def decide(caller: Caller, req: EnrollmentRequest, state: Gathered, now: dt.date
     _check_ra_signatures(req.ra_signatures, template, state, csr_der, now)
     archived = _check_key_archival(req, template, state, csr.public_key())
     public_key = check_public_key(csr.public_key(), template.key_types)
-    subject, names = _check_names(caller, template, csr, req.renewal if renewal_of else None)
+    _check_key_standing(state.key)
+    if renewal_of is not None and req.renewal is not None and copies_names(template):
+        old = req.renewal.certificate
+        subject, names = check_copied_names(caller, template, old.subject, _sans_of(old))
+    else:
+        subject, names = _check_names(caller, template, csr, None)
     issuer = _choose_issuer(req, template, state, renewal=renewal_of is not None, now=now)
     not_before, not_after = validity(template, issuer, now)
     return Decision(
@@ -114,7 +151,95 @@ def decide(caller: Caller, req: EnrollmentRequest, state: Gathered, now: dt.date
         pending=template.manager_approval,
         renewal_of=renewal_of,
         archived_key=archived,
+        key_sha256=spki_sha256(public_key),
     )
+
+
+def decide_approval(requester: Caller | None, stored: StoredRequest, state: Gathered,
+                    now: dt.datetime) -> Decision:
+    """A pending request's decision at approval, on the template, the requester's rights, the
+    key's standing and the issuer as they are now. The CSR's proof of possession, renewal
+    evidence, RA co-signatures and archived key were checked at submission and are not asked
+    for again; everything that a later change can make wrong is checked again."""
+    if requester is None or requester.kind != "principal":
+        raise Refusal(Reason.REQUESTER_DISABLED, "the requester is disabled or no longer exists")
+    template = state.template
+    if template is None:
+        raise Refusal(Reason.UNKNOWN_TEMPLATE, f"template {stored.template!r} no longer exists")
+    rights = template.rights_of(requester.name, requester.groups)
+    if "read" not in rights or not {"enroll", "autoenroll"} & rights:
+        raise Refusal(Reason.TEMPLATE_NOT_PERMITTED,
+                      f"{requester.actor} may no longer enroll for {template.name!r}")
+    csr = _check_csr(stored.csr_der)
+    public_key = check_public_key(csr.public_key(), template.key_types)
+    _check_key_standing(state.key)
+    if stored.kind == "renewal" and copies_names(template):
+        subject, names = check_copied_names(requester, template, stored.subject, to_general_names(stored.names))
+    else:
+        subject, names = _check_names(requester, template, csr, None)
+    issuer = next((a for a in state.authorities if a.id == stored.issuer_id), None)
+    if issuer is None or not issuer.serves(template.name) or not issuer.valid_at(now):
+        name = issuer.name if issuer is not None else str(stored.issuer_id)
+        raise Refusal(Reason.NO_ISSUER, f"issuer {name!r} no longer serves {template.name!r}")
+    not_before, not_after = validity(template, issuer, now)
+    return Decision(
+        template=template, kind=stored.kind, subject=subject, names=names, public_key=public_key,
+        csr_der=stored.csr_der, issuer=issuer, not_before=not_before, not_after=not_after, pending=True,
+        renewal_of=None, archived_key=None, key_sha256=spki_sha256(public_key),
+    )
+
+
+def copies_names(template: Template) -> bool:
+    """Whether a renewal under ``template`` takes its subject and SANs from the old certificate."""
+    return template.subject_source == "request" and template.renewal_subject_from_existing
+
+
+def check_copied_names(caller: Caller, template: Template, subject: x509.Name,
+                       sans: list[x509.GeneralName]) -> tuple[x509.Name, RequestedNames]:
+    """Names a renewal copies from the certificate it renews, through the same checks as a
+    request's own names, against the template as it is now. A refusal says
+    ``name-no-longer-allowed``: the template changed since, and a new request from what it
+    allows is the way out (the agent makes one)."""
+    try:
+        return _check_names(caller, template, _as_request(subject, sans), None)
+    except Refusal as refusal:
+        raise Refusal(Reason.NAME_NO_LONGER_ALLOWED,
+                      f"the names of the certificate being renewed are no longer allowed: {refusal.detail}",
+                      refused_as=refusal.reason.value) from None
+
+
+@functools.cache
+def _copy_key() -> ed25519.Ed25519PrivateKey:
+    """A throwaway key that signs the stand-in requests of :func:`_as_request` (never used
+    to certify anything: only the stand-in's names are read)."""
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def _as_request(subject: x509.Name, sans: list[x509.GeneralName]) -> x509.CertificateSigningRequest:
+    """A stand-in CSR that carries copied names, so that they meet exactly the checks (and the
+    code) that a request's own names meet."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(_copy_key(), None)
+
+
+def _sans_of(cert: x509.Certificate) -> list[x509.GeneralName]:
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return []
+
+
+def _check_key_standing(standing: KeyStanding) -> None:
+    """A compromised key is never certified again, for anyone; a key another principal requested
+    is not certified to this one (a CSR captured from one principal gets another nothing)."""
+    if standing.blocked_by is not None:
+        raise Refusal(Reason.KEY_BLOCKED, f"this key's certificate {standing.blocked_by} was revoked for "
+                      "key compromise; the key is never certified again: make a new key")
+    if standing.other_principal:
+        raise Refusal(Reason.KEY_OF_ANOTHER_PRINCIPAL,
+                      "this key was requested by another principal; a key belongs to one principal: make a new key")
 
 
 def validity(template: Template, issuer: Authority, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:

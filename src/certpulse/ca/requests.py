@@ -21,6 +21,7 @@ import datetime as dt
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from sqlalchemy import Connection, Engine, and_, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -29,6 +30,7 @@ from certpulse.ca.audit import AuditTrail
 from certpulse.ca.auth import Authentication
 from certpulse.ca.issuance import CertificateAuthority, Unsigned
 from certpulse.ca.model import Caller, EnrollmentRequest, KnownCertificate, require_manager
+from certpulse.ca.policy import CLEAN_KEY, KeyStanding
 from certpulse.ca.results import (
     Approved,
     Denied,
@@ -45,7 +47,7 @@ from certpulse.ca.storage.statements import REQUEST_ISSUED, Statements
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.certs import load_csr, pem, thumbprint
 from certpulse.pki.key_archival import dumps as envelope_json
-from certpulse.pki.keys import PublicKey
+from certpulse.pki.keys import spki_sha256
 from certpulse.pki.names import names_from_json, names_to_json
 from certpulse.sql.db import read, write
 
@@ -65,6 +67,8 @@ class RegistrationAuthority:
                  auth: Authentication, ca: CertificateAuthority, audit: AuditTrail) -> None:
         self.engine = engine
         self._insert_request_row = statements.insert_request
+        self._confirm_and_key = statements.confirm_and_key
+        self._key_standing_row = statements.key_standing
         self._state = state
         self._keyring = keyring
         self._auth = auth
@@ -79,8 +83,9 @@ class RegistrationAuthority:
             if caller.kind != "principal":
                 raise Refusal(Reason.FORBIDDEN, "only principals enroll; use the principal's credential")
             ahead = self._decide_ahead(caller, req, now)
+            key = ahead.decision.key_sha256 if ahead is not None else _key_of(req)
             with write(self.engine) as conn:
-                generation, current = self._auth.confirm(conn, caller)
+                generation, current, standing = self._confirm(conn, caller, key)
                 if current is not caller:
                     ahead, caller = None, current
                 if req.idempotency_key is not None:
@@ -88,11 +93,11 @@ class RegistrationAuthority:
                     if replay is not None:
                         return replay
                 presents = req.renewal is not None or bool(req.ra_signatures)
-                if ahead is not None and ahead.generation == generation and (
+                if ahead is not None and ahead.generation == generation and standing == CLEAN_KEY and (
                         not presents or self._known(conn, req) == ahead.known):
                     decision, unsigned = ahead.decision, ahead.unsigned
                 else:  # the state moved (or the policy refused): decide on the database as it is now
-                    decision = request_policy.decide(caller, req, self._gather(conn, req), now)
+                    decision = request_policy.decide(caller, req, self._gather(conn, req, standing), now)
                     unsigned = None
                 if not decision.pending:
                     return self._issue(conn, unsigned or self._ca.prepare(decision), now, generation,
@@ -111,6 +116,28 @@ class RegistrationAuthority:
             # submission's foreign key: refused as unauthenticated (audited) when that is what happened
             self._auth.current(caller, now)
             raise
+
+    def _confirm(self, conn: Connection, caller: Caller, key: str | None) -> tuple[int, Caller, KeyStanding]:
+        """The caller confirmed (:meth:`Authentication.confirm`) and the standing of the request's
+        key, read in one round trip: a submission's only reads before it writes."""
+        if caller.credential_hash is None:
+            generation, current = self._auth.confirm(conn, caller)
+            return generation, current, self._key_standing(conn, key, current.principal_id)
+        value, holds, blocked_by, other = self._confirm_and_key.run(conn, {
+            "principal_id": caller.principal_id, "credential_hash": caller.credential_hash, "key_sha256": key,
+        }).fetchone()
+        generation, current = self._auth.confirmed(conn, caller, value, holds)
+        if current.principal_id != caller.principal_id:
+            return generation, current, self._key_standing(conn, key, current.principal_id)
+        return generation, current, KeyStanding(blocked_by, bool(other))
+
+    def _key_standing(self, conn: Connection, key: str | None, principal_id: int | None) -> KeyStanding:
+        """What the database says of a key: blocked, or requested by a principal other than this one."""
+        if key is None:  # a CSR without a readable key: the policy refuses it anyway
+            return CLEAN_KEY
+        blocked_by, other = self._key_standing_row.run(
+            conn, {"key_sha256": key, "principal_id": principal_id}).fetchone()
+        return KeyStanding(blocked_by, bool(other))
 
     def _replay(self, conn: Connection, caller: Caller, req: EnrollmentRequest) -> Replayed | None:
         """The earlier request with the same idempotency key, if any: a retry after a lost answer
@@ -147,8 +174,8 @@ class RegistrationAuthority:
             return None
         return _Ahead(decision, snap.generation, known, None if decision.pending else self._ca.prepare(decision))
 
-    def _gather(self, conn: Connection, req: EnrollmentRequest) -> request_policy.Gathered:
-        return self._gathered(self._state.get(conn), req, self._known(conn, req))
+    def _gather(self, conn: Connection, req: EnrollmentRequest, key: KeyStanding) -> request_policy.Gathered:
+        return dataclasses.replace(self._gathered(self._state.get(conn), req, self._known(conn, req)), key=key)
 
     @staticmethod
     def _known(conn: Connection, req: EnrollmentRequest) -> dict[str, KnownCertificate]:
@@ -184,7 +211,7 @@ class RegistrationAuthority:
             "renewal_of": d.renewal_of.id if d.renewal_of else None, "authority_id": d.issuer.id,
             "status": "issued" if certificate_id is not None else "pending", "created_at": now,
             "decided_at": now if certificate_id is not None else None, "decided_by": None,
-            "certificate_id": certificate_id, "idempotency_key": idempotency_key,
+            "certificate_id": certificate_id, "idempotency_key": idempotency_key, "key_sha256": d.key_sha256,
         })
         request_id = int(cursor.fetchone()[0])
         if d.archived_key is not None:
@@ -242,7 +269,11 @@ class RegistrationAuthority:
     # -- decisions by CA managers -------------------------------------------------------
 
     def approve(self, caller: Caller, request_id: int, now: dt.datetime) -> Approved:
-        """Issue a pending request's certificate now, as the template and issuer stand now."""
+        """Issue a pending request's certificate now, decided again on the template, the
+        requester's rights, the key's standing and the issuer as they are now. A refusal then
+        fails the request (status ``failed``, the refusal as its reason; the requester may submit
+        again) and is audited in the same transaction."""
+        failed: Refusal | None = None
         try:
             require_manager(caller)
             with write(self.engine) as conn:
@@ -250,36 +281,56 @@ class RegistrationAuthority:
                 if row.requester == caller.actor:
                     raise Refusal(Reason.SELF_APPROVAL, "a requester cannot approve its own request")
                 if not self._auth.enabled(conn, row.principal_id):
-                    raise Refusal(Reason.CONFLICT, f"the requester {row.requester} is disabled; "
-                                                   "enable it again or deny the request")
+                    # kept pending: disabling may be for a while; the manager enables or denies
+                    raise Refusal(Reason.REQUESTER_DISABLED, f"the requester {row.requester} is disabled; "
+                                                             "enable it again or deny the request")
                 snap = self._state.get(conn)
-                decision = self._approved_decision(row, snap, now)
-                self._audit.record(conn, now, caller.actor, "approved", template=decision.template.name,
-                                   request_id=request_id, names=decision.names.all())
-                return Approved(self._issue(conn, self._ca.prepare(decision), now, snap.generation,
-                                            actor=caller.actor, principal_id=row.principal_id,
-                                            request_id=request_id))
+                try:
+                    decision = self._approved_decision(conn, row, snap, now)
+                except Refusal as refusal:
+                    failed = refusal
+                    self._fail(conn, row, refusal, caller.actor, now)
+                else:
+                    self._audit.record(conn, now, caller.actor, "approved", template=decision.template.name,
+                                       request_id=request_id, names=decision.names.all())
+                    return Approved(self._issue(conn, self._ca.prepare(decision), now, snap.generation,
+                                                actor=caller.actor, principal_id=row.principal_id,
+                                                request_id=request_id))
+            assert failed is not None  # the transaction either returned or recorded the failure
+            raise failed
         except Refusal as refusal:
-            self._audit.refusal(caller.actor, "approve-refused", refusal, now, request_id=request_id)
+            if refusal is not failed:  # a failed request's refusal is audited with it
+                self._audit.refusal(caller.actor, "approve-refused", refusal, now, request_id=request_id)
             raise
 
-    @staticmethod
-    def _approved_decision(row: Any, snap: Snapshot, now: dt.datetime) -> request_policy.Decision:
-        """The stored request's decision, on the template and issuer as they are now."""
-        template = snap.templates.get(row.template_name)
-        if template is None:
-            raise Refusal(Reason.UNKNOWN_TEMPLATE, f"template {row.template_name!r} no longer exists")
-        issuer = snap.authority(row.authority_id)
-        if not issuer.serves(template.name) or not issuer.valid_at(now):
-            raise Refusal(Reason.NO_ISSUER, f"issuer {issuer.name!r} no longer serves {template.name!r}")
-        public_key: PublicKey = x509.load_der_x509_csr(row.csr_der).public_key()  # type: ignore[assignment]
-        not_before, not_after = request_policy.validity(template, issuer, now)
-        return request_policy.Decision(
-            template=template, kind=row.kind, subject=x509.Name.from_rfc4514_string(row.subject),
-            names=names_from_json(row.names), public_key=public_key, csr_der=row.csr_der,
-            issuer=issuer, not_before=not_before, not_after=not_after,
-            pending=True, renewal_of=None, archived_key=None,
+    def _approved_decision(self, conn: Connection, row: Any, snap: Snapshot,
+                           now: dt.datetime) -> request_policy.Decision:
+        """The stored request decided again (:func:`~certpulse.ca.policy.decide_approval`) on
+        what is gathered now: the requester as the database has it, the key's standing, the
+        template and issuer of the current state."""
+        requester = self._auth.principal_by_id(conn, row.principal_id)
+        try:
+            key: str | None = spki_sha256(x509.load_der_x509_csr(row.csr_der).public_key())
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            key = None  # the policy refuses the CSR itself
+        gathered = request_policy.Gathered(
+            template=snap.templates.get(row.template_name), authorities=snap.authorities, known={},
+            key=self._key_standing(conn, key, row.principal_id),
         )
+        stored = request_policy.StoredRequest(
+            template=row.template_name, kind=row.kind, csr_der=row.csr_der,
+            subject=x509.Name.from_rfc4514_string(row.subject), names=names_from_json(row.names),
+            issuer_id=row.authority_id,
+        )
+        return request_policy.decide_approval(requester, stored, gathered, now)
+
+    def _fail(self, conn: Connection, row: Any, refusal: Refusal, actor: str, now: dt.datetime) -> None:
+        """A pending request the policy refuses at approval: failed, with the refusal as its reason."""
+        conn.execute(update(t.requests).where(t.requests.c.id == row.id).values(
+            status="failed", reason=f"{refusal.reason.value}: {refusal.detail}", decided_at=now, decided_by=actor))
+        self._audit.record(conn, now, actor, "approve-refused", template=row.template_name, request_id=row.id,
+                           names=names_from_json(row.names).all(), reason=refusal.reason.value,
+                           detail=refusal.detail)
 
     def deny(self, caller: Caller, request_id: int, reason: str, now: dt.datetime) -> Denied:
         try:
@@ -329,3 +380,11 @@ def summary(row: Any, issued: Issued | None = None) -> RequestSummary:
         subject=row.subject, names=tuple(names_from_json(row.names).all()), created_at=row.created_at,
         decided_at=row.decided_at, decided_by=row.decided_by, reason=row.reason, issued=issued,
     )
+
+
+def _key_of(req: EnrollmentRequest) -> str | None:
+    """The SPKI SHA-256 of a request's key, when its CSR parses (the policy refuses it otherwise)."""
+    try:
+        return spki_sha256(load_csr(req.csr).public_key())
+    except (Refusal, ValueError, TypeError, UnsupportedAlgorithm):
+        return None

@@ -1,5 +1,8 @@
 """Revocation and certificate status.
 
+A revocation for keyCompromise also blocks the certificate's key (``blocked_keys``, in the same
+transaction): the request policy refuses that key to anyone from then on.
+
 Revocation lives in the certificate's own row (``revoked_at``, ``revocation_reason``), so a
 status answer is one indexed lookup by serial; a CA manager revokes, anyone may ask the status
 (it is what a relying party needs, and reveals nothing a certificate does not already show).
@@ -12,6 +15,7 @@ from typing import Any
 
 from cryptography import x509
 from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from certpulse.ca.audit import AuditTrail
 from certpulse.ca.model import Caller, require_manager
@@ -19,6 +23,7 @@ from certpulse.ca.results import CertificateState, CertificateStatus, Revoked
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.certs import parse_serial, serial_hex
+from certpulse.pki.keys import spki_sha256
 from certpulse.pki.names import names_from_json
 from certpulse.sql.db import read, write
 
@@ -26,6 +31,8 @@ from certpulse.sql.db import read, write
 REVOCATION_REASONS = tuple(
     r.value for r in x509.ReasonFlags if r not in (x509.ReasonFlags.remove_from_crl,)
 )
+# A certificate revoked for this reason blocks its key for good: the policy never certifies it again
+KEY_COMPROMISE = x509.ReasonFlags.key_compromise.value
 
 
 class Revocation:
@@ -52,6 +59,8 @@ class Revocation:
                     .values(revoked_at=now, revocation_reason=reason))
                 if revoked.rowcount != 1:  # a concurrent call revoked it after we read the row
                     raise Refusal(Reason.ALREADY_REVOKED, f"certificate {row.serial} was revoked meanwhile")
+                if reason == KEY_COMPROMISE:
+                    _block_key(conn, row, now)
                 self._audit.record(conn, now, caller.actor, "revoked", template=row.template_name,
                                    request_id=row.request_id, serial=row.serial,
                                    names=names_from_json(row.names).all(), reason=reason)
@@ -70,6 +79,15 @@ class Revocation:
             subject=row.subject, not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
             revocation_reason=row.revocation_reason, thumbprint=row.thumbprint,
         )
+
+
+def _block_key(conn: Connection, row: Any, now: dt.datetime) -> None:
+    """Record a compromised certificate's key as blocked (the first serial that blocked it stays)."""
+    key = spki_sha256(x509.load_der_x509_certificate(row.der).public_key())
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    conn.execute(insert(t.blocked_keys).values(
+        key_sha256=key, serial=row.serial, authority_id=row.authority_id, blocked_at=now,
+    ).on_conflict_do_nothing(index_elements=["key_sha256"]))
 
 
 def _find_certificate(conn: Connection, serial: str, issuer: str | None) -> Any:

@@ -21,6 +21,7 @@ STATUS: dict[Reason, int] = {
     Reason.SELF_APPROVAL: 403,
     Reason.NOT_FOUND: 404,
     Reason.CONFLICT: 409,
+    Reason.REQUESTER_DISABLED: 409,
     Reason.NOT_PENDING: 409,
     Reason.ALREADY_REVOKED: 409,
     Reason.REQUEST_TIMEOUT: 408,

@@ -6,6 +6,7 @@ in templates, on the command line and in the policy an agent downloads.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import TypeAlias
@@ -85,6 +86,13 @@ def key_matches(private_key: PrivateKey, public_key: CertificatePublicKeyTypes) 
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     enc = serialization.Encoding.DER
     return private_key.public_key().public_bytes(enc, fmt) == public_key.public_bytes(enc, fmt)
+
+
+def spki_sha256(public_key: CertificatePublicKeyTypes) -> str:
+    """The SHA-256 of a public key's SubjectPublicKeyInfo (DER), in hex: the name a key is known
+    by whatever certificate or request carries it (blocked keys, the key-to-principal rule)."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 def private_key_pem(key: PrivateKey) -> bytes:

@@ -147,11 +147,15 @@ requests = Table(
     # Chosen by the client and sent again when it retries, so a retry after a lost answer
     # gets the first request's result instead of a second certificate (migration 0002).
     Column("idempotency_key", String(64), nullable=True),
+    # SHA-256 of the CSR's SubjectPublicKeyInfo, with principal_id: a key requested by one
+    # principal is refused to every other (migration 0005; NULL in rows written before it).
+    Column("key_sha256", String(64), nullable=True),
     # Listing by status reads in id order (migration 0003); the metrics count from an index.
     Index(None, "status", "id"),
     Index(None, "template_name", "status", "created_at"),
     Index(None, "principal_id"),
     UniqueConstraint("principal_id", "idempotency_key"),
+    Index(None, "key_sha256", "principal_id"),
 )
 
 certificates = Table(
@@ -212,4 +216,15 @@ archived_keys = Table(
     Column("authority_id", Integer, ForeignKey("authorities.id"), nullable=False),  # the KRA
     Column("envelope", Text, nullable=False),  # JSON: the key encrypted to the KRA certificate
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+# Keys whose certificate was revoked for keyCompromise, by SPKI SHA-256: never certified again,
+# for anyone. Written in the revocation's transaction (migration 0005).
+blocked_keys = Table(
+    "blocked_keys",
+    metadata,
+    Column("key_sha256", String(64), primary_key=True),
+    Column("serial", String(40), nullable=False),  # the certificate whose revocation blocked it
+    Column("authority_id", Integer, ForeignKey("authorities.id"), nullable=False),
+    Column("blocked_at", UTCDateTime, nullable=False),
 )

@@ -21,7 +21,7 @@ from certpulse.sql.db import DirectStatement
 AUDIT_COLUMNS = ("at", "actor", "action", "template_name", "request_id", "serial", "names", "reason", "detail")
 REQUEST_COLUMNS = ("principal_id", "requester", "template_name", "template_major", "template_minor", "kind",
                    "csr_der", "subject", "names", "renewal_of", "authority_id", "status", "created_at",
-                   "decided_at", "decided_by", "certificate_id", "idempotency_key")
+                   "decided_at", "decided_by", "certificate_id", "idempotency_key", "key_sha256")
 CERTIFICATE_COLUMNS = ("authority_id", "serial", "request_id", "principal_id", "template_name", "subject", "names",
                        "not_before", "not_after", "status", "created_at")
 
@@ -33,6 +33,15 @@ CONFIRM = select(
     exists().where(t.principals.c.id == bindparam("principal_id"),
                    t.principals.c.credential_hash == bindparam("credential_hash"), t.principals.c.enabled == true()),
 )
+# What the database says of a request's key (by SPKI SHA-256): the serial whose keyCompromise
+# revocation blocked it, and whether another principal requested it. Two indexed lookups.
+BLOCKED_BY = select(t.blocked_keys.c.serial).where(
+    t.blocked_keys.c.key_sha256 == bindparam("key_sha256")).scalar_subquery()
+OTHER_PRINCIPAL = exists().where(t.requests.c.key_sha256 == bindparam("key_sha256"),
+                                 t.requests.c.principal_id != bindparam("principal_id"))
+KEY_STANDING = select(BLOCKED_BY, OTHER_PRINCIPAL)
+# A submission's confirmation and its key's standing in one round trip
+CONFIRM_AND_KEY = select(*CONFIRM.selected_columns, BLOCKED_BY, OTHER_PRINCIPAL)
 # A pending request approved: run as an ordinary statement (approvals are not the hot path)
 REQUEST_ISSUED = update(t.requests).where(t.requests.c.id == bindparam("request_id")).values(
     status="issued", certificate_id=bindparam("certificate_id"), decided_at=bindparam("decided_at"),
@@ -53,6 +62,8 @@ class Statements:
         if dialect.name not in ("sqlite", "postgresql"):
             raise Refusal(Reason.STORE, f"unsupported database {dialect.name!r}")
         self.confirm = DirectStatement(CONFIRM, dialect)
+        self.confirm_and_key = DirectStatement(CONFIRM_AND_KEY, dialect)
+        self.key_standing = DirectStatement(KEY_STANDING, dialect)
         self.audit = DirectStatement(t.audit.insert(), dialect, AUDIT_COLUMNS)
         self.insert_request = DirectStatement(t.requests.insert().returning(t.requests.c.id), dialect,
                                               REQUEST_COLUMNS)
