@@ -193,7 +193,7 @@ def test_the_last_valid_api_key_cannot_be_revoked(fresh_ca: CA) -> None:
     states = {r["name"]: r["state"] for r in cli_json(ca, "apikey", "list")}
     assert states == {"admin": "revoked", "expired": "expired", "second": "valid"}
     refusals = [r for r in audit(ca) if r["action"] == "api-key-revoke-refused"]
-    assert len(refusals) == 3 and all(r["reason"] == "requester-disabled" for r in refusals)
+    assert len(refusals) == 3 and all(r["reason"] == "conflict" for r in refusals)
 
 
 def test_unknown_api_key_name_is_refused(ca: CA) -> None:
@@ -371,7 +371,9 @@ def test_migration_0004_upgrades_a_0003_database_with_rows_and_downgrades(backen
                 conn.exec_driver_sql(
                     "INSERT INTO api_keys (key_hash, name, role, created_at) "
                     "VALUES ('ab', 'admin', 'admin', '2026-01-01 00:00:00.000000')")
-            migrate(engine)
+            with engine.begin() as conn:
+                config.attributes["connection"] = conn
+                command.upgrade(config, "0004")
             with read(engine) as conn:
                 assert MigrationContext.configure(conn).get_current_revision() == "0004"
                 key = conn.execute(select(t.api_keys)).one()
