@@ -29,7 +29,7 @@ def mailbox_problem(address: str) -> str | None:
         checked = email_validator.validate_email(
             address, check_deliverability=False, allow_smtputf8=False, allow_quoted_local=False,
             allow_domain_literal=False, allow_display_name=False, allow_empty_local=False,
-            globally_deliverable=False,
+            globally_deliverable=False, strict=True,  # strict: the 64-character local part limit too
         )
     except email_validator.EmailNotValidError as exc:
         return f"is not a valid mailbox ({exc})"
