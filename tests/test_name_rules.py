@@ -8,19 +8,23 @@ Subjects and names are built in memory with ``cryptography``; templates come fro
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from certpulse.ca.model import Caller
 from certpulse.ca.name_checks import checked_request_names
 from certpulse.ca.row_ids import MAX_ROW_ID, is_row_id, require_row_id
 from certpulse.ca.templates import SubjectRules, Template, parse_template
 from certpulse.errors import Reason, Refusal
+from certpulse.pki.csr_signature import check_csr_signature
 from certpulse.pki.mailbox import mailbox_problem
-from certpulse.pki.names import RequestedNames
+from certpulse.pki.names import RequestedNames, control_character_in, csr_sans
 from certpulse.pki.subject import attribute_named, not_text, value_problem
 
 CALLER = Caller(kind="principal", name="alice", principal_id=3, principal_kind="user",
@@ -258,3 +262,92 @@ def test_row_ids(value: int, ok: bool) -> None:
     with pytest.raises(Refusal) as info:
         require_row_id(value, "request")
     assert info.value.reason is Reason.NOT_FOUND and len(info.value.detail) < 120
+
+
+# --- the CSR itself: signature hashes, SAN bytes, control characters --------------------------
+# Requests made here with cryptography's builder, EC P-256 or RSA-2048 keys; the SAN bytes the
+# builder would refuse go in as an UnrecognizedExtension under the subjectAltName OID.
+
+
+@functools.cache
+def rsa_2048() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def built(key: Any = None, algorithm: hashes.HashAlgorithm | None = None, rsa_padding: Any = None,
+          subject: x509.Name | None = None, san: bytes | None = None) -> x509.CertificateSigningRequest:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject or x509.Name([]))
+    if san is not None:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, san), critical=False)
+    return builder.sign(key or ec.generate_private_key(ec.SECP256R1()), algorithm or hashes.SHA256(),
+                        rsa_padding=rsa_padding)
+
+
+SIGNATURES: list[tuple[str, Any, Reason | None]] = [
+    ("ecdsa-sha256", lambda: built(), None),
+    ("ecdsa-sha384", lambda: built(algorithm=hashes.SHA384()), None),
+    ("ecdsa-sha3-256", lambda: built(algorithm=hashes.SHA3_256()), None),
+    ("rsa-sha512", lambda: built(rsa_2048(), hashes.SHA512()), None),
+    ("rsa-pss-sha256", lambda: built(rsa_2048(), hashes.SHA256(), padding.PSS(padding.MGF1(hashes.SHA256()), 32)),
+     None),
+    ("ecdsa-sha224", lambda: built(algorithm=hashes.SHA224()), Reason.WEAK_SIGNATURE_ALGORITHM),
+    ("rsa-sha224", lambda: built(rsa_2048(), hashes.SHA224()), Reason.WEAK_SIGNATURE_ALGORITHM),
+    ("rsa-pss-sha224", lambda: built(rsa_2048(), hashes.SHA224(), padding.PSS(padding.MGF1(hashes.SHA224()), 28)),
+     Reason.WEAK_SIGNATURE_ALGORITHM),
+    ("ecdsa-sha256-tampered", lambda: x509.load_der_x509_csr(
+        (d := built().public_bytes(serialization.Encoding.DER))[:-1] + bytes([d[-1] ^ 1])),
+     Reason.BAD_CSR_SIGNATURE),
+]
+
+
+@pytest.mark.parametrize(("make", "reason"), [c[1:] for c in SIGNATURES], ids=[c[0] for c in SIGNATURES])
+def test_csr_signature(make: Any, reason: Reason | None) -> None:
+    request = make()
+    if reason is None:
+        check_csr_signature(request)
+        return
+    with pytest.raises(Refusal) as info:
+        check_csr_signature(request)
+    assert info.value.reason is reason
+
+
+def _san(tag: int, value: bytes) -> bytes:
+    inner = bytes([tag, len(value)]) + value
+    return bytes([0x30, len(inner)]) + inner
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 5, 8, 12, 15, 17, 32])
+def test_ip_san_bytes_other_than_4_or_16_are_malformed(size: int) -> None:
+    request = built(san=_san(0x87, bytes(range(1, size + 1))))
+    with pytest.raises(Refusal) as info:
+        csr_sans(request)
+    assert info.value.reason is Reason.MALFORMED_CSR
+
+
+@pytest.mark.parametrize("size", [4, 16])
+def test_ip_san_of_4_or_16_bytes(size: int) -> None:
+    [name_] = csr_sans(built(san=_san(0x87, bytes(range(1, size + 1)))))
+    assert isinstance(name_, x509.IPAddress)
+
+
+CONTROL_PLACES: list[tuple[str, x509.Name, list[x509.GeneralName], str | None]] = [
+    ("clean", name((CN, "www.example.internal")), [x509.DNSName("www.example.internal")], None),
+    ("CN", name((CN, "www\x1b.example.internal")), [], "subject attribute CN"),
+    ("O", name((O_, "Evil\u202eCorp")), [], "subject attribute O"),
+    ("unknown OID", name((x509.ObjectIdentifier("1.2.3.4"), "a\x00")), [], "subject attribute 1.2.3.4"),
+    ("DNS", name(), [x509.DNSName("www\x00.example.internal")], "DNS SAN"),
+    ("e-mail", name(), [x509.RFC822Name("ops@example.internal\n")], "e-mail SAN"),
+    ("URI", name(), [x509.UniformResourceIdentifier("https://a/\x7f")], "URI SAN"),
+    ("directoryName", name(), [x509.DirectoryName(name((CN, "a\u2028b")))], "directoryName SAN"),
+]
+
+
+@pytest.mark.parametrize(("subject", "sans", "where"), [c[1:] for c in CONTROL_PLACES],
+                         ids=[c[0] for c in CONTROL_PLACES])
+def test_control_character_in(subject: x509.Name, sans: list[x509.GeneralName], where: str | None) -> None:
+    found = control_character_in(subject, sans)
+    if where is None:
+        assert found is None
+    else:
+        assert found is not None and where in found and "control character U+" in found, found
