@@ -85,7 +85,8 @@ def test_webserver_template() -> None:
     assert t.names.wildcard is False
     assert t.names.ip is True
     assert t.names.ip_ranges == ("127.0.0.0/8", "::1/128", "10.0.0.0/8")
-    assert t.names.email is False
+    assert t.names.email == ()  # no e-mail SANs unless a template lists their domains
+    assert t.subject_rules.allowed == ("CN",)
     assert t.names.max == 20
     assert t.ekus == (SERVER_AUTH,)
     assert t.key_usage == ("digital_signature", "key_encipherment")

@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine, select
 
 from certpulse.ca.model import ANONYMOUS, Caller, require_manager
 from certpulse.ca.results import AuditEntry, AuditLog
+from certpulse.ca.row_ids import is_row_id, require_row_id
 from certpulse.ca.storage import schema as t
 from certpulse.ca.storage.statements import Statements
 from certpulse.errors import Refusal
@@ -108,7 +109,8 @@ class AuditTrail:
         """One row, in ``conn``'s transaction. Caller-supplied text is cut to the column sizes."""
         self._insert.run(conn, {
             "at": now, "actor": storable(actor)[:128], "action": action,
-            "template_name": storable(template)[:64] if template else None, "request_id": request_id,
+            "template_name": storable(template)[:64] if template else None,
+            "request_id": request_id if request_id is None or is_row_id(request_id) else None,
             "serial": serial, "names": json.dumps(list(names)) if names else None, "reason": reason,
             "detail": storable(detail)[:2000] if detail else None,
         })
@@ -157,6 +159,7 @@ class AuditTrail:
         self.require_manager(caller, now, "audit-refused")
         query = select(t.audit).order_by(t.audit.c.id.desc()).limit(max(1, min(limit, 10_000)))
         if request_id is not None:
+            require_row_id(request_id, "request")
             query = query.where(t.audit.c.request_id == request_id)
         with read(self.engine) as conn:
             return AuditLog(tuple(

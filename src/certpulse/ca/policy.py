@@ -6,12 +6,14 @@ the checks in the order the issue fixes and returns a :class:`Decision` or raise
 :class:`~certpulse.errors.Refusal` naming the first one that failed:
 
 1. template exists, and the caller may read and enroll;
-2. the CSR parses and its signature verifies (proof of possession), with a modern hash;
+2. the CSR parses and its signature verifies (proof of possession), with SHA-256 or better; its
+   names are well formed (IP SANs of 4 or 16 bytes, no control characters anywhere);
 3. renewal evidence, RA co-signatures and key archival, when the request or template needs them;
 4. key type and size (global rules, then the template's); then the key's standing: never a key
    whose certificate was revoked for keyCompromise, never a key another principal requested;
-5. the subject and every SAN against the template's rules, also when a renewal copies them from
-   the certificate being renewed (:data:`~certpulse.errors.Reason.NAME_NO_LONGER_ALLOWED`);
+5. the subject and every SAN against the template's rules (:mod:`certpulse.ca.name_checks`),
+   also when a renewal copies them from the certificate being renewed
+   (:data:`~certpulse.errors.Reason.NAME_NO_LONGER_ALLOWED`);
 6. an issuer that serves the template, and the validity window (never past its notAfter).
 
 An approval decides again (:func:`decide_approval`): the same checks but those that need the
@@ -34,33 +36,24 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import NameOID
 
 from certpulse.ca.model import Authority, Caller, EnrollmentRequest, Evidence, KnownCertificate
+from certpulse.ca.name_checks import checked_request_names
 from certpulse.ca.templates import EKU_NAMES, Template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import key_archival
 from certpulse.pki.build import inclusive_not_after
 from certpulse.pki.certs import load_csr, thumbprint
+from certpulse.pki.csr_signature import check_csr_signature
 from certpulse.pki.keys import PrivateKey, PublicKey, check_public_key, key_matches, spki_sha256
 from certpulse.pki.names import (
     RequestedNames,
-    dns_name_matches,
-    ip_in_ranges,
+    control_character_in,
+    csr_sans,
     is_hostname,
     requested_names,
     to_general_names,
 )
 from certpulse.pki.signing import verify_bytes
 
-WEAK_HASHES = ("md5", "sha1", "md4", "md2")
-# Signature algorithms over hashes so old that cryptography no longer names them (RFC 8017 A.2.4)
-UNNAMED_WEAK_SIGNATURES = {"1.2.840.113549.1.1.2": "md2", "1.2.840.113549.1.1.3": "md4"}
-REQUEST_SUBJECT_ATTRIBUTES = {
-    NameOID.COMMON_NAME,
-    NameOID.ORGANIZATION_NAME,
-    NameOID.ORGANIZATIONAL_UNIT_NAME,
-    NameOID.COUNTRY_NAME,
-    NameOID.STATE_OR_PROVINCE_NAME,
-    NameOID.LOCALITY_NAME,
-}
 DEFAULT_RA_POLICY = EKU_NAMES["certificate_request_agent"]
 
 
@@ -135,7 +128,7 @@ def decide(caller: Caller, req: EnrollmentRequest, state: Gathered, now: dt.date
         old = req.renewal.certificate
         subject, names = check_copied_names(caller, template, old.subject, _sans_of(old))
     else:
-        subject, names = _check_names(caller, template, csr, None)
+        subject, names = _check_names(caller, template, csr)
     issuer = _choose_issuer(req, template, state, renewal=renewal_of is not None, now=now)
     not_before, not_after = validity(template, issuer, now)
     return Decision(
@@ -176,7 +169,7 @@ def decide_approval(requester: Caller | None, stored: StoredRequest, state: Gath
     if stored.kind == "renewal" and copies_names(template):
         subject, names = check_copied_names(requester, template, stored.subject, to_general_names(stored.names))
     else:
-        subject, names = _check_names(requester, template, csr, None)
+        subject, names = _check_names(requester, template, csr)
     issuer = next((a for a in state.authorities if a.id == stored.issuer_id), None)
     if issuer is None or not issuer.serves(template.name) or not issuer.valid_at(now):
         name = issuer.name if issuer is not None else str(stored.issuer_id)
@@ -201,7 +194,7 @@ def check_copied_names(caller: Caller, template: Template, subject: x509.Name,
     ``name-no-longer-allowed``: the template changed since, and a new request from what it
     allows is the way out (the agent makes one)."""
     try:
-        return _check_names(caller, template, _as_request(subject, sans), None)
+        return _check_names(caller, template, _as_request(subject, sans))
     except Refusal as refusal:
         raise Refusal(Reason.NAME_NO_LONGER_ALLOWED,
                       f"the names of the certificate being renewed are no longer allowed: {refusal.detail}",
@@ -265,27 +258,23 @@ def _check_template(caller: Caller, req: EnrollmentRequest, state: Gathered) -> 
 
 
 def _check_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """Parse the CSR and check what holds whatever the template: the signature (accepted hash,
+    verifies with its own key), readable extensions and subject, IP SANs of 4 or 16 bytes, and no
+    control character in any subject attribute or SAN."""
     csr = load_csr(data)
-    try:
-        valid = csr.is_signature_valid
-        algorithm = csr.signature_hash_algorithm
-    except Exception:  # unsupported algorithms and unparsable keys surface here
-        weak = UNNAMED_WEAK_SIGNATURES.get(csr.signature_algorithm_oid.dotted_string)
-        if weak:
-            raise Refusal(Reason.WEAK_SIGNATURE_ALGORITHM,
-                          f"CSR signed with {weak}; use SHA-256 or better") from None
-        raise Refusal(Reason.MALFORMED_CSR, "the CSR's key or signature algorithm is not supported") from None
-    # The hash first: cryptography reports a SHA-1 signature as invalid, which would hide the reason.
-    # No hash at all is EdDSA (Ed25519, Ed448): not weak; the key rules below refuse the key.
-    if algorithm is not None and algorithm.name in WEAK_HASHES:
-        raise Refusal(Reason.WEAK_SIGNATURE_ALGORITHM,
-                      f"CSR signed with {algorithm.name}; use SHA-256 or better")
-    if not valid:
-        raise Refusal(Reason.BAD_CSR_SIGNATURE, "the CSR's signature does not verify with its own key")
+    check_csr_signature(csr)
     try:
         csr.extensions  # noqa: B018 - parse them now so a broken one is a clear refusal
     except Exception as exc:
         raise Refusal(Reason.MALFORMED_CSR, f"unreadable extensions in the CSR: {exc}") from None
+    try:
+        subject = csr.subject
+        list(subject)
+    except ValueError as exc:
+        raise Refusal(Reason.MALFORMED_CSR, f"unreadable subject: {exc}") from None
+    where = control_character_in(subject, csr_sans(csr))
+    if where is not None:
+        raise Refusal(Reason.NAME_NOT_ALLOWED, where)
     return csr
 
 
@@ -389,61 +378,14 @@ def _principal_names(caller: Caller) -> tuple[x509.Name, RequestedNames]:
 
 
 def _check_names(
-    caller: Caller, template: Template, csr: x509.CertificateSigningRequest, renewing: Evidence | None
+    caller: Caller, template: Template, csr: x509.CertificateSigningRequest
 ) -> tuple[x509.Name, RequestedNames]:
+    """The subject and names the certificate will carry: the principal's own for a template that
+    builds them, else the CSR's (a renewal that copies names passes them in as a CSR), each
+    checked against the template's rules as they are now."""
     if template.subject_source == "principal":
         return _principal_names(caller)
-    if renewing is not None and template.renewal_subject_from_existing:
-        old = renewing.certificate
-        try:
-            san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            sans = [n for n in san]
-        except x509.ExtensionNotFound:
-            sans = []
-        names = RequestedNames(
-            dns=tuple(n.value for n in sans if isinstance(n, x509.DNSName)),
-            ip=tuple(str(n.value) for n in sans if isinstance(n, x509.IPAddress)),
-            email=tuple(n.value for n in sans if isinstance(n, x509.RFC822Name)),
-        )
-        return old.subject, names
-    rules = template.names
-    try:
-        subject = csr.subject
-        attributes = list(subject)
-    except ValueError as exc:
-        raise Refusal(Reason.MALFORMED_CSR, f"unreadable subject: {exc}") from None
-    for attr in attributes:
-        if attr.oid not in REQUEST_SUBJECT_ATTRIBUTES:
-            raise Refusal(Reason.NAME_NOT_ALLOWED, f"subject attribute {attr.oid.dotted_string} is not allowed")
-    names = requested_names(csr)
-    common_names = [str(a.value).lower() for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    if len(common_names) > 1:
-        raise Refusal(Reason.NAME_NOT_ALLOWED, "the subject has more than one common name")
-    if not names.all() and common_names and is_hostname(common_names[0], allow_wildcard=rules.wildcard):
-        names = RequestedNames(dns=(common_names[0],))
-    if not names.all():
-        raise Refusal(Reason.NAME_NOT_ALLOWED, "the request names nothing (no SAN and no host name as CN)")
-    if len(names.all()) > rules.max:
-        raise Refusal(Reason.NAME_NOT_ALLOWED, f"at most {rules.max} names are allowed")
-    if common_names and common_names[0] not in [n.lower() for n in names.all()]:
-        raise Refusal(Reason.NAME_NOT_ALLOWED, f"the common name {common_names[0]!r} is not among the SANs")
-    for dns in names.dns:
-        if not is_hostname(dns, allow_wildcard=True):
-            raise Refusal(Reason.NAME_NOT_ALLOWED, f"{dns!r} is not a valid DNS name")
-        if dns.startswith("*.") and not rules.wildcard:
-            raise Refusal(Reason.NAME_NOT_ALLOWED, f"wildcard names such as {dns!r} are not allowed")
-        if not dns_name_matches(dns, rules.dns):
-            raise Refusal(Reason.NAME_NOT_ALLOWED, f"DNS name {dns!r} is not allowed by template {template.name!r}")
-    for ip in names.ip:
-        if not rules.ip:
-            raise Refusal(Reason.NAME_NOT_ALLOWED, f"IP address {ip} is not allowed by template {template.name!r}")
-        if rules.ip_ranges and not ip_in_ranges(ip, rules.ip_ranges):
-            raise Refusal(Reason.NAME_NOT_ALLOWED, f"IP address {ip} is outside the allowed ranges")
-    if names.email and not rules.email:
-        raise Refusal(Reason.NAME_NOT_ALLOWED, "e-mail names are not allowed by this template")
-    if names.uri:
-        raise Refusal(Reason.NAME_NOT_ALLOWED, "URI names are not allowed")
-    return subject, names
+    return checked_request_names(caller, template, csr.subject, requested_names(csr))
 
 
 def _choose_issuer(

@@ -41,6 +41,7 @@ from certpulse.ca.results import (
     RequestSummary,
     Submission,
 )
+from certpulse.ca.row_ids import require_row_id
 from certpulse.ca.state import KeyRing, Snapshot, SnapshotCache
 from certpulse.ca.storage import schema as t
 from certpulse.ca.storage.statements import REQUEST_ISSUED, Statements
@@ -248,6 +249,7 @@ class RegistrationAuthority:
 
     def get(self, caller: Caller, request_id: int) -> RequestSummary:
         """A request its requester (or a CA manager) may see, with its certificate once issued."""
+        require_row_id(request_id, "request")
         with read(self.engine) as conn:
             row = conn.execute(select(t.requests).where(t.requests.c.id == request_id)).first()
             # By id, not by name: a principal added again under a removed one's name is a new one
@@ -351,6 +353,7 @@ class RegistrationAuthority:
 
     @staticmethod
     def _pending_row(conn: Connection, request_id: int) -> Any:
+        require_row_id(request_id, "request")
         # FOR UPDATE: concurrent approvals/denials of one request on PostgreSQL queue here, and all
         # but the first then see it decided (SQLite's BEGIN IMMEDIATE already serialises them).
         row = conn.execute(

@@ -21,6 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.keys import CURVES, KEY_SPECS
+from certpulse.pki.names import is_hostname
+from certpulse.pki.subject import COMMON_NAME, COUNTRY, Attribute, attribute_named, value_problem
 
 RIGHTS = ("read", "enroll", "autoenroll")
 KEY_USAGES = (
@@ -47,6 +49,7 @@ _OID = re.compile(r"^[0-2](\.\d+)+$")
 Purpose = Literal["signature", "encryption", "both"]
 SubjectSource = Literal["principal", "request"]
 OldCertificate = Literal["archive", "delete"]
+EmailLocalPart = Literal["any", "principal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,20 @@ class Permission:
 
 
 @dataclasses.dataclass(frozen=True)
+class SubjectRules:
+    """Which subject attributes a request may set, and with what values (when the subject comes
+    from the request). By default only the common name, as Boulder and step-ca do."""
+
+    allowed: tuple[str, ...] = ("CN",)  # attribute labels (short names or dotted OIDs)
+    values: tuple[tuple[str, tuple[str, ...]], ...] = ()  # label -> the only values allowed
+    repeatable: tuple[str, ...] = ()  # labels that may appear more than once
+    multi_valued_rdns: bool = False  # RDNs such as CN=a+O=b
+
+    def values_of(self, label: str) -> tuple[str, ...] | None:
+        return dict(self.values).get(label)
+
+
+@dataclasses.dataclass(frozen=True)
 class NameRules:
     """Which subject alternative names a request may carry (when names come from the request)."""
 
@@ -66,7 +83,8 @@ class NameRules:
     wildcard: bool = False
     ip: bool = False
     ip_ranges: tuple[str, ...] = ()
-    email: bool = False
+    email: tuple[str, ...] = ()  # allowed e-mail domains: exact, ".suffix" (below it) or "*"
+    email_local_part: EmailLocalPart = "any"  # "principal": the local part is the principal's name
     max: int = 10
 
 
@@ -88,6 +106,7 @@ class Template:
     archive_private_key: bool
     subject_source: SubjectSource
     renewal_subject_from_existing: bool
+    subject_rules: SubjectRules
     names: NameRules
     manager_approval: bool
     ra_signatures: int
@@ -137,13 +156,18 @@ class Template:
             "subject": {
                 "source": self.subject_source,
                 "use_existing_for_renewal": self.renewal_subject_from_existing,
+                "allowed_attributes": list(self.subject_rules.allowed),
+                "repeatable_attributes": list(self.subject_rules.repeatable),
+                "multi_valued_rdns": self.subject_rules.multi_valued_rdns,
+                "values": {label: list(values) for label, values in self.subject_rules.values},
             },
             "names": {
                 "dns": list(self.names.dns),
                 "wildcard": self.names.wildcard,
                 "ip": self.names.ip,
                 "ip_ranges": list(self.names.ip_ranges),
-                "email": self.names.email,
+                "email": list(self.names.email),
+                "email_local_part": self.names.email_local_part,
                 "max": self.names.max,
             },
             "issuance": {
@@ -256,6 +280,66 @@ def _eku(value: str, path: str) -> str:
     raise _invalid(path, f"has unknown extended key usage {value!r}")
 
 
+def _attribute(name: str, path: str) -> Attribute:
+    attribute = attribute_named(name)
+    if attribute is None:
+        raise _invalid(path, f"names an unknown attribute {name!r} (use a short name such as CN, O, OU, C, "
+                       "ST, L, serialNumber, or a dotted OID)")
+    return attribute
+
+
+def _subject_rules(subject: _Reader) -> SubjectRules:
+    """``[subject]``: allowed_attributes, repeatable_attributes, multi_valued_rdns and the
+    ``[subject.values]`` table (attribute -> list of the only values allowed)."""
+    where = subject.where("allowed_attributes")
+    allowed = tuple(dict.fromkeys(_attribute(a, where).label for a in subject.strings("allowed_attributes",
+                                                                                        ("CN",))))
+    where = subject.where("repeatable_attributes")
+    repeatable = tuple(dict.fromkeys(_attribute(a, where).label for a in subject.strings("repeatable_attributes")))
+    for label in repeatable:
+        if label in (COMMON_NAME.label, COUNTRY.label):
+            raise _invalid(where, f"cannot make {label} repeatable: a subject has one")
+        if label not in allowed:
+            raise _invalid(where, f"names {label}, which allowed_attributes does not allow")
+    multi_valued = subject.boolean("multi_valued_rdns", False)
+    values_reader = subject.sub("values")
+    values: list[tuple[str, tuple[str, ...]]] = []
+    for key in sorted(values_reader.table):
+        attribute = _attribute(key, values_reader.where(key))
+        if attribute.label not in allowed:
+            raise _invalid(values_reader.where(key), f"gives values for {attribute.label}, which "
+                           "allowed_attributes does not allow")
+        if any(label == attribute.label for label, _ in values):
+            raise _invalid(values_reader.where(key), f"repeats the attribute {attribute.label}")
+        listed = values_reader.strings(key)
+        if not listed:
+            raise _invalid(values_reader.where(key), "must list at least one value (or leave the attribute out)")
+        for value in listed:
+            problem = value_problem(attribute, value)
+            if problem is not None:
+                raise _invalid(values_reader.where(key), f"value {value!r} {problem}")
+        values.append((attribute.label, listed))
+    values_reader.done()
+    return SubjectRules(allowed=allowed, values=tuple(values), repeatable=repeatable,
+                        multi_valued_rdns=multi_valued)
+
+
+def _email_domains(names: _Reader) -> tuple[str, ...]:
+    """``names.email``: the domains e-mail SANs may use, as ``dns`` rules are written (exact,
+    ``.suffix`` for any domain below, ``*`` for any). ``true``/``false`` are read as ``["*"]`` and
+    ``[]``, as templates written before the list existed said it."""
+    where = names.where("email")
+    raw = names.table.get("email", [])
+    if isinstance(raw, bool):
+        names.seen.add("email")
+        return ("*",) if raw else ()
+    rules = tuple(dict.fromkeys(r.lower() for r in names.strings("email")))
+    for rule in rules:
+        if rule != "*" and not is_hostname(rule.removeprefix("."), allow_wildcard=False):
+            raise _invalid(where, f"has {rule!r}, which is neither a domain, '.domain' nor '*'")
+    return rules
+
+
 def parse_template_toml(text: str, *, default_oid: str) -> Template:
     try:
         document = tomllib.loads(text)
@@ -315,6 +399,7 @@ def parse_template(document: Mapping[str, Any], *, default_oid: str) -> Template
     subject = top.sub("subject")
     subject_source = subject.choice("source", "principal", ("principal", "request"))
     use_existing = subject.boolean("use_existing_for_renewal", False)
+    subject_rules = _subject_rules(subject)
     subject.done()
 
     names_reader = top.sub("names")
@@ -330,7 +415,9 @@ def parse_template(document: Mapping[str, Any], *, default_oid: str) -> Template
         wildcard=names_reader.boolean("wildcard", False),
         ip=names_reader.boolean("ip", False),
         ip_ranges=ip_ranges,
-        email=names_reader.boolean("email", False),
+        email=_email_domains(names_reader),
+        email_local_part=names_reader.choice(  # type: ignore[arg-type]
+            "email_local_part", "any", ("any", "principal")),
         max=names_reader.integer("max", 10, 0, 100),
     )
     names_reader.done()
@@ -386,6 +473,7 @@ def parse_template(document: Mapping[str, Any], *, default_oid: str) -> Template
         archive_private_key=archive_private_key,
         subject_source=subject_source,  # type: ignore[arg-type]
         renewal_subject_from_existing=use_existing,
+        subject_rules=subject_rules,
         names=names,
         manager_approval=manager_approval,
         ra_signatures=ra_signatures,

@@ -66,10 +66,17 @@ def serial_hex(serial: int) -> str:
     return format(serial, "x")
 
 
+MAX_SERIAL_HEX = 40  # RFC 5280 4.1.2.2: at most 20 octets
+
+
 def parse_serial(text: str) -> int:
+    """A serial number typed as hex (``0x`` and colons allowed), at most 40 hex digits; anything
+    else is refused with a short quotation of it (a path can be long and hostile)."""
     cleaned = text.strip().lower().replace(":", "").removeprefix("0x")
-    if not cleaned or not re.fullmatch(r"[0-9a-f]{1,40}", cleaned):
-        raise Refusal(Reason.INVALID_ARGUMENT, f"{text!r} is not a hexadecimal serial number")
+    if not cleaned or not re.fullmatch(rf"[0-9a-f]{{1,{MAX_SERIAL_HEX}}}", cleaned):
+        shown = repr(text[:48]) + ("..." if len(text) > 48 else "")
+        raise Refusal(Reason.INVALID_ARGUMENT,
+                      f"{shown} is not a serial number (at most {MAX_SERIAL_HEX} hexadecimal digits)")
     return int(cleaned, 16)
 
 

@@ -10,6 +10,7 @@ import re
 from cryptography import x509
 
 from certpulse.errors import Reason, Refusal
+from certpulse.pki.subject import attribute_of, not_text
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -27,14 +28,51 @@ class RequestedNames:
         return (*self.dns, *self.ip, *self.email, *self.uri)
 
 
-def requested_names(csr: x509.CertificateSigningRequest) -> RequestedNames:
-    """The SANs a CSR asks for; unsupported name kinds are refused, not silently dropped."""
+def csr_sans(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:
+    """The CSR's subject alternative names as parsed, refusing what no certificate may hold: an
+    unreadable extension, or an IP address that is not 4 or 16 bytes (the library reads 8 and
+    32 bytes as a network, which only name constraints may carry, RFC 5280 4.2.1.10)."""
     try:
         ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return RequestedNames()
+        return []
     except (ValueError, x509.DuplicateExtension) as exc:
         raise Refusal(Reason.MALFORMED_CSR, f"unreadable extensions in the CSR: {exc}") from None
+    names = list(ext)
+    for name in names:
+        if isinstance(name, x509.IPAddress) and not isinstance(
+                name.value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            raise Refusal(Reason.MALFORMED_CSR, "an IP address SAN must be 4 or 16 bytes long")
+    return names
+
+
+def control_character_in(subject: x509.Name, sans: list[x509.GeneralName]) -> str | None:
+    """Where a name holds a control character (C0, C1, DEL, format characters such as bidi
+    overrides, U+2028/U+2029), as a phrase for a refusal; None when no name does. Every subject
+    attribute and every textual SAN is looked at, whatever the template will make of them."""
+    for attr in subject:
+        if isinstance(attr.value, str) and (bad := not_text(attr.value)):
+            return f"the subject attribute {attribute_of(attr.oid).label} holds the control character {bad}"
+    for name in sans:
+        if isinstance(name, x509.DNSName | x509.RFC822Name | x509.UniformResourceIdentifier):
+            if bad := not_text(name.value):
+                return f"the {_KIND[type(name)]} SAN {name.value!r} holds the control character {bad}"
+        elif isinstance(name, x509.DirectoryName) and (inner := control_character_in(name.value, [])):
+            return f"a directoryName SAN: {inner}"
+    return None
+
+
+_KIND: dict[type, str] = {x509.DNSName: "DNS", x509.RFC822Name: "e-mail", x509.UniformResourceIdentifier: "URI"}
+
+
+def requested_names(csr: x509.CertificateSigningRequest) -> RequestedNames:
+    """The SANs a CSR asks for; unsupported name kinds are refused, not silently dropped."""
+    return names_of_sans(csr_sans(csr))
+
+
+def names_of_sans(sans: list[x509.GeneralName]) -> RequestedNames:
+    """The names of these SANs, by kind; kinds certpulse never issues are refused."""
+    ext = sans
     dns: list[str] = []
     ips: list[str] = []
     emails: list[str] = []
@@ -50,7 +88,7 @@ def requested_names(csr: x509.CertificateSigningRequest) -> RequestedNames:
             uris.append(name.value)
         else:
             raise Refusal(
-                Reason.NAME_NOT_ALLOWED, f"subject alternative name kind {type(name).__name__}"
+                Reason.NAME_NOT_ALLOWED, f"subject alternative names of kind {type(name).__name__} are not allowed"
             )
     return RequestedNames(tuple(dns), tuple(ips), tuple(emails), tuple(uris))
 
