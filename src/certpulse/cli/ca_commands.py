@@ -21,7 +21,7 @@ from certpulse.ca.setup import add_issuer, ensure_tls_certificate, init_ca
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
 from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, service
-from certpulse.cli.output import console, emit_json, table
+from certpulse.cli.output import console, emit_json, print_fields, print_lines, shown, table
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents
@@ -64,7 +64,8 @@ def ca_init(
     target = ca_dir(dir_)
     key = init_ca(target, name=name, key_type=key_type, now=clock.now(), database_url=database,
                   issuer_validity=parse_duration(issuer_validity))
-    console.print(f"[green]CA {name!r} created in {target.root}[/green] (root, issuer 'issuing-1', KRA)")
+    console.print(f"[green]CA {shown(repr(name))} created in {shown(target.root)}[/green] "
+                  "(root, issuer 'issuing-1', KRA)")
     console.print("Admin API key (shown once, stored only as a hash):")
     console.print(key, soft_wrap=True)
 
@@ -103,7 +104,8 @@ def ca_serve(
     os.environ["CERTPULSE_CA_DIR"] = str(target.root.resolve())
     os.environ[MAX_INFLIGHT_ENV] = str(max_inflight)
     os.environ[THREADS_ENV] = str(threads)
-    console.print(f"serving CA {config.name!r} on {'https' if tls else 'http'}://{listen} ({workers} worker(s))")
+    console.print(f"serving CA {shown(repr(config.name))} on {'https' if tls else 'http'}://{shown(listen)} "
+                  f"({workers} worker(s))")
     with _metrics_folder():
         uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
                     port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
@@ -176,7 +178,8 @@ def ca_add_issuer(
     svc = service(dir_)
     add_issuer(ca_dir(dir_), svc, name=name, key_type=key_type, cost=cost, templates=templates or [],
                renewal_only=renewal_only, now=clock.now(), validity=parse_duration(validity))
-    console.print(f"[green]issuer {name!r} added[/green] (cost {cost}{', renewal only' if renewal_only else ''})")
+    console.print(f"[green]issuer {shown(repr(name))} added[/green] "
+                  f"(cost {cost}{', renewal only' if renewal_only else ''})")
 
 
 @ca_app.command("issuers")
@@ -204,7 +207,7 @@ def ca_set_issuer(
     """Change an issuer's cost, mode or the templates it serves."""
     _admin(dir_).set_issuer(name, clock.now(), cost=cost, renewal_only=renewal_only, enabled=enabled,
                             serve=serve, unserve=unserve)
-    console.print(f"[green]issuer {name!r} updated[/green]")
+    console.print(f"[green]issuer {shown(repr(name))} updated[/green]")
 
 
 # -- templates --------------------------------------------------------------------------
@@ -229,7 +232,8 @@ def template_add(
 ) -> None:
     """Add a template from a TOML file."""
     template = _admin(dir_).add_template(_read_file(file), clock.now(), issuers=issuers)
-    console.print(f"[green]template {template.name!r} added[/green] (version {template.version}, OID {template.oid})")
+    console.print(f"[green]template {shown(repr(template.name))} added[/green] "
+                  f"(version {template.version}, OID {template.oid})")
 
 
 @template_app.command("list")
@@ -253,21 +257,21 @@ def template_show(name: str, dir_: DirOption = None, json_: JsonOption = False) 
     if json_:
         emit_json(template.document())
     else:
-        console.print(tomli_w.dumps(template.document()), markup=False)
+        print_lines(tomli_w.dumps(template.document()))
 
 
 @template_app.command("edit")
 def template_edit(name: str, file: Path, dir_: DirOption = None) -> None:
     """Replace a template's settings from FILE; raises the minor version."""
     template = _admin(dir_).edit_template(name, _read_file(file), clock.now())
-    console.print(f"[green]template {name!r} updated[/green] (version {template.version})")
+    console.print(f"[green]template {shown(repr(name))} updated[/green] (version {template.version})")
 
 
 @template_app.command("reenroll-all")
 def template_reenroll_all(name: str, dir_: DirOption = None) -> None:
     """Raise the major version: every holder renews at its next pulse."""
     template = _admin(dir_).reenroll_all(name, clock.now())
-    console.print(f"[green]template {name!r} now at version {template.version}[/green]: holders re-enroll")
+    console.print(f"[green]template {shown(repr(name))} now at version {template.version}[/green]: holders re-enroll")
 
 
 # -- principals -------------------------------------------------------------------------
@@ -286,7 +290,8 @@ def principal_add(
     if json_:
         emit_json(result)
         return
-    console.print(f"[green]{kind} {name!r} added[/green]. One-time enrollment token (expires {result['expires_at']}):")
+    console.print(f"[green]{shown(kind)} {shown(repr(name))} added[/green]. "
+                  f"One-time enrollment token (expires {shown(result['expires_at'])}):")
     console.print(result["token"], soft_wrap=True)
 
 
@@ -297,7 +302,7 @@ def principal_token(name: str, dir_: DirOption = None, json_: JsonOption = False
     if json_:
         emit_json(result)
         return
-    console.print(f"One-time enrollment token for {name!r} (expires {result['expires_at']}):")
+    console.print(f"One-time enrollment token for {shown(repr(name))} (expires {shown(result['expires_at'])}):")
     console.print(result["token"], soft_wrap=True)
 
 
@@ -322,7 +327,7 @@ def principal_groups(
 ) -> None:
     """Add a principal to groups or remove it from them."""
     _admin(dir_).set_groups(name, clock.now(), add or [], remove or [])
-    console.print(f"[green]groups of {name!r} updated[/green]")
+    console.print(f"[green]groups of {shown(repr(name))} updated[/green]")
 
 
 # -- requests, revocation, audit ----------------------------------------------------------
@@ -360,18 +365,14 @@ def request_show(request_id: int, dir_: DirOption = None, json_: JsonOption = Fa
         ("serial", issued.serial if issued else None), ("thumbprint", issued.thumbprint if issued else None))
 
 
-def _print_fields(*fields: tuple[str, object]) -> None:
-    """One "name: value" line per field that has a value."""
-    for name, value in fields:
-        if value is not None:
-            console.print(f"[bold]{name}[/bold]: {value}")
+_print_fields = print_fields  # one "name: value" line per field: printable, never markup
 
 
 @request_app.command("approve")
 def request_approve(request_id: int, dir_: DirOption = None) -> None:
     """Approve a pending request: the certificate is issued now."""
     result = service(dir_).requests.approve(operator(), request_id, clock.now())
-    console.print(f"[green]request {request_id} approved[/green]: serial {result.issued.serial}")
+    console.print(f"[green]request {request_id} approved[/green]: serial {shown(result.issued.serial)}")
 
 
 @request_app.command("deny")
@@ -393,7 +394,7 @@ def revoke(
 ) -> None:
     """Revoke a certificate by serial number (hex)."""
     result = service(dir_).revocation.revoke(operator(), serial, reason, clock.now(), issuer=issuer)
-    console.print(f"[yellow]certificate {result.serial} revoked[/yellow] ({result.reason})")
+    console.print(f"[yellow]certificate {shown(result.serial)} revoked[/yellow] ({shown(result.reason)})")
 
 
 def status(serial: str, dir_: DirOption = None, json_: JsonOption = False,
@@ -427,5 +428,5 @@ def audit(dir_: DirOption = None, json_: JsonOption = False,
 def apikey_add(name: str, dir_: DirOption = None) -> None:
     """Create a CA-manager API key; printed once."""
     key = _admin(dir_).add_api_key(name, clock.now())
-    console.print(f"API key {name!r} (shown once):")
+    console.print(f"API key {shown(repr(name))} (shown once):")
     console.print(key, soft_wrap=True)
