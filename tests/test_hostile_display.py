@@ -15,7 +15,9 @@ import datetime as dt
 import io
 import json
 import logging
+import socket
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,29 @@ def test_log_lines_follow_the_rule() -> None:
     assert lines[2].startswith("Traceback")  # the traceback keeps its lines...
     assert f"ValueError: bad {ESCAPED}" in lines  # ...each escaped
     assert all(line.isprintable() for line in lines)
+
+
+def test_syslog_gets_one_printable_line_per_event() -> None:
+    from certpulse.machine.events import Event
+    from certpulse.machine.syslog import SyslogForwarder
+
+    folder = Path(tempfile.mkdtemp(prefix="cp-syslog-", dir="/tmp"))  # a socket path must be short
+    address = folder / "log"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(address))
+    receiver.settimeout(30)
+    try:
+        forward = SyslogForwarder(str(address))
+        forward([Event(seq=1, event_id=1006, channel="system", time=dt.datetime.now(dt.UTC), uid=0,
+                       action="import", old=None, new=None, template=HOSTILE, detail=f"line one\n{HOSTILE}",
+                       data={})])
+        message = receiver.recv(65536).decode()
+    finally:
+        receiver.close()
+        address.unlink(missing_ok=True)
+        folder.rmdir()
+    assert message.rstrip("\x00").isprintable(), message
+    assert f"template={ESCAPED} line one\\n{ESCAPED}" in message
 
 
 # -- through the real CA and the real CLI -------------------------------------------------------
@@ -321,6 +346,8 @@ def test_agent_store_commands(hostile_agent: tuple[Agent, str]) -> None:
     assert "subject: OU=[/]x[bold red]y,CN=[/]x[bold red]y\\x1b[31mz" in shown and _visible(shown)
     run("agent", "status")
     run("agent", "pulse", "--plan")
+    metrics = run("agent", "metrics")  # the subject is a label: printable, then in Prometheus' escapes
+    assert 'CN=[/]x[bold red]y\\\\x1b[31mz' in metrics, metrics
     events = run("events")
     if _holds([(e["template"], e["detail"]) for e in json.loads(run("events", "--json"))]):
         assert _visible(events)
