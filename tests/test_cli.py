@@ -147,7 +147,7 @@ def test_principal_token_is_one_time_and_hashed(ca_dir: tuple[Path, str]) -> Non
 
 def test_a_long_table_prints_as_plain_aligned_columns(capsys: pytest.CaptureFixture[str]) -> None:
     """Past PLAIN_TABLE_ROWS rows a table skips Rich's layout: every row whole on one line, the
-    columns aligned, and a control character in a value shown as '?' rather than sent."""
+    columns aligned, and a control character in a value shown escaped (\\n, \\x1b) rather than sent."""
     from certpulse.cli import output
 
     rows = [(f"{n:040X}", "machine" if n % 2 else None, f"CN=host-{n}") for n in range(output.PLAIN_TABLE_ROWS + 1)]
@@ -159,5 +159,5 @@ def test_a_long_table_prints_as_plain_aligned_columns(capsys: pytest.CaptureFixt
     assert len(lines) == 3 + len(rows)
     assert lines[3 + 1].split() == [rows[1][0], "machine", "CN=host-1"]
     assert lines[3].split() == [rows[0][0], "CN=host-0"]  # None prints as an empty cell
-    assert lines[3 + 7].split() == [rows[7][0], "web?server", "CN=evil?]0;owned?"]
+    assert lines[3 + 7].split() == [rows[7][0], "web\\nserver", "CN=evil\\x1b]0;owned\\x07"]
     assert len({line.index("CN=") for line in lines[3:]}) == 1  # aligned

@@ -36,6 +36,7 @@ from sqlalchemy import func, select
 
 from certpulse.agent import gather
 from certpulse.agent.config import AgentConfig
+from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
 from certpulse.machine import schema as machine_tables
 from certpulse.machine.certstore import CertRecord, Flight, LocalStore
@@ -144,7 +145,10 @@ class AgentCollector(Collector):
         templates = gather.cached_templates(self.config.servers, snap.state.get, now)
         for record in snap.certificates:
             template = record.template_name or ""
-            expiry.add_metric([record.thumbprint, template, PERSONAL, record.subject], _timestamp(record.not_after))
+            # A subject is a certificate's free text: its label is printable (certpulse.display), so
+            # neither a dashboard nor `agent metrics` on a terminal is sent a control code.
+            expiry.add_metric([record.thumbprint, template, PERSONAL, printable(record.subject)],
+                              _timestamp(record.not_after))
             try:
                 cert = self.store.certificate(record.thumbprint)
             except (OSError, ValueError):
@@ -158,7 +162,7 @@ class AgentCollector(Collector):
             if (print_, str(folder)) in seen:  # one certificate in two files of a folder: one series
                 continue
             seen.add((print_, str(folder)))
-            expiry.add_metric([print_, "", str(folder), extra.subject.rfc4514_string()],
+            expiry.add_metric([print_, "", printable(folder), printable(extra.subject.rfc4514_string())],
                               _timestamp(extra.not_valid_after_utc))
         yield expiry
         yield renewal

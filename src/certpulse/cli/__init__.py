@@ -6,6 +6,7 @@ line and exits 2; anything unexpected prints one line and exits 70.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -13,6 +14,7 @@ import typer
 from certpulse import __version__
 from certpulse.cli import agent_commands, binding_commands, ca_commands, event_commands, task_commands
 from certpulse.cli.output import err_console, fail_line
+from certpulse.display import PrintableFormatter
 from certpulse.errors import CertpulseError, Refusal
 
 app = typer.Typer(
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI. Usage errors are the argument parser's (exit 2, with usage); our own
     refusals and anything unexpected become one line on standard error."""
     command = typer.main.get_command(app)
+    _printable_last_resort()
     try:
         command.main(args=argv, prog_name="certpulse", standalone_mode=True)
     except Refusal as refusal:
@@ -55,6 +58,16 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"certpulse: error: {exc}", 2)
     except Exception as exc:  # last line of defence: one line, never a traceback
         _fail(f"certpulse: internal error: {type(exc).__name__}: {exc}", 70)
+
+
+def _printable_last_resort() -> None:
+    """Warnings logged while no logging is set up (every command but ``agent run``) go to
+    standard error through ``logging.lastResort``; they carry names and problem details from
+    the CA, so they are written by the printable rule, like everything else the CLI shows."""
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(PrintableFormatter())
+    logging.lastResort = handler
 
 
 def _fail(message: str, code: int) -> None:

@@ -28,7 +28,7 @@ from certpulse.agent.daemon import deliver_tasks, run, signal_running_agent
 from certpulse.agent.gather import cached_templates, planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
-from certpulse.cli.output import console, emit_json, table
+from certpulse.cli.output import console, emit_json, print_fields, shown, table
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import LocalStore
@@ -101,7 +101,7 @@ def agent_init(
                          principal=answer["principal"], refresh_interval=interval, context=context_for_uid())
     save_config(directory, config)
     open_agent_store(directory, config).close()  # creates the store
-    console.print(f"[green]agent for {answer['principal']!r} initialised in {directory}[/green]")
+    console.print(f"[green]agent for {shown(repr(answer['principal']))} initialised in {shown(directory)}[/green]")
 
 
 def _print_result(result: PulseResult, json_: bool) -> None:
@@ -109,7 +109,8 @@ def _print_result(result: PulseResult, json_: bool) -> None:
         emit_json(result.to_dict())
         return
     colour = {"ok": "green", "failed": "red", "disabled": "yellow"}.get(result.outcome, "white")
-    console.print(f"pulse [{colour}]{result.outcome}[/{colour}]" + (f": {result.error}" if result.error else ""))
+    console.print(f"pulse [{colour}]{shown(result.outcome)}[/{colour}]"
+                  + (f": {shown(result.error)}" if result.error else ""))
     if result.outcomes:
         table("Actions", ["action", "rule", "template", "outcome", "detail"],
               [(o.action.kind.value, o.action.rule, o.action.template, o.outcome, o.detail or o.action.detail)
@@ -175,9 +176,13 @@ def agent_run(
     import logging
 
     from certpulse.agent.metrics import AgentCollector, MetricsServer, parse_listen
+    from certpulse.display import PrintableFormatter
 
     def start_logging() -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        # Messages carry names and problem details from the CA: logged by the printable rule.
+        handler = logging.StreamHandler()
+        handler.setFormatter(PrintableFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
 
     if metrics_listen is not None:
         parse_listen(metrics_listen)  # a malformed address is refused before anything starts
@@ -244,11 +249,11 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         return
     console.print(f"daemon: {'running, pid ' + str(running) if running else 'not running'}")
     if last:
-        console.print(f"last pulse: {last['started_at']} [bold]{last['outcome']}[/bold]"
-                      + (f" ({last['error']})" if last.get("error") else ""))
+        console.print(f"last pulse: {shown(last['started_at'])} [bold]{shown(last['outcome'])}[/bold]"
+                      + (f" ({shown(last['error'])})" if last.get("error") else ""))
     else:
         console.print("last pulse: never")
-    console.print(f"next pulse: {next_pulse or 'when the daemon starts, or on agent pulse'}")
+    console.print(f"next pulse: {shown(next_pulse or 'when the daemon starts, or on agent pulse')}")
     table("Certificates", ["thumbprint", "template", "version", "source", "not after", "renewal time"],
           [(r["thumbprint"], r["template_name"], f"{r['major_version']}.{r['minor_version']}", r["source"],
             r["not_after"], r["renewal_time"] or "") for r in rows])
@@ -291,8 +296,7 @@ def cert_show(thumbprint: str, dir_: AgentDir = None, json_: JsonOption = False)
     if json_:
         emit_json(data)
         return
-    for key, value in data.items():
-        console.print(f"[bold]{key}[/bold]: {value}")
+    print_fields(*data.items())
 
 
 @cert_app.command("request")
@@ -315,7 +319,7 @@ def cert_request(
     if json_:
         emit_json(outcome.to_dict())
     else:
-        console.print(f"{outcome.outcome}: {outcome.detail}")
+        console.print(f"{shown(outcome.outcome)}: {shown(outcome.detail)}")
     if outcome.outcome in ("refused", "unavailable"):
         raise Refusal(Reason.FORBIDDEN if outcome.outcome == "refused" else Reason.UNAVAILABLE, outcome.detail)
 
@@ -330,7 +334,7 @@ def cert_import(
     with agent_store(dir_) as (directory, config, store):
         record = import_p12(store, config, file, password, clock.now())
         deliver_tasks(directory, config, store)
-    console.print(f"[green]imported {record.thumbprint}[/green] ({record.subject})")
+    console.print(f"[green]imported {shown(record.thumbprint)}[/green] ({shown(record.subject)})")
 
 
 @cert_app.command("export")
@@ -353,7 +357,7 @@ def cert_export(
         else:
             assert pem_ is not None
             record = export_pem(store, thumbprint, pem_)
-    console.print(f"[green]exported {record.thumbprint}[/green] to {p12 or pem_}")
+    console.print(f"[green]exported {shown(record.thumbprint)}[/green] to {shown(p12 or pem_)}")
 
 
 @cert_app.command("delete")
@@ -366,7 +370,7 @@ def cert_delete(
     with agent_store(dir_) as (directory, config, store):
         record = store.delete(thumbprint, clock.now(), action="manual", force=force)
         deliver_tasks(directory, config, store)
-    console.print(f"[yellow]deleted {record.thumbprint}[/yellow] ({record.subject})")
+    console.print(f"[yellow]deleted {shown(record.thumbprint)}[/yellow] ({shown(record.subject)})")
 
 
 @cert_app.command("replace")
@@ -375,7 +379,7 @@ def cert_replace(old: str, new: str, dir_: AgentDir = None) -> None:
     with agent_store(dir_) as (directory, config, store):
         old_record, new_record = store.replace(old, new, clock.now())
         deliver_tasks(directory, config, store)
-    console.print(f"[green]{old_record.thumbprint} replaced by {new_record.thumbprint}[/green]")
+    console.print(f"[green]{shown(old_record.thumbprint)} replaced by {shown(new_record.thumbprint)}[/green]")
 
 
 @cert_app.command("move")
@@ -390,7 +394,7 @@ def cert_move(
         record = move_certificate(store, thumbprint, target, clock.now(), copy=copy)
         deliver_tasks(directory, config, store)
         deliver_tasks(target_dir, target_config, target)
-    console.print(f"[green]{'copied' if copy else 'moved'} {record.thumbprint}[/green] to {to}")
+    console.print(f"[green]{'copied' if copy else 'moved'} {shown(record.thumbprint)}[/green] to {shown(to)}")
 
 
 __all__ = ["agent_app", "cert_app", "default_dir"]

@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from certpulse import clock
 from certpulse.cli.agent_commands import AgentDir, JsonOption, agent_store
-from certpulse.cli.output import console, emit_json, table
+from certpulse.cli.output import console, emit_json, print_fields, shown, table
 from certpulse.errors import Reason, Refusal
 from certpulse.rebind import engine
 from certpulse.rebind.bindings import add_binding, get_binding, list_bindings, remove_binding
@@ -34,8 +33,8 @@ def _options(pairs: list[str]) -> dict[str, str]:
 
 def _report(outcome: engine.Outcome) -> None:
     colour = "green" if outcome.ok else "red"
-    console.print(f"[{colour}]{escape(outcome.binding)}: {'ok' if outcome.ok else 'not deployed'}[/{colour}] "
-                  f"{escape(outcome.detail)}", soft_wrap=True)
+    console.print(f"[{colour}]{shown(outcome.binding)}: {'ok' if outcome.ok else 'not deployed'}[/{colour}] "
+                  f"{shown(outcome.detail)}", soft_wrap=True)
 
 
 @binding_app.command("add")
@@ -64,7 +63,7 @@ def binding_add(
                               thumbprint=first.thumbprint if first else None, options=options, probe=probe,
                               auto=auto, now=now)
         if first is None:
-            console.print(f"binding {escape(name)} waits for a certificate of template {escape(template or '')}")
+            console.print(f"binding {shown(name)} waits for a certificate of template {shown(template or '')}")
             return
         outcome = engine.deploy(store, binding, first.thumbprint, now)
     _report(outcome)
@@ -81,7 +80,7 @@ def binding_list(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         emit_json([b.to_dict() for b in found])
         return
     table("Bindings", ["name", "kind", "follows", "serves", "moving to", "state", "check", "last error"],
-          [tuple(escape(str(v or "")) for v in (
+          [tuple(v or "" for v in (
               b.name, b.kind, b.template or "(certificate)", (b.thumbprint or "")[:16], (b.target or "")[:16],
               "renewed but not deployed" if b.state == "failed" else b.state, b.verdict, b.last_error))
            for b in found])
@@ -95,8 +94,7 @@ def binding_show(name: NameArgument, dir_: AgentDir = None, json_: JsonOption = 
     if json_:
         emit_json(data)
         return
-    for key, value in data.items():
-        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", soft_wrap=True)
+    print_fields(*data.items())
 
 
 @binding_app.command("remove")
@@ -107,7 +105,7 @@ def binding_remove(name: NameArgument, dir_: AgentDir = None) -> None:
         binding = remove_binding(store, name)
         if binding.thumbprint:
             store.release(binding.thumbprint, now)  # a replaced certificate it held is archived now
-    console.print(f"binding {escape(name)} removed")
+    console.print(f"binding {shown(name)} removed")
 
 
 @binding_app.command("renew")
@@ -155,7 +153,7 @@ def binding_check(
         emit_json([r.to_dict() for r in results])
     else:
         table("Binding check", ["binding", "configured", "served", "newest", "verdict", "detail"],
-              [tuple(escape(str(v or "")) for v in (r.binding, (r.configured or "")[:16], (r.served or "")[:16],
+              [tuple(v or "" for v in (r.binding, (r.configured or "")[:16], (r.served or "")[:16],
                                                      (r.newest or "")[:16], r.verdict, r.detail)) for r in results])
     if any(r.verdict != "ok" for r in results):
         raise typer.Exit(1)

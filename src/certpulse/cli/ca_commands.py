@@ -14,7 +14,6 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
@@ -32,7 +31,7 @@ from certpulse.ca.setup import add_issuer, init_ca
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
 from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, root_fingerprint, service
-from certpulse.cli.output import console, emit_json, table
+from certpulse.cli.output import console, emit_json, print_fields, print_lines, shown, table
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents
@@ -83,7 +82,8 @@ def ca_init(
     target = ca_dir(dir_)
     key = init_ca(target, name=name, key_type=key_type, now=clock.now(), database_url=database,
                   issuer_validity=parse_duration(issuer_validity))
-    console.print(f"[green]CA {name!r} created in {target.root}[/green] (root, issuer 'issuing-1', KRA)")
+    console.print(f"[green]CA {shown(repr(name))} created in {shown(target.root)}[/green] "
+                  "(root, issuer 'issuing-1', KRA)")
     console.print("Admin API key (shown once, stored only as a hash):")
     console.print(key, soft_wrap=True)
     console.print(f"{FINGERPRINT_LABEL}: {root_fingerprint(target)}", soft_wrap=True)
@@ -166,7 +166,7 @@ def ca_serve(
         logging.getLogger("certpulse.serve").warning(
             "--insecure-http: serving plain HTTP; all traffic, bearer credentials (API keys, enrollment "
             "tokens, session credentials) included, travels in clear")
-    console.print(f"serving CA {config.name!r} on {'http' if insecure_http else 'https'}://{listen} "
+    console.print(f"serving CA {shown(repr(config.name))} on {'http' if insecure_http else 'https'}://{shown(listen)} "
                   f"({workers} worker(s))")
     with _metrics_folder():
         if renewer is not None:
@@ -266,12 +266,11 @@ def ca_status(dir_: DirOption = None, json_: JsonOption = False) -> None:
     if json_:
         emit_json(doc)
         return
-    for label, value in (("name", escape(config.name)), ("folder", escape(str(target.root))),
-                         ("database", doc["database"]), ("root fingerprint", doc["ca_fingerprint"]),
-                         ("TLS certificate", "none yet (ca serve issues it)" if tls_doc is None else
-                          f"serial {tls_doc['serial']}, not after {tls_doc['not_after']}, "
-                          f"names {escape(', '.join(tls_doc['names']))}")):
-        console.print(f"[bold]{label}[/bold]: {value}", soft_wrap=True)
+    print_fields(("name", config.name), ("folder", str(target.root)), ("database", doc["database"]),
+                 ("root fingerprint", doc["ca_fingerprint"]),
+                 ("TLS certificate", "none yet (ca serve issues it)" if tls_doc is None else
+                  f"serial {tls_doc['serial']}, not after {tls_doc['not_after']}, "
+                  f"names {', '.join(tls_doc['names'])}"))
     table("Issuers", ["name", "not after", "enabled", "cost", "renewal only"],
           [(i["name"], i["not_after"], i["enabled"], i["cost"], i["renewal_only"]) for i in issuers])
 
@@ -290,7 +289,8 @@ def ca_add_issuer(
     svc = service(dir_)
     add_issuer(ca_dir(dir_), svc, name=name, key_type=key_type, cost=cost, templates=templates or [],
                renewal_only=renewal_only, now=clock.now(), validity=parse_duration(validity))
-    console.print(f"[green]issuer {name!r} added[/green] (cost {cost}{', renewal only' if renewal_only else ''})")
+    console.print(f"[green]issuer {shown(repr(name))} added[/green] "
+                  f"(cost {cost}{', renewal only' if renewal_only else ''})")
 
 
 @ca_app.command("issuers")
@@ -318,7 +318,7 @@ def ca_set_issuer(
     """Change an issuer's cost, mode or the templates it serves."""
     _admin(dir_).set_issuer(name, clock.now(), cost=cost, renewal_only=renewal_only, enabled=enabled,
                             serve=serve, unserve=unserve)
-    console.print(f"[green]issuer {name!r} updated[/green]")
+    console.print(f"[green]issuer {shown(repr(name))} updated[/green]")
 
 
 # -- templates --------------------------------------------------------------------------
@@ -343,7 +343,8 @@ def template_add(
 ) -> None:
     """Add a template from a TOML file."""
     template = _admin(dir_).add_template(_read_file(file), clock.now(), issuers=issuers)
-    console.print(f"[green]template {template.name!r} added[/green] (version {template.version}, OID {template.oid})")
+    console.print(f"[green]template {shown(repr(template.name))} added[/green] "
+                  f"(version {template.version}, OID {template.oid})")
 
 
 @template_app.command("list")
@@ -367,21 +368,21 @@ def template_show(name: str, dir_: DirOption = None, json_: JsonOption = False) 
     if json_:
         emit_json(template.document())
     else:
-        console.print(tomli_w.dumps(template.document()), markup=False)
+        print_lines(tomli_w.dumps(template.document()))
 
 
 @template_app.command("edit")
 def template_edit(name: str, file: Path, dir_: DirOption = None) -> None:
     """Replace a template's settings from FILE; raises the minor version."""
     template = _admin(dir_).edit_template(name, _read_file(file), clock.now())
-    console.print(f"[green]template {name!r} updated[/green] (version {template.version})")
+    console.print(f"[green]template {shown(repr(name))} updated[/green] (version {template.version})")
 
 
 @template_app.command("reenroll-all")
 def template_reenroll_all(name: str, dir_: DirOption = None) -> None:
     """Raise the major version: every holder renews at its next pulse."""
     template = _admin(dir_).reenroll_all(name, clock.now())
-    console.print(f"[green]template {name!r} now at version {template.version}[/green]: holders re-enroll")
+    console.print(f"[green]template {shown(repr(name))} now at version {template.version}[/green]: holders re-enroll")
 
 
 # -- principals -------------------------------------------------------------------------
@@ -401,7 +402,8 @@ def principal_add(
     if json_:
         emit_json(result)
         return
-    console.print(f"[green]{kind} {name!r} added[/green]. One-time enrollment token (expires {result['expires_at']}):")
+    console.print(f"[green]{shown(kind)} {shown(repr(name))} added[/green]. "
+                  f"One-time enrollment token (expires {shown(result['expires_at'])}):")
     console.print(result["token"], soft_wrap=True)
     console.print(f"{FINGERPRINT_LABEL}: {result['ca_fingerprint']}", soft_wrap=True)
 
@@ -415,8 +417,8 @@ def principal_token(name: str, dir_: DirOption = None, json_: JsonOption = False
         emit_json(result)
         return
     if result["superseded"]:
-        console.print(f"{result['superseded']} earlier unused token(s) of {name!r} can no longer be used.")
-    console.print(f"One-time enrollment token for {name!r} (expires {result['expires_at']}):")
+        console.print(f"{result['superseded']} earlier unused token(s) of {shown(repr(name))} can no longer be used.")
+    console.print(f"One-time enrollment token for {shown(repr(name))} (expires {shown(result['expires_at'])}):")
     console.print(result["token"], soft_wrap=True)
     console.print(f"{FINGERPRINT_LABEL}: {result['ca_fingerprint']}", soft_wrap=True)
 
@@ -425,14 +427,14 @@ def principal_token(name: str, dir_: DirOption = None, json_: JsonOption = False
 def principal_disable(name: str, dir_: DirOption = None) -> None:
     """Disable a principal: its credential stops working at once, on every server process."""
     changed = _admin(dir_).set_principal_enabled(name, False, clock.now())
-    console.print(f"[yellow]principal {name!r} disabled[/yellow]" + ("" if changed else " (it already was)"))
+    console.print(f"[yellow]principal {shown(repr(name))} disabled[/yellow]" + ("" if changed else " (it already was)"))
 
 
 @principal_app.command("enable")
 def principal_enable(name: str, dir_: DirOption = None) -> None:
     """Enable a disabled principal again: its credential works again."""
     changed = _admin(dir_).set_principal_enabled(name, True, clock.now())
-    console.print(f"[green]principal {name!r} enabled[/green]" + ("" if changed else " (it already was)"))
+    console.print(f"[green]principal {shown(repr(name))} enabled[/green]" + ("" if changed else " (it already was)"))
 
 
 @principal_app.command("remove")
@@ -444,7 +446,8 @@ def principal_remove(name: str, dir_: DirOption = None, json_: JsonOption = Fals
     if json_:
         emit_json(result)
         return
-    console.print(f"[yellow]principal {name!r} removed[/yellow]: kept {result['certificates_kept']} certificate(s) "
+    console.print(f"[yellow]principal {shown(repr(name))} removed[/yellow]: "
+                  f"kept {result['certificates_kept']} certificate(s) "
                   f"and {result['requests_kept']} request(s); denied {result['pending_denied']} pending request(s)")
 
 
@@ -469,7 +472,7 @@ def principal_groups(
 ) -> None:
     """Add a principal to groups or remove it from them."""
     _admin(dir_).set_groups(name, clock.now(), add or [], remove or [])
-    console.print(f"[green]groups of {name!r} updated[/green]")
+    console.print(f"[green]groups of {shown(repr(name))} updated[/green]")
 
 
 # -- requests, revocation, audit ----------------------------------------------------------
@@ -507,18 +510,14 @@ def request_show(request_id: int, dir_: DirOption = None, json_: JsonOption = Fa
         ("serial", issued.serial if issued else None), ("thumbprint", issued.thumbprint if issued else None))
 
 
-def _print_fields(*fields: tuple[str, object]) -> None:
-    """One "name: value" line per field that has a value."""
-    for name, value in fields:
-        if value is not None:
-            console.print(f"[bold]{name}[/bold]: {value}")
+_print_fields = print_fields  # one "name: value" line per field: printable, never markup
 
 
 @request_app.command("approve")
 def request_approve(request_id: int, dir_: DirOption = None) -> None:
     """Approve a pending request: the certificate is issued now."""
     result = service(dir_).requests.approve(operator(), request_id, clock.now())
-    console.print(f"[green]request {request_id} approved[/green]: serial {result.issued.serial}")
+    console.print(f"[green]request {request_id} approved[/green]: serial {shown(result.issued.serial)}")
 
 
 @request_app.command("deny")
@@ -540,7 +539,7 @@ def revoke(
 ) -> None:
     """Revoke a certificate by serial number (hex)."""
     result = service(dir_).revocation.revoke(operator(), serial, reason, clock.now(), issuer=issuer)
-    console.print(f"[yellow]certificate {result.serial} revoked[/yellow] ({result.reason})")
+    console.print(f"[yellow]certificate {shown(result.serial)} revoked[/yellow] ({shown(result.reason)})")
 
 
 def status(serial: str, dir_: DirOption = None, json_: JsonOption = False,
@@ -580,7 +579,7 @@ def apikey_add(
     """Create a CA-manager API key; printed once."""
     lifetime = parse_duration(expires) if expires is not None else None
     key = _admin(dir_).add_api_key(name, clock.now(), lifetime)
-    console.print(f"API key {name!r} (shown once):")
+    console.print(f"API key {shown(repr(name))} (shown once):")
     console.print(key, soft_wrap=True)
 
 
@@ -600,4 +599,4 @@ def apikey_list(dir_: DirOption = None, json_: JsonOption = False) -> None:
 def apikey_revoke(name: str, dir_: DirOption = None) -> None:
     """Revoke an API key by name; it stops working at once. The last valid key cannot be revoked."""
     _admin(dir_).revoke_api_key(name, clock.now())
-    console.print(f"[yellow]API key {name!r} revoked[/yellow]")
+    console.print(f"[yellow]API key {shown(repr(name))} revoked[/yellow]")

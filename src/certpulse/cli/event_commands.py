@@ -9,11 +9,12 @@ import time
 from typing import Annotated
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from certpulse import clock
 from certpulse.cli.agent_commands import AgentDir, JsonOption, agent_store
 from certpulse.cli.output import console, emit_json, table
+from certpulse.display import printable
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import LocalStore
@@ -38,7 +39,7 @@ def parse_since(text: str, now: dt.datetime) -> dt.datetime:
 
 def _row(event: Event) -> tuple[str, ...]:
     prints = " -> ".join(p[:12] for p in (event.old_thumbprint, event.new_thumbprint) if p)
-    return tuple(escape(v) for v in (
+    return tuple(printable(v) for v in (
         str(event.seq), event.time.isoformat(), str(event.event_id), event.name, event.level, event.channel,
         event.action or "", event.template or "", prints, " ".join(event.detail.split())))
 
@@ -89,7 +90,7 @@ def _print_one(event: Event, json_: bool) -> None:
     if json_:
         sys.stdout.write(json.dumps(event.to_dict(), sort_keys=True, default=str) + "\n")
     else:
-        console.print("  ".join(v for v in _row(event) if v), soft_wrap=True)
+        console.print(Text("  ".join(v for v in _row(event) if v)), soft_wrap=True)
     sys.stdout.flush()
 
 

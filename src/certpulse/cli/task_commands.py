@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from certpulse import clock
 from certpulse.agent.daemon import task_settings
 from certpulse.cli.agent_commands import AgentDir, JsonOption, agent_store
-from certpulse.cli.output import console, emit_json, table
+from certpulse.cli.output import console, emit_json, print_lines, shown, table
 from certpulse.errors import Reason, Refusal
 from certpulse.events import tasks as task_mod
 from certpulse.events.tasks import TASK_TYPES
@@ -50,8 +49,8 @@ def task_add(
         task = task_mod.add_task(store, name=name, task_type=task_type, command=command, args=arg or (),
                                  channel=channel or config.channel, old_thumbprint=old_thumbprint, timeout=timeout,
                                  now=clock.now(), agent_channel=config.channel, replace=replace)
-    console.print(f"[green]task {escape(task.name)} {'redefined' if replace else 'added'}[/green]: "
-                  f"{escape(task.command)} (sha256 {task.sha256}), for {task.task_type} events on the "
+    console.print(f"[green]task {shown(task.name)} {'redefined' if replace else 'added'}[/green]: "
+                  f"{shown(task.command)} (sha256 {task.sha256}), for {task.task_type} events on the "
                   f"{task.channel} channel from seq {task.cursor + 1}")
 
 
@@ -61,7 +60,7 @@ def task_pin(name: NameArgument, dir_: AgentDir = None) -> None:
     with agent_store(dir_) as (_, _config, store):
         task, previous = task_mod.pin_task(store, name)
     same = "unchanged" if previous == task.sha256 else f"was {previous}"
-    console.print(f"[green]task {escape(task.name)} pinned[/green]: sha256 {task.sha256} ({same})")
+    console.print(f"[green]task {shown(task.name)} pinned[/green]: sha256 {task.sha256} ({same})")
 
 
 @task_app.command("remove")
@@ -69,7 +68,7 @@ def task_remove(name: NameArgument, dir_: AgentDir = None) -> None:
     """Forget a task and its history."""
     with agent_store(dir_) as (_, _config, store):
         task = task_mod.remove_task(store, name)
-    console.print(f"[yellow]task {escape(task.name)} removed[/yellow]")
+    console.print(f"[yellow]task {shown(task.name)} removed[/yellow]")
 
 
 @task_app.command("list")
@@ -82,7 +81,7 @@ def task_list(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         return
     table("Tasks", ["name", "type", "channel", "command", "state", "cursor", "runs", "failures", "last run",
                     "outcome", "exit", "next attempt", "last error"],
-          [tuple(escape(_when(v)) for v in (
+          [tuple(_when(v) for v in (
               t.name, t.task_type, t.channel, t.command, t.state, t.cursor, t.runs, t.failures, t.last_run_at,
               t.last_outcome, t.last_exit, t.next_attempt_at, " ".join((t.last_error or "").split())))
            for t in found])
@@ -101,8 +100,8 @@ def task_history(
     if json_:
         emit_json([run.to_dict() for run in runs])
         return
-    table(f"Runs of {escape(name)}", ["id", "started", "event", "attempt", "outcome", "exit", "detail", "output"],
-          [tuple(escape(_when(v)) for v in (
+    table(f"Runs of {name}", ["id", "started", "event", "attempt", "outcome", "exit", "detail", "output"],
+          [tuple(_when(v) for v in (
               r.id, r.started_at, "test" if r.test else f"{r.event_seq} ({r.event_id})", r.attempt, r.outcome,
               r.exit_status, " ".join(r.detail.split()),
               " ".join(r.text.split())[:200] + (" ..." if r.output_truncated else "")))
@@ -117,11 +116,11 @@ def task_test(name: NameArgument, dir_: AgentDir = None, json_: JsonOption = Fal
     if json_:
         emit_json(run.to_dict())
     elif run.outcome != "refused":  # a refusal is said once, on standard error
-        console.print(f"test run of {escape(name)}: [bold]{run.outcome}[/bold]"
+        console.print(f"test run of {shown(name)}: [bold]{run.outcome}[/bold]"
                       + (f", exit status {run.exit_status}" if run.exit_status is not None else "")
-                      + (f" ({escape(run.detail)})" if run.detail else ""))
+                      + (f" ({shown(run.detail)})" if run.detail else ""))
         if run.output:
-            console.print(escape(run.text), end="" if run.text.endswith("\n") else "\n", soft_wrap=True)
+            print_lines(run.text)
     if run.outcome == "refused":
         raise Refusal(Reason(run.reason) if run.reason else Reason.COMMAND_UNSAFE, run.detail)
     if run.outcome != "ok":

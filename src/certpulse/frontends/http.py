@@ -46,6 +46,7 @@ from certpulse.ca.config import CADir, resolve_ca_dir
 from certpulse.ca.model import ANONYMOUS, Caller, EnrollmentRequest, Evidence
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service
+from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents, read_deadline
 from certpulse.frontends.environment import whole_number_setting
@@ -206,7 +207,7 @@ def store_unavailable(exc: OperationalError) -> Response:
 
 
 def unexpected_error(method: str, path: str) -> Response:
-    log.exception("unexpected error on %s %s", method, path)
+    log.exception("unexpected error on %s %s", method, printable(path))  # the path is the client's
     return problem(Reason.UNAVAILABLE, "internal error; the request had no effect", status=500)
 
 

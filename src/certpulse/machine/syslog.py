@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 from collections.abc import Sequence
 
+from certpulse.display import PrintableFormatter
 from certpulse.machine.events import Event
 
 
@@ -31,7 +32,8 @@ class SyslogForwarder:
         except OSError as exc:
             logging.getLogger("certpulse.events").warning("syslog at %s is unreachable: %s", self.address, exc)
             return False
-        handler.setFormatter(logging.Formatter("certpulse[%(process)d]: %(message)s"))
+        # An event's summary holds names from certificates: one line, no control codes.
+        handler.setFormatter(PrintableFormatter("certpulse[%(process)d]: %(message)s"))
         self.logger.addHandler(handler)
         return True
 
