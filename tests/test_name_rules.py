@@ -353,3 +353,31 @@ def test_control_character_in(subject: x509.Name, sans: list[x509.GeneralName], 
         assert found is None
     else:
         assert found is not None and where in found and "control character U+" in found, found
+
+
+# -- a trailing line break is no part of a name ---------------------------------------------------
+# ``re.match`` with ``$`` also matches before a final "\n": every pattern that judges a whole name
+# ends with ``\Z`` instead, so "web1\n" is refused wherever "web1" is a name.
+
+@pytest.mark.parametrize("name", ["web1.example.internal\n", "web1.example.internal\r\n", "web1\n.example.internal"])
+def test_a_host_name_with_a_line_break_is_no_host_name(name: str) -> None:
+    from certpulse.pki.names import is_hostname
+
+    assert is_hostname("web1.example.internal", allow_wildcard=False)
+    assert not is_hostname(name, allow_wildcard=False)
+
+
+def test_a_template_name_with_a_trailing_line_break_is_refused() -> None:
+    document = {"name": "web\n", "validity": "30d", "renewal_period": "7d"}
+    with pytest.raises(Refusal) as refused:
+        parse_template(document, default_oid="1.3.6.1.4.1.99999.1")
+    assert refused.value.reason is Reason.INVALID_TEMPLATE and "name" in refused.value.detail
+
+
+def test_a_principal_name_with_a_trailing_line_break_is_refused(tmp_path: Any) -> None:
+    from support import init_ca, run_cli
+
+    ca = init_ca(tmp_path / "ca", f"sqlite:///{tmp_path}/ca.db")
+    refused = run_cli("principal", "add", "web1.example.internal\n", "--dir", str(ca.dir), check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "web1.example.internal" not in ca.cli("principal", "list").stdout

@@ -28,7 +28,7 @@ from certpulse.pki.certs import thumbprint
 from certpulse.pki.template_info import new_template_oid
 from certpulse.sql.db import read, write
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ROLES = (MANAGER_ROLE,)
 KINDS = ("machine", "user")
 

@@ -43,8 +43,8 @@ EKU_NAMES: dict[str, str] = {
     "encrypting_file_system": "1.3.6.1.4.1.311.10.3.4",
     "certificate_request_agent": "1.3.6.1.4.1.311.20.2.1",
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_OID = re.compile(r"^[0-2](\.\d+)+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_OID = re.compile(r"^[0-2](\.[0-9]+)+\Z")
 
 Purpose = Literal["signature", "encryption", "both"]
 SubjectSource = Literal["principal", "request"]

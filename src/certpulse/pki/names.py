@@ -12,7 +12,7 @@ from cryptography import x509
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.subject import attribute_of, not_text
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
 
 @dataclasses.dataclass(frozen=True)

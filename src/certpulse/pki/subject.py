@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 Charset = Literal["utf8", "printable", "ia5"]
-_PRINTABLE = re.compile(r"^[A-Za-z0-9 '()+,\-./:=?]*$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
-_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_PRINTABLE = re.compile(r"^[A-Za-z0-9 '()+,\-./:=?]*\Z")
+_COUNTRY = re.compile(r"^[A-Z]{2}\Z")
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+\Z")
 # Characters that are not text: C0 and C1 controls and DEL (Cc), format characters such as the
 # bidirectional overrides and zero-width joiners (Cf), the line and paragraph separators U+2028
 # and U+2029 (Zl, Zp), and lone surrogates (Cs).

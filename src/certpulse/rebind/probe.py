@@ -82,7 +82,7 @@ def _valid_host(host: str) -> bool:
         return is_hostname(host.rstrip(".") if host != "." else "", allow_wildcard=False)
 
 
-_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\[\]:,\s]+)):(?P<port>[0-9]{1,5})$")
+_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\[\]:,\s]+)):(?P<port>[0-9]{1,5})\Z")
 
 
 def parse_probe(text: str) -> ProbeTarget:

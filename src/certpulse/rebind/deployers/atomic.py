@@ -27,7 +27,7 @@ from certpulse.rebind.deployers.base import DeployFailed, FileSnapshot
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
-_MODE = re.compile(r"^0?[0-7]{3}$")
+_MODE = re.compile(r"^0?[0-7]{3}\Z")
 _TMP_MARK = ".certpulse-"
 
 

@@ -42,7 +42,7 @@ from certpulse.rebind.deployers.runner import reload_options, run_reload
 API_TIMEOUT = 10.0  # seconds for one runtime API command, connection included
 MAX_ANSWER = 1024 * 1024
 _SET_OK = ("Transaction created for certificate", "Transaction updated for certificate")
-_NAME = re.compile(r"^[^\s\\*'\"#;][^\s\\'\"#;]*$")
+_NAME = re.compile(r"^[^\s\\*'\"#;][^\s\\'\"#;]*\Z")
 
 
 def _refuse(detail: str) -> Refusal:
