@@ -26,14 +26,14 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 
 
 class HostileProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, verify: Any = True) -> None:
         self.upstream = upstream.rstrip("/")
         self.rewrite_issued: Rewrite | None = None
         self.busy_retry_after: int | None = None
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.rewritten = 0
         self.lock = threading.Lock()
-        self.http = httpx.Client(base_url=self.upstream, timeout=30)
+        self.http = httpx.Client(base_url=self.upstream, timeout=30, verify=verify)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -95,8 +95,8 @@ class HostileProxy:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, upstream: str) -> Iterator[HostileProxy]:
-        proxy = cls(upstream)
+    def running(cls, upstream: str, verify: Any = True) -> Iterator[HostileProxy]:
+        proxy = cls(upstream, verify)
         proxy.thread.start()
         try:
             yield proxy

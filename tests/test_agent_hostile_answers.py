@@ -211,10 +211,10 @@ def _garbage_chain(ca: FakeCA, csr: x509.CertificateSigningRequest, answer: dict
 
 REFUSED = [
     (_other_key, "it does not hold the key this agent generated"),
-    (_self_signed_right_key, "it does not chain to the policy's roots"),
-    (_rogue_signature, "it does not chain to the policy's roots"),
-    (_rogue_chain, "it does not chain to the policy's roots"),
-    (_expired, "it does not chain to the policy's roots"),
+    (_self_signed_right_key, "it does not chain to a pinned root"),
+    (_rogue_signature, "it does not chain to a pinned root"),
+    (_rogue_chain, "it does not chain to a pinned root"),
+    (_expired, "it does not chain to a pinned root"),
     (_another_principal, "not this principal"),
     (_extra_name, "not this principal"),
     (_other_template, "it does not name the requested template"),

@@ -49,6 +49,7 @@ from agent_support import (
     one,
     one_line_error,
     public_der,
+    root_context,
     sha1_thumbprint,
     wait_for,
 )
@@ -434,7 +435,7 @@ def _certificate(subject_cn: str, public_key: Any, signing_key: Any, issuer: x50
 
 
 def test_the_agent_refuses_certificates_it_did_not_ask_for(pki: CA, ca_url: str, tmp_path: Path) -> None:
-    with HostileProxy.running(ca_url) as proxy:
+    with HostileProxy.running(ca_url, root_context(pki)) as proxy:
         agent = new_agent(pki, proxy.url, tmp_path / "agent")
         _refuses_lies(pki, ca_url, agent, proxy)
 
@@ -473,7 +474,7 @@ def _refuses_lies(pki: CA, ca_url: str, agent: Agent, proxy: HostileProxy) -> No
     cases: list[tuple[Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]], str]] = [
         (another_principals_certificate, "it does not hold the key this agent generated"),
         (self_signed, "it does not hold the key this agent generated"),
-        (rogue_issuer, "it does not chain to the policy's roots"),
+        (rogue_issuer, "it does not chain to a pinned root"),
         (another_principals_name, "not this principal"),
     ]
     old = str(action_for(agent.pulse(), "machine")["new_thumbprint"])
@@ -500,7 +501,7 @@ def _refuses_lies(pki: CA, ca_url: str, agent: Agent, proxy: HostileProxy) -> No
 
 def test_503_with_retry_after_fails_the_pulse_and_reports_the_delay(
         pki: CA, ca_url: str, tmp_path: Path) -> None:
-    with HostileProxy.running(ca_url) as proxy:
+    with HostileProxy.running(ca_url, root_context(pki)) as proxy:
         agent = new_agent(pki, proxy.url, tmp_path / "agent")
         proxy.busy_retry_after = 120
         first = agent.pulse(ok=False)  # no policy yet

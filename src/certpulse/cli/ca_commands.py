@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -13,11 +14,13 @@ from types import FrameType
 from typing import Annotated
 
 import typer
+from cryptography.hazmat.primitives import serialization
+from rich.markup import escape
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.revocation import REVOCATION_REASONS
-from certpulse.ca.setup import add_issuer, ensure_tls_certificate, init_ca
+from certpulse.ca.setup import add_issuer, ensure_tls_certificate, init_ca, rollover_root
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
 from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, service
@@ -177,6 +180,24 @@ def ca_add_issuer(
     add_issuer(ca_dir(dir_), svc, name=name, key_type=key_type, cost=cost, templates=templates or [],
                renewal_only=renewal_only, now=clock.now(), validity=parse_duration(validity))
     console.print(f"[green]issuer {name!r} added[/green] (cost {cost}{', renewal only' if renewal_only else ''})")
+
+
+@ca_app.command("rollover-root")
+def ca_rollover_root(
+    dir_: DirOption = None,
+    key_type: Annotated[str, typer.Option("--key-type", help=KEY_TYPES)] = "ec-p256",
+) -> None:
+    """Make a new root, cross-signed by the current one, and a new issuing CA under it (the old
+    issuers are disabled). Pinned agents accept the new root through the cross-certificate."""
+    if key_type not in KEY_SPECS or key_type == "ec-p521":
+        raise Refusal(Reason.INVALID_ARGUMENT, f"--key-type must be one of {KEY_TYPES}")
+    new_root, _, issuer = rollover_root(ca_dir(dir_), service(dir_), key_type=key_type, now=clock.now())
+    fingerprint = hashlib.sha256(new_root.public_bytes(serialization.Encoding.DER)).hexdigest()
+    console.print(f"[green]new root {escape(new_root.subject.rfc4514_string())}[/green], cross-signed by the "
+                  f"previous root; new issuer {issuer!r}")
+    console.print(f"new root fingerprint (SHA-256): {fingerprint}")
+    console.print("the policy publishes the new root and its cross-certificate now; "
+                  "agents pin the new root at their next policy refresh")
 
 
 @ca_app.command("issuers")
