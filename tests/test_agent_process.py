@@ -45,6 +45,7 @@ from agent_support import (
     ca_requests,
     check_version_folder,
     issued,
+    long_lived_tls,
     new_agent,
     one,
     one_line_error,
@@ -204,7 +205,8 @@ def test_reenroll_all_makes_the_next_pulse_renew_early(tmp_path: Path) -> None:
     out = run_cli("ca", "init", "--dir", str(directory), "--database", f"sqlite:///{directory}/ca.db")
     ca = CA(directory, next(w for w in out.stdout.split() if w.startswith("cpa_")), f"sqlite:///{directory}/ca.db")
     ca.cli("template", "add", str(TEMPLATES / "machine.toml"))
-    with serve(ca) as url:
+    long_lived_tls(ca)
+    with serve(ca, tls=True) as url:
         agent = new_agent(ca, url, tmp_path / "agent")
         first = agent.pulse()
         old = str(action_for(first, "machine")["new_thumbprint"])
