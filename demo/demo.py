@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -48,17 +49,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def root_context(ca_dir: Path) -> ssl.SSLContext:
+    """Trust exactly the CA's root: how the demo's own HTTP calls verify ``ca serve``."""
+    return ssl.create_default_context(cafile=str(ca_dir / "certs" / "root.pem"))
+
+
+def root_fingerprint(ca_dir: Path) -> str:
+    """SHA-256 of the root certificate's DER: what an agent pins with --ca-fingerprint."""
+    root = x509.load_pem_x509_certificate((ca_dir / "certs" / "root.pem").read_bytes())
+    return root.fingerprint(hashes.SHA256()).hex()
+
+
 @contextlib.contextmanager
 def server(ca_dir: Path) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}",
+         "--tls"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    base = f"https://127.0.0.1:{port}"
     try:
         for _ in range(300):
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{base}/healthz", timeout=1, verify=root_context(ca_dir)).status_code == 200:
                     break
             if proc.poll() is not None:
                 raise SystemExit("demo: ca serve exited early")
@@ -94,10 +107,13 @@ def main() -> None:
         steps.append(("principal add", "ok", "machine web01.example.internal, one-time token printed once"))
 
         with server(ca_dir) as base:
-            credential = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token}).json()["credential"]
-            http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {credential}"}, timeout=30)
-            steps.append(("token exchange", "ok", "agent credential received over HTTP"))
-            reuse = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token})
+            verify = root_context(ca_dir)
+            credential = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token},
+                                    verify=verify).json()["credential"]
+            http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {credential}"}, timeout=30,
+                                verify=verify)
+            steps.append(("token exchange", "ok", "agent credential received over HTTPS (server verified)"))
+            reuse = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token}, verify=verify)
             steps.append(("token reused", str(reuse.status_code), reuse.json()["reason"]))
 
             issued: dict[str, Any] = http.post("/v1/requests", json={"template": "machine", "csr": new_csr()}).json()
@@ -124,7 +140,8 @@ def main() -> None:
             status = http.get(f"/v1/certificates/{issued['serial']}").json()
             steps.append(("revoke", status["status"], f"reason {status['revocation_reason']}"))
 
-            audit = httpx.get(f"{base}/v1/audit", params={"limit": 8}, headers={"Authorization": f"Bearer {admin_key}"})
+            audit = httpx.get(f"{base}/v1/audit", params={"limit": 8}, headers={"Authorization": f"Bearer {admin_key}"},
+                              verify=verify)
 
             agent_steps = agent_story(base, ca_dir, work / "agent")
             timeline = json.loads(_run(["events", "--json", "--dir", str(work / "agent")]))
@@ -279,8 +296,11 @@ def agent_story(base: str, ca_dir: Path, agent_dir: Path) -> list[tuple[str, str
     """An agent enrolls from nothing, renews early on a major version, installs an approved request."""
     steps: list[tuple[str, str]] = []
     token = json.loads(certpulse("principal", "add", "app01.example.internal", "--json", ca_dir=ca_dir))["token"]
-    _run(["agent", "init", "--server", base, "--token", token, "--dir", str(agent_dir)])
-    steps.append(("agent init", "one-time token exchanged for the machine's credential"))
+    fingerprint = root_fingerprint(ca_dir)
+    _run(["agent", "init", "--server", base, "--token", token, "--ca-fingerprint", fingerprint,
+          "--dir", str(agent_dir)])
+    steps.append(("agent init", f"root pinned by fingerprint {fingerprint[:16]}…; one-time token exchanged "
+                                "for the machine's credential over the verified connection"))
     record = register_task(agent_dir.parent, agent_dir)
     steps.append(("task add record-renewal", "runs scripts/on-replace.sh OLD NEW on every replacement (1001)"))
     first = json.loads(_run(["agent", "pulse", "--json", "--dir", str(agent_dir)]))
