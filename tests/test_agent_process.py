@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -445,7 +446,10 @@ def test_the_agent_refuses_certificates_it_did_not_ask_for(pki: CA, ca_url: str,
 def _refuses_lies(pki: CA, ca_url: str, agent: Agent, proxy: HostileProxy) -> None:
     principal = agent.principal
     other_name = f"other-{uuid.uuid4().hex[:8]}.example.internal"
-    _, other = Client.enrolled(ca_url, pki.add_principal(other_name)).enroll("machine")
+    verify = root_context(pki)  # the CA serves TLS: this test's own client pins its root too
+    credential = httpx.post(f"{ca_url}/v1/tokens/exchange", json={"token": pki.add_principal(other_name)},
+                            timeout=30, verify=verify).json()["credential"]
+    _, other = Client(ca_url, credential, verify=verify).enroll("machine")
     issuer_key = serialization.load_pem_private_key((pki.dir / "keys" / "issuer-issuing-1.key").read_bytes(), None)
     rogue_key = ec.generate_private_key(ec.SECP256R1())
 
