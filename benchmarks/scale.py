@@ -385,7 +385,8 @@ def build_store(directory: Path, certs: int, n_templates: int, api_sample: int) 
     """An agent folder with ``certs`` real certificates: ``api_sample`` installed by
     ``LocalStore.install``, the rest written in bulk the same way, then older versions of each
     template archived (replaced by the next one) as renewals leave them."""
-    config = AgentConfig(servers=(PolicyServerConfig(url=URL_A),), principal="bench.example.internal")
+    config = AgentConfig(servers=(PolicyServerConfig(url=URL_A, trust_roots="trust/roots.pem", insecure_http=True),),
+                         principal="bench.example.internal")
     directory.mkdir(parents=True)
     save_config(directory, config)
     write_credential(directory, "cpc_bench_not_a_real_credential")
@@ -454,7 +455,8 @@ def build_store(directory: Path, certs: int, n_templates: int, api_sample: int) 
 def bench_gather(report: Report, built: BuiltStore, runs: int) -> None:
     trust = gather.Trust(roots=(built.authority.root,), issuers={"CA-1": built.authority.issuer}, kra=())
     policies = [gather.GatheredPolicy(built.servers[0], trust), gather.GatheredPolicy(built.servers[1], trust)]
-    config = AgentConfig(servers=(PolicyServerConfig(url=URL_A),), principal="bench.example.internal")
+    config = AgentConfig(servers=(PolicyServerConfig(url=URL_A, trust_roots="trust/roots.pem", insecure_http=True),),
+                         principal="bench.example.internal")
     store = open_agent_store(built.directory, config)
     try:
         snapshot = gather.snapshot(store, policies, NOW)
@@ -886,7 +888,7 @@ def http_status(ca_dir: Path, serials: list[str], calls: int, runs: int) -> Figu
     proc = subprocess.Popen([sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen",
                              f"127.0.0.1:{port}", "--workers", "1", "--insecure-http"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    client = CAClient(f"http://127.0.0.1:{port}", None, timeout=10)
+    client = CAClient(f"http://127.0.0.1:{port}", None, verify=False, timeout=10)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -13,9 +13,8 @@ one-minute floor, exponential backoff with jitter, divided by ``time_factor``.
 
 Each attempt opens the agent's folder, pulses and closes it again, as ``certpulse agent pulse``
 does; the daemon keeps its folder open between pulses, which would need thousands of open
-SQLite stores and sockets here. The agents trust the CA's root through ``ca_file`` (as
-``agent init --ca-file`` does): with the default (the system's roots) httpx loads ~150 roots into
-a new TLS context for every client, ~20 ms each, which would be the client's largest cost.
+SQLite stores and sockets here. The agents pin the CA's root through ``trust_roots`` (as
+``agent init --ca-file`` does): their TLS context holds that root alone.
 """
 
 from __future__ import annotations
@@ -86,7 +85,9 @@ def make_agent_folders(root: Path, url: str, ca_file: Path, principals: list[tup
         folder = root / f"agent-{index:05d}"
         (folder / "store").mkdir(mode=0o700, parents=True)
         write_credential(folder, credential)
-        config = AgentConfig(servers=(PolicyServerConfig(url=url, ca_file=str(ca_file)),), principal=principal)
+        config = AgentConfig(servers=(PolicyServerConfig(url=url, trust_roots=str(ca_file),
+                                                         insecure_http=url.startswith("http://")),),
+                             principal=principal)
         save_config(folder, config)
         shutil.copyfile(store_db, folder / "store" / "meta.db")
         agents.append(SimAgent(index, folder, config))

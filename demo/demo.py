@@ -55,7 +55,8 @@ def server(ca_dir: Path) -> Iterator[str]:
     demo's clients trust the CA's root (``certs/root.pem``) and nothing else."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "certpulse", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}",
+         "--tls"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"https://127.0.0.1:{port}"
     try:
@@ -293,10 +294,12 @@ def check_bindings(agent_dir: Path) -> list[tuple[str, str]]:
 def agent_story(base: str, ca_dir: Path, agent_dir: Path) -> list[tuple[str, str]]:
     """An agent enrolls from nothing, renews early on a major version, installs an approved request."""
     steps: list[tuple[str, str]] = []
-    token = json.loads(certpulse("principal", "add", "app01.example.internal", "--json", ca_dir=ca_dir))["token"]
-    _run(["agent", "init", "--server", base, "--token", token, "--ca-file", str(ca_dir / "certs" / "root.pem"),
+    added = json.loads(certpulse("principal", "add", "app01.example.internal", "--json", ca_dir=ca_dir))
+    token, fingerprint = added["token"], added["ca_fingerprint"]  # what the operator hands the machine
+    _run(["agent", "init", "--server", base, "--token", token, "--ca-fingerprint", fingerprint,
           "--dir", str(agent_dir)])
-    steps.append(("agent init", "one-time token exchanged over HTTPS for the machine's credential"))
+    steps.append(("agent init", f"root pinned by fingerprint {fingerprint[:16]}…; one-time token exchanged "
+                                "for the machine's credential over the verified connection"))
     record = register_task(agent_dir.parent, agent_dir)
     steps.append(("task add record-renewal", "runs scripts/on-replace.sh OLD NEW on every replacement (1001)"))
     first = json.loads(_run(["agent", "pulse", "--json", "--dir", str(agent_dir)]))

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import time
@@ -23,7 +26,8 @@ import httpx
 import pytest
 import tomli_w
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from support import (
     CA,
@@ -125,6 +129,35 @@ def one_line_error(result: subprocess.CompletedProcess[str], reason: str) -> str
     return lines[0]
 
 
+def long_lived_tls(ca: CA, years: int = 5) -> None:
+    """A TLS server certificate for ``ca serve --tls`` on 127.0.0.1 that outlives the tests'
+    ``faketime`` jumps (the one ``ca serve`` makes lasts 90 days: an agent run a year ahead would
+    rightly refuse it as expired). Issued by the CA's own issuing CA, with the names ``ca serve``
+    gives a server on 127.0.0.1: it keeps a certificate that has them and is far from its end."""
+    issuer_cert = load_cert((ca.dir / "certs" / "issuer-issuing-1.pem").read_text())
+    issuer_key = serialization.load_pem_private_key((ca.dir / "keys" / "issuer-issuing-1.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(issuer_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(min(now + dt.timedelta(days=365 * years),
+                                                       issuer_cert.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),  # the names ca serve
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(issuer_key, hashes.SHA256()))  # type: ignore[arg-type]
+    folder = ca.dir / "tls"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    (folder / "server.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (folder / "server.key").chmod(0o600)
+    (folder / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM)
+                                        + issuer_cert.public_bytes(serialization.Encoding.PEM))
+
+
 def prepare_ca(directory: Path) -> CA:
     """A SQLite CA with the example templates, the optional ones behind opt-in groups, and a
     one-hour template for the group ``shortlived`` (its renewal period, 2 h, is longer than
@@ -139,6 +172,7 @@ def prepare_ca(directory: Path) -> CA:
     short = directory.parent / "short.toml"
     short.write_text(SHORT_TEMPLATE)
     ca.cli("template", "add", str(short))
+    long_lived_tls(ca)
     return ca
 
 
@@ -218,11 +252,25 @@ class Agent:
         path.write_text(tomli_w.dumps(data))
 
 
+def root_fingerprint(ca: CA) -> str:
+    """The CA's root fingerprint as ``ca init`` prints it: SHA-256 of the root's DER, lowercase hex."""
+    return hashlib.sha256(load_cert((ca.dir / "certs" / "root.pem").read_text())
+                          .public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def root_context(ca: CA) -> ssl.SSLContext:
+    """A client context trusting exactly the CA's root (for tests talking to its https URL)."""
+    return ssl.create_default_context(cafile=str(ca.dir / "certs" / "root.pem"))
+
+
 def new_agent(ca: CA, url: str, directory: Path, *groups: str) -> Agent:
-    """A new machine principal (in ``groups``) and an agent folder for it; policy refresh 1 s."""
+    """A new machine principal (in ``groups``) and an agent folder for it, pinned to the CA's root
+    by fingerprint (an http:// URL also gets --insecure-http); policy refresh 1 s."""
     name = f"host-{uuid.uuid4().hex[:10]}.example.internal"
     token = ca.add_principal(name, *[arg for group in groups for arg in ("--group", group)])
-    run_cli("agent", "init", "--dir", str(directory), "--server", url, "--token", token)
+    insecure = ["--insecure-http"] if url.startswith("http://") else []
+    run_cli("agent", "init", "--dir", str(directory), "--server", url, "--token", token,
+            "--ca-fingerprint", root_fingerprint(ca), *insecure)
     agent = Agent(directory, name, ca)
     agent.set_config(policy_refresh="1s")
     return agent
@@ -259,15 +307,14 @@ class CAProcess:
     def __init__(self, ca: CA, port: int) -> None:
         self.ca = ca
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"https://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         assert self.proc is None
         log = (self.ca.dir / f"serve-{self.port}-{time.monotonic_ns()}.log").open("w")
         self.proc = subprocess.Popen(
-            [*CERTPULSE, "ca", "serve", "--dir", str(self.ca.dir), "--listen", f"127.0.0.1:{self.port}",
-             "--insecure-http"],
+            [*CERTPULSE, "ca", "serve", "--dir", str(self.ca.dir), "--listen", f"127.0.0.1:{self.port}", "--tls"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         proc = self.proc
@@ -275,7 +322,7 @@ class CAProcess:
         def healthy() -> bool:
             assert proc.poll() is None, f"ca serve exited with {proc.returncode}"
             with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+                return httpx.get(f"{self.url}/healthz", timeout=1, verify=root_context(self.ca)).status_code == 200
             return False
 
         wait_for(healthy, 30, f"ca serve on port {self.port}")
@@ -292,4 +339,4 @@ class CAProcess:
             self.proc.wait(timeout=10)
         self.proc = None
         with pytest.raises(httpx.HTTPError):
-            httpx.get(f"{self.url}/healthz", timeout=1)
+            httpx.get(f"{self.url}/healthz", timeout=1, verify=root_context(self.ca))

@@ -127,6 +127,6 @@ def pki(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def ca_url(pki: CA) -> Iterator[str]:
-    """That CA served over loopback for the whole module."""
-    with serve(pki) as base:
+    """That CA served over loopback with TLS (agents pin its root) for the whole module."""
+    with serve(pki, tls=True) as base:
         yield base

@@ -5,6 +5,7 @@ unchanged; a test then turns on one kind of misbehaviour:
 
 * ``rewrite_issued``: called with the JSON body the agent sent to ``POST /v1/requests`` and the
   CA's JSON answer; what it returns is sent to the agent instead (e.g. another certificate);
+* ``rewrite_policy``: called with the CA's policy document; what it returns is sent instead;
 * ``busy_retry_after``: every request is answered ``503 Service Unavailable`` with this
   ``Retry-After``, without asking the CA.
 """
@@ -26,14 +27,15 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 
 
 class HostileProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, verify: Any = True) -> None:
         self.upstream = upstream.rstrip("/")
         self.rewrite_issued: Rewrite | None = None
+        self.rewrite_policy: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.busy_retry_after: int | None = None
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.rewritten = 0
         self.lock = threading.Lock()
-        self.http = httpx.Client(base_url=self.upstream, timeout=30)
+        self.http = httpx.Client(base_url=self.upstream, timeout=30, verify=verify)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +51,7 @@ class HostileProxy:
                     proxy.seen.append((self.command, self.path))
                     busy = proxy.busy_retry_after
                     rewrite = proxy.rewrite_issued
+                    rewrite_policy = proxy.rewrite_policy
                 if busy is not None:
                     self._reply(503, {"content-type": "application/problem+json", "retry-after": str(busy)},
                                 json.dumps({"type": "about:blank", "status": 503, "reason": "unavailable",
@@ -65,6 +68,11 @@ class HostileProxy:
                         and answer.status_code in (200, 201)):
                     changed = rewrite(json.loads(body), answer.json())
                     content = json.dumps(changed).encode()
+                    with proxy.lock:
+                        proxy.rewritten += 1
+                if (rewrite_policy is not None and self.command == "GET" and self.path.split("?")[0] == "/v1/policy"
+                        and answer.status_code == 200):
+                    content = json.dumps(rewrite_policy(answer.json())).encode()
                     with proxy.lock:
                         proxy.rewritten += 1
                 out = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -95,8 +103,8 @@ class HostileProxy:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, upstream: str) -> Iterator[HostileProxy]:
-        proxy = cls(upstream)
+    def running(cls, upstream: str, verify: Any = True) -> Iterator[HostileProxy]:
+        proxy = cls(upstream, verify)
         proxy.thread.start()
         try:
             yield proxy

@@ -10,7 +10,9 @@ driven by the real command line.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import ssl
 import tomllib
 import uuid
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 import tomli_w
 from cryptography.hazmat.primitives import serialization
 
-from agent_support import Agent, action_for, new_agent, one, one_line_error, public_der
+from agent_support import Agent, action_for, long_lived_tls, new_agent, one, one_line_error, public_der
 from certpulse.pki import key_archival
 from support import CA, init_ca, load_cert, serve
 
@@ -112,21 +114,24 @@ def test_a_key_archival_template_is_enrolled_with_the_key_sealed_to_the_kra(
 
 # -- D3: revocation asked of the issuing server ---------------------------------------------------------
 
-def _exchange(url: str, token: str) -> str:
-    answer = httpx.post(f"{url}/v1/tokens/exchange", json={"token": token}, timeout=30)
+def _exchange(url: str, token: str, root: Path) -> str:
+    answer = httpx.post(f"{url}/v1/tokens/exchange", json={"token": token}, timeout=30,
+                        verify=ssl.create_default_context(cafile=str(root)))
     assert answer.status_code == 200, answer.text
     return str(answer.json()["credential"])
 
 
-def _add_server(agent: Agent, url: str, token: str, *, cost: int) -> None:
-    """A second policy server for the same machine (its own credential file), as an operator
-    adds one to ``agent.toml``."""
+def _add_server(agent: Agent, url: str, token: str, *, cost: int, root: Path) -> None:
+    """A second policy server for the same machine (its own credential file and pinned root), as
+    an operator adds one to ``agent.toml``."""
     name = f"credential-{uuid.uuid4().hex[:6]}"
-    (agent.dir / name).write_text(_exchange(url, token) + "\n")
+    (agent.dir / name).write_text(_exchange(url, token, root) + "\n")
     (agent.dir / name).chmod(0o600)
+    shutil.copyfile(root, agent.dir / "trust" / f"{name}.pem")
     path = agent.dir / "agent.toml"
     config = tomllib.loads(path.read_text())
-    config["policy_servers"].append({"url": url, "cost": cost, "is_default": False, "credential_file": name})
+    config["policy_servers"].append({"url": url, "cost": cost, "is_default": False, "credential_file": name,
+                                     "trust_roots": f"trust/{name}.pem"})
     path.write_text(tomli_w.dumps(config))
 
 
@@ -137,7 +142,8 @@ def second_ca(tmp_path_factory: pytest.TempPathFactory) -> Any:
     template = directory.parent / "only-b.toml"
     template.write_text(ONLY_B_TEMPLATE)
     ca.cli("template", "add", str(template))
-    with serve(ca) as url:
+    long_lived_tls(ca)
+    with serve(ca, tls=True) as url:
         yield ca, url
 
 
@@ -145,7 +151,8 @@ def test_revocation_is_asked_of_the_server_that_issued_the_certificate(
         pki: CA, ca_url: str, second_ca: tuple[CA, str], tmp_path: Path) -> None:
     other, other_url = second_ca
     agent = new_agent(pki, ca_url, tmp_path / "agent")
-    _add_server(agent, other_url, other.add_principal(agent.principal), cost=1)
+    _add_server(agent, other_url, other.add_principal(agent.principal), cost=1,
+                root=other.dir / "certs" / "root.pem")
 
     first = agent.pulse()
     from_b = action_for(first, "only-b")

@@ -25,7 +25,9 @@ from cryptography import x509
 
 from certpulse.agent.config import AgentConfig, PolicyServerConfig, save_config, write_credential
 from certpulse.agent.pulse import Agent, PulseResult
+from certpulse.agent.trust import ROOTS_NAME, PinFile
 from certpulse.pki import template_info
+from certpulse.pki.build import build_ca_certificate
 from certpulse.pki.certs import thumbprint
 from pki_factory import Authority, pem, self_signed, utc_now
 
@@ -116,7 +118,8 @@ def agent(ca: FakeCA, tmp_path: Path) -> Any:
     directory = tmp_path / "agent"
     directory.mkdir(mode=0o700)
     write_credential(directory, "cpc_test-credential")
-    config = AgentConfig(servers=(PolicyServerConfig(url=URL),), principal=PRINCIPAL,
+    PinFile(directory).save([ca.root.certificate])  # pinned at init: the honest CA's root
+    config = AgentConfig(servers=(PolicyServerConfig(url=URL, trust_roots=ROOTS_NAME),), principal=PRINCIPAL,
                          policy_refresh=dt.timedelta(seconds=1))
     save_config(directory, config)
     opened = Agent(directory, config, transport=httpx.MockTransport(ca.handle))
@@ -211,10 +214,10 @@ def _garbage_chain(ca: FakeCA, csr: x509.CertificateSigningRequest, answer: dict
 
 REFUSED = [
     (_other_key, "it does not hold the key this agent generated"),
-    (_self_signed_right_key, "it does not chain to the policy's roots"),
-    (_rogue_signature, "it does not chain to the policy's roots"),
-    (_rogue_chain, "it does not chain to the policy's roots"),
-    (_expired, "it does not chain to the policy's roots"),
+    (_self_signed_right_key, "it does not chain to a pinned root"),
+    (_rogue_signature, "it does not chain to a pinned root"),
+    (_rogue_chain, "it does not chain to a pinned root"),
+    (_expired, "it does not chain to a pinned root"),
     (_another_principal, "not this principal"),
     (_extra_name, "not this principal"),
     (_other_template, "it does not name the requested template"),
@@ -321,9 +324,123 @@ def test_a_malformed_policy_is_refused_with_its_reason(ca: FakeCA, agent: Agent,
     assert agent.store.certificates() == []
 
 
+def _assert_untrusted(ca: FakeCA, agent: Agent, result: PulseResult) -> None:
+    """The policy is trusted for nothing: the pulse fails saying why, nothing is asked or installed,
+    and the pins are unchanged."""
+    assert result.outcome == "failed", result
+    assert result.error is not None and "neither pinned nor cross-signed by a pinned root" in result.error
+    assert [n.rule for n in result.trust_notes] == ["untrusted-root"]
+    assert result.outcomes == [] and ca.requests == 0 and agent.store.certificates() == []
+    assert PinFile(agent.directory).load() == [ca.root.certificate]
+
+
 def test_a_policy_root_that_is_not_a_ca_is_not_trusted(ca: FakeCA, agent: Agent) -> None:
     leaf = self_signed("not-a-ca")
     ca.policy_rewrite = lambda doc: {**doc, "roots": [leaf.pem]}
+    _assert_untrusted(ca, agent, agent.pulse(utc_now()))
+
+
+# -- the pinned root decides: swapped roots, foreign issuers, cross-certificates ----------------------
+
+def _swapped(ca: FakeCA) -> Authority:
+    """A man in the middle's hierarchy with the honest names, its issuer offered in the policy."""
+    rogue_root = Authority.root("Hostile Test Root")
+    rogue_issuer = rogue_root.subordinate("issuing-1")
+
+    def swap(doc: dict[str, Any]) -> dict[str, Any]:
+        return {**doc, "roots": [pem(rogue_root.certificate)], "intermediates": [pem(rogue_issuer.certificate)],
+                "issuers": [{**doc["issuers"][0], "certificate": pem(rogue_issuer.certificate),
+                             "thumbprint": thumbprint(rogue_issuer.certificate)}]}
+
+    ca.policy_rewrite = swap
+    ca.issuer = rogue_issuer  # what it would sign with, were it asked
+    return rogue_root
+
+
+def test_a_policy_with_a_swapped_root_is_trusted_for_nothing(ca: FakeCA, agent: Agent) -> None:
+    _swapped(ca)
+    _assert_untrusted(ca, agent, agent.pulse(utc_now()))
+
+
+def test_a_policy_with_an_extra_root_beside_the_pinned_one_is_trusted_for_nothing(ca: FakeCA, agent: Agent) -> None:
+    # The honest issuer, but the policy also slips in a root of its own: nothing of it is trusted.
+    extra = Authority.root("Another Root")
+    ca.policy_rewrite = lambda doc: {**doc, "roots": [*doc["roots"], pem(extra.certificate)]}
+    _assert_untrusted(ca, agent, agent.pulse(utc_now()))
+
+
+def test_an_installed_certificate_stays_valid_when_a_later_policy_swaps_the_root(ca: FakeCA, agent: Agent) -> None:
+    current = _enrolled(agent)
+    honest_root = ca.root
+    rogue_root = _swapped(ca)
+    result = agent.pulse(utc_now() + 330 * DAY)  # renewal is due: it must not go to the rogue issuer
+    assert result.outcome == "failed" and result.outcomes == [] and ca.requests == 1, result
+    assert [c.thumbprint for c in agent.store.certificates()] == [current]
+    assert PinFile(agent.directory).load() == [honest_root.certificate]
+    assert rogue_root.certificate not in agent.policies[0].trust.roots
+
+
+def _cross(new_root: Authority, signer: Authority, *, public_key: Any = None, start: dt.datetime | None = None,
+           end: dt.datetime | None = None) -> x509.Certificate:
+    """A cross-certificate: ``new_root``'s subject (and by default key), signed by ``signer``."""
+    begin = start or utc_now() - DAY
+    return build_ca_certificate(subject=new_root.certificate.subject,
+                                public_key=public_key or new_root.certificate.public_key(),
+                                issuer_cert=signer.certificate, signing_key=signer.key, not_before=begin,
+                                not_after=end or begin + 3650 * DAY, path_length=1)
+
+
+def _rolled_over(ca: FakeCA, cross: Callable[[Authority], x509.Certificate]) -> Authority:
+    """The CA rolls over to a new root and a new issuer under it, publishing ``cross(new_root)``."""
+    new_root = Authority.root("Hostile Test Root R2")
+    new_issuer = new_root.subordinate("issuing-r2")
+    old_root = ca.root
+
+    def rolled(doc: dict[str, Any]) -> dict[str, Any]:
+        return {**doc, "roots": [pem(old_root.certificate), pem(new_root.certificate)],
+                "cross_certificates": [pem(cross(new_root))],
+                "intermediates": [pem(new_issuer.certificate)],
+                "issuers": [{**doc["issuers"][0], "name": "issuing-r2", "certificate": pem(new_issuer.certificate),
+                             "thumbprint": thumbprint(new_issuer.certificate)}]}
+
+    ca.policy_rewrite = rolled
+    ca.issuer = new_issuer
+    return new_root
+
+
+def test_a_root_cross_signed_by_the_pinned_root_is_pinned_and_its_issuer_used(ca: FakeCA, agent: Agent) -> None:
+    old_root = ca.root
+    new_root = _rolled_over(ca, lambda new: _cross(new, old_root))
     result = agent.pulse(utc_now())
-    assert result.outcome == "ok" and result.outcomes == []  # no root: no issuer validates
-    assert ca.requests == 0 and agent.store.certificates() == []
+    assert result.outcome == "ok", result.error
+    [note] = result.trust_notes
+    assert note.rule == "root-pinned" and "Hostile Test Root R2" in note.detail
+    assert PinFile(agent.directory).load() == [old_root.certificate, new_root.certificate]  # persisted
+    outcome, detail, installed = _outcome(result)
+    assert outcome == "done" and installed is not None, detail
+    # Pinned once: the next pulse finds nothing new to pin.
+    again = agent.pulse(utc_now())
+    assert again.trust_notes == [] and PinFile(agent.directory).load() == [old_root.certificate, new_root.certificate]
+
+
+def _forged_cross(new: Authority) -> x509.Certificate:
+    # Names the pinned root as issuer, signed with a key of the forger's.
+    impostor = Authority(Authority.root("x").key, Authority.root("Hostile Test Root").certificate)
+    return _cross(new, impostor)
+
+
+CROSS_LIES = {
+    "forged": _forged_cross,
+    "expired": lambda new, old: _cross(new, old, start=utc_now() - 400 * DAY, end=utc_now() - 30 * DAY),
+    "not-yet-valid": lambda new, old: _cross(new, old, start=utc_now() + 30 * DAY),
+    "for-another-key": lambda new, old: _cross(new, old, public_key=Authority.root("k").certificate.public_key()),
+    "signed-by-the-new-root-itself": lambda new, old: _cross(new, new),
+}
+
+
+@pytest.mark.parametrize("lie", list(CROSS_LIES))
+def test_a_root_without_a_valid_cross_signature_is_refused(ca: FakeCA, agent: Agent, lie: str) -> None:
+    old_root = ca.root
+    make = CROSS_LIES[lie]
+    _rolled_over(ca, (lambda new: make(new)) if lie == "forged" else (lambda new: make(new, old_root)))
+    _assert_untrusted(ca, agent, agent.pulse(utc_now()))

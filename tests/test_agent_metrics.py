@@ -163,7 +163,7 @@ def test_failed_pulses_failing_renewals_and_tasks(pki: CA, ca_url: str, tmp_path
     agent.pulse()
     path = agent.dir / "agent.toml"
     config = tomllib.loads(path.read_text())
-    config["policy_servers"][0]["url"] = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    config["policy_servers"][0]["url"] = f"https://127.0.0.1:{free_port()}"  # nobody listens there
     path.write_text(tomli_w.dumps(config))
     agent.pulse(ok=False)
 

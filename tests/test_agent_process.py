@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -45,10 +46,12 @@ from agent_support import (
     ca_requests,
     check_version_folder,
     issued,
+    long_lived_tls,
     new_agent,
     one,
     one_line_error,
     public_der,
+    root_context,
     sha1_thumbprint,
     wait_for,
 )
@@ -203,7 +206,8 @@ def test_reenroll_all_makes_the_next_pulse_renew_early(tmp_path: Path) -> None:
     out = run_cli("ca", "init", "--dir", str(directory), "--database", f"sqlite:///{directory}/ca.db")
     ca = CA(directory, next(w for w in out.stdout.split() if w.startswith("cpa_")), f"sqlite:///{directory}/ca.db")
     ca.cli("template", "add", str(TEMPLATES / "machine.toml"))
-    with serve(ca) as url:
+    long_lived_tls(ca)
+    with serve(ca, tls=True) as url:
         agent = new_agent(ca, url, tmp_path / "agent")
         first = agent.pulse()
         old = str(action_for(first, "machine")["new_thumbprint"])
@@ -434,7 +438,7 @@ def _certificate(subject_cn: str, public_key: Any, signing_key: Any, issuer: x50
 
 
 def test_the_agent_refuses_certificates_it_did_not_ask_for(pki: CA, ca_url: str, tmp_path: Path) -> None:
-    with HostileProxy.running(ca_url) as proxy:
+    with HostileProxy.running(ca_url, root_context(pki)) as proxy:
         agent = new_agent(pki, proxy.url, tmp_path / "agent")
         _refuses_lies(pki, ca_url, agent, proxy)
 
@@ -442,7 +446,10 @@ def test_the_agent_refuses_certificates_it_did_not_ask_for(pki: CA, ca_url: str,
 def _refuses_lies(pki: CA, ca_url: str, agent: Agent, proxy: HostileProxy) -> None:
     principal = agent.principal
     other_name = f"other-{uuid.uuid4().hex[:8]}.example.internal"
-    _, other = Client.enrolled(ca_url, pki.add_principal(other_name)).enroll("machine")
+    verify = root_context(pki)  # the CA serves TLS: this test's own client pins its root too
+    credential = httpx.post(f"{ca_url}/v1/tokens/exchange", json={"token": pki.add_principal(other_name)},
+                            timeout=30, verify=verify).json()["credential"]
+    _, other = Client(ca_url, credential, verify=verify).enroll("machine")
     issuer_key = serialization.load_pem_private_key((pki.dir / "keys" / "issuer-issuing-1.key").read_bytes(), None)
     rogue_key = ec.generate_private_key(ec.SECP256R1())
 
@@ -473,7 +480,7 @@ def _refuses_lies(pki: CA, ca_url: str, agent: Agent, proxy: HostileProxy) -> No
     cases: list[tuple[Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]], str]] = [
         (another_principals_certificate, "it does not hold the key this agent generated"),
         (self_signed, "it does not hold the key this agent generated"),
-        (rogue_issuer, "it does not chain to the policy's roots"),
+        (rogue_issuer, "it does not chain to a pinned root"),
         (another_principals_name, "not this principal"),
     ]
     old = str(action_for(agent.pulse(), "machine")["new_thumbprint"])
@@ -500,7 +507,7 @@ def _refuses_lies(pki: CA, ca_url: str, agent: Agent, proxy: HostileProxy) -> No
 
 def test_503_with_retry_after_fails_the_pulse_and_reports_the_delay(
         pki: CA, ca_url: str, tmp_path: Path) -> None:
-    with HostileProxy.running(ca_url) as proxy:
+    with HostileProxy.running(ca_url, root_context(pki)) as proxy:
         agent = new_agent(pki, proxy.url, tmp_path / "agent")
         proxy.busy_retry_after = 120
         first = agent.pulse(ok=False)  # no policy yet

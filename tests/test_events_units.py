@@ -19,6 +19,7 @@ from certpulse.agent.expiry import expiry_notices
 from certpulse.agent.model import Options, StoredCertificate, StoreSnapshot, TemplatePolicy
 from certpulse.agent.planner import Plan, plan
 from certpulse.agent.pulse import Agent
+from certpulse.agent.trust import ROOTS_NAME, PinFile
 from certpulse.machine import cursors
 from certpulse.machine import schema as et
 from certpulse.machine.certstore import LocalStore
@@ -283,8 +284,9 @@ def test_the_pulse_monitor_uses_the_plans_handled_set_and_plans_when_it_has_none
     directory = tmp_path / "agent"
     directory.mkdir()
     write_credential(directory, "unused")
-    agent = Agent(directory, AgentConfig(servers=(PolicyServerConfig(url="http://127.0.0.1:9/cep"),),
-                                         principal="monitor.example"))
+    PinFile(directory).save([Authority.root("Monitor Root").certificate])
+    server = PolicyServerConfig(url="http://127.0.0.1:9/cep", trust_roots=ROOTS_NAME, insecure_http=True)
+    agent = Agent(directory, AgentConfig(servers=(server,), principal="monitor.example"))
     try:
         prints = []
         for name in ("a", "b"):

@@ -148,7 +148,7 @@ def test_the_policy_document() -> None:
     code, _, body = answered(document)
     assert code == 200
     assert list(body) == ["policy_id", "generated_at", "refresh_after_seconds", "templates", "issuers", "roots",
-                          "intermediates", "kra", "directory"]
+                          "cross_certificates", "intermediates", "kra", "directory"]
     assert body["generated_at"] == "2031-02-03T04:05:06+00:00" and body["refresh_after_seconds"] == 600
     offered = body["templates"][0]
     assert list(offered) == [

@@ -76,7 +76,8 @@ class World:
 def world(tmp_path: Path) -> Iterator[World]:
     directory = tmp_path / "agent"
     directory.mkdir(mode=0o700)
-    config = AgentConfig(servers=(PolicyServerConfig(url="http://127.0.0.1:9"),), principal="x", task_retries=2,
+    config = AgentConfig(servers=(PolicyServerConfig(url="http://127.0.0.1:9", trust_roots="trust/roots.pem",
+                                                     insecure_http=True),), principal="x", task_retries=2,
                          task_retry_backoff=MINUTE)
     save_config(directory, config)
     scripts = tmp_path / "scripts"

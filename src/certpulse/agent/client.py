@@ -1,9 +1,12 @@
 """The agent's HTTP client for the enrollment service. Every answer is hostile until checked.
 
 Bodies are read up to a cap, must be JSON objects of the expected shape, and nothing from
-them is ever used as a path or passed to a shell. Failures are split in two: the server is
-unavailable (connection errors, 5xx, 429/503 with ``Retry-After``: try another issuer or
-later) or it refused (a 4xx problem with a reason: do not retry the same request).
+them is ever used as a path or passed to a shell. Every call has a total deadline (``http_deadline``
+in agent.toml): connecting, the TLS handshake, sending, the headers and the body together, so a
+server that trickles its answer cannot hold the agent (and its store lock) for longer.
+Failures are split in two: the server is unavailable (connection errors, 5xx, 429/503 with
+``Retry-After``, the deadline: try another issuer or later) or it refused (a 4xx problem
+with a reason: do not retry the same request).
 """
 
 from __future__ import annotations
@@ -11,12 +14,18 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
+import ssl
+import time
+from collections.abc import Iterable
 from typing import Any
 
+import httpcore
 import httpx
 
 MAX_BODY = 4 * 1024 * 1024
 MAX_RETRY_AFTER = 24 * 3600
+DEFAULT_DEADLINE = 60.0  # seconds for one whole HTTP call
 
 
 class ServerUnavailable(Exception):
@@ -54,21 +63,103 @@ def _short(value: Any, limit: int = 300) -> str:
     return " ".join(str(value).split())[:limit]
 
 
-class CAClient:
-    """One policy server. ``transport`` is httpx's seam: None for the network, or a transport of
-    the caller's (an ``httpx.MockTransport`` in tests that play a hostile CA in-process)."""
+class Deadline:
+    """The end of the call in progress, on the monotonic clock (a bound on waiting, not a date)."""
 
-    def __init__(self, url: str, credential: str | None, *, verify: Any = True, timeout: float = 30,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self) -> None:
+        self.until: float | None = None
+
+    def remaining(self) -> float:
+        return math.inf if self.until is None else self.until - time.monotonic()
+
+    def cap(self, timeout: float | None, error: type[Exception]) -> float:
+        """The time one network operation may take: its own timeout, cut to what is left."""
+        left = self.remaining()
+        if left <= 0:
+            raise error("the call's total deadline has passed")
+        return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every operation (TLS handshake included) ends by the call's deadline.
+    Each operation is bounded by the socket timeout it is given (CPython bounds a whole TLS
+    handshake, ``sendall`` and each ``recv`` by it), so the sum is bounded by the deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: Deadline) -> None:
+        self.inner = inner
+        self.deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.inner.read(max_bytes, self.deadline.cap(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, self.deadline.cap(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        upgraded = self.inner.start_tls(ssl_context, server_hostname,
+                                        self.deadline.cap(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(upgraded, self.deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.SyncBackend):
+    """httpcore's own socket backend, with every connection held to the call's deadline."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        stream = super().connect_tcp(host, port, self.deadline.cap(timeout, httpcore.ConnectTimeout),
+                                     local_address, socket_options)
+        return _DeadlineStream(stream, self.deadline)
+
+
+def _network_transport(verify: Any, deadline: Deadline) -> httpx.HTTPTransport:
+    """httpx's transport over a connection pool whose sockets keep the deadline. httpx takes no
+    network backend itself, so its pool is replaced by an httpcore pool built with one."""
+    transport = httpx.HTTPTransport(verify=verify)
+    context = verify if isinstance(verify, ssl.SSLContext) else None
+    transport._pool = httpcore.ConnectionPool(  # httpx takes no network backend of its own
+        ssl_context=context, network_backend=_DeadlineBackend(deadline))
+    return transport
+
+
+class CAClient:
+    """One policy server. ``verify`` is the SSL context of the pinned roots (or False for the one
+    unverified fetch of the roots at ``agent init``). ``transport`` is httpx's seam: None for the
+    network, or a transport of the caller's (an ``httpx.MockTransport`` in tests that play a
+    hostile CA in-process). ``deadline``: seconds one whole call may take."""
+
+    def __init__(self, url: str, credential: str | None, *, verify: ssl.SSLContext | bool, timeout: float = 30,
+                 transport: httpx.BaseTransport | None = None, deadline: float = DEFAULT_DEADLINE) -> None:
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         self.url = url
-        self.http = httpx.Client(base_url=url, headers=headers, verify=verify, timeout=timeout,
-                                 follow_redirects=False, transport=transport)
+        self.deadline_seconds = deadline
+        self.deadline = Deadline()
+        if transport is None:
+            if verify is False and not url.startswith("http://"):
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                verify = context
+            transport = _network_transport(verify, self.deadline)
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout,
+                                 follow_redirects=False, transport=transport, trust_env=False)
 
     def close(self) -> None:
         self.http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        self.deadline.until = time.monotonic() + self.deadline_seconds
+        late = ServerUnavailable(f"{self.url}: no whole answer to {method} {path} "
+                                 f"within {self.deadline_seconds:g} s")
         try:
             with self.http.stream(method, path, **kwargs) as response:
                 body = b""
@@ -76,8 +167,14 @@ class CAClient:
                     body += chunk
                     if len(body) > MAX_BODY:
                         raise ServerUnavailable(f"answer to {method} {path} is larger than {MAX_BODY} bytes")
+                    if self.deadline.remaining() <= 0:
+                        raise late
         except httpx.HTTPError as exc:
+            if self.deadline.remaining() <= 0:
+                raise late from None
             raise ServerUnavailable(f"{self.url}: {type(exc).__name__}: {_short(exc)}") from None
+        finally:
+            self.deadline.until = None
         if response.status_code in (429, 503) or response.status_code >= 500:
             raise ServerUnavailable(f"{self.url} answered {response.status_code}", _retry_after(response))
         try:
@@ -91,9 +188,24 @@ class CAClient:
         return data
 
     @staticmethod
-    def exchange_token(url: str, token: str, *, verify: Any = True,
+    def served_roots(url: str, *, verify: ssl.SSLContext | bool, deadline: float = DEFAULT_DEADLINE,
+                     transport: httpx.BaseTransport | None = None) -> list[str]:
+        """The root certificates (PEM) the server says it has: unauthenticated, and never trusted
+        as such. ``agent init`` keeps only the one whose fingerprint it was given."""
+        client = CAClient(url, None, verify=verify, transport=transport, deadline=deadline)
+        try:
+            data = client._call("GET", "/v1/roots")
+        finally:
+            client.close()
+        roots = data.get("roots") if isinstance(data, dict) else None
+        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots) or len(roots) > 64:
+            raise ServerUnavailable("the roots answer has the wrong shape")
+        return roots
+
+    @staticmethod
+    def exchange_token(url: str, token: str, *, verify: ssl.SSLContext | bool, deadline: float = DEFAULT_DEADLINE,
                        transport: httpx.BaseTransport | None = None) -> dict[str, str]:
-        client = CAClient(url, None, verify=verify, transport=transport)
+        client = CAClient(url, None, verify=verify, transport=transport, deadline=deadline)
         try:
             data = client._call("POST", "/v1/tokens/exchange", json={"token": token})
         finally:

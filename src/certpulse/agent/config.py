@@ -49,8 +49,11 @@ class PolicyServerConfig:
     url: str
     cost: int = 0
     is_default: bool = True
-    ca_file: str | None = None  # PEM bundle to trust for https (default: the system's)
+    # The pinned CA roots (PEM, relative to the agent folder): the only roots this server's TLS
+    # certificate, policy roots, issuers and issued certificates may chain to (agent/trust.py).
+    trust_roots: str | None = None
     credential_file: str = CREDENTIAL_NAME
+    insecure_http: bool = False  # an http:// URL, allowed only by ``agent init --insecure-http``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,8 @@ class AgentConfig:
     # Notification tasks: a failed run is retried this many times, with backoff from this delay.
     task_retries: int = 3
     task_retry_backoff: dt.timedelta = dt.timedelta(minutes=1)
+    # Seconds one HTTP call to a policy server may take in all (connect, TLS, headers, body).
+    http_deadline: float = 60.0
 
     @property
     def channel(self) -> str:
@@ -102,6 +107,7 @@ class AgentConfig:
             "syslog_facility": self.syslog_facility,
             "task_retries": self.task_retries,
             "task_retry_backoff": format_duration(self.task_retry_backoff),
+            "http_deadline": self.http_deadline,
             "policy_servers": [
                 {k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in self.servers
             ],
@@ -126,7 +132,7 @@ def load_config(directory: Path) -> AgentConfig:
     known = {"principal", "enabled", "enroll", "manage", "retrieve_pending", "refresh_interval",
              "expiry_warning_percent", "additional_stores", "context", "backoff_cap", "policy_refresh",
              "policy_servers", "event_retention", "event_retention_count", "syslog", "syslog_address",
-             "syslog_facility", "task_retries", "task_retry_backoff"}
+             "syslog_facility", "task_retries", "task_retry_backoff", "http_deadline"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: unknown setting {unknown[0]!r}")
@@ -134,9 +140,7 @@ def load_config(directory: Path) -> AgentConfig:
     for raw in data.get("policy_servers", []):
         if not isinstance(raw, dict) or not isinstance(raw.get("url"), str):
             raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: every [[policy_servers]] needs a url")
-        servers.append(PolicyServerConfig(
-            url=raw["url"].rstrip("/"), cost=int(raw.get("cost", 0)), is_default=bool(raw.get("is_default", True)),
-            ca_file=raw.get("ca_file"), credential_file=str(raw.get("credential_file", CREDENTIAL_NAME))))
+        servers.append(_server(path, raw))
     if not servers:
         raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: no [[policy_servers]]")
     percent = data.get("expiry_warning_percent", 10)
@@ -154,6 +158,9 @@ def load_config(directory: Path) -> AgentConfig:
     retries = data.get("task_retries", 3)
     if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 20:
         raise Refusal(Reason.INVALID_ARGUMENT, "task_retries must be a whole number from 0 to 20")
+    deadline = data.get("http_deadline", 60)
+    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or not 1 <= deadline <= 3600:
+        raise Refusal(Reason.INVALID_ARGUMENT, "http_deadline must be a number of seconds from 1 to 3600")
     facility = data.get("syslog_facility", "daemon")
     if facility not in ("daemon", "user", "auth", "local0", "local1", "local2", "local3", "local4", "local5",
                         "local6", "local7"):
@@ -170,7 +177,31 @@ def load_config(directory: Path) -> AgentConfig:
         syslog=_bool(data, "syslog", False), syslog_address=str(data.get("syslog_address", "/dev/log")),
         syslog_facility=facility, task_retries=retries,
         task_retry_backoff=parse_duration(data.get("task_retry_backoff", "1m")),
+        http_deadline=float(deadline),
     )
+
+
+def _server(path: Path, raw: dict[str, Any]) -> PolicyServerConfig:
+    """One [[policy_servers]] entry. Each names its pinned roots (``trust_roots``; ``ca_file`` is
+    its older name); an http:// URL also needs ``insecure_http = true``: the agent never contacts
+    a server it has no pin for, and never talks plain HTTP unless told to at init."""
+    url = raw["url"].rstrip("/")
+    trust = raw.get("trust_roots", raw.get("ca_file"))
+    if not isinstance(trust, str) or not trust:
+        raise Refusal(Reason.INVALID_ARGUMENT,
+                      f"{path}: policy server {url} has no trust_roots (the pinned CA roots; "
+                      "see 'agent init --ca-fingerprint')")
+    insecure = raw.get("insecure_http", False)
+    if not isinstance(insecure, bool):
+        raise Refusal(Reason.INVALID_ARGUMENT, "insecure_http must be true or false")
+    if not url.startswith(("https://", "http://")):
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: policy server {url} is not an https URL")
+    if url.startswith("http://") and not insecure:
+        raise Refusal(Reason.INVALID_ARGUMENT,
+                      f"{path}: policy server {url} is plain http; use https, or set insecure_http = true")
+    return PolicyServerConfig(url=url, cost=int(raw.get("cost", 0)), is_default=bool(raw.get("is_default", True)),
+                              trust_roots=trust, credential_file=str(raw.get("credential_file", CREDENTIAL_NAME)),
+                              insecure_http=insecure)
 
 
 def save_config(directory: Path, config: AgentConfig) -> None:

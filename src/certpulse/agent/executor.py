@@ -1,7 +1,7 @@
 """The executor: carries out the planner's actions against the CA and the machine's store.
 
 Every answer is hostile: an issued certificate must hold the key the agent generated, chain to
-the policy's roots, name the requested template and nothing that was not asked for, or it is
+a pinned root, name the requested template and nothing that was not asked for, or it is
 refused and the current certificate stays in place. Requests are persisted (key included)
 before they are sent and resent with the same idempotency key after a crash, so a kill at any
 point never leads to a second certificate for the same request. A template that archives keys
@@ -252,7 +252,7 @@ class Executor:
         if not key_matches(key, cert.public_key()):
             return "it does not hold the key this agent generated"
         if not gather.chain_valid(cert, [*chain, *trust.issuers.values()], trust.roots, cert.not_valid_before_utc):
-            return "it does not chain to the policy's roots"
+            return "it does not chain to a pinned root"
         info = template_info.decode(cert)
         if info is None or info.oid != template.oid:
             return "it does not name the requested template"

@@ -1,16 +1,19 @@
 """Gather: read the policy servers and the local store into the planner's snapshots.
 
 This is where the network and the disk are read and where the hostile policy answer is
-checked field by field; the planner then decides with no I/O. Issuer and KRA certificates
-are validated against the roots (signature chain, validity at ``now``, CA constraints), and
-every stored certificate's chain is validated the same way (RFC 5280 path basics).
+checked field by field; the planner then decides with no I/O. The roots are the agent's pinned
+roots (agent/trust.py), never the policy's: a policy root is accepted only when pinned or
+cross-signed by a pinned root, and a policy carrying any other root is trusted for nothing.
+Issuer and KRA certificates are validated against those roots (signature chain, validity at
+``now``, CA constraints), and every stored certificate's chain is validated the same way
+(RFC 5280 path basics).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from certpulse.agent.model import (
     TemplatePolicy,
 )
 from certpulse.agent.planner import renewal_time
+from certpulse.agent.trust import judge_roots
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import CertRecord, LocalStore
 from certpulse.pki import template_info
@@ -45,7 +49,8 @@ class PolicyError(Refusal):
 
 @dataclasses.dataclass(frozen=True)
 class Trust:
-    """Trust material from the policy (step 2): roots, valid issuer CAs, valid KRA certificates."""
+    """Trust material (step 2): the accepted roots (pinned, or cross-signed by a pinned one), the
+    policy's valid issuer CAs and valid KRA certificates under them."""
 
     roots: tuple[x509.Certificate, ...]
     issuers: dict[str, x509.Certificate]
@@ -56,6 +61,10 @@ class Trust:
 class GatheredPolicy:
     server: PolicyServer
     trust: Trust
+    # Roots the policy's cross-certificates earned a place among the pins (a rollover; the caller
+    # persists them), and why the policy is trusted for nothing (None when it is trusted).
+    new_roots: tuple[x509.Certificate, ...] = ()
+    distrust: str | None = None
 
 
 def _list(data: dict[str, Any], key: str) -> list[Any]:
@@ -185,11 +194,14 @@ def _template(item: Any) -> TemplatePolicy:
 
 
 def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_default: bool,
-                 now: dt.datetime) -> GatheredPolicy:
+                 now: dt.datetime, pins: Sequence[x509.Certificate] = ()) -> GatheredPolicy:
+    """The policy as the planner sees it, judged under ``pins`` (the server's pinned roots)."""
     policy_id = data.get("policy_id")
     if not isinstance(policy_id, str) or not policy_id or len(policy_id) > 64:
         raise PolicyError("policy_id is missing")
-    roots = tuple(r for r in _pems(data, "roots") if _is_ca(r) and _issued_by(r, r) and _valid_at(r, now))
+    judged = judge_roots(pins, _pems(data, "roots"), _pems(data, "cross_certificates"), now)
+    roots = judged.roots
+    trusted = judged.distrust is None
     templates = tuple(_template(item) for item in _list(data, "templates"))
     issuers: list[IssuerPolicy] = []
     issuer_certs: dict[str, x509.Certificate] = {}
@@ -198,13 +210,14 @@ def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_def
             raise PolicyError("an issuer has no name or cost")
         certs = _pems({"c": [item.get("certificate")]}, "c")
         cert = certs[0]
-        valid = _is_ca(cert) and _valid_at(cert, now) and chain_valid(cert, [], roots, now)
+        valid = trusted and _is_ca(cert) and _valid_at(cert, now) and chain_valid(cert, [], roots, now)
         if valid:
             issuer_certs[item["name"]] = cert
         issuers.append(IssuerPolicy(name=item["name"], cost=item["cost"],
                                     renewal_only=bool(item.get("renewal_only", False)),
                                     templates=frozenset(_strs(item, "templates")), valid=valid))
-    kra = tuple(k for k in _pems(data, "kra") if chain_valid(k, [], roots, now) and _has_eku(k, KRA_EKU))
+    kra = tuple(k for k in _pems(data, "kra")
+                if trusted and chain_valid(k, [], roots, now) and _has_eku(k, KRA_EKU))
     directory: list[tuple[str, dt.datetime]] = []
     for entry in _list(data, "directory"):
         if not isinstance(entry, dict):
@@ -217,7 +230,7 @@ def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_def
     server = PolicyServer(url=url, policy_id=policy_id, cost=cost, auth=auth, is_default=is_default,
                           templates=templates, issuers=tuple(issuers), kra_valid=bool(kra),
                           directory=tuple(directory))
-    return GatheredPolicy(server, Trust(roots, issuer_certs, kra))
+    return GatheredPolicy(server, Trust(roots, issuer_certs, kra), new_roots=judged.added, distrust=judged.distrust)
 
 
 def _has_eku(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bool:

@@ -15,18 +15,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+from cryptography import x509
 
 from certpulse.agent import gather as gather_mod
 from certpulse.agent.client import CAClient, ServerUnavailable
-from certpulse.agent.config import AgentConfig, open_agent_store, read_credential
+from certpulse.agent.config import AgentConfig, PolicyServerConfig, open_agent_store, read_credential
 from certpulse.agent.executor import ActionOutcome, Executor
 from certpulse.agent.expiry import expiry_notices
-from certpulse.agent.model import Kind, Options, StoreSnapshot
+from certpulse.agent.model import Kind, Note, Options, StoreSnapshot
 from certpulse.agent.planner import Plan, plan
 from certpulse.agent.revocation import known_revoked, refresh_revoked
+from certpulse.agent.trust import PinFile, ssl_context
 from certpulse.machine.events import CertFacts, EventDraft, EventId
 from certpulse.machine.log import prune
 from certpulse.pki.certs import thumbprint
+from certpulse.pki.fingerprint import ca_fingerprint
 
 log = logging.getLogger("certpulse.agent")
 PulseOutcome = Literal["ok", "failed", "disabled"]
@@ -40,12 +43,13 @@ class PulseResult:
     outcomes: list[ActionOutcome] = dataclasses.field(default_factory=list)
     error: str | None = None
     retry_after: float | None = None
+    trust_notes: list[Note] = dataclasses.field(default_factory=list)  # roots pinned or refused this pulse
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "started_at": self.started_at.isoformat(), "outcome": self.outcome, "error": self.error,
             "retry_after": self.retry_after, "actions": [o.to_dict() for o in self.outcomes],
-            "notes": [dataclasses.asdict(n) for n in (self.plan.notes if self.plan else ())],
+            "notes": [dataclasses.asdict(n) for n in (*(self.plan.notes if self.plan else ()), *self.trust_notes)],
         }
 
 
@@ -60,13 +64,24 @@ class Agent:
         self.directory = directory
         self.config = config
         self.policy_cache = config.policy_refresh
+        self.transport = transport
         self.clients: dict[str, CAClient] = {}
+        self.pins: dict[str, list[x509.Certificate]] = {}
         for server in config.servers:
-            verify: Any = str(directory / server.ca_file) if server.ca_file else True
-            self.clients[server.url] = CAClient(server.url, read_credential(directory, server), verify=verify,
-                                                transport=transport)
+            self.pins[server.url] = self._pin_file(server).load()
+            self.clients[server.url] = self._client(server)
         self.store = open_agent_store(directory, config)
         self.policies: list[gather_mod.GatheredPolicy] = []
+        self.trust_notes: list[Note] = []
+
+    def _pin_file(self, server: PolicyServerConfig) -> PinFile:
+        assert server.trust_roots is not None  # load_config refuses a server without pins
+        return PinFile(self.directory, server.trust_roots)
+
+    def _client(self, server: PolicyServerConfig) -> CAClient:
+        """A client that verifies the server's TLS certificate against its pinned roots alone."""
+        return CAClient(server.url, read_credential(self.directory, server), verify=ssl_context(self.pins[server.url]),
+                        transport=self.transport, deadline=self.config.http_deadline)
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -86,6 +101,7 @@ class Agent:
         gathered: list[gather_mod.GatheredPolicy] = []
         errors: list[str] = []
         retry_after: list[float] = []
+        self.trust_notes = []
         for server in self.config.servers:
             cache_key = gather_mod.policy_cache_key(server.url)
             cached = self.store.get_state(cache_key)
@@ -104,13 +120,36 @@ class Agent:
                     retry_after += [exc.retry_after] if exc.retry_after is not None else []
                     data = cached["policy"] if cached else None
             if data is not None:
-                gathered.append(gather_mod.parse_policy(
-                    data, url=server.url, cost=server.cost, auth="token", is_default=server.is_default, now=now))
+                policy = gather_mod.parse_policy(data, url=server.url, cost=server.cost, auth="token",
+                                                 is_default=server.is_default, now=now, pins=self.pins[server.url])
+                if policy.new_roots:
+                    self._pin_new_roots(server, policy.new_roots)
+                if policy.distrust is not None:
+                    log.error("policy server %s: %s", server.url, policy.distrust)
+                    self.trust_notes.append(Note(rule="untrusted-root", detail=f"{server.url}: {policy.distrust}"))
+                gathered.append(policy)
         if not gathered:
             raise ServerUnavailable("no policy server answered: " + "; ".join(errors),
                                     max(retry_after) if retry_after else None)
         self.policies = gathered
         return gathered
+
+    def _pin_new_roots(self, server: PolicyServerConfig, roots: tuple[x509.Certificate, ...]) -> None:
+        """A root rollover: roots cross-signed by a pinned root join the pins, on disk first."""
+        pins = [*self.pins[server.url], *roots]
+        self._pin_file(server).save(pins)
+        self.pins[server.url] = pins
+        self.clients.pop(server.url).close()
+        self.clients[server.url] = self._client(server)
+        for root in roots:
+            detail = (f"{server.url}: pinned the new root {root.subject.rfc4514_string()!r} "
+                      f"(SHA-256 {ca_fingerprint(root)}), cross-signed by a pinned root")
+            log.warning("%s", detail)
+            self.trust_notes.append(Note(rule="root-pinned", detail=detail))
+
+    def untrusted(self) -> list[str]:
+        """Why policies gathered last are trusted for nothing (a root not under the pins)."""
+        return [f"{p.server.url}: {p.distrust}" for p in self.policies if p.distrust is not None]
 
     def snapshot(self, now: dt.datetime) -> StoreSnapshot:
         revoked = refresh_revoked(self.store, self.clients, self.policies, now)
@@ -122,7 +161,8 @@ class Agent:
 
     def plan(self, now: dt.datetime, *, force_policy: bool = False) -> Plan:
         self.fetch_policies(now, force=force_policy)
-        return plan(self.options, [p.server for p in self.policies], self.snapshot(now), now)
+        planned = plan(self.options, [p.server for p in self.policies], self.snapshot(now), now)
+        return dataclasses.replace(planned, notes=(*planned.notes, *self.trust_notes))
 
     # -- pulse ----------------------------------------------------------------------------
 
@@ -150,6 +190,10 @@ class Agent:
         except ServerUnavailable as exc:
             result.outcome, result.error, result.retry_after = "failed", exc.detail, exc.retry_after
             snapshot = None
+        result.trust_notes = list(self.trust_notes)
+        if self.untrusted():  # the pulse did what trusted servers allow, and fails saying why
+            result.outcome = "failed"
+            result.error = "; ".join(filter(None, [result.error, *self.untrusted()]))
         self._raise_failures(result.outcomes, now)
         self._monitor_expiry(snapshot, result.plan, now)
         prune(self.store.engine, now=now, max_age=self.config.event_retention,

@@ -2,7 +2,8 @@
 
 An agent reads it at every pulse (at most every ``refresh_after_seconds``): the templates the
 caller may read, with its rights on each; the enabled issuing CAs, their cost and the templates
-each serves; the trust material (roots, intermediates, key-recovery agents); and the caller's
+each serves; the trust material (roots, the cross-certificates that vouch for a new root after a
+rollover, intermediates, key-recovery agents); and the caller's
 own valid certificates, which the seeds keep in the directory (a template that "checks the
 directory" enrolls only when none of its certificates is published there).
 """
@@ -54,7 +55,15 @@ class EnrollmentPolicy:
             intermediates=tuple(pem(a.certificate) for a in snap.by_role("issuer")),
             kra=tuple(pem(a.certificate) for a in snap.by_role("kra") if a.enabled),
             directory=directory,
+            cross_certificates=tuple(pem(a.certificate) for a in snap.by_role("cross")),
         )
+
+    def roots(self) -> tuple[str, ...]:
+        """The root certificates (PEM), for any caller: an agent pins the one whose fingerprint it
+        was given and discards the rest (they are public, and worth nothing unpinned)."""
+        with read(self.engine) as conn:
+            snap = self._state.get(conn)
+        return tuple(pem(a.certificate) for a in snap.by_role("root"))
 
 
 def rights_of(caller: Caller, template: Template) -> frozenset[str]:

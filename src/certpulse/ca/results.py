@@ -175,6 +175,7 @@ class PolicyDocument:
     intermediates: tuple[str, ...]  # PEM
     kra: tuple[str, ...]  # PEM
     directory: tuple[PublishedCertificate, ...]
+    cross_certificates: tuple[str, ...] = ()  # PEM: a new root's subject and key, signed by an older root
 
 
 Submission = Issued | Pending | Replayed

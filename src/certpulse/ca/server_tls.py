@@ -148,7 +148,10 @@ def _issue(ca_dir: CADir, files: TLSFiles, service: CAService, names: RequestedN
     # file changes, and by then the key that matches it is in place.
     write_private_key(files.key, key)
     tmp = files.cert.with_name(f".{files.cert.name}.tmp")
-    tmp.write_text(pem(cert) + pem(issuer.certificate))
+    # After a root rollover the issuer is under the new root: its cross-certificate joins the
+    # chain, so that agents still pinned to the old root verify the server (and learn the new one).
+    cross = [pem(a.certificate) for a in snap.by_role("cross") if a.certificate.subject == issuer.certificate.issuer]
+    tmp.write_text(pem(cert) + pem(issuer.certificate) + "".join(cross))
     os.replace(tmp, files.cert)
     return cert
 

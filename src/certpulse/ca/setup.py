@@ -26,6 +26,7 @@ from certpulse.pki.build import (
     simple_name,
 )
 from certpulse.pki.certs import der, pem, thumbprint
+from certpulse.pki.fingerprint import ca_fingerprint
 from certpulse.pki.keys import generate_private_key, write_private_key
 from certpulse.sql.db import make_engine, write
 
@@ -101,7 +102,11 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
     with write(service.engine) as conn:
         if conn.execute(select(t.authorities.c.id).where(t.authorities.c.name == name)).first():
             raise Refusal(Reason.CONFLICT, f"an authority named {name!r} exists")
-        root = conn.execute(select(t.authorities).where(t.authorities.c.role == "root")).one()
+        # the newest root: after a rollover, new issuing CAs are signed by the new root
+        root = conn.execute(select(t.authorities).where(t.authorities.c.role == "root")
+                            .order_by(t.authorities.c.id.desc())).first()
+        if root is None:
+            raise Refusal(Reason.STORE, "the CA has no root")
         known = set(conn.execute(select(t.templates.c.name)).scalars())
     for template in templates:
         if template not in known:
@@ -127,4 +132,61 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
         bump_generation(conn)
         service.audit.record(conn, now, "operator:cli", "issuer-added",
                              detail=f"{name}; cost {cost}; renewal-only {renewal_only}; thumbprint {thumbprint(cert)}")
+
+
+def rollover_root(ca_dir: CADir, service: CAService, *, key_type: str, now: dt.datetime,
+                  validity: dt.timedelta = ROOT_VALIDITY) -> tuple[x509.Certificate, x509.Certificate, str]:
+    """A new root, its cross-certificate from the current root, and a new issuing CA under the new
+    root that takes over the enabled issuers' templates (they are disabled: new certificates chain
+    to the new root). Returns the new root, the cross-certificate and the new issuer's name.
+
+    Agents pinned to the current root accept the new one because the policy publishes the
+    cross-certificate (the new root's subject and key, signed by the current root)."""
+    key = generate_private_key(key_type)  # validates key_type before anything is written
+    with write(service.engine) as conn:
+        roots = conn.execute(select(t.authorities).where(t.authorities.c.role == "root")
+                             .order_by(t.authorities.c.id)).all()
+        if not roots:
+            raise Refusal(Reason.STORE, "the CA has no root")
+        issuers = conn.execute(select(t.authorities).where(
+            (t.authorities.c.role == "issuer") & t.authorities.c.enabled).order_by(t.authorities.c.id)).all()
+        served = set(conn.execute(select(t.issuer_templates.c.template_name).where(
+            t.issuer_templates.c.authority_id.in_([i.id for i in issuers]))).scalars())
+    current = roots[-1]
+    generation = len(roots) + 1
+    old_cert = x509.load_der_x509_certificate(current.certificate_der)
+    old_key = service.keyring.load(current.key_file, current.name)
+    org = str(old_cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)[0].value)
+    subject = simple_name(f"{org} Root CA R{generation}", org)
+    new_root = build_ca_certificate(subject=subject, public_key=key.public_key(), issuer_cert=None, signing_key=key,
+                                    not_before=now, not_after=inclusive_not_after(now, validity), path_length=1)
+    cross = build_ca_certificate(subject=subject, public_key=key.public_key(), issuer_cert=old_cert,
+                                 signing_key=old_key, not_before=now,
+                                 not_after=min(new_root.not_valid_after_utc, old_cert.not_valid_after_utc),
+                                 path_length=1)
+    name = f"root-r{generation}"
+    write_private_key(ca_dir.keys / f"{name}.key", key)
+    (ca_dir.certs / f"{name}.pem").write_text(pem(new_root))
+    (ca_dir.certs / f"cross-r{generation}.pem").write_text(pem(cross))
+    with write(service.engine) as conn:
+        conn.execute(t.authorities.insert().values(
+            name=name, role="root", certificate_der=der(new_root), key_file=f"{name}.key", cost=0,
+            renewal_only=False, enabled=True, created_at=now))
+        conn.execute(t.authorities.insert().values(
+            name=f"cross-r{generation}", role="cross", certificate_der=der(cross), key_file=None,
+            parent_id=current.id, cost=0, renewal_only=False, enabled=True, created_at=now))
+        bump_generation(conn)
+        service.audit.record(conn, now, "operator:cli", "root-rolled-over",
+                             detail=f"{name} (SHA-256 {ca_fingerprint(new_root)}) "
+                                    f"cross-signed by {current.name}")
+    issuer = f"issuing-r{generation}"
+    add_issuer(ca_dir, service, name=issuer, key_type=key_type, cost=min((i.cost for i in issuers), default=10),
+               templates=sorted(served), renewal_only=False, now=now, ca_name=org)
+    with write(service.engine) as conn:
+        for old in issuers:
+            conn.execute(t.authorities.update().where(t.authorities.c.id == old.id).values(enabled=False))
+            service.audit.record(conn, now, "operator:cli", "issuer-disabled",
+                                 detail=f"{old.name}: replaced by {issuer} under {name}")
+        bump_generation(conn)
+    return new_root, cross, issuer
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
+from cryptography import x509
 
 from certpulse import clock
 from certpulse.agent.client import CAClient, ServerRefused, ServerUnavailable
@@ -28,11 +28,20 @@ from certpulse.agent.daemon import deliver_tasks, run, signal_running_agent
 from certpulse.agent.gather import cached_templates, planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
+from certpulse.agent.trust import (
+    ROOTS_NAME,
+    PinFile,
+    roots_from_file,
+    select_pinned,
+    ssl_context,
+)
 from certpulse.cli.output import console, emit_json, print_fields, shown, table
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import LocalStore
 from certpulse.machine.locks import AgentLock
+from certpulse.pki.fingerprint import ca_fingerprint as fingerprint_of
+from certpulse.pki.fingerprint import parse_fingerprint
 from certpulse.rebind.bindings import list_bindings
 
 agent_app = typer.Typer(help="The autoenrollment agent", no_args_is_help=True)
@@ -72,36 +81,63 @@ def _unavailable(exc: ServerUnavailable) -> Refusal:
 
 @agent_app.command("init")
 def agent_init(
-    server: Annotated[str, typer.Option("--server", help="Enrollment service URL")],
+    server: Annotated[str, typer.Option("--server", help="Enrollment service URL (https://...)")],
     token: Annotated[str, typer.Option("--token", help="One-time enrollment token from 'principal add'")],
     dir_: AgentDir = None,
-    ca_file: Annotated[Path | None, typer.Option("--ca-file", help="PEM to trust for an https server")] = None,
+    ca_fingerprint: Annotated[str | None, typer.Option(
+        "--ca-fingerprint", help="SHA-256 of the CA's root certificate (printed by 'ca init'); pins that root")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        "--ca-file", help="The CA's root certificate (PEM) to pin, instead of --ca-fingerprint")] = None,
+    insecure_http: Annotated[bool, typer.Option(
+        "--insecure-http", help="Allow an http:// server: the credential travels in clear (the pin still "
+                                "decides which certificates are trusted)")] = False,
     refresh_interval: Annotated[str, typer.Option("--refresh-interval")] = "8h",
 ) -> None:
-    """Exchange the one-time token for this machine's credential and write the configuration."""
+    """Pin the CA's root, exchange the one-time token for this machine's credential over a
+    connection verified against that root, and write the configuration."""
     directory = resolve_dir(dir_)
+    url = server.rstrip("/")
+    if url.startswith("http://"):
+        if not insecure_http:
+            raise Refusal(Reason.INVALID_ARGUMENT, f"{url} is plain http: the credential would travel in clear and "
+                                                   "anyone in the middle could answer; use https (or --insecure-http)")
+    elif not url.startswith("https://"):
+        raise Refusal(Reason.INVALID_ARGUMENT, f"{url} is not an https URL")
+    if (ca_fingerprint is None) == (ca_file is None):
+        raise Refusal(Reason.INVALID_ARGUMENT, "give exactly one of --ca-fingerprint or --ca-file: the agent "
+                                               "trusts only the CA root it is told to pin")
     if (directory / "agent.toml").exists():
         raise Refusal(Reason.CONFLICT, f"{directory} already holds an agent")
     interval = parse_duration(refresh_interval)
-    verify: Any = str(ca_file) if ca_file else True
     try:
-        answer = CAClient.exchange_token(server.rstrip("/"), token, verify=verify)
+        roots = roots_from_file(ca_file) if ca_file is not None else _fetch_pinned_root(url, ca_fingerprint or "")
+        answer = CAClient.exchange_token(url, token, verify=ssl_context(roots))
     except ServerUnavailable as exc:
         raise _unavailable(exc) from None
     except ServerRefused as exc:
         raise Refusal(Reason.TOKEN_INVALID if exc.status == 401 else Reason.TOKEN_USED if exc.status == 409
                       else Reason.FORBIDDEN, f"the server refused the token: {exc.reason}: {exc.detail}") from None
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stored_ca = None
-    if ca_file is not None:
-        shutil.copyfile(ca_file, directory / "server-ca.pem")
-        stored_ca = "server-ca.pem"
+    PinFile(directory).save(roots)
     write_credential(directory, answer["credential"])
-    config = AgentConfig(servers=(PolicyServerConfig(url=server.rstrip("/"), ca_file=stored_ca),),
+    config = AgentConfig(servers=(PolicyServerConfig(url=url, trust_roots=ROOTS_NAME,
+                                                     insecure_http=url.startswith("http://")),),
                          principal=answer["principal"], refresh_interval=interval, context=context_for_uid())
     save_config(directory, config)
     open_agent_store(directory, config).close()  # creates the store
-    console.print(f"[green]agent for {shown(repr(answer['principal']))} initialised in {shown(directory)}[/green]")
+    console.print(f"[green]agent for {shown(repr(answer['principal']))} initialised in {shown(directory)}[/green]; "
+                  f"pinned root SHA-256 {', '.join(fingerprint_of(r) for r in roots)}")
+
+
+def _fetch_pinned_root(url: str, wanted_text: str) -> list[x509.Certificate]:
+    """The root the server serves whose fingerprint is the one given: fetched without verifying
+    the server (it cannot be verified yet), and trusted only because its fingerprint matches."""
+    wanted = parse_fingerprint(wanted_text)
+    served = []
+    for item in CAClient.served_roots(url, verify=False):
+        with contextlib.suppress(ValueError):
+            served.append(x509.load_pem_x509_certificate(item.encode()))
+    return [select_pinned(served, wanted)]
 
 
 def _print_result(result: PulseResult, json_: bool) -> None:

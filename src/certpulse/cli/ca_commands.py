@@ -27,7 +27,7 @@ from certpulse.ca.server_tls import (
     ensure_tls_certificate,
     server_names,
 )
-from certpulse.ca.setup import add_issuer, init_ca
+from certpulse.ca.setup import add_issuer, init_ca, rollover_root
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
 from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, root_fingerprint, service
@@ -36,6 +36,7 @@ from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents
 from certpulse.pki.certs import serial_hex
+from certpulse.pki.fingerprint import ca_fingerprint
 from certpulse.pki.keys import KEY_SPECS
 from certpulse.sql.db import make_engine
 
@@ -291,6 +292,23 @@ def ca_add_issuer(
                renewal_only=renewal_only, now=clock.now(), validity=parse_duration(validity))
     console.print(f"[green]issuer {shown(repr(name))} added[/green] "
                   f"(cost {cost}{', renewal only' if renewal_only else ''})")
+
+
+@ca_app.command("rollover-root")
+def ca_rollover_root(
+    dir_: DirOption = None,
+    key_type: Annotated[str, typer.Option("--key-type", help=KEY_TYPES)] = "ec-p256",
+) -> None:
+    """Make a new root, cross-signed by the current one, and a new issuing CA under it (the old
+    issuers are disabled). Pinned agents accept the new root through the cross-certificate."""
+    if key_type not in KEY_SPECS or key_type == "ec-p521":
+        raise Refusal(Reason.INVALID_ARGUMENT, f"--key-type must be one of {KEY_TYPES}")
+    new_root, _, issuer = rollover_root(ca_dir(dir_), service(dir_), key_type=key_type, now=clock.now())
+    console.print(f"[green]new root {shown(new_root.subject.rfc4514_string())}[/green], cross-signed by the "
+                  f"previous root; new issuer {shown(repr(issuer))}")
+    console.print(f"new root fingerprint (SHA-256): {ca_fingerprint(new_root)}")
+    console.print("the policy publishes the new root and its cross-certificate now; "
+                  "agents pin the new root at their next policy refresh")
 
 
 @ca_app.command("issuers")

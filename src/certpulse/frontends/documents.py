@@ -117,6 +117,7 @@ def policy(result: results.PolicyDocument) -> Document:
             for i in result.issuers
         ],
         "roots": list(result.roots),
+        "cross_certificates": list(result.cross_certificates),
         "intermediates": list(result.intermediates),
         "kra": list(result.kra),
         "directory": [

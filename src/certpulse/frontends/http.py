@@ -401,6 +401,12 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
     def policy(who: CallerDep) -> Response:
         return answer(service.policy.document(who, clock.now()))
 
+    @app.get("/v1/roots", tags=["enrollment"], summary="The CA's root certificates (unauthenticated)",
+             description="What an agent fetches at `agent init --ca-fingerprint`: it keeps only the root whose "
+                         "SHA-256 fingerprint it was given, then verifies this server against it.")
+    def roots() -> Response:
+        return JSONResponse({"roots": list(service.policy.roots())})
+
     @app.post("/v1/requests", tags=["enrollment"], status_code=201, response_model=RequestResult,
               response_model_exclude_none=True,
               summary="Submit a certificate request (new or renewal)",
