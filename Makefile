@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: lint pytest
 
 pytest: $(STAMP) system-packages
-	$(BIN)/pytest -n 2 --dist loadscope -q
+	$(BIN)/pytest -n 2 --dist loadscope -q --durations=15
 
 # Debian packages the tests run as real processes (faketime, nginx, haproxy); installed when missing.
 system-packages:

@@ -152,10 +152,10 @@ class Client:
         self.http = httpx.Client(base_url=base, headers=headers, timeout=30, verify=verify)
 
     @classmethod
-    def enrolled(cls, base: str, token: str) -> Client:
-        response = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token}, timeout=30)
+    def enrolled(cls, base: str, token: str, verify: Any = True) -> Client:
+        response = httpx.post(f"{base}/v1/tokens/exchange", json={"token": token}, timeout=30, verify=verify)
         assert response.status_code == 200, response.text
-        return cls(base, response.json()["credential"])
+        return cls(base, response.json()["credential"], verify=verify)
 
     def submit(self, template: str, csr: str, **extra: Any) -> httpx.Response:
         return self.http.post("/v1/requests", json={"template": template, "csr": csr, **extra})
@@ -175,6 +175,11 @@ def assert_problem(response: httpx.Response, status: int, reason: str) -> dict[s
     assert body["reason"] == reason, body
     assert body["type"].endswith(reason) and body["status"] == status and body["detail"], body
     return body
+
+
+def root_trust(ca: CA) -> ssl.SSLContext:
+    """TLS verification against exactly this CA's root (how clients verify ``serve(ca, tls=True)``)."""
+    return ssl.create_default_context(cafile=str(ca.dir / "certs" / "root.pem"))
 
 
 def load_cert(pem_text: str) -> x509.Certificate:

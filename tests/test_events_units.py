@@ -285,8 +285,8 @@ def test_the_pulse_monitor_uses_the_plans_handled_set_and_plans_when_it_has_none
     directory.mkdir()
     write_credential(directory, "unused")
     PinFile(directory).save([Authority.root("Monitor Root").certificate])
-    server = PolicyServerConfig(url="http://127.0.0.1:9/cep", trust_roots=ROOTS_NAME, insecure_http=True)
-    agent = Agent(directory, AgentConfig(servers=(server,), principal="monitor.example"))
+    unreachable = PolicyServerConfig(url="http://127.0.0.1:9/cep", trust_roots=ROOTS_NAME, insecure_http=True)
+    agent = Agent(directory, AgentConfig(servers=(unreachable,), principal="monitor.example"))
     try:
         prints = []
         for name in ("a", "b"):

@@ -199,14 +199,15 @@ def test_a_full_worker_measures_its_capacity_and_hands_out_turns(shed_ca: CA, tm
 
     Turns grow when clients are shed faster than the worker drains its turns, i.e. faster than
     it completes requests: so the requests are ones that cost the worker a write transaction
-    when it takes them (a refused token exchange is audited) and next to nothing when it sheds
-    them, and they come from six client processes (on a busy machine one process of threads,
+    when it takes them (a refused token exchange is audited: every one, as the server is told to
+    keep every anonymous refusal) and next to nothing when it sheds them, and they come from six
+    client processes (on a busy machine one process of threads,
     one interpreter lock, gets one CPU share; six get six)."""
     script = tmp_path / "hammer.py"
     script.write_text(HAMMER)
     stop = tmp_path / "stop"
     outputs = [tmp_path / f"shed-{i}.jsonl" for i in range(6)]
-    with serve(shed_ca, "--max-inflight", "1") as base:
+    with serve(shed_ca, "--max-inflight", "1", "--audit-anonymous-rows", "1000000") as base:
         assert metric(base, "certpulse_ca_measured_capacity") == 0  # nothing measured yet
         clients = [subprocess.Popen([sys.executable, str(script), base, str(out), str(stop), "300"])
                    for out in outputs]

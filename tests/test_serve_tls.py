@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -212,6 +213,9 @@ def children(pid: int) -> set[int]:
 def test_the_running_server_renews_its_certificate_and_every_worker_serves_the_new_one(tls_ca: CA) -> None:
     """A 45 s certificate: due after 30 s (a third left). The server re-issues it by itself, and
     both workers present the new one on new handshakes; no process was restarted."""
+    # An earlier test's certificate (90 days, still fresh) would be kept: a lifetime applies from
+    # the next issuance. Start from none, so that the first one is issued for 45 s.
+    shutil.rmtree(tls_ca.dir / "tls", ignore_errors=True)
     with serving_process(tls_ca, "--workers", "2", "--tls-lifetime", "45s") as (proc, port):
         workers = children(proc.pid)  # the two workers (and multiprocessing's resource tracker)
         assert len(workers) >= 2, workers
