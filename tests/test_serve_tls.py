@@ -295,3 +295,17 @@ def test_server_names_drop_the_any_address_and_refuse_what_is_no_name() -> None:
         with pytest.raises(Refusal):
             server_names("127.0.0.1", [bad])
 
+
+
+def test_a_stop_does_not_wait_for_idle_tls_clients(tls_ca: CA) -> None:
+    """SIGTERM stops the server at once although a client keeps an idle TLS connection in its pool.
+    A plain close would wait for that client's close_notify, which it never sends: asyncio then
+    gives up after 30 s, and every stop (systemd, a test fixture, the demo) took that long."""
+    with serving_process(tls_ca) as (proc, port), httpx.Client(
+            base_url=f"https://127.0.0.1:{port}", verify=trust(tls_ca), timeout=30) as client:
+        assert client.get("/healthz").status_code == 200  # the connection stays in the pool
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=WAIT)
+        # well under the 30 s a close would wait; generous for a busy machine
+        assert time.monotonic() - started < 20, "the stop waited for an idle client"

@@ -122,6 +122,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         self._disarm()  # the next request's deadline starts at its first byte
 
+    def shutdown(self) -> None:
+        """The server stops: a connection between requests is aborted rather than closed. Over TLS
+        a close waits for the client's close_notify (asyncio allows it 30 s), which an idle pooled
+        client never sends, and the stop would wait with it; between requests nothing is lost."""
+        if self.cycle is None or self.cycle.response_complete:
+            self._disarm()
+            self.transport.abort()
+        else:
+            super().shutdown()
+
     def _read_expired(self) -> None:
         self._read_timer = None
         if self.transport.is_closing() or not self._reading_head():
