@@ -473,7 +473,7 @@ def bench_gather(report: Report, built: BuiltStore, runs: int) -> None:
         report.figure(built.api_installs)
         report.figure(timed("LocalStore.certificates() (every row)", runs, store.certificates))
         def first_pulse() -> object:
-            getattr(gather, "_SIGNED", {}).clear()  # as in a new process: no signature checked yet
+            trust._SIGNED.clear()  # as in a new process: no signature checked yet
             return gather.snapshot(store, policies, NOW)
 
         report.figure(timed("gather.snapshot(), first pulse of a process", runs, first_pulse))

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 
 from certpulse.agent.config import PolicyServerConfig
 from certpulse.agent.model import (
@@ -32,7 +30,7 @@ from certpulse.agent.model import (
     TemplatePolicy,
 )
 from certpulse.agent.planner import renewal_time
-from certpulse.agent.trust import judge_roots
+from certpulse.agent.trust import is_ca, judge_roots, signed_by, valid_at
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import CertRecord, LocalStore
 from certpulse.pki import template_info
@@ -86,59 +84,19 @@ def _pems(data: dict[str, Any], key: str) -> list[x509.Certificate]:
     return certs
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
-
-
-# Signature checks already made in this process: (SHA-256 of the certificate, SHA-256 of the
-# issuer) -> whether the issuer signed it. The answer depends on those bytes alone, so it never
-# goes stale; validity dates and CA flags are checked at every call. A pulse over a store of
-# 10,000 certificates would otherwise verify 20,000 ECDSA signatures (about a second), the same
-# ones at every pulse of the daemon. Bounded: emptied when full.
-_SIGNED: dict[tuple[bytes, bytes], bool] = {}
-_SIGNED_MAX = 200_000
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    key = (cert.fingerprint(hashes.SHA256()), issuer.fingerprint(hashes.SHA256()))
-    signed = _SIGNED.get(key)
-    if signed is None:
-        try:
-            cert.verify_directly_issued_by(issuer)
-            signed = True
-        except (InvalidSignature, ValueError, TypeError):
-            # What verification raises for a certificate this issuer did not sign (a bad signature,
-            # another key type, a signature algorithm that does not fit). Anything else is a fault
-            # of ours: it propagates, and is never remembered as "not signed".
-            signed = False
-        if len(_SIGNED) >= _SIGNED_MAX:
-            _SIGNED.clear()
-        _SIGNED[key] = signed
-    return signed
-
-
-def _valid_at(cert: x509.Certificate, now: dt.datetime) -> bool:
-    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
-
-
 def chain_valid(cert: x509.Certificate, intermediates: Iterable[x509.Certificate],
                 roots: Iterable[x509.Certificate], now: dt.datetime) -> bool:
     """Leaf -> (CA intermediates)* -> a root, every link signed, CA-flagged and valid at ``now``."""
     roots = list(roots)
-    pool = [c for c in intermediates if _is_ca(c)]
+    pool = [c for c in intermediates if is_ca(c)]
     current = cert
     for _ in range(6):
-        if not _valid_at(current, now):
+        if not valid_at(current, now):
             return False
         for root in roots:
-            if _issued_by(current, root) and _valid_at(root, now):
+            if signed_by(current, root) and valid_at(root, now):
                 return True
-        parent = next((c for c in pool if _issued_by(current, c)), None)
+        parent = next((c for c in pool if signed_by(current, c)), None)
         if parent is None:
             return False
         current = parent
@@ -210,7 +168,7 @@ def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_def
             raise PolicyError("an issuer has no name or cost")
         certs = _pems({"c": [item.get("certificate")]}, "c")
         cert = certs[0]
-        valid = trusted and _is_ca(cert) and _valid_at(cert, now) and chain_valid(cert, [], roots, now)
+        valid = trusted and is_ca(cert) and valid_at(cert, now) and chain_valid(cert, [], roots, now)
         if valid:
             issuer_certs[item["name"]] = cert
         issuers.append(IssuerPolicy(name=item["name"], cost=item["cost"],
