@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certpulse.agent import gather
+from certpulse.agent import trust as agent_trust
 from certpulse.agent.config import AgentConfig, PolicyServerConfig, open_agent_store, save_config, write_credential
 from certpulse.agent.expiry import expiry_notices
 from certpulse.agent.model import (
@@ -473,7 +474,7 @@ def bench_gather(report: Report, built: BuiltStore, runs: int) -> None:
         report.figure(built.api_installs)
         report.figure(timed("LocalStore.certificates() (every row)", runs, store.certificates))
         def first_pulse() -> object:
-            trust._SIGNED.clear()  # as in a new process: no signature checked yet
+            agent_trust._SIGNED.clear()  # as in a new process: no signature checked yet
             return gather.snapshot(store, policies, NOW)
 
         report.figure(timed("gather.snapshot(), first pulse of a process", runs, first_pulse))
