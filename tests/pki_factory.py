@@ -149,3 +149,27 @@ def self_signed(cn: str = "self-signed.test", *, days: int = 365, start: dt.date
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False)
     return Issued(key, builder.sign(key, hashes.SHA256()))
+
+
+# -- hand-built DER, for test vectors cryptography will not build (malformed on purpose) ------------
+
+def der(tag: int, content: bytes) -> bytes:
+    """One DER TLV: ``tag``, the definite length, ``content``."""
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def der_oid(dotted: str) -> bytes:
+    first, second, *rest = (int(part) for part in dotted.split("."))
+    body = bytearray([40 * first + second])
+    for arc in rest:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body += bytes(reversed(chunk))
+    return der(0x06, bytes(body))

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from pki_factory import der, der_oid
 from support import CA, Client, assert_problem, audit_since, load_cert, newest_audit_id, request_count
 
 ORG_SERVER = """
@@ -88,27 +89,6 @@ SAN_TAG = {"email": 0x81, "dns": 0x82, "uri": 0x86, "ip": 0x87}
 
 
 # -- building requests -----------------------------------------------------------------------
-
-
-def der(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:
-        return bytes([tag, size]) + content
-    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + content
-
-
-def der_oid(dotted: str) -> bytes:
-    first, second, *rest = (int(part) for part in dotted.split("."))
-    body = bytearray([40 * first + second])
-    for arc in rest:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body += bytes(reversed(chunk))
-    return der(0x06, bytes(body))
 
 
 def raw_san(*names: tuple[str, bytes]) -> x509.UnrecognizedExtension:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from pki_factory import der, der_oid
 from support import (
     CA,
     Client,
@@ -130,27 +131,6 @@ def cn(value: str) -> x509.NameAttribute[str]:
     return x509.NameAttribute(NameOID.COMMON_NAME, value)
 
 
-def _der(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:
-        return bytes([tag, size]) + content
-    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + content
-
-
-def _der_oid(dotted: str) -> bytes:
-    first, second, *rest = (int(part) for part in dotted.split("."))
-    body = bytearray([40 * first + second])
-    for arc in rest:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body += bytes(reversed(chunk))
-    return _der(0x06, bytes(body))
-
-
 def legacy_signed_csr(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
                       algorithm: hashes.HashAlgorithm, oid: str) -> bytes:
     """A DER CSR signed (validly) with a hash cryptography's CSR builder no longer offers.
@@ -161,11 +141,11 @@ def legacy_signed_csr(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
     info = build_csr(key, subject=[cn("legacy.example.internal")]).tbs_certrequest_bytes
     if isinstance(key, rsa.RSAPrivateKey):
         signature = key.sign(info, padding.PKCS1v15(), algorithm)
-        algorithm_id = _der(0x30, _der_oid(oid) + b"\x05\x00")
+        algorithm_id = der(0x30, der_oid(oid) + b"\x05\x00")
     else:
         signature = key.sign(info, ec.ECDSA(algorithm))
-        algorithm_id = _der(0x30, _der_oid(oid))
-    return _der(0x30, info + algorithm_id + _der(0x03, b"\x00" + signature))
+        algorithm_id = der(0x30, der_oid(oid))
+    return der(0x30, info + algorithm_id + der(0x03, b"\x00" + signature))
 
 
 def tampered(der: bytes) -> bytes:
@@ -180,8 +160,8 @@ def valid_der() -> bytes:
 def swapped_signature() -> bytes:
     """One request's info and algorithm with another request's (valid) signature."""
     own, other = (x509.load_der_x509_csr(valid_der()) for _ in range(2))
-    algorithm_id = _der(0x30, _der_oid(own.signature_algorithm_oid.dotted_string))
-    return _der(0x30, own.tbs_certrequest_bytes + algorithm_id + _der(0x03, b"\x00" + other.signature))
+    algorithm_id = der(0x30, der_oid(own.signature_algorithm_oid.dotted_string))
+    return der(0x30, own.tbs_certrequest_bytes + algorithm_id + der(0x03, b"\x00" + other.signature))
 
 
 def self_signed_certificate_pem() -> str:
