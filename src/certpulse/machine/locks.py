@@ -31,6 +31,9 @@ from certpulse.errors import Reason, Refusal
 
 AGENT_LOCK = "agent.lock"
 HANDOVER_POLL = 0.2  # seconds between looks at a lock held by a one-shot pulse
+# A holder that has taken the lock but not yet written who it is, is looked at this long even
+# with no wait asked for: it may be a daemon starting, which is woken rather than waited for.
+HANDOVER_GRACE = 2.0
 
 
 @contextlib.contextmanager
@@ -175,7 +178,8 @@ class AgentLock:
         daemon holds it, it is sent ``wake_signal`` instead (it pulses when asked: no need to wait
         for it) and returned. None means this process now holds the lock. Raises
         :class:`AgentBusy` when the wait is over and the lock is still held."""
-        deadline = monotonic() + max(wait, 0.0)
+        started = monotonic()
+        deadline = started + max(wait, 0.0)
         told = False
         while True:
             if self.try_acquire(role, now()):
@@ -185,12 +189,13 @@ class AgentLock:
                 continue  # let go just now: try again at once
             if holder.role is Role.DAEMON and self.signal(holder, wake_signal):
                 return holder
-            if monotonic() >= deadline:
+            unnamed = holder.pid is None and monotonic() < started + HANDOVER_GRACE
+            if monotonic() >= deadline and not unnamed:
                 raise AgentBusy(holder)
-            if not told:
+            if not told and not unnamed:
                 waiting(holder)
                 told = True
-            sleep(min(HANDOVER_POLL, max(deadline - monotonic(), 0.0)))
+            sleep(HANDOVER_POLL if unnamed else min(HANDOVER_POLL, max(deadline - monotonic(), 0.0)))
 
     def release(self) -> None:
         """Let go, emptying the file first: a pid that outlives its lock must not be believed."""
