@@ -112,6 +112,27 @@ def test_a_second_pulse_waits_for_a_running_one_shot_pulse_and_never_kills_it(
     assert agent.status()["pulse_running"] is None
 
 
+def test_a_waiting_pulse_takes_over_when_the_running_one_is_killed(pki: CA, ca_url: str, tmp_path: Path) -> None:
+    """SIGKILL leaves the killed pulse's record in the lock file; the lock itself goes with the
+    process, and the pulse waiting for it goes on with the request the killed one left."""
+    agent = new_agent(pki, ca_url, tmp_path / "agent")
+    marker = agent.dir / "store" / "fault-before-install"
+    first_log, waiting_log = tmp_path / "first.log", tmp_path / "waiting.log"
+    with started(agent, first_log, "agent", "pulse", "--json",
+                 env={"CERTPULSE_FAULT_PAUSE": "before-install:600"}) as first:
+        wait_for(lambda: marker.exists() and marker.read_text().strip() == str(first.pid), 60,
+                 "the first pulse to reach before-install with the lock held")
+        with started(agent, waiting_log, "agent", "pulse", "--json", "--wait", "300") as waiting:
+            wait_for(lambda: f"another pulse holds this store (pid {first.pid}, since " in waiting_log.read_text(),
+                     60, "the second pulse to wait for the first")
+            os.kill(first.pid, signal.SIGKILL)
+            assert first.wait(timeout=30) == -signal.SIGKILL
+            assert finished(waiting, waiting_log) == 0, waiting_log.read_text()
+    action = action_for(pulse_json(waiting_log), "machine")
+    assert (action["rule"], action["outcome"]) == ("resume", "done"), action
+    assert issued(pki, agent.principal, "machine") == {"new": 1, "renewal": 0}
+
+
 @contextlib.contextmanager
 def lock_held_naming(agent: Agent, content: str) -> Iterator[None]:
     """``agent.lock`` held by this test process, its file saying ``content``."""
