@@ -148,8 +148,6 @@ class TaskDelivery:
 
 def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) -> int:
     """The daemon loop. Returns when stopped by SIGTERM/SIGINT or after ``max_pulses``."""
-    lock = AgentLock(directory)
-    lock.acquire(Role.DAEMON, clock.now())
     wake = threading.Event()
     stop = threading.Event()
 
@@ -169,6 +167,8 @@ def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGUSR1, on_usr1)
+    lock = AgentLock(directory)  # taken once SIGHUP and SIGUSR1 are handled: the lock invites them
+    lock.acquire(Role.DAEMON, clock.now())
     rng = random.Random()
     failures = 0
     pulses = 0

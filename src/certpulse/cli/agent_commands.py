@@ -277,9 +277,10 @@ def agent_run(
         return
     # Refuse a second daemon before taking its port, so that it says "another agent is running"
     # rather than "address in use"; run() takes the lock again for good. Logging starts once the
-    # port is ours, so that a refusal is the only line printed.
+    # port is ours, so that a refusal is the only line printed. Not as a daemon: nothing handles
+    # SIGHUP yet.
     probe = AgentLock(directory)
-    probe.acquire(Role.DAEMON, clock.now())
+    probe.acquire(Role.PULSE, clock.now())
     probe.release()
     collector = AgentCollector(directory, config, clock.now)
     try:

@@ -117,7 +117,7 @@ def _parse(text: str) -> Holder:
         since, start = data.get("since"), data.get("start")
     except (ValueError, KeyError, TypeError):
         return Holder(None, Role.UNKNOWN)
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return Holder(None, Role.UNKNOWN)
     return Holder(pid, role, since if isinstance(since, str) else None, start if isinstance(start, int) else None)
 
