@@ -4,7 +4,8 @@ Rebinding and notification tasks run on a thread of their own (:class:`TaskDeliv
 every committed event, by SIGUSR1 and every half minute for retries, and the binding drift check
 runs there after every pulse: a pulse never waits for a task or a service.
 
-One agent per store: an exclusive lock on ``agent.lock`` (holding the daemon's pid). A server
+One agent per store: an exclusive lock on ``agent.lock`` (saying it is the daemon, and its pid);
+only a daemon is ever signalled, never a one-shot pulse that holds the lock. A server
 shedding load gives a ``Retry-After``, and the next pulse comes then (with a little jitter), for
 the first few such failures in a row; otherwise, on failure the next pulse backs off
 exponentially with jitter, from one minute up to a cap, never sooner than a ``Retry-After``. The
@@ -29,7 +30,7 @@ from certpulse.durations import backoff
 from certpulse.events.tasks import Dispatcher, TaskSettings
 from certpulse.faults import fault_point
 from certpulse.machine.certstore import LocalStore
-from certpulse.machine.locks import AgentLock
+from certpulse.machine.locks import AgentLock, Role
 from certpulse.rebind import engine as rebind
 
 log = logging.getLogger("certpulse.agent")
@@ -79,9 +80,10 @@ def deliver_tasks(directory: Path, config: AgentConfig, store: LocalStore) -> No
     """Give new events to the notification tasks: through the running daemon (SIGUSR1) when there
     is one, here otherwise. Called after the change is committed, so it never holds up a pulse."""
     fault_point("before-tasks", store.root)
-    pid = AgentLock(directory).holder()
-    if pid is not None and pid != os.getpid():
-        os.kill(pid, signal.SIGUSR1)
+    lock = AgentLock(directory)
+    holder = lock.holder()
+    if (holder is not None and holder.role is Role.DAEMON and holder.pid != os.getpid()
+            and lock.signal(holder, signal.SIGUSR1)):
         return
     deliver(store, config, directory)
 
@@ -146,8 +148,6 @@ class TaskDelivery:
 
 def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) -> int:
     """The daemon loop. Returns when stopped by SIGTERM/SIGINT or after ``max_pulses``."""
-    lock = AgentLock(directory)
-    lock.acquire()
     wake = threading.Event()
     stop = threading.Event()
 
@@ -167,6 +167,8 @@ def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGUSR1, on_usr1)
+    lock = AgentLock(directory)  # taken once SIGHUP and SIGUSR1 are handled: the lock invites them
+    lock.acquire(Role.DAEMON, clock.now())
     rng = random.Random()
     failures = 0
     pulses = 0
@@ -198,12 +200,3 @@ def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) 
         agent.close()
         lock.release()
     return 0
-
-
-def signal_running_agent(directory: Path) -> int | None:
-    """Ask a running daemon to pulse now; the pid signalled, or None when no daemon runs."""
-    pid = AgentLock(directory).holder()
-    if pid is None:
-        return None
-    os.kill(pid, signal.SIGHUP)
-    return pid

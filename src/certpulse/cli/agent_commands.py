@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ from certpulse.agent.config import (
     save_config,
     write_credential,
 )
-from certpulse.agent.daemon import deliver_tasks, run, signal_running_agent
+from certpulse.agent.daemon import deliver_tasks, run
 from certpulse.agent.gather import cached_templates, planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
@@ -35,11 +38,11 @@ from certpulse.agent.trust import (
     select_pinned,
     ssl_context,
 )
-from certpulse.cli.output import console, emit_json, print_fields, shown, table
+from certpulse.cli.output import console, emit_json, err_console, fail_line, print_fields, shown, table
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import LocalStore
-from certpulse.machine.locks import AgentLock
+from certpulse.machine.locks import AgentBusy, AgentLock, Holder, Role
 from certpulse.pki.fingerprint import ca_fingerprint as fingerprint_of
 from certpulse.pki.fingerprint import parse_fingerprint
 from certpulse.rebind.bindings import list_bindings
@@ -54,6 +57,12 @@ AgentDir = Annotated[
                       "else ~/.local/share/certpulse)"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+# `agent pulse` while another one-shot pulse holds the store: how long it waits by default, and
+# its exit status when that wait is over (EX_TEMPFAIL: try again later; 1 is a failed pulse, 2 a
+# refusal, 70 an internal error).
+PULSE_WAIT_SECONDS = 120.0
+PULSE_RUNNING_EXIT = 75
+log = logging.getLogger("certpulse.agent")
 
 
 @contextlib.contextmanager
@@ -153,22 +162,63 @@ def _print_result(result: PulseResult, json_: bool) -> None:
                for o in result.outcomes])
 
 
+def _ignore_wake_signals() -> None:
+    """For the rest of a one-shot pulse, SIGHUP and SIGUSR1 (which by default end a process) are
+    logged and otherwise ignored: an older certpulse, or an operator, may send them to whoever
+    holds the store lock, meaning a daemon. This pulse is pulsing already and delivers tasks when
+    it ends. A handler rather than SIG_IGN, so that the commands it starts get the default back."""
+    def ignored(signum: int, frame: object) -> None:
+        log.warning("%s ignored: pid %d is a one-shot pulse, not the daemon; it pulses and delivers "
+                    "tasks once, then exits", signal.Signals(signum).name, os.getpid())
+
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, ignored)
+
+
+def _take_store(lock: AgentLock, wait: float) -> int | None:
+    """Hold the store lock for a one-shot pulse; or, when a daemon holds it, wake that daemon and
+    return its pid. A one-shot pulse holding it is waited for, up to ``wait`` seconds; then one
+    line and exit :data:`PULSE_RUNNING_EXIT`."""
+    def waiting(holder: Holder) -> None:
+        err_console.print(fail_line(f"another pulse holds this store ({holder.describe()}): waiting up to "
+                                    f"{wait:g} s for it to end"), markup=False, soft_wrap=True)
+
+    _ignore_wake_signals()
+    try:
+        daemon = lock.acquire_or_wake(Role.PULSE, clock.now, wait, signal.SIGHUP, waiting=waiting)
+    except AgentBusy as busy:
+        err_console.print(fail_line(f"certpulse: error: {busy.reason.value}: {busy.detail} (waited {wait:g} s)"),
+                          markup=False, soft_wrap=True)
+        raise typer.Exit(PULSE_RUNNING_EXIT) from None
+    return daemon.pid if daemon is not None else None
+
+
 @agent_app.command("pulse")
 def agent_pulse(
     dir_: AgentDir = None,
     plan_only: Annotated[bool, typer.Option("--plan", help="Print the plan; change nothing")] = False,
     json_: JsonOption = False,
     refresh_policy: Annotated[bool, typer.Option("--refresh-policy", help="Ignore the cached policy")] = False,
+    wait: Annotated[float, typer.Option(
+        "--wait", min=0, metavar="SECONDS",
+        help=f"While another one-shot pulse holds the store, wait up to this long for it to end, then "
+             f"pulse (0: do not wait); still held then: exit {PULSE_RUNNING_EXIT}")] = PULSE_WAIT_SECONDS,
 ) -> None:
-    """Pulse now (as `certutil -pulse`): a running daemon is woken; otherwise pulse here."""
+    """Pulse now (as `certutil -pulse`): a running daemon is woken; otherwise pulse here, after
+    any one-shot pulse in progress. `--plan` takes no lock and changes nothing."""
     directory = resolve_dir(dir_)
     config = load_config(directory)
+    lock = AgentLock(directory)
     if not plan_only:
-        pid = signal_running_agent(directory)
+        pid = _take_store(lock, wait)
         if pid is not None:
             console.print(f"asked the running agent (pid {pid}) to pulse now")
             return
-    agent = Agent(directory, config)
+    try:
+        agent = Agent(directory, config)
+    except BaseException:
+        lock.release()
+        raise
     try:
         now = clock.now()
         if plan_only:
@@ -186,8 +236,6 @@ def agent_pulse(
             if plan.notes:
                 table("Not done", ["rule", "template", "detail"], [(n.rule, n.template, n.detail) for n in plan.notes])
             return
-        lock = AgentLock(directory)
-        lock.acquire()
         try:
             result = agent.pulse(now, force_policy=refresh_policy)
         finally:
@@ -209,7 +257,6 @@ def agent_run(
         help="Also serve Prometheus metrics on HOST:PORT (unauthenticated: use 127.0.0.1)")] = None,
 ) -> None:
     """Run the daemon: pulse at start, then every refresh interval; SIGHUP pulses now."""
-    import logging
 
     from certpulse.agent.metrics import AgentCollector, MetricsServer, parse_listen
     from certpulse.display import PrintableFormatter
@@ -230,9 +277,10 @@ def agent_run(
         return
     # Refuse a second daemon before taking its port, so that it says "another agent is running"
     # rather than "address in use"; run() takes the lock again for good. Logging starts once the
-    # port is ours, so that a refusal is the only line printed.
+    # port is ours, so that a refusal is the only line printed. Not as a daemon: nothing handles
+    # SIGHUP yet.
     probe = AgentLock(directory)
-    probe.acquire()
+    probe.acquire(Role.PULSE, clock.now())
     probe.release()
     collector = AgentCollector(directory, config, clock.now)
     try:
@@ -269,7 +317,9 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         now = clock.now()
         last = store.get_state("last_pulse")
         next_pulse = store.get_state("next_pulse")
-        running = AgentLock(directory).holder()
+        holder = AgentLock(directory).holder()
+        running = holder.pid if holder is not None and holder.role is Role.DAEMON else None
+        pulsing = holder if holder is not None and holder.role is Role.PULSE else None
         templates = cached_templates(config.servers, store.get_state, now)
         rows = []
         for record in store.certificates(include_archived=False):
@@ -278,12 +328,15 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
                     "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in store.flights()]
         bindings = [b.to_dict() for b in list_bindings(store)]
-    status = {"daemon_pid": running, "last_pulse": last, "next_pulse": next_pulse, "certificates": rows,
+    status = {"daemon_pid": running, "pulse_running": {"pid": pulsing.pid, "since": pulsing.since} if pulsing else None,
+              "last_pulse": last, "next_pulse": next_pulse, "certificates": rows,
               "pending": pending, "bindings": bindings}
     if json_:
         emit_json(status)
         return
     console.print(f"daemon: {'running, pid ' + str(running) if running else 'not running'}")
+    if pulsing is not None:
+        console.print(f"pulse running: {shown(pulsing.describe())} (a one-shot agent pulse)")
     if last:
         console.print(f"last pulse: {shown(last['started_at'])} [bold]{shown(last['outcome'])}[/bold]"
                       + (f" ({shown(last['error'])})" if last.get("error") else ""))
