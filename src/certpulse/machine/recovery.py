@@ -141,9 +141,13 @@ def open_migrated(store_root: Path) -> Engine:
     engine = make_engine(f"sqlite:///{(store_root / DATABASE_NAME).resolve()}", pool_size=2)
     try:
         migrate(engine, MIGRATIONS)
-    except (DatabaseError, CommandError) as exc:
+    except DatabaseError as exc:
         engine.dispose()
-        raise _damaged(store_root, getattr(exc, "orig", None) or exc) from None
+        raise _damaged(store_root, exc.orig) from None
+    except CommandError as exc:  # a sound database this version cannot migrate (a newer one's)
+        engine.dispose()
+        raise Refusal(Reason.STORE, f"the store's database {store_root / DATABASE_NAME} has a schema this version "
+                                    f"of certpulse does not know ({exc}); it is left as it is") from None
     except BaseException:
         engine.dispose()
         raise
