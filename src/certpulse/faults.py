@@ -4,8 +4,9 @@ A whole-process test sets the variable, waits for the agent to reach the point (
 ``<store>/fault-NAME`` when it gets there), and kills it with SIGKILL, so recovery from a kill
 at exactly that moment is tested with real processes. Unset, a point costs one dict lookup.
 
-Points: ``before-install`` (the CA answered; nothing installed yet) and ``before-link`` (the
-new version is in the database; the live link still names the old one).
+Points: ``flight-recorded`` (a request's row is committed; its key is not written yet),
+``before-install`` (the CA answered; nothing installed yet) and ``before-link`` (the new version
+is in the database; the live link still names the old one).
 """
 
 from __future__ import annotations

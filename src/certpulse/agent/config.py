@@ -217,13 +217,13 @@ def save_config(directory: Path, config: AgentConfig) -> None:
     path.write_text(header + tomli_w.dumps(config.document()))
 
 
-def open_agent_store(directory: Path, config: AgentConfig) -> LocalStore:
+def open_agent_store(directory: Path, config: AgentConfig, *, check: bool = True) -> LocalStore:
     """The store of the agent in ``directory``, writing on the agent's channel; its events also go
     to syslog when the agent is configured so, whichever command raised them. Needs no
     credential: commands that only read or change the store work without one."""
     return open_store(directory, channel=config.channel,
                       syslog_address=config.syslog_address if config.syslog else None,
-                      syslog_facility=config.syslog_facility)
+                      syslog_facility=config.syslog_facility, check=check)
 
 
 def read_credential(directory: Path, server: PolicyServerConfig) -> str:

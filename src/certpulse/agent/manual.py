@@ -1,7 +1,8 @@
-"""What a person does by hand: request a certificate (the seed's certreq), import, export, move.
+"""What a person does by hand: request a certificate (the seed's certreq), import, export, move,
+and repair a store that lost its database.
 
-Only a request talks to the CA. Import, export and move work on the machine's store alone, so
-they need no credential and work while the CA is down.
+Only a request talks to the CA. Import, export, move and repair work on the machine's store
+alone, so they need no credential and work while the CA is down.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -16,14 +18,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from certpulse.agent.config import AgentConfig
+from certpulse.agent.config import AgentConfig, open_agent_store
 from certpulse.agent.csr import build_csr
 from certpulse.agent.executor import ActionOutcome
-from certpulse.agent.gather import cached_templates
+from certpulse.agent.gather import cached_templates, parse_policy, policy_cache_key
 from certpulse.agent.model import Action, Kind
 from certpulse.agent.policy_view import serving_issuers
 from certpulse.agent.pulse import Agent
 from certpulse.errors import Reason, Refusal
+from certpulse.machine import recovery
 from certpulse.machine.certstore import CertRecord, LocalStore
 from certpulse.machine.events import EventDraft, EventId
 from certpulse.pki import template_info
@@ -162,3 +165,34 @@ def move_certificate(store: LocalStore, prefix: str, target: LocalStore, now: dt
     if not copy:
         store.delete(record.thumbprint, now, action="move")
     return installed
+
+
+def repair_store(directory: Path, config: AgentConfig, now: dt.datetime, *,
+                 then: Callable[[LocalStore], None] | None = None) -> recovery.RepairReport:
+    """``agent repair``: a damaged ``meta.db`` is moved aside, then every certificate folder without
+    a record is re-imported with its key (:func:`certpulse.machine.recovery.repair`). Templates are
+    named from the policy each server gave last, when the database still holds it, else from the
+    live links; with one policy server, that server is the one that issued them. No network.
+    ``then`` gets the repaired store (the CLI delivers the new events to tasks with it)."""
+    moved = recovery.set_aside_damaged(directory / "store", now)
+    store = open_agent_store(directory, config, check=False)
+    try:
+        known: dict[str, recovery.Known] = {}
+        for server in config.servers:
+            cached = store.get_state(policy_cache_key(server.url))
+            if not cached:
+                continue
+            try:
+                policy = parse_policy(cached["policy"], url=server.url, cost=server.cost, auth="token",
+                                      is_default=server.is_default, now=now)
+            except (Refusal, KeyError, TypeError):
+                continue
+            for template in policy.server.templates:
+                known.setdefault(template.oid, recovery.Known(template.name, server.url, policy.server.policy_id))
+        only = config.servers[0].url if len(config.servers) == 1 else None
+        report = recovery.repair(store, now, known=known, default_policy_url=only, moved_aside=moved)
+        if then is not None:
+            then(store)
+        return report
+    finally:
+        store.close()

@@ -29,7 +29,14 @@ from certpulse.agent.config import (
 )
 from certpulse.agent.daemon import deliver_tasks, run
 from certpulse.agent.gather import cached_templates, planned_renewal
-from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
+from certpulse.agent.manual import (
+    export_p12,
+    export_pem,
+    import_p12,
+    move_certificate,
+    repair_store,
+    request_certificate,
+)
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.agent.trust import (
     ROOTS_NAME,
@@ -292,6 +299,41 @@ def agent_run(
             server.close()
     finally:
         collector.close()
+
+
+@agent_app.command("repair")
+def agent_repair(dir_: AgentDir = None, json_: JsonOption = False) -> None:
+    """Rebuild the store's records from its certificate folders after meta.db was lost or damaged:
+    a damaged meta.db is moved aside, every folder without a record whose certificate and key belong
+    together is re-imported with its key, and each folder that cannot be is named with the reason
+    (exit 1). Deletes nothing; running it again changes nothing. Refused while the agent runs."""
+    directory = resolve_dir(dir_)
+    config = load_config(directory)
+    lock = AgentLock(directory)
+    lock.acquire()
+    try:
+        report = repair_store(directory, config, clock.now(),
+                              then=lambda store: deliver_tasks(directory, config, store))
+    finally:
+        lock.release()
+    if json_:
+        emit_json(report.to_dict())
+    else:
+        if report.moved_aside:
+            console.print(f"moved the damaged database aside to {shown(report.moved_aside)}")
+        console.print(f"re-imported {len(report.imported)} certificate(s)")
+        if report.imported:
+            table("Re-imported", ["thumbprint", "template", "key", "not after"],
+                  [(r["thumbprint"], r["template"] or "", "yes" if r["has_key"] else "no", r["not_after"])
+                   for r in report.imported])
+        if report.not_imported:
+            table("Not imported (left as they are)", ["folder", "reason"],
+                  [(r["folder"], r["reason"]) for r in report.not_imported])
+        if report.request_keys_without_record:
+            console.print(f"{report.request_keys_without_record} request key(s) in flights/ have no record: "
+                          "the next pulse removes them")
+    if report.not_imported:
+        raise typer.Exit(1)
 
 
 @agent_app.command("metrics")

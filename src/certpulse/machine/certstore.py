@@ -37,8 +37,8 @@ from certpulse.errors import Reason, Refusal
 from certpulse.faults import fault_point
 from certpulse.machine import current as current_rule
 from certpulse.machine import log as event_log
+from certpulse.machine import recovery
 from certpulse.machine import schema as t
-from certpulse.machine.db import open_database
 from certpulse.machine.events import CertFacts, Event, EventDraft, EventId
 from certpulse.machine.syslog import SyslogForwarder
 from certpulse.pki import template_info
@@ -154,7 +154,7 @@ class LocalStore:
     (``channel`` is the agent's: ``system`` for the machine context, ``user`` otherwise);
     listeners hear about events only after they are committed."""
 
-    def __init__(self, root: Path, *, channel: str = "system") -> None:
+    def __init__(self, root: Path, *, channel: str = "system", check: bool = True) -> None:
         self.root = root
         self.channel = channel
         self.listeners: list[EventListener] = []
@@ -163,7 +163,9 @@ class LocalStore:
         self.flights_dir = root / "flights"
         for folder in (root, self.certs_dir, self.live_dir, self.flights_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.engine: Engine = open_database(root)
+        # Refused when the store lost its database (:func:`recovery.open_checked`); ``agent repair``
+        # opens it unchecked, to re-import what is on disk.
+        self.engine: Engine = recovery.open_checked(root) if check else recovery.open_migrated(root)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -344,13 +346,12 @@ class LocalStore:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
-        known_flights = {f.id for f in self.flights()}
-        for folder in self.flights_dir.iterdir():
-            # Its certificate was installed before a kill, or its row was never written. A folder
-            # younger than a minute may belong to a `cert request` running beside the daemon.
-            with contextlib.suppress(OSError):
-                if folder.name not in known_flights and now.timestamp() - folder.stat().st_mtime > 60:
-                    shutil.rmtree(folder, ignore_errors=True)
+        recovery.settle_flights(self, now)  # no request key outlives its row, decided without a clock
+        recovery.finish_deletions(self)
+        self._repair_links()
+
+    def repair_links(self) -> None:
+        """Point every template's live link at its current version."""
         self._repair_links()
 
     def current(self, template: str) -> CertRecord | None:
@@ -482,17 +483,24 @@ class LocalStore:
                      key: PrivateKey, csr: x509.CertificateSigningRequest, renewal_of: str | None,
                      replaces: tuple[str, ...], replace_action: str | None, source: str,
                      now: dt.datetime) -> Flight:
-        """Persist the key and the request before anything is sent."""
+        """Persist the request, then its key, before anything is sent: the row is committed first
+        and the key renamed into ``flights/<id>/`` whole, so that recovery can tell from state alone
+        that a key without a row is a leftover and a row without a key was never sent
+        (:mod:`certpulse.machine.recovery`)."""
         flight_id = secrets.token_hex(16)
-        folder = self.flights_dir / flight_id
-        folder.mkdir(mode=0o700)
-        _write_file(folder / "key.pem", private_key_pem(key), 0o600)
-        _fsync_dir(self.flights_dir)
-        with write(self.engine) as conn:
-            conn.execute(t.flights.insert().values(
-                id=flight_id, kind=kind, template_name=template, policy_url=policy_url, issuers=json.dumps(issuers),
-                status="created", csr_der=csr.public_bytes(serialization.Encoding.DER), renewal_of=renewal_of,
-                replaces=json.dumps(replaces), replace_action=replace_action, source=source, created_at=now))
+        with recovery.flights_lock(self.root):
+            with write(self.engine) as conn:
+                conn.execute(t.flights.insert().values(
+                    id=flight_id, kind=kind, template_name=template, policy_url=policy_url,
+                    issuers=json.dumps(issuers), status="created",
+                    csr_der=csr.public_bytes(serialization.Encoding.DER), renewal_of=renewal_of,
+                    replaces=json.dumps(replaces), replace_action=replace_action, source=source, created_at=now))
+            fault_point("flight-recorded", self.root)
+            staging = self.flights_dir / f".{flight_id}"
+            staging.mkdir(mode=0o700)
+            _write_file(staging / "key.pem", private_key_pem(key), 0o600)
+            os.rename(staging, self.flights_dir / flight_id)
+            _fsync_dir(self.flights_dir)
         return self.flight(flight_id)
 
     def flight(self, flight_id: str) -> Flight:
@@ -536,11 +544,11 @@ class LocalStore:
 
 
 def open_store(directory: Path, *, channel: str, syslog_address: str | None = None,
-               syslog_facility: str = "daemon") -> LocalStore:
+               syslog_facility: str = "daemon", check: bool = True) -> LocalStore:
     """The store of the agent folder ``directory`` (``<directory>/store``), writing events on
     ``channel``; with ``syslog_address`` its events also go to syslog, whichever command raised
-    them."""
-    store = LocalStore(directory / "store", channel=channel)
+    them. ``check=False`` opens a store that lost its database (for ``agent repair``)."""
+    store = LocalStore(directory / "store", channel=channel, check=check)
     if syslog_address:
         store.listeners.append(SyslogForwarder(syslog_address, syslog_facility))
     return store
