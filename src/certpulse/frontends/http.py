@@ -50,7 +50,14 @@ from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents, read_deadline
 from certpulse.frontends.environment import whole_number_setting
-from certpulse.frontends.health import worker_health
+from certpulse.frontends.health import DATABASE_RETRY_AFTER, DatabaseProbe, liveness, readiness, worker_health
+from certpulse.frontends.lifecycle import (
+    CutAtStop,
+    arm_stop_deadline,
+    bind_to_supervisor,
+    shutdown_timeout_from_environment,
+    supervisor_from_environment,
+)
 from certpulse.frontends.limits import BodyLimit
 from certpulse.frontends.metrics import (
     METRICS_RESPONSES,
@@ -202,8 +209,14 @@ def refusal_answer(exc: Refusal) -> Response:
 
 
 def store_unavailable(exc: OperationalError) -> Response:
-    log.error("database unavailable: %s", exc.orig)
-    return problem(Reason.UNAVAILABLE, "the certificate database is unavailable; retry later", status=503)
+    """503 with ``Retry-After`` (as a shed answer has): the request had no effect, and the same
+    request later may well succeed."""
+    log.error("database unavailable: %s", printable(str(exc.orig)))
+    response = problem(Reason.UNAVAILABLE,
+                       f"the certificate database is unavailable; retry after {DATABASE_RETRY_AFTER} s",
+                       status=503, retry_after=DATABASE_RETRY_AFTER)
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
+    return response
 
 
 def unexpected_error(method: str, path: str) -> Response:
@@ -385,6 +398,21 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
         healthy, document = worker_health(app.state.shedding, time.monotonic())
         return JSONResponse(document, status_code=200 if healthy else 503)
 
+    probe = DatabaseProbe(service.database_answers)
+
+    @app.get("/livez", tags=["service"], summary="Liveness: 200 while the process answers (load and database aside)")
+    async def livez() -> Response:
+        return JSONResponse(liveness())
+
+    @app.get("/readyz", tags=["service"],
+             summary="Readiness: 200 when this worker has room and the database answers; else 503 + Retry-After",
+             responses={503: {"description": "Not ready: the database does not answer, or the worker is saturated"}})
+    async def readyz() -> Response:
+        healthy, document = worker_health(app.state.shedding, time.monotonic())
+        code, document, retry_after = readiness(healthy, document, await probe.answers())
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse(document, status_code=code, headers=headers)
+
     @app.get("/metrics", tags=["service"], response_class=PlainTextResponse, responses=METRICS_RESPONSES,
              summary="Prometheus metrics (unauthenticated, as Prometheus expects; counts only, no names)")
     def metrics(request: Request) -> Response:
@@ -488,8 +516,12 @@ def app_from_environment() -> Any:
         service.audit.refusal(ANONYMOUS.actor, "refused", Refusal(reason, detail), clock.now())
 
     read_deadline.refusal_listener = _logged(on_protocol_refusal)
-    return create_app(service, max_body=config.max_request_bytes, max_inflight=max_inflight_from_environment(),
-                      threads=threads_from_environment(), read_timeout=read_timeout_from_environment())
+    app = create_app(service, max_body=config.max_request_bytes, max_inflight=max_inflight_from_environment(),
+                     threads=threads_from_environment(), read_timeout=read_timeout_from_environment())
+    # uvicorn calls this factory in the serving process, its signal handlers in place (frontends/lifecycle.py)
+    bind_to_supervisor(supervisor_from_environment())
+    arm_stop_deadline(shutdown_timeout_from_environment())
+    return CutAtStop(app)
 
 
 __all__ = ["answer", "app_from_environment", "create_app"]

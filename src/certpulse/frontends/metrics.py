@@ -89,7 +89,7 @@ REQUESTS_SHED = Counter(
     registry=_PROCESS_REGISTRY,
 )
 REQUESTS_INFLIGHT = Gauge(
-    "certpulse_ca_requests_inflight", "Requests in progress now, over all workers (/healthz and /metrics excluded)",
+    "certpulse_ca_requests_inflight", "Requests in progress now, over all workers (the probes and /metrics excluded)",
     registry=_PROCESS_REGISTRY, multiprocess_mode="livesum",
 )
 REQUESTS_INFLIGHT_PEAK = Gauge(
