@@ -244,3 +244,33 @@ def test_the_ca_unit_stops_the_server_gracefully_and_restarts_it_on_failure(tmp_
     result = subprocess.run([verifier, "verify", str(installed)], capture_output=True, text=True, timeout=120,
                             check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_only_our_own_real_folders_of_dead_servers_are_removed(tmp_path: Path) -> None:
+    """In process: the rule itself, for what a start on a shared machine may find."""
+    from certpulse.frontends.metrics_folders import remove_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = tmp_path / f"certpulse-metrics-{dead.pid}-gone"
+    gone.mkdir()
+    (gone / f"counter_{dead.pid}.db").write_bytes(b"")
+    worker_alive = tmp_path / f"certpulse-metrics-{dead.pid}-worker"  # server gone, one worker still running
+    worker_alive.mkdir()
+    (worker_alive / f"histogram_{os.getpid()}.db").write_bytes(b"")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / f"certpulse-metrics-{dead.pid}-link"
+    link.symlink_to(target)
+    others = tmp_path / f"certpulse-metrics-{dead.pid}-others"
+    others.mkdir()
+    if os.geteuid() == 0:
+        os.chown(others, 65534, 65534)
+    else:
+        others.rmdir()
+    empty_old = tmp_path / "certpulse-metrics-oldempty"
+    empty_old.mkdir()
+
+    assert remove_stale(tmp_path) == [gone]
+    assert worker_alive.is_dir() and link.is_symlink() and target.is_dir() and empty_old.is_dir()
+    assert others.is_dir() or os.geteuid() != 0

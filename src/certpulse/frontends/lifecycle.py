@@ -28,7 +28,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -139,9 +138,8 @@ class CutAtStop:
     ``503`` (problem JSON, ``Retry-After``, connection closed) when its answer had not begun, and
     ends quietly either way (uvicorn would log a traceback and answer 500)."""
 
-    def __init__(self, app: ASGIApp, on_cut: Callable[[], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.on_cut = on_cut
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -158,8 +156,6 @@ class CutAtStop:
         try:
             await self.app(scope, receive, tracking_send)
         except asyncio.CancelledError:
-            if self.on_cut is not None:
-                self.on_cut()
             if not started:
                 response = problem(Reason.UNAVAILABLE, "the server is stopping; retry", status=503,
                                    retry_after=STOPPING_RETRY_AFTER)
