@@ -118,6 +118,8 @@ def test_killing_the_server_process_stops_its_workers_and_a_restart_gets_the_por
     again = start(sqlite_ca, port, "--workers", "2")
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/livez", timeout=30).json()["status"] == "alive"
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
+        assert ready.status_code == 200 and ready.json()["database"] == "ok", ready.text
     finally:
         kill_group(again)
 
