@@ -137,6 +137,9 @@ def test_an_unreachable_database_is_503_with_retry_after_and_not_ready(tmp_path:
                     ready = wait_for(not_ready, 60, "/readyz to report the database unavailable")
                     assert ready.headers["retry-after"] == "10", ready.headers
                     assert ready.json()["database"] == "unavailable" and ready.json()["status"] == "unavailable"
+                scrape = httpx.get(f"{base}/metrics", timeout=30)
+                assert_problem(scrape, 503, "unavailable")
+                assert scrape.headers["retry-after"] == "10", scrape.headers
                 live = httpx.get(f"{base}/livez", timeout=30)
                 assert live.status_code == 200 and live.json()["status"] == "alive"
                 assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # saturation only, as documented

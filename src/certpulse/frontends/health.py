@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from certpulse import __version__
+from certpulse.frontends.problems import DATABASE_RETRY_AFTER
 from certpulse.frontends.shedding import LoadShedding
 
 # Seconds with every handler thread busy before a worker calls itself degraded: longer than the
@@ -41,9 +42,6 @@ BUSY_FOR = 5.0
 PROBE_FRESH_FOR = 1.0
 # A read that takes longer than this counts as no answer (the read goes on, and is shared).
 PROBE_TIMEOUT = 5.0
-# Retry-After of a 503 because the database does not answer (API and /readyz alike): a database
-# restart or failover takes seconds; clients come back after this, with their own jitter.
-DATABASE_RETRY_AFTER = 10
 
 
 class DatabaseProbe:

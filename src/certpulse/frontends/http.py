@@ -50,7 +50,7 @@ from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents, read_deadline
 from certpulse.frontends.environment import whole_number_setting
-from certpulse.frontends.health import DATABASE_RETRY_AFTER, DatabaseProbe, liveness, readiness, worker_health
+from certpulse.frontends.health import DatabaseProbe, liveness, readiness, worker_health
 from certpulse.frontends.lifecycle import (
     CutAtStop,
     arm_stop_deadline,
@@ -65,7 +65,7 @@ from certpulse.frontends.metrics import (
     observe_anonymous_refusal,
     observe_submission,
 )
-from certpulse.frontends.problems import problem
+from certpulse.frontends.problems import DATABASE_RETRY_AFTER, database_unavailable, problem
 from certpulse.frontends.read_deadline import DEFAULT_READ_TIMEOUT, read_timeout_from_environment
 from certpulse.frontends.schema import (
     Credential,
@@ -209,14 +209,8 @@ def refusal_answer(exc: Refusal) -> Response:
 
 
 def store_unavailable(exc: OperationalError) -> Response:
-    """503 with ``Retry-After`` (as a shed answer has): the request had no effect, and the same
-    request later may well succeed."""
     log.error("database unavailable: %s", printable(str(exc.orig)))
-    response = problem(Reason.UNAVAILABLE,
-                       f"the certificate database is unavailable; retry after {DATABASE_RETRY_AFTER} s",
-                       status=503, retry_after=DATABASE_RETRY_AFTER)
-    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
-    return response
+    return database_unavailable(f"the certificate database is unavailable; retry after {DATABASE_RETRY_AFTER} s")
 
 
 def unexpected_error(method: str, path: str) -> Response:
