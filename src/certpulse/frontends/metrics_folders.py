@@ -27,16 +27,25 @@ import stat
 import tempfile
 from pathlib import Path
 
+from certpulse.errors import Reason, Refusal
+
 log = logging.getLogger("certpulse.serve")
 
 PREFIX = "certpulse-metrics-"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _NAMED = re.compile(r"certpulse-metrics-(\d+)-")
 _WORKER_FILE = re.compile(r"[a-z_]+?_(\d+)\.db")
 
 
 def make_folder() -> Path:
-    """A fresh folder (0700) for this server's metric files, named after this process."""
-    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+    """A fresh folder (0700) for this server's metric files, named after this process; a
+    Refusal naming the folder and the reason when it cannot be made (a full or read-only disk)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+    except OSError as exc:  # gettempdir() too fails when no temporary folder is writable
+        where = os.environ.get("TMPDIR") or "the temporary folder"
+        raise Refusal(Reason.STORE, f"cannot make the metrics folder in {where}: {exc.strerror or exc}; "
+                                    f"free space there, or set {MULTIPROC_ENV} to an existing folder") from None
 
 
 def alive(pid: int) -> bool:
@@ -52,12 +61,12 @@ def alive(pid: int) -> bool:
 
 def remove_stale(parent: Path | None = None) -> list[Path]:
     """Remove the folders left by servers that are gone (see the module); returns them."""
-    parent = parent or Path(tempfile.gettempdir())
     removed: list[Path] = []
     try:
+        parent = parent or Path(tempfile.gettempdir())
         candidates = [p for p in parent.iterdir() if p.name.startswith(PREFIX)]
     except OSError as exc:
-        log.warning("could not look for leftover metrics folders in %s: %s", parent, exc)
+        log.warning("could not look for leftover metrics folders in %s: %s", parent or "the temporary folder", exc)
         return removed
     for folder in candidates:
         if _stale(folder):
