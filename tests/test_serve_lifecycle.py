@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from agent_support import wait_for
-from support import CA, CERTPULSE, REPO, free_port, init_ca, root_trust
+from support import CA, CERTPULSE, REPO, Client, assert_problem, free_port, init_ca, make_csr, root_trust, serve
 
 STOP_TIMEOUT = 2  # --shutdown-timeout of the servers stopped here
 HARD_STOP_MARGIN = 10  # frontends/lifecycle.py
@@ -276,3 +276,26 @@ def test_only_our_own_real_folders_of_dead_servers_are_removed(tmp_path: Path) -
     assert remove_stale(tmp_path) == [gone]
     assert worker_alive.is_dir() and link.is_symlink() and target.is_dir() and empty_old.is_dir()
     assert others.is_dir() or os.geteuid() != 0
+
+
+# -- item 8 on SQLite: a database that does not let the server write -----------------------------
+
+def test_a_sqlite_database_held_locked_is_503_with_retry_after(sqlite_ca: CA) -> None:
+    """Another process holds the SQLite database's write lock (a long transaction in a shell, a
+    backup) past the busy timeout: the submission is a 503 problem with Retry-After, not a 500;
+    once the lock is released, submissions succeed again."""
+    import sqlite3
+
+    with serve(sqlite_ca) as base:
+        client = Client.enrolled(base, sqlite_ca.add_principal("locked.example.internal"))
+        client.enroll("machine")
+        holder = sqlite3.connect(sqlite_ca.dir.parent / "ca.db", isolation_level=None, timeout=60)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            submitted = client.submit("machine", make_csr()[1])
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        body = assert_problem(submitted, 503, "unavailable")
+        assert submitted.headers["retry-after"] == "10" and body["retry_after"] == 10, submitted.headers
+        client.enroll("machine")
