@@ -213,6 +213,7 @@ def test_metrics_folders_of_killed_servers_are_removed_at_start(sqlite_ca: CA, t
     dead.wait()
     live_elsewhere = temp / f"certpulse-metrics-{os.getpid()}-abcd1234"  # a server alive on this machine
     live_elsewhere.mkdir(mode=0o700)
+    (live_elsewhere / "server").write_text(f"{os.getpid()} {os.readlink('/proc/self/ns/pid')}\n")
     old_version = temp / "certpulse-metrics-q1w2e3r4"  # as older versions named it, its workers gone
     old_version.mkdir(mode=0o700)
     (old_version / f"histogram_{dead.pid}.db").write_bytes(b"")
@@ -266,11 +267,19 @@ def test_only_our_own_real_folders_of_dead_servers_are_removed(tmp_path: Path) -
 
     dead = subprocess.Popen(["true"])
     dead.wait()
+    namespace = os.readlink("/proc/self/ns/pid")
     gone = tmp_path / f"certpulse-metrics-{dead.pid}-gone"
     gone.mkdir()
+    (gone / "server").write_text(f"{dead.pid} {namespace}\n")
     (gone / f"counter_{dead.pid}.db").write_bytes(b"")
+    other_container = tmp_path / f"certpulse-metrics-{dead.pid}-container"  # that pid may be alive there
+    other_container.mkdir()
+    (other_container / "server").write_text(f"{dead.pid} pid:[1]\n")
+    unmarked = tmp_path / f"certpulse-metrics-{dead.pid}-unmarked"
+    unmarked.mkdir()
     worker_alive = tmp_path / f"certpulse-metrics-{dead.pid}-worker"  # server gone, one worker still running
     worker_alive.mkdir()
+    (worker_alive / "server").write_text(f"{dead.pid} {namespace}\n")
     (worker_alive / f"histogram_{os.getpid()}.db").write_bytes(b"")
     target = tmp_path / "elsewhere"
     target.mkdir()
@@ -287,6 +296,7 @@ def test_only_our_own_real_folders_of_dead_servers_are_removed(tmp_path: Path) -
 
     assert remove_stale(tmp_path) == [gone]
     assert worker_alive.is_dir() and link.is_symlink() and target.is_dir() and empty_old.is_dir()
+    assert other_container.is_dir() and unmarked.is_dir()
     assert others.is_dir() or os.geteuid() != 0
 
 

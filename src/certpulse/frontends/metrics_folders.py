@@ -11,7 +11,10 @@ own, ``ca serve`` removes the folders of servers that are gone (:func:`remove_st
   that are real folders (not links) owned by the user running this server;
 * only when no process they name is alive: neither the server in the name nor any worker whose
   files (``<kind>_<pid>.db``) are in it. A folder of an older version names no server: it is
-  removed when it holds worker files and none of their processes is alive.
+  removed when it holds worker files and none of their processes is alive;
+* only folders of servers in this server's PID namespace (recorded in the folder's
+  :data:`OWNER_FILE`): a pid means nothing in another container sharing the temporary folder,
+  and the folder of a server alive there must stay.
 
 An operator-given ``PROMETHEUS_MULTIPROC_DIR`` is never looked at here: it is the operator's.
 No prometheus_client import: it would fix its storage mode before ``ca serve`` chooses it.
@@ -32,6 +35,7 @@ from certpulse.errors import Reason, Refusal
 log = logging.getLogger("certpulse.serve")
 
 PREFIX = "certpulse-metrics-"
+OWNER_FILE = "server"  # "<pid> <pid namespace>" of the server that made the folder (not *.db: not a metric)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _NAMED = re.compile(r"certpulse-metrics-(\d+)-")
 _WORKER_FILE = re.compile(r"[a-z_]+?_(\d+)\.db")
@@ -41,11 +45,21 @@ def make_folder() -> Path:
     """A fresh folder (0700) for this server's metric files, named after this process; a
     Refusal naming the folder and the reason when it cannot be made (a full or read-only disk)."""
     try:
-        return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+        (folder / OWNER_FILE).write_text(f"{os.getpid()} {_pid_namespace()}\n")
+        return folder
     except OSError as exc:  # gettempdir() too fails when no temporary folder is writable
         where = os.environ.get("TMPDIR") or "the temporary folder"
         raise Refusal(Reason.STORE, f"cannot make the metrics folder in {where}: {exc.strerror or exc}; "
                                     f"free space there, or set {MULTIPROC_ENV} to an existing folder") from None
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace ("pid:[inode]" on Linux; "-" where there is none to read)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "-"
 
 
 def alive(pid: int) -> bool:
@@ -90,6 +104,12 @@ def _stale(folder: Path) -> bool:
     named = _NAMED.match(folder.name)
     if named is not None:
         server = int(named.group(1))
+        try:
+            recorded = (folder / OWNER_FILE).read_text().split()
+        except OSError:  # not written: made by a server that died at once, or not by one
+            return False
+        if recorded != [str(server), _pid_namespace()]:  # another container's, or not ours to judge
+            return False
         pids = {server} | workers
     elif workers:
         pids = workers
