@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from certpulse.ca.audit import AuditTrail
 from certpulse.ca.auth import Authentication
@@ -31,7 +32,7 @@ from certpulse.ca.issuance import CertificateAuthority
 from certpulse.ca.requests import RegistrationAuthority
 from certpulse.ca.revocation import Revocation
 from certpulse.ca.state import KeyRing, SnapshotCache
-from certpulse.ca.stats import CAStats, current_stats
+from certpulse.ca.stats import CAStats, current_stats, probe_database
 from certpulse.ca.storage.statements import Statements
 
 
@@ -49,6 +50,16 @@ class CAService:
                                               self.audit)
         self.revocation = Revocation(engine, self.audit)
         self.policy = EnrollmentPolicy(engine, self.state, policy_id)
+
+    def database_answers(self) -> bool:
+        """Whether the database answers a read now (a readiness probe's question): one row of
+        a small table, so that a database file or server that is gone is noticed, not only the
+        connection pool."""
+        try:
+            probe_database(self.engine)
+        except SQLAlchemyError:
+            return False
+        return True
 
     def stats(self, now: dt.datetime) -> CAStats:
         """The counts an operator watches (what ``/metrics`` exposes), read now."""

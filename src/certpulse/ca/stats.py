@@ -65,6 +65,13 @@ def current_stats(engine: Engine, now: dt.datetime) -> CAStats:
         return read_stats(conn, now)
 
 
+def probe_database(engine: Engine) -> None:
+    """Read one row of a small table, in a transaction of its own; raises what the database
+    raises when it does not answer."""
+    with read(engine) as conn:
+        conn.execute(select(t.templates.c.name).limit(1)).first()
+
+
 def read_stats(conn: Connection, now: dt.datetime) -> CAStats:
     """Every count in one read transaction (the caller's ``conn``)."""
     templates = tuple(sorted(conn.execute(select(t.templates.c.name)).scalars()))

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -35,6 +34,12 @@ from certpulse.cli.output import console, emit_json, print_fields, print_lines, 
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents
+from certpulse.frontends.lifecycle import (
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    MAX_SHUTDOWN_TIMEOUT,
+    SHUTDOWN_TIMEOUT_ENV,
+    SUPERVISOR_ENV,
+)
 from certpulse.pki.certs import serial_hex
 from certpulse.pki.fingerprint import ca_fingerprint
 from certpulse.pki.keys import KEY_SPECS
@@ -58,7 +63,6 @@ AUDIT_ANONYMOUS_ENV = "CERTPULSE_AUDIT_ANONYMOUS_ROWS"  # likewise (frontends/ht
 # uvicorn's own limits, per worker (README, "Limits against anonymous clients"):
 KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default, kept on purpose)
 BACKLOG = 2048  # connections the kernel queues before a worker accepts them (capped by net.core.somaxconn)
-GRACEFUL_SHUTDOWN_S = 30  # a stop waits this long for the requests in progress, then closes them
 
 
 def _admin(dir_: Path | None) -> CAAdmin:
@@ -122,6 +126,10 @@ def ca_serve(
         "--audit-anonymous-rows", min=0, max=1_000_000,
         help="Audit rows per minute, per refusal reason and worker, for refusals of anonymous callers; "
              "the rest are summed in one row")] = 60,
+    shutdown_timeout: Annotated[int, typer.Option(
+        "--shutdown-timeout", min=1, max=MAX_SHUTDOWN_TIMEOUT,
+        help="Seconds a stop (SIGTERM) waits for the requests in progress; then they are cut (503) "
+             "and the process exits")] = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> None:
     """Serve the enrollment API, over TLS with a certificate from this CA (renewed while it runs)."""
     import uvicorn
@@ -162,6 +170,8 @@ def ca_serve(
     os.environ[THREADS_ENV] = str(threads)
     os.environ[READ_TIMEOUT_ENV] = str(read_timeout)
     os.environ[AUDIT_ANONYMOUS_ENV] = str(audit_anonymous_rows)
+    os.environ[SHUTDOWN_TIMEOUT_ENV] = str(shutdown_timeout)
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())
     _log_to_stderr()
     if insecure_http:
         logging.getLogger("certpulse.serve").warning(
@@ -177,7 +187,7 @@ def ca_serve(
                         port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
                         server_header=False, http="certpulse.frontends.read_deadline:BoundedHttpToolsProtocol",
                         timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=max_connections, backlog=BACKLOG,
-                        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **ssl)  # type: ignore[arg-type]
+                        timeout_graceful_shutdown=shutdown_timeout, **ssl)  # type: ignore[arg-type]
         finally:
             if renewer is not None:
                 renewer.stop()
@@ -215,8 +225,9 @@ def _metrics_folder() -> Iterator[None]:
     The operator's ``PROMETHEUS_MULTIPROC_DIR`` is used as it is (and left in place). Otherwise a
     fresh private folder (0700: other users must not read or plant the files) is made for this
     run and removed when the server stops, so that one run's histograms never leak into the
-    next. It must be in the environment before the workers import prometheus_client, which
-    chooses its storage once, at import.
+    next; the folders of servers killed before they could remove theirs are removed first
+    (:mod:`certpulse.frontends.metrics_folders`). It must be in the environment before the
+    workers import prometheus_client, which chooses its storage once, at import.
 
     SIGTERM (how systemd and most supervisors stop a server) would otherwise end a
     single-process server without running this clean-up: uvicorn re-raises the signal after its
@@ -227,8 +238,11 @@ def _metrics_folder() -> Iterator[None]:
     if MULTIPROC_ENV in os.environ:
         yield
         return
-    folder = tempfile.mkdtemp(prefix="certpulse-metrics-")  # mode 0700
-    os.environ[MULTIPROC_ENV] = folder
+    from certpulse.frontends import metrics_folders
+
+    metrics_folders.remove_stale()
+    folder = metrics_folders.make_folder()  # mode 0700
+    os.environ[MULTIPROC_ENV] = str(folder)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise _Terminated

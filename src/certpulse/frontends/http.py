@@ -50,7 +50,14 @@ from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents, read_deadline
 from certpulse.frontends.environment import whole_number_setting
-from certpulse.frontends.health import worker_health
+from certpulse.frontends.health import DatabaseProbe, liveness, readiness, worker_health
+from certpulse.frontends.lifecycle import (
+    CutAtStop,
+    arm_stop_deadline,
+    bind_to_supervisor,
+    shutdown_timeout_from_environment,
+    supervisor_from_environment,
+)
 from certpulse.frontends.limits import BodyLimit
 from certpulse.frontends.metrics import (
     METRICS_RESPONSES,
@@ -58,7 +65,7 @@ from certpulse.frontends.metrics import (
     observe_anonymous_refusal,
     observe_submission,
 )
-from certpulse.frontends.problems import problem
+from certpulse.frontends.problems import DATABASE_RETRY_AFTER, database_unavailable, problem
 from certpulse.frontends.read_deadline import DEFAULT_READ_TIMEOUT, read_timeout_from_environment
 from certpulse.frontends.schema import (
     Credential,
@@ -202,8 +209,8 @@ def refusal_answer(exc: Refusal) -> Response:
 
 
 def store_unavailable(exc: OperationalError) -> Response:
-    log.error("database unavailable: %s", exc.orig)
-    return problem(Reason.UNAVAILABLE, "the certificate database is unavailable; retry later", status=503)
+    log.error("database unavailable: %s", printable(str(exc.orig)))
+    return database_unavailable(f"the certificate database is unavailable; retry after {DATABASE_RETRY_AFTER} s")
 
 
 def unexpected_error(method: str, path: str) -> Response:
@@ -385,6 +392,21 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
         healthy, document = worker_health(app.state.shedding, time.monotonic())
         return JSONResponse(document, status_code=200 if healthy else 503)
 
+    probe = DatabaseProbe(service.database_answers)
+
+    @app.get("/livez", tags=["service"], summary="Liveness: 200 while the process answers (load and database aside)")
+    async def livez() -> Response:
+        return JSONResponse(liveness())
+
+    @app.get("/readyz", tags=["service"],
+             summary="Readiness: 200 when this worker has room and the database answers; else 503 + Retry-After",
+             responses={503: {"description": "Not ready: the database does not answer, or the worker is saturated"}})
+    async def readyz() -> Response:
+        healthy, document = worker_health(app.state.shedding, time.monotonic())
+        code, document, retry_after = readiness(healthy, document, await probe.answers())
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse(document, status_code=code, headers=headers)
+
     @app.get("/metrics", tags=["service"], response_class=PlainTextResponse, responses=METRICS_RESPONSES,
              summary="Prometheus metrics (unauthenticated, as Prometheus expects; counts only, no names)")
     def metrics(request: Request) -> Response:
@@ -488,8 +510,12 @@ def app_from_environment() -> Any:
         service.audit.refusal(ANONYMOUS.actor, "refused", Refusal(reason, detail), clock.now())
 
     read_deadline.refusal_listener = _logged(on_protocol_refusal)
-    return create_app(service, max_body=config.max_request_bytes, max_inflight=max_inflight_from_environment(),
-                      threads=threads_from_environment(), read_timeout=read_timeout_from_environment())
+    app = create_app(service, max_body=config.max_request_bytes, max_inflight=max_inflight_from_environment(),
+                     threads=threads_from_environment(), read_timeout=read_timeout_from_environment())
+    # uvicorn calls this factory in the serving process, its signal handlers in place (frontends/lifecycle.py)
+    bind_to_supervisor(supervisor_from_environment())
+    arm_stop_deadline(shutdown_timeout_from_environment())
+    return CutAtStop(app)
 
 
 __all__ = ["answer", "app_from_environment", "create_app"]

@@ -40,7 +40,7 @@ from certpulse import __version__, clock
 from certpulse.ca.service import CAService
 from certpulse.ca.stats import CAStats
 from certpulse.errors import Reason
-from certpulse.frontends.problems import problem
+from certpulse.frontends.problems import database_unavailable, problem
 
 log = logging.getLogger("certpulse.api")
 
@@ -89,7 +89,7 @@ REQUESTS_SHED = Counter(
     registry=_PROCESS_REGISTRY,
 )
 REQUESTS_INFLIGHT = Gauge(
-    "certpulse_ca_requests_inflight", "Requests in progress now, over all workers (/healthz and /metrics excluded)",
+    "certpulse_ca_requests_inflight", "Requests in progress now, over all workers (the probes and /metrics excluded)",
     registry=_PROCESS_REGISTRY, multiprocess_mode="livesum",
 )
 REQUESTS_INFLIGHT_PEAK = Gauge(
@@ -245,8 +245,7 @@ def render(service: CAService, accept: str | None) -> Response:
         stats = service.stats(clock.now())
     except SQLAlchemyError as exc:
         log.error("metrics: database unavailable: %s", exc)
-        return problem(Reason.UNAVAILABLE, f"metrics need the certificate database, which failed: "
-                                           f"{type(exc).__name__}", status=503)
+        return database_unavailable(f"metrics need the certificate database, which failed: {type(exc).__name__}")
     registry = CollectorRegistry(auto_describe=False)
     if multiprocess_mode():
         folder = os.environ.get(MULTIPROC_ENV, "")

@@ -32,10 +32,21 @@ STATUS: dict[Reason, int] = {
     Reason.STORE: 503,
 }
 DEFAULT_STATUS = 400  # everything about the content of a request
+# Retry-After of a 503 because the database does not answer (the API, /metrics and /readyz alike):
+# a database restart or failover takes seconds; clients come back after this, with their own jitter.
+DATABASE_RETRY_AFTER = 10
 
 
 def status_for(reason: Reason) -> int:
     return STATUS.get(reason, DEFAULT_STATUS)
+
+
+def database_unavailable(detail: str) -> JSONResponse:
+    """503 with ``Retry-After`` (header and ``retry_after``), as a shed answer has: the request had
+    no effect, and the same request a little later may well succeed."""
+    response = problem(Reason.UNAVAILABLE, detail, status=503, retry_after=DATABASE_RETRY_AFTER)
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
+    return response
 
 
 def problem(reason: Reason, detail: str, status: int | None = None, **extra: Any) -> JSONResponse:

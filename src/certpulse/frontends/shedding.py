@@ -18,8 +18,8 @@ turn: whole seconds sized from the capacity this worker measured and the clients
 told to come back (:mod:`certpulse.frontends.retry_schedule`), so that clients shed together
 return spread at the rate the worker can take them.
 
-``/healthz`` and ``/metrics`` are never shed (nor counted): a liveness probe or a scrape must
-answer precisely when the server is busiest. The limit is per worker process (``ca serve
+The probes (``/healthz``, ``/livez``, ``/readyz``) and ``/metrics`` are never shed (nor counted):
+a probe or a scrape must answer precisely when the server is busiest. The limit is per worker process (``ca serve
 --max-inflight N``, passed to the workers as ``CERTPULSE_MAX_INFLIGHT``; 0 turns shedding off).
 The event loop of a worker is single-threaded, so the count needs no lock.
 """
@@ -50,7 +50,7 @@ MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"
 # queue form on the event loop behind them, enough to keep every thread busy, and no longer than
 # about a tenth of a second of issuances.
 DEFAULT_MAX_INFLIGHT = 64
-EXEMPT_PATHS = frozenset({"/healthz", "/metrics"})
+EXEMPT_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 _T = TypeVar("_T")
 
 
