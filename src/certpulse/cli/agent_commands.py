@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from cryptography import x509
@@ -26,6 +26,7 @@ from certpulse.agent.config import (
 )
 from certpulse.agent.daemon import deliver_tasks, run, signal_running_agent
 from certpulse.agent.gather import cached_templates, planned_renewal
+from certpulse.agent.local_faults import LOCAL_ERRORS, PulseNotRecorded, describe
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.agent.trust import (
@@ -35,7 +36,7 @@ from certpulse.agent.trust import (
     select_pinned,
     ssl_context,
 )
-from certpulse.cli.output import console, emit_json, print_fields, shown, table
+from certpulse.cli.output import console, emit_json, err_console, fail_line, print_fields, shown, table
 from certpulse.durations import parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import LocalStore
@@ -53,6 +54,8 @@ AgentDir = Annotated[
                  help="Agent folder (default: $CERTPULSE_DIR, then /var/lib/certpulse as root, "
                       "else ~/.local/share/certpulse)"),
 ]
+# `agent pulse` when the store cannot record the pulse (or cannot be opened): sysexits' EX_IOERR.
+EXIT_NOT_RECORDED = 74
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
 
 
@@ -168,7 +171,10 @@ def agent_pulse(
         if pid is not None:
             console.print(f"asked the running agent (pid {pid}) to pulse now")
             return
-    agent = Agent(directory, config)
+    try:
+        agent = Agent(directory, config)
+    except LOCAL_ERRORS as exc:
+        _not_recorded(f"the pulse cannot run: {describe(exc, directory / 'store')[1]}")
     try:
         now = clock.now()
         if plan_only:
@@ -190,14 +196,27 @@ def agent_pulse(
         lock.acquire()
         try:
             result = agent.pulse(now, force_policy=refresh_policy)
+        except PulseNotRecorded as exc:
+            _not_recorded(str(exc))
         finally:
             lock.release()
         _print_result(result, json_)  # the pulse is over: tasks run after it is reported
-        deliver_tasks(directory, config, agent.store)
+        try:
+            deliver_tasks(directory, config, agent.store)
+        except LOCAL_ERRORS as exc:  # the pulse is reported and recorded; the tasks try again next time
+            err_console.print(fail_line(f"certpulse: warning: rebind and notification tasks not run: "
+                                        f"{describe(exc, agent.store.root)[1]}"), markup=False, soft_wrap=True)
     finally:
         agent.close()
     if result.outcome == "failed":
         raise typer.Exit(1)
+
+
+def _not_recorded(message: str) -> NoReturn:
+    """A pulse whose outcome the store cannot hold: said here, since nothing else will say it,
+    with its own exit status (74, the I/O error of sysexits), never an internal error."""
+    err_console.print(fail_line(f"certpulse: error: store: {message}"), markup=False, soft_wrap=True)
+    raise typer.Exit(EXIT_NOT_RECORDED)
 
 
 @agent_app.command("run")
