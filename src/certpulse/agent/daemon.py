@@ -130,7 +130,7 @@ class TaskDelivery:
                 if store is None:
                     try:
                         store = LocalStore(self.directory / "store", channel=self.config.channel)  # its own
-                    except LOCAL_ERRORS:  # the pulse reports a store that cannot be opened; retried later
+                    except Exception:  # the pulse reports a store that cannot be opened; retried later
                         self.wake.wait(timeout=TASK_POLL_SECONDS)
                         self.wake.clear()
                         continue
