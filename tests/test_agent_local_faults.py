@@ -8,12 +8,16 @@ the way a disk or an operator damages them: a garbled or missing ``cert.pem``, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agent_support import Agent, action_for, check_version_folder, new_agent, one, wait_for
 from support import CA
@@ -175,3 +179,46 @@ def test_a_damaged_store_database_is_said_with_its_own_status_and_the_daemon_kee
     assert daemon.returncode == 0, log_path.read_text()
     assert "Traceback" not in log_path.read_text()
     assert agent.status()["last_pulse"]["outcome"] == "ok"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of the test's own (mounting needs root: skipped, saying so, without it)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_fails_the_pulse_in_plain_words_and_the_next_one_renews(
+        pki: CA, ca_url: str, small_disk: Path) -> None:
+    agent = new_agent(pki, ca_url, small_disk / "agent")
+    agent.pulse()
+    old = agent.live("machine").name
+    filler = small_disk / "filler"
+    with filler.open("wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+
+    result = agent.run("agent", "pulse", "--json", faketime="+330d", check=False)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "internal error" not in output, output
+    assert "the disk is full" in output and "free space" in output, output
+    assert result.returncode in (1, 74), (result.returncode, output)
+    if result.returncode == 74:  # not even the outcome could be written: one line says so
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("certpulse: error: store: the pulse ended (failed"), line
+    assert agent.live("machine").name == old  # nothing half-installed: the old pair still serves
+    check_version_folder(pki, agent.live("machine"))
+
+    filler.unlink()
+    renewed = action_for(agent.pulse(faketime="+330d"), "machine")
+    assert (renewed["rule"], renewed["outcome"]) == ("6a:threshold", "done"), renewed
+    assert agent.live("machine").name == renewed["new_thumbprint"]

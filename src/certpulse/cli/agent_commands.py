@@ -182,6 +182,8 @@ def agent_pulse(
                 plan = agent.plan(now, force_policy=refresh_policy)
             except ServerUnavailable as exc:
                 raise _unavailable(exc) from None
+            except LOCAL_ERRORS as exc:  # --plan repairs nothing: it says what `agent pulse` would find
+                raise Refusal(Reason.STORE, describe(exc, agent.store.root)[1]) from None
             if json_:
                 emit_json({"actions": [a.to_dict() for a in plan.actions],
                            "notes": [n.__dict__ for n in plan.notes]})
@@ -292,7 +294,10 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         templates = cached_templates(config.servers, store.get_state, now)
         rows = []
         for record in store.certificates(include_archived=False):
-            due = planned_renewal(record, store.certificate(record.thumbprint), templates, now)
+            try:
+                due = planned_renewal(record, store.certificate(record.thumbprint), templates, now)
+            except (OSError, ValueError):  # damaged files: the next pulse repairs them or says why not
+                due = None
             rows.append({**record.to_dict(), "renewal_time": due.isoformat() if due else None})
         pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
                     "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in store.flights()]
