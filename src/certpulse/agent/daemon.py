@@ -24,9 +24,10 @@ from types import FrameType
 
 from certpulse import clock
 from certpulse.agent.config import AgentConfig
-from certpulse.agent.local_faults import LOCAL_ERRORS, PulseNotRecorded, describe
+from certpulse.agent.local_faults import LOCAL_ERRORS, PulseNotRecorded, describe, store_unreachable
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.durations import backoff
+from certpulse.errors import Refusal
 from certpulse.events.tasks import Dispatcher, TaskSettings
 from certpulse.faults import fault_point
 from certpulse.machine.certstore import LocalStore
@@ -193,6 +194,10 @@ def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) 
             except PulseNotRecorded as exc:
                 log.error("%s", exc)
             except LOCAL_ERRORS as exc:  # the store could not even be opened
+                log.error("the pulse cannot run: %s", describe(exc, directory / "store")[1])
+            except Refusal as exc:
+                if not store_unreachable(exc):
+                    raise
                 log.error("the pulse cannot run: %s", describe(exc, directory / "store")[1])
             except Exception as exc:  # last resort: the daemon outlives any one pulse, and says why it failed
                 log.error("the pulse failed unexpectedly: %s: %s", type(exc).__name__, exc)

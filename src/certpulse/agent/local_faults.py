@@ -14,7 +14,7 @@ import sqlite3
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from certpulse.errors import CertpulseError
+from certpulse.errors import CertpulseError, Reason, Refusal
 from certpulse.machine.live_repair import os_reason
 
 # What a local step may raise: the operating system, a file that does not parse, the database.
@@ -28,6 +28,12 @@ LOCAL_CAUSES = frozenset({
 # Where a pulse-level local fault is counted in the failing state (certificates and templates
 # use their thumbprint and ``template:NAME``).
 PULSE_KEY = "pulse"
+
+
+def store_unreachable(exc: Refusal) -> bool:
+    """A refusal that says the store's database cannot be opened (:func:`certpulse.sql.db.migrate`):
+    a local fault like the others, though it comes as a refusal."""
+    return exc.reason is Reason.STORE
 
 
 class PulseNotRecorded(CertpulseError):
@@ -51,12 +57,13 @@ def describe(exc: BaseException, store_root: object) -> tuple[str, str]:
             return "permission-denied", (f"{where} cannot be written or read: {os_reason(exc)}; check its owner "
                                          "and mode, and that its file system is writable")
         return "file-error", f"{where}: {os_reason(exc)}; run `certpulse agent status`"
-    if isinstance(exc, SQLAlchemyError | sqlite3.Error):
-        why = _sql_reason(exc)
+    if isinstance(exc, SQLAlchemyError | sqlite3.Error | Refusal):
+        why = exc.detail if isinstance(exc, Refusal) else _sql_reason(exc)
         if "full" in why:
             return "disk-full", (f"the disk is full: the store's database {store_root}/meta.db cannot be written "
                                  f"({why}); free space on the file system of {store_root}")
         return "store-database", (f"the store's database {store_root}/meta.db cannot be read or written: {why}; "
-                                  "check the disk and the file's permissions, or restore it")
+                                  "check that its disk is not full or failing and the file's permissions, "
+                                  "or restore it")
     return "unreadable-file", (f"a file of the store under {store_root} cannot be read: {exc}; "
                                "run `certpulse agent status`")

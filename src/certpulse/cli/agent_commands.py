@@ -26,7 +26,7 @@ from certpulse.agent.config import (
 )
 from certpulse.agent.daemon import deliver_tasks, run, signal_running_agent
 from certpulse.agent.gather import cached_templates, planned_renewal
-from certpulse.agent.local_faults import LOCAL_ERRORS, PulseNotRecorded, describe
+from certpulse.agent.local_faults import LOCAL_ERRORS, PulseNotRecorded, describe, store_unreachable
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.agent.trust import (
@@ -174,6 +174,10 @@ def agent_pulse(
     try:
         agent = Agent(directory, config)
     except LOCAL_ERRORS as exc:
+        _not_recorded(f"the pulse cannot run: {describe(exc, directory / 'store')[1]}")
+    except Refusal as exc:
+        if not store_unreachable(exc):
+            raise
         _not_recorded(f"the pulse cannot run: {describe(exc, directory / 'store')[1]}")
     try:
         now = clock.now()
