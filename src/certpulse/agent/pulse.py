@@ -3,7 +3,8 @@
 :class:`Agent` composes the parts a pulse needs — the machine's store, one client per policy
 server, the gather step, the pure planner, the :class:`~certpulse.agent.executor.Executor` —
 and records every pulse's outcome. It raises the events a pulse raises besides the store's own:
-1100 for a request that was due and failed, 1003/1002 for certificates the agent will not renew.
+1100 for a request that was due and failed or a local fault (:mod:`certpulse.machine.live_repair`,
+:mod:`certpulse.agent.local_faults`), 1003/1002 for certificates the agent will not renew.
 """
 
 from __future__ import annotations
