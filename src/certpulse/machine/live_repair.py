@@ -103,7 +103,10 @@ def _why_unreadable(path: Path) -> str:
 
 
 def _rewrite(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` whole: a temporary file beside it, synced, renamed over it."""
+    """Replace ``path`` whole: a temporary file beside it, synced, renamed over it (one left by
+    a repair that was killed is removed first)."""
+    for stale in path.parent.glob(f".{path.name}.*"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
