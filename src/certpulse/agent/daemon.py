@@ -25,8 +25,10 @@ from types import FrameType
 
 from certpulse import clock
 from certpulse.agent.config import AgentConfig
+from certpulse.agent.local_faults import LOCAL_ERRORS, PulseNotRecorded, describe, store_unreachable
 from certpulse.agent.pulse import Agent, PulseResult
 from certpulse.durations import backoff
+from certpulse.errors import Refusal
 from certpulse.events.tasks import Dispatcher, TaskSettings
 from certpulse.faults import fault_point
 from certpulse.machine.certstore import LocalStore
@@ -125,9 +127,16 @@ class TaskDelivery:
         self.thread.join(timeout)
 
     def _loop(self) -> None:
-        store = LocalStore(self.directory / "store", channel=self.config.channel)  # its own connections
+        store: LocalStore | None = None
         try:
             while not self.stop.is_set():
+                if store is None:
+                    try:
+                        store = LocalStore(self.directory / "store", channel=self.config.channel)  # its own
+                    except Exception:  # the pulse reports a store that cannot be opened; retried later
+                        self.wake.wait(timeout=TASK_POLL_SECONDS)
+                        self.wake.clear()
+                        continue
                 self.wake.clear()
                 more = False
                 # Read before delivering: the pulse sets it after its changes are committed, so this
@@ -143,7 +152,8 @@ class TaskDelivery:
                     log.exception("rebind or notification task delivery failed")
                 self.wake.wait(timeout=0.0 if more else TASK_POLL_SECONDS)
         finally:
-            store.close()
+            if store is not None:
+                store.close()
 
 
 def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) -> int:
@@ -172,31 +182,59 @@ def run(directory: Path, config: AgentConfig, *, max_pulses: int | None = None) 
     rng = random.Random()
     failures = 0
     pulses = 0
-    agent = Agent(directory, config)
-    agent.store.listeners.append(delivery.nudge)
+    agent: Agent | None = None
     delivery.start()
     try:
         while not stop.is_set():
             wake.clear()
-            result: PulseResult = agent.pulse(clock.now())
+            result: PulseResult | None = None
+            try:
+                if agent is None:  # opened here, not before the loop: a damaged store is retried, not fatal
+                    agent = Agent(directory, config)
+                    agent.store.listeners.append(delivery.nudge)
+                result = agent.pulse(clock.now())
+            except PulseNotRecorded as exc:
+                log.error("%s", exc)
+            except LOCAL_ERRORS as exc:  # the store could not even be opened
+                log.error("the pulse cannot run: %s", describe(exc, directory / "store")[1])
+            except Refusal as exc:
+                if not store_unreachable(exc):
+                    raise
+                log.error("the pulse cannot run: %s", describe(exc, directory / "store")[1])
+            except Exception as exc:  # last resort: the daemon outlives any one pulse, and says why it failed
+                log.error("the pulse failed unexpectedly: %s: %s", type(exc).__name__, exc)
             delivery.check_due.set()
             delivery.nudge()
             pulses += 1
-            failures = failures + 1 if result.outcome == "failed" else 0
-            log.info("pulse %s%s", result.outcome, f": {result.error}" if result.error else "")
+            failures = failures + 1 if result is None or result.outcome == "failed" else 0
+            if result is not None:
+                log.info("pulse %s%s", result.outcome, f": {result.error}" if result.error else "")
             if max_pulses is not None and pulses >= max_pulses:
                 # Let a deployment in progress finish (it holds the rebind lock), then deliver what
                 # the last pulse raised and check the bindings here.
                 delivery.close(timeout=None)
-                deliver(agent.store, config, directory)
-                rebind.check(agent.store, clock.now())
+                if agent is not None:
+                    try:
+                        deliver(agent.store, config, directory)
+                        rebind.check(agent.store, clock.now())
+                    except LOCAL_ERRORS as exc:
+                        log.error("rebind or notification task delivery failed: %s",
+                                  describe(exc, agent.store.root)[1])
                 break
-            delay = next_delay(refresh=config.refresh_interval, failures=failures, retry_after=result.retry_after,
+            delay = next_delay(refresh=config.refresh_interval, failures=failures,
+                               retry_after=result.retry_after if result is not None else None,
                                cap=config.backoff_cap, rng=rng)
-            agent.store.set_state("next_pulse", (clock.now() + dt.timedelta(seconds=delay)).isoformat())
+            if agent is not None:
+                try:
+                    agent.store.set_state("next_pulse", (clock.now() + dt.timedelta(seconds=delay)).isoformat())
+                except LOCAL_ERRORS as exc:
+                    log.error("the next pulse time cannot be recorded: %s", describe(exc, agent.store.root)[1])
+            if result is None or result.outcome == "failed":
+                log.info("backing off: next pulse in %.0f s", delay)
             wake.wait(timeout=delay)
     finally:
         delivery.close()
-        agent.close()
+        if agent is not None:
+            agent.close()
         lock.release()
     return 0

@@ -22,6 +22,7 @@ from cryptography import x509
 from certpulse.agent import gather
 from certpulse.agent.client import CAClient, RequestAnswer, ServerRefused, ServerUnavailable
 from certpulse.agent.csr import build_csr, csr_pem, names_of, renewal_signature
+from certpulse.agent.local_faults import LOCAL_ERRORS, describe
 from certpulse.agent.model import Action, Kind, TemplatePolicy
 from certpulse.agent.revocation import remember_revoked
 from certpulse.errors import Reason, Refusal
@@ -35,7 +36,8 @@ from certpulse.pki.names import is_hostname
 
 log = logging.getLogger("certpulse.agent")
 
-Outcome = Literal["done", "pending", "refused", "unavailable", "skipped"]
+# "failed": a local fault (disk, files, database) stopped this action; the others go on.
+Outcome = Literal["done", "pending", "refused", "unavailable", "skipped", "failed"]
 # Refusals that mean "not this issuer": the next one in the action's list is tried.
 TRY_NEXT_ISSUER = ("no-issuer", "unknown-issuer", "issuer-renewal-only")
 # Refusals of names a renewal copied from the old certificate (by the CA, or into the CSR by this
@@ -52,6 +54,7 @@ class ActionOutcome:
     retry_after: float | None = None  # the server's Retry-After, when it was unavailable
     evented: bool = False  # the failure already has its own event (a denial)
     reason: str | None = None  # the CA's reason, when it refused the request
+    cause: str | None = None  # the local fault's cause (local_faults.LOCAL_CAUSES), when it failed
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.action.to_dict(), "outcome": self.outcome, "outcome_detail": self.detail,
@@ -97,7 +100,15 @@ class Executor:
             return ActionOutcome(action, "unavailable", exc.detail, retry_after=exc.retry_after)
         except ServerRefused as exc:
             return ActionOutcome(action, "refused", f"{exc.reason}: {exc.detail}")
+        except LOCAL_ERRORS as exc:  # this action's files or rows: the pulse goes on with the others
+            return self._failed(action, exc)
         return ActionOutcome(action, "skipped", "nothing to do")
+
+    def _failed(self, action: Action, exc: BaseException) -> ActionOutcome:
+        cause, words = describe(exc, self.store.root)
+        what = f"{action.kind.value} of template {action.template}" if action.template else action.kind.value
+        log.error("%s failed: %s", what, words)
+        return ActionOutcome(action, "failed", f"{what}: {words}", cause=cause)
 
     def resume(self, flight: Flight, now: dt.datetime) -> ActionOutcome:
         """A request sent (or about to be) when the agent stopped: resend it, same key, same id."""
@@ -105,7 +116,10 @@ class Executor:
                         "resume", template=flight.template_name, issuers=flight.issuers,
                         thumbprint=flight.renewal_of or (flight.replaces[0] if flight.replaces else None),
                         replaces=flight.replaces, detail="resumed after an interruption")
-        return self.submit(action, flight, now)
+        try:
+            return self.submit(action, flight, now)
+        except LOCAL_ERRORS as exc:
+            return self._failed(action, exc)
 
     def _drop_stale(self, action: Action, now: dt.datetime) -> ActionOutcome:
         for flight in self.store.flights():

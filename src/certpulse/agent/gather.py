@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from certpulse.errors import Reason, Refusal
 from certpulse.machine.certstore import CertRecord, LocalStore
 from certpulse.pki import template_info
 from certpulse.pki.certs import thumbprint
+
+log = logging.getLogger("certpulse.agent")
 
 RA_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.1")
 KRA_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.311.21.6")
@@ -217,6 +220,21 @@ def stored_certificate(record: CertRecord, cert: x509.Certificate, chain: list[x
     )
 
 
+def recorded_certificate(record: CertRecord, *, revoked: bool = False,
+                         template_names: dict[str, str] | None = None) -> StoredCertificate:
+    """A certificate as its record describes it, for one whose files cannot be read: taken as it
+    was when it was installed (its chain was checked then)."""
+    name = record.template_name
+    if record.template_oid and template_names and record.template_oid in template_names:
+        name = template_names[record.template_oid]
+    return StoredCertificate(
+        thumbprint=record.thumbprint, subject=record.subject, not_before=record.not_before,
+        not_after=record.not_after, template_oid=record.template_oid, template_name=name,
+        major_version=record.major_version, minor_version=record.minor_version,
+        source="manual" if record.source == "manual" else "auto", policy_id=record.policy_id,
+        archived=record.archived, revoked=revoked)
+
+
 def policy_cache_key(url: str) -> str:
     """The state entry holding the last policy ``url`` gave. The pulse writes it; readers that must
     not contact a server (status, metrics, manual enrollment) read it through :func:`cached_templates`."""
@@ -255,13 +273,30 @@ def planned_renewal(record: CertRecord, cert: x509.Certificate, templates: Mappi
 
 
 def snapshot(store: LocalStore, policies: Iterable[GatheredPolicy], now: dt.datetime,
-             revoked: frozenset[str] = frozenset(), additional: Iterable[Path] = ()) -> StoreSnapshot:
+             revoked: frozenset[str] = frozenset(), additional: Iterable[Path] = (),
+             broken: frozenset[str] = frozenset()) -> StoreSnapshot:
+    """What the planner sees. ``broken`` certificates (files the pulse found unusable and
+    reported) are seen from their records alone, so their template still counts as held (the
+    agent does not enroll anew behind the operator's back; the pulse says what to do); an
+    archived one whose files no longer parse is left out (logged). One damaged certificate never
+    keeps the others from being planned."""
     policies = list(policies)
     names = {t.oid: t.name for p in policies for t in p.server.templates}
     trusts = [p.trust for p in policies]
-    certs = [stored_certificate(r, store.certificate(r.thumbprint), store.chain(r.thumbprint), trusts, now,
-                                revoked=r.thumbprint in revoked, template_names=names)
-             for r in store.certificates()]
+    certs: list[StoredCertificate] = []
+    for r in store.certificates():
+        if r.thumbprint in broken:
+            certs.append(recorded_certificate(r, revoked=r.thumbprint in revoked, template_names=names))
+            continue
+        try:
+            cert, chain = store.certificate(r.thumbprint), store.chain(r.thumbprint)
+        except (OSError, ValueError) as exc:
+            if not r.archived:
+                raise
+            log.warning("the archived certificate %s cannot be read (%s); left out of planning", r.thumbprint, exc)
+            continue
+        certs.append(stored_certificate(r, cert, chain, trusts, now, revoked=r.thumbprint in revoked,
+                                        template_names=names))
     certs += monitored(additional)
     pending = tuple(
         PendingRequest(request_id=f.request_id, template=f.template_name, issuer=f.issuer or "",

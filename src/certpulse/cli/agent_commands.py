@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from cryptography import x509
@@ -29,6 +29,7 @@ from certpulse.agent.config import (
 )
 from certpulse.agent.daemon import deliver_tasks, run
 from certpulse.agent.gather import cached_templates, planned_renewal
+from certpulse.agent.local_faults import LOCAL_ERRORS, PulseNotRecorded, describe, store_unreachable
 from certpulse.agent.manual import (
     export_p12,
     export_pem,
@@ -63,6 +64,8 @@ AgentDir = Annotated[
                  help="Agent folder (default: $CERTPULSE_DIR, then /var/lib/certpulse as root, "
                       "else ~/.local/share/certpulse)"),
 ]
+# `agent pulse` when the store cannot record the pulse (or cannot be opened): sysexits' EX_IOERR.
+EXIT_NOT_RECORDED = 74
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
 # `agent pulse` while another one-shot pulse holds the store: how long it waits by default, and
 # its exit status when that wait is over (EX_TEMPFAIL: try again later; 1 is a failed pulse, 2 a
@@ -223,6 +226,14 @@ def agent_pulse(
             return
     try:
         agent = Agent(directory, config)
+    except LOCAL_ERRORS as exc:
+        lock.release()
+        _not_recorded(f"the pulse cannot run: {describe(exc, directory / 'store')[1]}")
+    except Refusal as exc:
+        lock.release()
+        if not store_unreachable(exc):
+            raise
+        _not_recorded(f"the pulse cannot run: {describe(exc, directory / 'store')[1]}")
     except BaseException:
         lock.release()
         raise
@@ -233,6 +244,8 @@ def agent_pulse(
                 plan = agent.plan(now, force_policy=refresh_policy)
             except ServerUnavailable as exc:
                 raise _unavailable(exc) from None
+            except LOCAL_ERRORS as exc:  # --plan repairs nothing: it says what `agent pulse` would find
+                raise Refusal(Reason.STORE, describe(exc, agent.store.root)[1]) from None
             if json_:
                 emit_json({"actions": [a.to_dict() for a in plan.actions],
                            "notes": [n.__dict__ for n in plan.notes]})
@@ -245,14 +258,27 @@ def agent_pulse(
             return
         try:
             result = agent.pulse(now, force_policy=refresh_policy)
+        except PulseNotRecorded as exc:
+            _not_recorded(str(exc))
         finally:
             lock.release()
         _print_result(result, json_)  # the pulse is over: tasks run after it is reported
-        deliver_tasks(directory, config, agent.store)
+        try:
+            deliver_tasks(directory, config, agent.store)
+        except LOCAL_ERRORS as exc:  # the pulse is reported and recorded; the tasks try again next time
+            err_console.print(fail_line(f"certpulse: warning: rebind and notification tasks not run: "
+                                        f"{describe(exc, agent.store.root)[1]}"), markup=False, soft_wrap=True)
     finally:
         agent.close()
     if result.outcome == "failed":
         raise typer.Exit(1)
+
+
+def _not_recorded(message: str) -> NoReturn:
+    """A pulse whose outcome the store cannot hold: said here, since nothing else will say it,
+    with its own exit status (74, the I/O error of sysexits), never an internal error."""
+    err_console.print(fail_line(f"certpulse: error: store: {message}"), markup=False, soft_wrap=True)
+    raise typer.Exit(EXIT_NOT_RECORDED)
 
 
 @agent_app.command("run")
@@ -365,7 +391,10 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         templates = cached_templates(config.servers, store.get_state, now)
         rows = []
         for record in store.certificates(include_archived=False):
-            due = planned_renewal(record, store.certificate(record.thumbprint), templates, now)
+            try:
+                due = planned_renewal(record, store.certificate(record.thumbprint), templates, now)
+            except (OSError, ValueError):  # damaged files: the next pulse repairs them or says why not
+                due = None
             rows.append({**record.to_dict(), "renewal_time": due.isoformat() if due else None})
         pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
                     "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in store.flights()]

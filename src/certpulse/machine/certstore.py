@@ -364,6 +364,10 @@ class LocalStore:
         if record is not None:
             self._point_live_if_moved(template, record.thumbprint)
 
+    def point_live(self, template: str, print_: str) -> None:
+        """Point the template's live link at ``print_`` (a repair: :mod:`certpulse.machine.live_repair`)."""
+        self._point_live_if_moved(template, print_)
+
     def _point_live_if_moved(self, template: str, print_: str) -> None:
         link = self.live_link(template)
         if not link.is_symlink() or os.readlink(link) != os.path.join("..", "certs", print_):
