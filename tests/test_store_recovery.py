@@ -71,6 +71,15 @@ def lose_database(agent: Agent, how: str) -> None:
         conn.close()
 
 
+def pulse_cannot_run(result: subprocess.CompletedProcess[str]) -> str:
+    """``agent pulse`` on a store that cannot be opened: one line, exit 74 (README, a local fault)."""
+    assert result.returncode == 74, (result.returncode, result.stdout, result.stderr)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("certpulse: error: store: the pulse cannot run: "), line
+    assert "Traceback" not in result.stdout + result.stderr
+    return line
+
+
 def repair(agent: Agent, *, code: int = 0) -> dict[str, Any]:
     result = agent.run("agent", "repair", "--json", check=False)
     assert result.returncode == code and "Traceback" not in result.stderr, (result.returncode, result.stdout,
@@ -131,7 +140,7 @@ def test_a_damaged_database_is_refused_left_alone_then_moved_aside(enrolled: tup
     garbage = b"this is not a SQLite database " * 200
     db.write_bytes(garbage)
 
-    line = one_line_error(agent.run("agent", "pulse", "--json", check=False), "store")
+    line = pulse_cannot_run(agent.run("agent", "pulse", "--json", check=False))
     assert "is damaged" in line and "certpulse agent repair" in line, line
     one_line_error(agent.run("agent", "status", "--json", check=False), "store")
     assert db.read_bytes() == garbage, "the damaged database was written to"
@@ -173,7 +182,7 @@ def test_repair_names_what_it_cannot_import_and_deletes_nothing(enrolled: tuple[
     (mismatched / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (mismatched / "key.pem").write_bytes(stranger)
     lose_database(agent, "deleted")
-    line = one_line_error(agent.run("agent", "pulse", "--json", check=False), "store")
+    line = pulse_cannot_run(agent.run("agent", "pulse", "--json", check=False))
     assert "4 certificate folders " in line, line
 
     report = repair(agent, code=1)

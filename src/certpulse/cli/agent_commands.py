@@ -196,6 +196,8 @@ def _take_store(lock: AgentLock, wait: float) -> int | None:
     _ignore_wake_signals()
     try:
         daemon = lock.acquire_or_wake(Role.PULSE, clock.now, wait, signal.SIGHUP, waiting=waiting)
+    except OSError as exc:  # the agent folder itself cannot be written (full, read-only)
+        _not_recorded(f"the pulse cannot run: {describe(exc, lock.path.parent / 'store')[1]}")
     except AgentBusy as busy:
         err_console.print(fail_line(f"certpulse: error: {busy.reason.value}: {busy.detail} (waited {wait:g} s)"),
                           markup=False, soft_wrap=True)
@@ -336,7 +338,7 @@ def agent_repair(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     directory = resolve_dir(dir_)
     config = load_config(directory)
     lock = AgentLock(directory)
-    lock.acquire()
+    lock.acquire(Role.PULSE, clock.now())  # one-shot like a pulse: waited for, never signalled
     try:
         report = repair_store(directory, config, clock.now(),
                               then=lambda store: deliver_tasks(directory, config, store))

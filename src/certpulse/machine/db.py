@@ -4,7 +4,6 @@ after an upgrade."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -13,14 +12,10 @@ from certpulse.sql.db import make_engine, migrate
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 DATABASE_NAME = "meta.db"
-# Alembic's migration context is process-global: two threads opening the store at once (the
-# daemon's pulse and its task thread, each retrying a store it could not open) take turns.
-_MIGRATING = threading.Lock()
 
 
 def open_database(store_root: Path) -> Engine:
     """The engine of ``<store_root>/meta.db``, its schema brought up to date."""
     engine = make_engine(f"sqlite:///{(store_root / DATABASE_NAME).resolve()}", pool_size=2)
-    with _MIGRATING:
-        migrate(engine, MIGRATIONS)
+    migrate(engine, MIGRATIONS)  # one thread at a time: Alembic's context is process-global
     return engine

@@ -164,8 +164,11 @@ class AgentLock:
             os.close(fd)
             return False
         record = {"pid": os.getpid(), "role": role.value, "since": now.isoformat(), "start": process_start(os.getpid())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same; unnamed, its holder is waited for
+            os.ftruncate(fd, 0)  # never signalled (Role.UNKNOWN), and the pulse reports the disk
         self.fd = fd
         return True
 

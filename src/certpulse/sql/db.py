@@ -235,12 +235,17 @@ def alembic_config(url: str, location: Path) -> Config:
     return config
 
 
+# Alembic's migration context is process-global: two threads migrating at once (the agent
+# daemon's pulse and its task thread, each opening a store it could not open before) take turns.
+_MIGRATING = threading.Lock()
+
+
 def migrate(engine: Engine, location: Path) -> None:
     """Bring the schema to the newest migration in ``location`` (creating it on an empty database)."""
     from alembic import command
 
     try:
-        with engine.begin() as conn:
+        with _MIGRATING, engine.begin() as conn:
             config = alembic_config(engine.url.render_as_string(hide_password=False), location)
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
