@@ -21,6 +21,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -90,6 +91,14 @@ def label(what: Any) -> str:
 
 
 def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="certpulse-server-calls-"))
+    try:
+        return measure(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(work: Path) -> int:
     global counting
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=500, help="issuances per measured round")
@@ -102,7 +111,6 @@ def main() -> int:
     parser.add_argument("--save", type=Path, help="write the call counts by function (JSON) here")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="certpulse-server-calls-"))
     folder = work / "ca"
     run([*CERTPULSE, "ca", "init", "--dir", str(folder), "--database", f"sqlite:///{work}/ca.db",
          "--name", "bench", "--key-type", "ec-p256"])
