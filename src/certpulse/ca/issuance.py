@@ -31,7 +31,6 @@ from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
 from certpulse.pki.build import end_entity_builder, random_serial, signature_hash
 from certpulse.pki.certs import der, pem, serial_hex, thumbprint
-from certpulse.pki.names import names_to_json
 
 SERIAL_ATTEMPTS = 5  # 159 random bits: a second attempt is already a curiosity
 
@@ -108,7 +107,7 @@ class CertificateAuthority:
             row = self._reserve.run(conn, {
                 "authority_id": d.issuer.id, "serial": serial_hex(serial), "request_id": request_id,
                 "principal_id": principal_id, "template_name": d.template.name,
-                "subject": d.subject_text(), "names": names_to_json(d.names),
+                "subject": d.subject_text(), "names": d.names_json(),
                 "not_before": d.not_before, "not_after": d.not_after, "status": "reserved", "created_at": now,
             }).fetchone()
             if row is not None:

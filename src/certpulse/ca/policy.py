@@ -49,7 +49,8 @@ from certpulse.pki.names import (
     control_character_in,
     csr_sans,
     is_hostname,
-    requested_names,
+    names_of_sans,
+    names_to_json,
     to_general_names,
 )
 from certpulse.pki.signing import verify_bytes
@@ -112,23 +113,38 @@ class Decision:
         return to_general_names(self.names)
 
     def subject_text(self) -> str:
+        return self._subject_text
+
+    def names_json(self) -> str:
+        """The names as the request and certificate rows store them (:func:`names_to_json`)."""
+        return self._names_json
+
+    # Each is written to two rows (the certificate's and the request's) and the text is costly
+    # to make: made once per decision.
+    @functools.cached_property
+    def _subject_text(self) -> str:
         return self.subject.rfc4514_string()
+
+    @functools.cached_property
+    def _names_json(self) -> str:
+        return names_to_json(self.names)
 
 
 def decide(caller: Caller, req: EnrollmentRequest, state: Gathered, now: dt.datetime) -> Decision:
     template = _check_template(caller, req, state)
-    csr = _check_csr(req.csr)
+    csr, csr_subject, csr_names = _check_csr(req.csr)
     csr_der = csr.public_bytes(serialization.Encoding.DER)
     renewal_of = _check_renewal(caller, req, template, state, csr_der, now)
     _check_ra_signatures(req.ra_signatures, template, state, csr_der, now)
-    archived = _check_key_archival(req, template, state, csr.public_key())
-    public_key = check_public_key(csr.public_key(), template.key_types)
+    csr_key = csr.public_key()  # once: each call decodes the key again
+    archived = _check_key_archival(req, template, state, csr_key)
+    public_key = check_public_key(csr_key, template.key_types)
     _check_key_standing(state.key)
     if renewal_of is not None and req.renewal is not None and copies_names(template):
         old = req.renewal.certificate
         subject, names = check_copied_names(caller, template, old.subject, _sans_of(old))
     else:
-        subject, names = _check_names(caller, template, csr)
+        subject, names = _check_names(caller, template, csr_subject, csr_names)
     issuer = _choose_issuer(req, template, state, renewal=renewal_of is not None, now=now)
     not_before, not_after = validity(template, issuer, now)
     return Decision(
@@ -163,13 +179,13 @@ def decide_approval(requester: Caller | None, stored: StoredRequest, state: Gath
     if "read" not in rights or not {"enroll", "autoenroll"} & rights:
         raise Refusal(Reason.TEMPLATE_NOT_PERMITTED,
                       f"{requester.actor} may no longer enroll for {template.name!r}")
-    csr = _check_csr(stored.csr_der)
+    csr, csr_subject, csr_names = _check_csr(stored.csr_der)
     public_key = check_public_key(csr.public_key(), template.key_types)
     _check_key_standing(state.key)
     if stored.kind == "renewal" and copies_names(template):
         subject, names = check_copied_names(requester, template, stored.subject, to_general_names(stored.names))
     else:
-        subject, names = _check_names(requester, template, csr)
+        subject, names = _check_names(requester, template, csr_subject, csr_names)
     issuer = next((a for a in state.authorities if a.id == stored.issuer_id), None)
     if issuer is None or not issuer.serves(template.name) or not issuer.valid_at(now):
         name = issuer.name if issuer is not None else str(stored.issuer_id)
@@ -194,7 +210,8 @@ def check_copied_names(caller: Caller, template: Template, subject: x509.Name,
     ``name-no-longer-allowed``: the template changed since, and a new request from what it
     allows is the way out (the agent makes one)."""
     try:
-        return _check_names(caller, template, _as_request(subject, sans))
+        stand_in = _as_request(subject, sans)
+        return _check_names(caller, template, stand_in.subject, csr_sans(stand_in))
     except Refusal as refusal:
         raise Refusal(Reason.NAME_NO_LONGER_ALLOWED,
                       f"the names of the certificate being renewed are no longer allowed: {refusal.detail}",
@@ -257,10 +274,11 @@ def _check_template(caller: Caller, req: EnrollmentRequest, state: Gathered) -> 
     return template
 
 
-def _check_csr(data: bytes) -> x509.CertificateSigningRequest:
+def _check_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, x509.Name, list[x509.GeneralName]]:
     """Parse the CSR and check what holds whatever the template: the signature (accepted hash,
     verifies with its own key), readable extensions and subject, IP SANs of 4 or 16 bytes, and no
-    control character in any subject attribute or SAN."""
+    control character in any subject attribute or SAN. With the CSR, its subject and SANs as
+    parsed here, for the name checks (each reading of them parses them again)."""
     csr = load_csr(data)
     check_csr_signature(csr)
     try:
@@ -272,10 +290,11 @@ def _check_csr(data: bytes) -> x509.CertificateSigningRequest:
         list(subject)
     except ValueError as exc:
         raise Refusal(Reason.MALFORMED_CSR, f"unreadable subject: {exc}") from None
-    where = control_character_in(subject, csr_sans(csr))
+    sans = csr_sans(csr)
+    where = control_character_in(subject, sans)
     if where is not None:
         raise Refusal(Reason.NAME_NOT_ALLOWED, where)
-    return csr
+    return csr, subject, sans
 
 
 def _issued_by_us(cert: x509.Certificate, state: Gathered) -> Authority | None:
@@ -378,14 +397,14 @@ def _principal_names(caller: Caller) -> tuple[x509.Name, RequestedNames]:
 
 
 def _check_names(
-    caller: Caller, template: Template, csr: x509.CertificateSigningRequest
+    caller: Caller, template: Template, subject: x509.Name, sans: list[x509.GeneralName]
 ) -> tuple[x509.Name, RequestedNames]:
     """The subject and names the certificate will carry: the principal's own for a template that
-    builds them, else the CSR's (a renewal that copies names passes them in as a CSR), each
-    checked against the template's rules as they are now."""
+    builds them, else the CSR's subject and SANs (a renewal that copies names passes them in
+    through a stand-in CSR), each checked against the template's rules as they are now."""
     if template.subject_source == "principal":
         return _principal_names(caller)
-    return checked_request_names(caller, template, csr.subject, requested_names(csr))
+    return checked_request_names(caller, template, subject, names_of_sans(sans))
 
 
 def _choose_issuer(

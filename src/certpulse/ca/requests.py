@@ -49,7 +49,7 @@ from certpulse.errors import Reason, Refusal
 from certpulse.pki.certs import load_csr, pem, thumbprint
 from certpulse.pki.key_archival import dumps as envelope_json
 from certpulse.pki.keys import spki_sha256
-from certpulse.pki.names import names_from_json, names_to_json
+from certpulse.pki.names import names_from_json
 from certpulse.sql.db import read, write
 
 
@@ -208,7 +208,7 @@ class RegistrationAuthority:
         cursor = self._insert_request_row.run(conn, {
             "principal_id": caller.principal_id, "requester": caller.actor, "template_name": d.template.name,
             "template_major": d.template.major_version, "template_minor": d.template.minor_version,
-            "kind": d.kind, "csr_der": d.csr_der, "subject": d.subject_text(), "names": names_to_json(d.names),
+            "kind": d.kind, "csr_der": d.csr_der, "subject": d.subject_text(), "names": d.names_json(),
             "renewal_of": d.renewal_of.id if d.renewal_of else None, "authority_id": d.issuer.id,
             "status": "issued" if certificate_id is not None else "pending", "created_at": now,
             "decided_at": now if certificate_id is not None else None, "decided_by": None,

@@ -83,6 +83,10 @@ def attribute_of(oid: x509.ObjectIdentifier) -> Attribute:
 def not_text(value: str) -> str | None:
     """The first character of ``value`` that is not text (a control, format or separator
     character), as ``U+XXXX``; None when there is none."""
+    if value.isascii() and value.isprintable():
+        # The common case, decided in C: the only ASCII characters that are not text are the
+        # C0 controls and DEL, exactly the ASCII characters ``isprintable`` refuses.
+        return None
     for char in value:
         if unicodedata.category(char) in _NOT_TEXT:
             return f"U+{ord(char):04X}"
