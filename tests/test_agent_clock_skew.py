@@ -10,6 +10,7 @@ and never asks again. Counts are taken at the CA.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,40 @@ def test_an_agent_behind_a_tls_ca_connects_and_enrolls_once(old_ca: CA, tls_url:
     agent = new_agent(old_ca, tls_url, tmp_path / "agent")
     pulses(agent, "-8m", 3)
     assert issued(old_ca, agent.principal, "machine") == {"new": 1, "renewal": 0}
+
+
+def test_the_skew_is_measured_shown_and_warned_of_once_per_episode(old_ca: CA, plain_url: str,
+                                                                   tmp_path: Path) -> None:
+    """From the CA's Date header: ``agent status`` (text and JSON), the metric, a pulse note, and
+    event 1107 once per episode, for a clock behind and one ahead."""
+    agent = new_agent(old_ca, plain_url, tmp_path / "agent")
+    behind = pulses(agent, "-8m", 3)
+    for result in behind:
+        note = one(notes(result, "clock-skew"), "clock-skew note")
+        assert note["detail"].startswith("this machine's clock is 8 minutes behind the CA's"), note
+    skew = agent.status()["clock_skew"]
+    assert 470 <= skew["offset_seconds"] <= 500 and skew["exceeded"] is True, skew
+    assert "8 minutes behind the CA's" in agent.run("agent", "status").stdout
+    [metric] = [line for line in agent.run("agent", "metrics").stdout.splitlines()
+                if line.startswith("certpulse_clock_skew_seconds ")]
+    assert 470 <= float(metric.split()[1]) <= 500, metric
+    assert [e["detail"][:49] for e in skew_events(agent)] == ["this machine's clock is 8 minutes behind the CA's"]
+
+    on_time = agent.pulse()
+    assert notes(on_time, "clock-skew") == []
+    skew = agent.status()["clock_skew"]
+    assert abs(skew["offset_seconds"]) <= 30 and skew["exceeded"] is False, skew
+    assert len(skew_events(agent)) == 1
+
+    ahead = agent.pulse(faketime="+8m")
+    assert one(notes(ahead, "clock-skew"), "clock-skew note")["detail"].startswith(
+        "this machine's clock is 8 minutes ahead of the CA's")
+    assert -500 <= agent.status()["clock_skew"]["offset_seconds"] <= -470
+    assert len(skew_events(agent)) == 2
+    assert issued(old_ca, agent.principal, "machine") == {"new": 1, "renewal": 0}
+
+
+def skew_events(agent: Agent) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = json.loads(agent.run("events", "--json", "--id", "1107").stdout)
+    assert all(e["name"] == "clock-skew" for e in found), found
+    return found

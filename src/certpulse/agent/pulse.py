@@ -18,6 +18,7 @@ import httpx
 from cryptography import x509
 
 from certpulse.agent import gather as gather_mod
+from certpulse.agent import skew
 from certpulse.agent.client import CAClient, ServerUnavailable
 from certpulse.agent.config import AgentConfig, PolicyServerConfig, open_agent_store, read_credential
 from certpulse.agent.executor import ActionOutcome, Executor
@@ -190,6 +191,7 @@ class Agent:
         except ServerUnavailable as exc:
             result.outcome, result.error, result.retry_after = "failed", exc.detail, exc.retry_after
             snapshot = None
+        self.trust_notes += self._clock_skew(now)
         result.trust_notes = list(self.trust_notes)
         if self.untrusted():  # the pulse did what trusted servers allow, and fails saying why
             result.outcome = "failed"
@@ -206,6 +208,15 @@ class Agent:
             result.retry_after = max(delays) if delays else None
         self._record(result)
         return result
+
+    def _clock_skew(self, now: dt.datetime) -> list[Note]:
+        """The clocks of the servers that answered in this pulse against this machine's (see
+        :mod:`certpulse.agent.skew`); each measurement is used once."""
+        measured = [skew.Measurement(url, c.clock_offset) for url, c in self.clients.items()
+                    if c.clock_offset is not None]
+        for client in self.clients.values():
+            client.clock_offset = None
+        return skew.observe(self.store, measured, now, self.config.clock_skew_warning)
 
     def _record(self, result: PulseResult) -> None:
         self.store.set_state("last_pulse", result.to_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ from certpulse.agent.daemon import deliver_tasks, run, signal_running_agent
 from certpulse.agent.gather import cached_templates, planned_renewal
 from certpulse.agent.manual import export_p12, export_pem, import_p12, move_certificate, request_certificate
 from certpulse.agent.pulse import Agent, PulseResult
+from certpulse.agent.skew import STATE as skew_state
+from certpulse.agent.skew import describe as describe_skew
 from certpulse.agent.trust import (
     ROOTS_NAME,
     PinFile,
@@ -278,8 +281,9 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
                     "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in store.flights()]
         bindings = [b.to_dict() for b in list_bindings(store)]
+        skew = store.get_state(skew_state)
     status = {"daemon_pid": running, "last_pulse": last, "next_pulse": next_pulse, "certificates": rows,
-              "pending": pending, "bindings": bindings}
+              "pending": pending, "bindings": bindings, "clock_skew": skew}
     if json_:
         emit_json(status)
         return
@@ -290,6 +294,10 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     else:
         console.print("last pulse: never")
     console.print(f"next pulse: {shown(next_pulse or 'when the daemon starts, or on agent pulse')}")
+    if isinstance(skew, dict) and isinstance(skew.get("offset_seconds"), int | float):
+        offset = dt.timedelta(seconds=skew["offset_seconds"])
+        line = f"clock: {describe_skew(offset)} (measured {shown(skew.get('measured_at'))})"
+        console.print(f"[bold]{line}; check the clock[/bold]" if skew.get("exceeded") else line)
     table("Certificates", ["thumbprint", "template", "version", "source", "not after", "renewal time"],
           [(r["thumbprint"], r["template_name"], f"{r['major_version']}.{r['minor_version']}", r["source"],
             r["not_after"], r["renewal_time"] or "") for r in rows])
