@@ -174,3 +174,14 @@ def skew_events(agent: Agent) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = json.loads(agent.run("events", "--json", "--id", "1107").stdout)
     assert all(e["name"] == "clock-skew" for e in found), found
     return found
+
+
+def test_an_agent_behind_the_servers_own_certificate_is_told_to_check_its_clock(
+        old_ca: CA, tls_url: str, tmp_path: Path) -> None:
+    """40 minutes behind, even the backdated TLS certificate of ``ca serve`` has not started:
+    the pulse fails (exit 1) with the handshake's reason and what to do about it."""
+    agent = new_agent(old_ca, tls_url, tmp_path / "agent")
+    result = agent.pulse(faketime="-40m", ok=False)
+    assert "certificate is not yet valid" in result["error"], result
+    assert "judged by this machine's clock: check the clock" in result["error"], result
+    assert issued(old_ca, agent.principal, "machine") == {"new": 0, "renewal": 0}

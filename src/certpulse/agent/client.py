@@ -63,6 +63,15 @@ def _retry_after(response: httpx.Response) -> float | None:
     return None
 
 
+def _clock_hint(exc: Exception) -> str:
+    """What to do when the handshake failed on dates: the server's certificate is judged by this
+    machine's clock, so one that "is not yet valid" (or "has expired") may mean a wrong clock."""
+    text = str(exc)
+    if "certificate is not yet valid" in text or "certificate has expired" in text:
+        return " (judged by this machine's clock: check the clock)"
+    return ""
+
+
 def _short(value: Any, limit: int = 300) -> str:
     return " ".join(str(value).split())[:limit]
 
@@ -184,7 +193,7 @@ class CAClient:
         except httpx.HTTPError as exc:
             if self.deadline.remaining() <= 0:
                 raise late from None
-            raise ServerUnavailable(f"{self.url}: {type(exc).__name__}: {_short(exc)}") from None
+            raise ServerUnavailable(f"{self.url}: {type(exc).__name__}: {_short(exc)}{_clock_hint(exc)}") from None
         finally:
             self.deadline.until = None
         self._measure(response)
