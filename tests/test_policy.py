@@ -1020,10 +1020,12 @@ def test_validity_is_inclusive() -> None:
     assert decision.not_after == dt.datetime(2030, 6, 2, 11, 49, 59, tzinfo=dt.UTC)
 
 
-def test_backdate_is_at_most_a_tenth_of_the_validity_and_never_before_the_issuer() -> None:
+def test_backdate_is_at_most_a_hundredth_of_the_validity_and_never_before_the_issuer() -> None:
     hour = make_template("machine", validity="1h")
     decision = decide(MACHINE, request("machine", make_csr()), gathered(hour), NOW)
-    assert decision.not_before == NOW - 6 * MINUTE
+    assert decision.not_before == NOW - 36 * SECOND
+    assert decide(MACHINE, request("machine", make_csr()), gathered(make_template("machine", validity="20s")),
+                  NOW).not_before == NOW  # 0.2 s: whole seconds only
     assert decision.not_after - decision.not_before == dt.timedelta(hours=1) - SECOND
     young = issuer(3, "young", not_before=NOW - 3 * MINUTE)
     decision = decide(MACHINE, request("machine", make_csr()),

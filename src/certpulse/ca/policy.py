@@ -237,7 +237,7 @@ def _check_key_standing(standing: KeyStanding) -> None:
 
 def validity(template: Template, issuer: Authority, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     """The validity window of a certificate issued at ``now``: from ``now`` backdated
-    (:func:`~certpulse.pki.build.backdated_start`: 10 minutes, at most a tenth of the validity,
+    (:func:`~certpulse.pki.build.backdated_start`: 10 minutes, at most 1 % of the validity,
     never before the issuer's notBefore), for the template's validity counted from that start
     (notAfter inclusive), never past the issuer's own notAfter. Issuance at approval uses it
     too, so that a certificate's lifetime has one rule however it was decided."""

@@ -48,7 +48,7 @@ def inclusive_not_after(not_before: dt.datetime, validity: dt.timedelta) -> dt.d
 
 
 BACKDATE = dt.timedelta(minutes=10)  # notBefore lies this far before issuance (AD CS's default)
-BACKDATE_SHARE = 10  # ... but never more than a tenth of the certificate's validity
+BACKDATE_SHARE = 100  # ... but never more than 1 % of the certificate's validity (whole seconds)
 
 
 def backdated_start(now: dt.datetime, validity: dt.timedelta, *, floor: dt.datetime | None = None) -> dt.datetime:
@@ -59,9 +59,11 @@ def backdated_start(now: dt.datetime, validity: dt.timedelta, *, floor: dt.datet
     backdates 10 minutes, step-ca 1 minute, Boulder 1 hour; 10 minutes covers the drift that
     Kerberos (5 minutes) tolerates twice over. The backdate counts inside the validity (the
     caller computes notAfter from this start), so a certificate never lives longer than its
-    template says; hence at most a tenth of a short validity. Never before ``floor`` (the
-    issuer's own notBefore), and never after ``now``."""
-    start = now - min(BACKDATE, validity / BACKDATE_SHARE)
+    template says; hence at most 1 % of a short validity, so that renewal at 80 % of the
+    lifetime comes hardly sooner after issuance (a one-hour certificate is backdated 36 seconds;
+    the agent copes with the rest of a skew itself). Never before ``floor`` (the issuer's own
+    notBefore), and never after ``now``."""
+    start = now - dt.timedelta(seconds=int(min(BACKDATE, validity / BACKDATE_SHARE).total_seconds()))
     if floor is not None:
         start = max(start, min(floor, now))
     return start
