@@ -16,7 +16,7 @@ import pytest
 
 from certpulse.agent.model import IssuerPolicy, Kind, StoreSnapshot
 from certpulse.agent.planner import plan
-from test_planner import DAY, NOW, YEAR, Case, M, Options, act, cert, note, run, server
+from test_planner import DAY, DUE, NOW, YEAR, Case, M, Options, act, cert, note, run, server
 
 MINUTE = dt.timedelta(minutes=1)
 
@@ -58,6 +58,8 @@ CASES = [
     Case("issuer-starting-later-says-nothing-without-autoenroll", (server(
         dataclasses.replace(M, rights=frozenset({"read", "enroll"})), issuers=(late_issuer(NOW + 30 * MINUTE),)),),
          actions=(), no_notes=("6b:issuer-not-yet-valid",)),
+    Case("due-renewal-with-an-issuer-starting-later-says-why", (server(M, issuers=(late_issuer(NOW + 30 * MINUTE),)),),
+         certs=(cert("t1", M, left=DUE, own=True),), actions=(), all_notes=("6a:no-issuer",)),
     Case("disabled-agent-notes-only-that", (server(M),), certs=(cert("t1", M, left=YEAR + 8 * MINUTE, own=True),),
          options=Options(enabled=False), all_notes=("1:disabled",)),
 ]
@@ -85,6 +87,8 @@ def test_the_notes_say_when_it_starts_and_what_to_do() -> None:
     issuer = run(next(c for c in CASES if c.id == "issuer-starting-after-this-clock-is-named")).notes[0]
     assert issuer.detail == ("the issuing CA 'CA1' starts at 2030-06-01T12:30:00+00:00, 30 minutes after this "
                              "machine's clock; check the clock")
+    renewal = run(next(c for c in CASES if c.id == "due-renewal-with-an-issuer-starting-later-says-why")).notes[0]
+    assert renewal.detail == "no valid issuer serves the template: " + issuer.detail
 
 
 @pytest.mark.parametrize("behind", [6 * MINUTE, 10 * MINUTE, 2 * DAY])

@@ -233,13 +233,8 @@ def _issuer_starting_later(run: _Pass, template: TemplatePolicy, group: Group) -
     this machine's clock: say so, rather than plan nothing in silence."""
     if not template.autoenroll or run.personal.newest_usable(template.name) is not None:
         return None
-    late = sorted((issuer.starts_at, issuer.name) for server in group for issuer in server.issuers
-                  if issuer.starts_at is not None and template.name in issuer.templates)
-    if not late:
-        return None
-    start, name = late[0]
-    return Note("6b:issuer-not-yet-valid", template.name,
-                detail=starts_later(f"the issuing CA {name!r}", start, run.now))
+    why = run.view.starting_later(group, template.name, run.now)
+    return None if why is None else Note("6b:issuer-not-yet-valid", template.name, detail=why)
 
 
 def _not_started(run: _Pass) -> list[Note]:
