@@ -113,6 +113,9 @@ def test_an_agent_far_behind_holds_its_certificate_and_says_why(old_ca: CA, plai
         assert "after this machine's clock; check the clock" in note["detail"], note
         minutes = int(note["detail"].split(", ")[1].split(" minute")[0])
         assert 25 <= minutes <= 31, note
+    text = agent.run("agent", "pulse", faketime="-40m").stdout  # said on the terminal too
+    assert "pulse ok" in text and "6b:not-yet-valid machine: the certificate starts at" in text, text
+    assert issued(old_ca, agent.principal, "machine") == {"new": 1, "renewal": 0}
 
 
 def test_an_agent_behind_its_issuers_start_says_why_it_does_nothing(old_ca: CA, plain_url: str,

@@ -143,6 +143,9 @@ def _fetch_pinned_root(url: str, wanted_text: str) -> list[x509.Certificate]:
     return [select_pinned(served, wanted)]
 
 
+CLOCK_NOTES = ("clock-skew", "6b:not-yet-valid", "6b:issuer-not-yet-valid")
+
+
 def _print_result(result: PulseResult, json_: bool) -> None:
     if json_:
         emit_json(result.to_dict())
@@ -154,6 +157,11 @@ def _print_result(result: PulseResult, json_: bool) -> None:
         table("Actions", ["action", "rule", "template", "outcome", "detail"],
               [(o.action.kind.value, o.action.rule, o.action.template, o.outcome, o.detail or o.action.detail)
                for o in result.outcomes])
+    # What a clock that is off does is otherwise invisible in a pulse that is "ok": say it.
+    for note in result.to_dict()["notes"]:
+        if note["rule"] in CLOCK_NOTES:
+            template = f" {shown(note['template'])}:" if note.get("template") else ""
+            console.print(f"[yellow]{shown(note['rule'])}[/yellow]{template} {shown(note['detail'])}")
 
 
 @agent_app.command("pulse")
