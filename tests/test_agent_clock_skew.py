@@ -147,6 +147,7 @@ def test_the_skew_is_measured_shown_and_warned_of_once_per_episode(old_ca: CA, p
     """From the CA's Date header: ``agent status`` (text and JSON), the metric, a pulse note, and
     event 1107 once per episode, for a clock behind and one ahead."""
     agent = new_agent(old_ca, plain_url, tmp_path / "agent")
+    agent.set_config(clock_skew_warning="5m")  # the default, which the test helper raises
     behind = pulses(agent, "-8m", 3)
     for result in behind:
         note = one(notes(result, "clock-skew"), "clock-skew note")
