@@ -444,3 +444,24 @@ def test_a_root_without_a_valid_cross_signature_is_refused(ca: FakeCA, agent: Ag
     make = CROSS_LIES[lie]
     _rolled_over(ca, (lambda new: make(new)) if lie == "forged" else (lambda new: make(new, old_root)))
     _assert_untrusted(ca, agent, agent.pulse(utc_now()))
+
+
+# -- lies about the time: the Date header is measured, never trusted for more than a warning ------------
+
+@pytest.mark.parametrize("date", ["yesterday", "Sat, 01 Jun 2030 12:08:00 -0000", "\x1b[2J" * 20,
+                                  "Sat, 01 Jun 99999999999999999999 12:08:00 GMT", "Mon, 32 Foo 2030 25:61:61 GMT"])
+def test_a_malformed_date_header_is_ignored(ca: FakeCA, agent: Agent, date: str) -> None:
+    ca.policy_rewrite = lambda doc: httpx.Response(200, json=doc, headers={"Date": date})
+    result = agent.pulse(utc_now())
+    assert result.outcome == "ok" and [o.outcome for o in result.outcomes] == ["done"]
+    assert agent.store.get_state("clock_skew") is None
+    assert all(n.rule != "clock-skew" for n in result.trust_notes)
+
+
+def test_a_date_years_away_is_a_warning_and_changes_nothing_else(ca: FakeCA, agent: Agent) -> None:
+    ca.policy_rewrite = lambda doc: httpx.Response(200, json=doc, headers={"Date": "Fri, 01 Jan 2100 00:00:00 GMT"})
+    result = agent.pulse(utc_now())
+    assert result.outcome == "ok" and [o.outcome for o in result.outcomes] == ["done"]
+    [note] = [n for n in result.trust_notes if n.rule == "clock-skew"]
+    assert "behind the CA's" in note.detail and note.detail.endswith("check the clock (NTP)")
+    assert agent.store.get_state("clock_skew")["exceeded"] is True

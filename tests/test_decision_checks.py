@@ -25,6 +25,7 @@ from certpulse.ca.policy import (
 )
 from certpulse.ca.templates import Template
 from certpulse.errors import Reason, Refusal
+from certpulse.pki.build import BACKDATE
 from certpulse.pki.keys import spki_sha256
 from certpulse.pki.names import RequestedNames
 from test_policy import (
@@ -227,4 +228,4 @@ def test_approval_of_a_principal_template_names_the_requester_as_it_is() -> None
 def test_approval_validity_starts_at_approval() -> None:
     later = NOW + dt.timedelta(days=3)
     decision = decide_approval(MACHINE, stored(), gathered(APPROVAL), later)
-    assert decision.not_before == later
+    assert decision.not_before == later - BACKDATE

@@ -27,6 +27,7 @@ from certpulse.ca.templates import EKU_NAMES, Template, parse_template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import key_archival
 from certpulse.pki.build import (
+    BACKDATE,
     build_ca_certificate,
     build_kra_certificate,
     end_entity_builder,
@@ -42,6 +43,7 @@ from certpulse.pki.signing import sign_bytes
 NOW = dt.datetime(2030, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
 SECOND = dt.timedelta(seconds=1)
+MINUTE = dt.timedelta(minutes=1)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "templates"
 RA_EKU = EKU_NAMES["certificate_request_agent"]
 assert RA_EKU == "1.3.6.1.4.1.311.20.2.1"
@@ -1008,12 +1010,29 @@ def test_no_issuer_at_all() -> None:
 
 
 def test_validity_is_inclusive() -> None:
+    """Backdated 10 minutes (a machine whose clock lags the CA's holds a valid certificate at
+    once), and the backdate counts inside the validity: the lifetime never grows."""
     decision = decide(MACHINE, request("machine", make_csr()), gathered(machine_template()), NOW)
-    assert decision.not_before == NOW
-    assert decision.not_after == NOW + dt.timedelta(days=365) - SECOND
+    assert decision.not_before == NOW - BACKDATE == NOW - 10 * MINUTE
+    assert decision.not_after == NOW - 10 * MINUTE + dt.timedelta(days=365) - SECOND
     short = make_template("machine", validity="1d")
     decision = decide(MACHINE, request("machine", make_csr()), gathered(short), NOW)
-    assert decision.not_after == dt.datetime(2030, 6, 2, 11, 59, 59, tzinfo=dt.UTC)
+    assert decision.not_after == dt.datetime(2030, 6, 2, 11, 49, 59, tzinfo=dt.UTC)
+
+
+def test_backdate_is_at_most_a_hundredth_of_the_validity_and_never_before_the_issuer() -> None:
+    hour = make_template("machine", validity="1h")
+    decision = decide(MACHINE, request("machine", make_csr()), gathered(hour), NOW)
+    assert decision.not_before == NOW - 36 * SECOND
+    assert decide(MACHINE, request("machine", make_csr()), gathered(make_template("machine", validity="20s")),
+                  NOW).not_before == NOW  # 0.2 s: whole seconds only
+    assert decision.not_after - decision.not_before == dt.timedelta(hours=1) - SECOND
+    young = issuer(3, "young", not_before=NOW - 3 * MINUTE)
+    decision = decide(MACHINE, request("machine", make_csr()),
+                      gathered(machine_template(), authorities=[root_authority(), young]), NOW)
+    assert decision.issuer.name == "young"
+    assert decision.not_before == NOW - 3 * MINUTE == young.certificate.not_valid_before_utc
+    assert decision.not_after == NOW - 3 * MINUTE + dt.timedelta(days=365) - SECOND
 
 
 def test_validity_is_clamped_to_the_issuers_not_after() -> None:
@@ -1029,7 +1048,7 @@ def test_validity_shorter_than_the_issuer_is_not_clamped() -> None:
     ending = issuer(3, "ending", not_after=NOW + 400 * DAY)
     state = gathered(machine_template(), authorities=[root_authority(), ending])
     decision = decide(MACHINE, request("machine", make_csr()), state, NOW)
-    assert decision.not_after == NOW + 365 * DAY - SECOND
+    assert decision.not_after == NOW - BACKDATE + 365 * DAY - SECOND
 
 
 def test_one_validity_rule_for_decisions_and_approvals() -> None:
@@ -1039,8 +1058,10 @@ def test_one_validity_rule_for_decisions_and_approvals() -> None:
         decision = decide(MACHINE, request("machine", make_csr()),
                           gathered(template, authorities=[root_authority(), ending]), NOW)
         assert validity(template, ending, NOW) == (decision.not_before, decision.not_after)
-    assert validity(template, issuer(3, "ending", not_after=NOW + 10 * DAY), NOW) == (NOW, NOW + 10 * DAY)
-    assert validity(template, issuer(4, "lasting", not_after=NOW + 400 * DAY), NOW) == (NOW, NOW + 365 * DAY - SECOND)
+    start = NOW - BACKDATE
+    assert validity(template, issuer(3, "ending", not_after=NOW + 10 * DAY), NOW) == (start, NOW + 10 * DAY)
+    assert validity(template, issuer(4, "lasting", not_after=NOW + 400 * DAY), NOW) == (
+        start, start + 365 * DAY - SECOND)
 
 
 # ================================================================================================

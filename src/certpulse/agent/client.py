@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 import json
 import math
 import ssl
@@ -22,6 +23,9 @@ from typing import Any
 
 import httpcore
 import httpx
+
+from certpulse import clock
+from certpulse.agent.skew import parse_http_date
 
 MAX_BODY = 4 * 1024 * 1024
 MAX_RETRY_AFTER = 24 * 3600
@@ -57,6 +61,15 @@ def _retry_after(response: httpx.Response) -> float | None:
     if value.strip().isdigit():
         return float(min(int(value.strip()), MAX_RETRY_AFTER))
     return None
+
+
+def _clock_hint(exc: Exception) -> str:
+    """What to do when the handshake failed on dates: the server's certificate is judged by this
+    machine's clock, so one that "is not yet valid" (or "has expired") may mean a wrong clock."""
+    text = str(exc)
+    if "certificate is not yet valid" in text or "certificate has expired" in text:
+        return " (judged by this machine's clock: check the clock)"
+    return ""
 
 
 def _short(value: Any, limit: int = 300) -> str:
@@ -143,6 +156,7 @@ class CAClient:
         self.url = url
         self.deadline_seconds = deadline
         self.deadline = Deadline()
+        self.clock_offset: dt.timedelta | None = None  # from the last answer that had a Date header
         if transport is None:
             if verify is False and not url.startswith("http://"):
                 context = ssl.create_default_context()
@@ -155,6 +169,13 @@ class CAClient:
 
     def close(self) -> None:
         self.http.close()
+
+    def _measure(self, response: httpx.Response) -> None:
+        """The CA's clock against this machine's, from the answer's ``Date`` header (ignored when
+        missing or malformed): :attr:`clock_offset`, positive when this machine is behind."""
+        date = parse_http_date(response.headers.get("date"))
+        if date is not None:
+            self.clock_offset = date - clock.now()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         self.deadline.until = time.monotonic() + self.deadline_seconds
@@ -172,9 +193,10 @@ class CAClient:
         except httpx.HTTPError as exc:
             if self.deadline.remaining() <= 0:
                 raise late from None
-            raise ServerUnavailable(f"{self.url}: {type(exc).__name__}: {_short(exc)}") from None
+            raise ServerUnavailable(f"{self.url}: {type(exc).__name__}: {_short(exc)}{_clock_hint(exc)}") from None
         finally:
             self.deadline.until = None
+        self._measure(response)
         if response.status_code in (429, 503) or response.status_code >= 500:
             raise ServerUnavailable(f"{self.url} answered {response.status_code}", _retry_after(response))
         try:

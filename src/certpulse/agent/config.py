@@ -81,6 +81,8 @@ class AgentConfig:
     task_retry_backoff: dt.timedelta = dt.timedelta(minutes=1)
     # Seconds one HTTP call to a policy server may take in all (connect, TLS, headers, body).
     http_deadline: float = 60.0
+    # Warn (event 1107, a pulse note) when this machine's clock is further than this from the CA's.
+    clock_skew_warning: dt.timedelta = dt.timedelta(minutes=5)
 
     @property
     def channel(self) -> str:
@@ -108,6 +110,7 @@ class AgentConfig:
             "task_retries": self.task_retries,
             "task_retry_backoff": format_duration(self.task_retry_backoff),
             "http_deadline": self.http_deadline,
+            "clock_skew_warning": format_duration(self.clock_skew_warning),
             "policy_servers": [
                 {k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in self.servers
             ],
@@ -132,7 +135,8 @@ def load_config(directory: Path) -> AgentConfig:
     known = {"principal", "enabled", "enroll", "manage", "retrieve_pending", "refresh_interval",
              "expiry_warning_percent", "additional_stores", "context", "backoff_cap", "policy_refresh",
              "policy_servers", "event_retention", "event_retention_count", "syslog", "syslog_address",
-             "syslog_facility", "task_retries", "task_retry_backoff", "http_deadline"}
+             "syslog_facility", "task_retries", "task_retry_backoff", "http_deadline",
+             "clock_skew_warning"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise Refusal(Reason.INVALID_ARGUMENT, f"{path}: unknown setting {unknown[0]!r}")
@@ -178,6 +182,7 @@ def load_config(directory: Path) -> AgentConfig:
         syslog_facility=facility, task_retries=retries,
         task_retry_backoff=parse_duration(data.get("task_retry_backoff", "1m")),
         http_deadline=float(deadline),
+        clock_skew_warning=parse_duration(data.get("clock_skew_warning", "5m")),
     )
 
 
@@ -213,7 +218,8 @@ def save_config(directory: Path, config: AgentConfig) -> None:
               "# policy_refresh: how long a downloaded policy is reused (the seed: at least 10 minutes);\n"
               "# event_retention / event_retention_count: how long and how many lifecycle events are kept;\n"
               "# syslog: also send events to syslog (syslog_address, syslog_facility);\n"
-              "# task_retries / task_retry_backoff: how often and how soon a failed notification task is retried.\n")
+              "# task_retries / task_retry_backoff: how often and how soon a failed notification task is retried;\n"
+              "# clock_skew_warning: warn (event 1107) when this machine's clock is further than this from the CA's.\n")
     path.write_text(header + tomli_w.dumps(config.document()))
 
 

@@ -174,9 +174,10 @@ def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_def
         valid = trusted and is_ca(cert) and valid_at(cert, now) and chain_valid(cert, [], roots, now)
         if valid:
             issuer_certs[item["name"]] = cert
+        starts = None if valid or not trusted else _starts_at(cert, [*roots, *pins], now)
         issuers.append(IssuerPolicy(name=item["name"], cost=item["cost"],
                                     renewal_only=bool(item.get("renewal_only", False)),
-                                    templates=frozenset(_strs(item, "templates")), valid=valid))
+                                    templates=frozenset(_strs(item, "templates")), valid=valid, starts_at=starts))
     kra = tuple(k for k in _pems(data, "kra")
                 if trusted and chain_valid(k, [], roots, now) and _has_eku(k, KRA_EKU))
     directory: list[tuple[str, dt.datetime]] = []
@@ -194,6 +195,19 @@ def parse_policy(data: dict[str, Any], *, url: str, cost: int, auth: str, is_def
     return GatheredPolicy(server, Trust(roots, issuer_certs, kra), new_roots=judged.added, distrust=judged.distrust)
 
 
+def _starts_at(cert: x509.Certificate, roots: Iterable[x509.Certificate], now: dt.datetime) -> dt.datetime | None:
+    """When an issuer that is not valid at ``now`` becomes valid, if the only thing wrong is that
+    it, or the pinned root that signed it, starts after ``now`` (this machine's clock is behind
+    the CA's); None when something else is wrong with it."""
+    if not is_ca(cert):
+        return None
+    for root in roots:
+        at = max(cert.not_valid_before_utc, root.not_valid_before_utc)
+        if at > now and signed_by(cert, root) and chain_valid(cert, [], [root], at):
+            return at
+    return None
+
+
 def _has_eku(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bool:
     try:
         return oid in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -205,8 +219,12 @@ def stored_certificate(record: CertRecord, cert: x509.Certificate, chain: list[x
                        trusts: Iterable[Trust], now: dt.datetime, *, revoked: bool = False,
                        template_names: dict[str, str] | None = None) -> StoredCertificate:
     trusts = list(trusts)
-    # A certificate that starts within the allowed clock skew is validated at its start.
-    at = now if cert.not_valid_before_utc <= now else min(cert.not_valid_before_utc, now + CLOCK_SKEW)
+    # A certificate that starts within the allowed clock skew is validated at its start; so is
+    # one of this machine's own (issued to its key) however late it starts: this machine's clock
+    # is behind the CA's, and the certificate must not look missing (the plan notes it instead).
+    own = record.has_key
+    start = cert.not_valid_before_utc
+    at = now if start <= now else start if own else min(start, now + CLOCK_SKEW)
     valid = any(chain_valid(cert, [*chain, *t.issuers.values()], t.roots, at) for t in trusts)
     name = record.template_name
     if record.template_oid and template_names and record.template_oid in template_names:
@@ -216,7 +234,7 @@ def stored_certificate(record: CertRecord, cert: x509.Certificate, chain: list[x
         not_after=record.not_after, template_oid=record.template_oid, template_name=name,
         major_version=record.major_version, minor_version=record.minor_version,
         source="manual" if record.source == "manual" else "auto", policy_id=record.policy_id,
-        archived=record.archived, chain_valid=valid, revoked=revoked, is_ra=_has_eku(cert, RA_EKU),
+        archived=record.archived, chain_valid=valid, revoked=revoked, is_ra=_has_eku(cert, RA_EKU), own=own,
     )
 
 

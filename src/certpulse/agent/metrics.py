@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from certpulse.agent import gather
+from certpulse.agent import gather, skew
 from certpulse.agent.config import AgentConfig
 from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
@@ -50,7 +50,7 @@ from certpulse.sql.db import read
 # always exported, at zero when unseen, so that rate() and alerts work from the first scrape.
 PULSE_OUTCOMES = ("ok", "failed", "disabled")
 PERSONAL = "personal"
-_STATE_NAMES = ("pulse_counts", "last_pulse", "next_pulse", "failing")
+_STATE_NAMES = ("pulse_counts", "last_pulse", "next_pulse", "failing", skew.STATE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +126,7 @@ class AgentCollector(Collector):
         yield from self._pulses(snap.state)
         yield from self._pending(snap.flights, now)
         yield from self._failing(snap.state)
+        yield from self._clock_skew(snap.state)
         yield from self._tasks(snap.tasks)
         yield from self._events(snap)
 
@@ -224,6 +225,17 @@ class AgentCollector(Collector):
             for key, cause in sorted(entries.items()):
                 failing.add_metric([str(key), str(cause)], 1.0)
         yield failing
+
+    def _clock_skew(self, state: dict[str, Any]) -> Iterator[Metric]:
+        offset = GaugeMetricFamily(
+            "certpulse_clock_skew_seconds",
+            "The CA's clock minus this machine's, by the Date header of the last pulse's answers "
+            "(positive: this machine is behind; absent before any measurement)")
+        measured = state.get(skew.STATE)
+        value = measured.get("offset_seconds") if isinstance(measured, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            offset.add_metric([], float(value))
+        yield offset
 
     def _tasks(self, rows: list[Any]) -> Iterator[Metric]:
         runs = CounterMetricFamily("certpulse_task_runs", "Runs of each notification task", labels=["task"])

@@ -16,7 +16,16 @@ Context = Literal["machine", "user"]
 Source = Literal["auto", "manual"]
 ReplaceAction = Literal["renew", "supersede"]  # the 1001 a replacing request raises
 AUTH_STRENGTH = {"certificate": 0, "token": 1, "password": 2}
-CLOCK_SKEW = dt.timedelta(minutes=5)  # how far ahead of this machine the CA's clock may run
+CLOCK_SKEW = dt.timedelta(minutes=5)  # how far ahead of this machine the CA's clock may run (for
+# certificates not this machine's own; its own count as held however late they start)
+
+
+def starts_later(what: str, start: dt.datetime, now: dt.datetime) -> str:
+    """Why something valid is not used yet: ``what`` starts after this machine's clock, by how
+    much (whole minutes, rounded up), and what to do about it."""
+    minutes = max(1, -int((now - start).total_seconds() // 60))
+    return (f"{what} starts at {start.isoformat(timespec='seconds')}, {minutes} minute{'s' if minutes > 1 else ''} "
+            "after this machine's clock; check the clock")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,9 @@ class IssuerPolicy:
     templates: frozenset[str]
     valid: bool  # passed RFC 5280 validation in the gather step
     reachable: bool = True  # one known to be down is tried last; the gather step knows of none
+    # Invalid only because it (or the pinned root above it) starts after this machine's clock:
+    # when it would become valid. The plan notes why nothing is requested from it.
+    starts_at: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +122,9 @@ class StoredCertificate:
     revoked: bool = False
     is_ra: bool = False  # holds the registration-authority (certificate request agent) EKU
     store: str = "personal"
+    # Issued to this machine: a record of its personal store with its private key. Such a
+    # certificate counts as held however far in the future it starts (see :meth:`usable`).
+    own: bool = False
 
     @property
     def lifetime(self) -> dt.timedelta:
@@ -121,11 +136,16 @@ class StoredCertificate:
     def usable(self, now: dt.datetime) -> bool:
         """Valid, unexpired, not revoked, not archived: counts as holding the template.
 
-        A certificate that starts up to :data:`CLOCK_SKEW` after ``now`` counts too: the CA's
-        clock may be a little ahead of this machine's, and a certificate issued a moment ago
-        must not look missing (that would request another one at every pulse)."""
-        return (not self.archived and self.chain_valid and not self.revoked
-                and self.not_before - CLOCK_SKEW <= now <= self.not_after)
+        A certificate that starts up to :data:`CLOCK_SKEW` after ``now`` counts too, and one of
+        this machine's own (:attr:`own`) however late it starts: the CA's clock may be ahead of
+        this machine's, and a certificate issued a moment ago must not look missing (that would
+        request another one at every pulse). The plan says so (:meth:`not_started`)."""
+        return (not self.archived and self.chain_valid and not self.revoked and now <= self.not_after
+                and (self.own or self.not_before - CLOCK_SKEW <= now))
+
+    def not_started(self, now: dt.datetime) -> bool:
+        """Not valid yet by this machine's clock: it starts after ``now``."""
+        return now < self.not_before
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,7 @@ from certpulse.agent.model import (
     StoredCertificate,
     StoreSnapshot,
     TemplatePolicy,
+    starts_later,
 )
 from certpulse.agent.policy_view import CertIndex, Group, PolicyView
 from certpulse.agent.rules import (
@@ -131,6 +132,7 @@ def plan(options: Options, servers: Iterable[PolicyServer], store: StoreSnapshot
         replaced = frozenset(thumb for action in actions for thumb in action.replaces)
         actions += _renew_manual(run, replaced, notes)
     actions += _cleanup(run)
+    notes += _not_started(run)
     return Plan(tuple(_with_deletions(run, action) for action in actions), tuple(notes), _handled(run))
 
 
@@ -206,7 +208,12 @@ def _enroll_missing(run: _Pass, covered: set[str], notes: list[Note]) -> list[Ac
     """6(b): new requests for applicable templates that lack a valid certificate."""
     actions: list[Action] = []
     for template, group in run.view.all_templates():
-        if not run.view.applicable(template, group) or template.name in covered:
+        if template.name in covered:
+            continue
+        if not run.view.applicable(template, group):
+            late = _issuer_starting_later(run, template, group)
+            if late is not None:
+                notes.append(late)
             continue
         if run.view.superseded(template, run.options.context) is not None:
             continue  # its successor enrolls instead
@@ -219,6 +226,25 @@ def _enroll_missing(run: _Pass, covered: set[str], notes: list[Note]) -> list[Ac
         actions.append(_enrollment(run, template, group))
         covered.add(template.name)
     return actions
+
+
+def _issuer_starting_later(run: _Pass, template: TemplatePolicy, group: Group) -> Note | None:
+    """6(b) for a template no valid issuer serves because the issuer (or its root) starts after
+    this machine's clock: say so, rather than plan nothing in silence."""
+    if not template.autoenroll or run.personal.newest_usable(template.name) is not None:
+        return None
+    why = run.view.starting_later(group, template.name, run.now)
+    return None if why is None else Note("6b:issuer-not-yet-valid", template.name, detail=why)
+
+
+def _not_started(run: _Pass) -> list[Note]:
+    """Held certificates that start after this machine's clock (it is behind the CA's): they
+    count as held, so nothing is requested for their template; say why."""
+    now = run.now
+    return [Note("6b:not-yet-valid", cert.template_name, cert.thumbprint,
+                 starts_later("the certificate", cert.not_before, now))
+            for cert in run.personal.all
+            if cert.template_name is not None and cert.not_started(now) and cert.usable(now)]
 
 
 def _enrollment(run: _Pass, template: TemplatePolicy, group: Group) -> Action:

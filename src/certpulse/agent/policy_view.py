@@ -12,7 +12,14 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import TypeAlias
 
-from certpulse.agent.model import AUTH_STRENGTH, IssuerPolicy, PolicyServer, StoredCertificate, TemplatePolicy
+from certpulse.agent.model import (
+    AUTH_STRENGTH,
+    IssuerPolicy,
+    PolicyServer,
+    StoredCertificate,
+    TemplatePolicy,
+    starts_later,
+)
 from certpulse.machine.current import newest
 
 Group: TypeAlias = tuple[PolicyServer, ...]  # the servers of one policy id, best first
@@ -110,6 +117,17 @@ class PolicyView:
     def serves(self, group: Group, template: str) -> bool:
         """Some valid issuer of the group serves the template (a renewal-only one will do)."""
         return bool(self._issuer_pairs(group, template, False))
+
+    def starting_later(self, group: Group, template: str, now: dt.datetime) -> str | None:
+        """Why no valid issuer of the group serves the template when the reason is this
+        machine's clock: the earliest issuer that serves it and starts after ``now`` (it, or its
+        root), in words; None when there is none."""
+        late = sorted((issuer.starts_at, issuer.name) for server in group for issuer in server.issuers
+                      if issuer.starts_at is not None and template in issuer.templates)
+        if not late:
+            return None
+        start, name = late[0]
+        return starts_later(f"the issuing CA {name!r}", start, now)
 
     def issuer_order(self, template: str, group: Group, *, new_request: bool) -> tuple[list[str], str | None]:
         """Issuers to try, best first: the template's group (or, for new requests, the default

@@ -19,6 +19,7 @@ import httpx
 from cryptography import x509
 
 from certpulse.agent import gather as gather_mod
+from certpulse.agent import skew
 from certpulse.agent.client import CAClient, ServerUnavailable
 from certpulse.agent.config import AgentConfig, PolicyServerConfig, open_agent_store, read_credential
 from certpulse.agent.executor import ActionOutcome, Executor
@@ -221,6 +222,10 @@ class Agent:
         except LOCAL_ERRORS as exc:
             faults.append(self._pulse_fault(exc))
             snapshot = None
+        try:
+            self.trust_notes += self._clock_skew(now)
+        except LOCAL_ERRORS as exc:
+            faults.append(self._pulse_fault(exc))
         result.trust_notes = list(self.trust_notes)
         if self.untrusted():  # the pulse did what trusted servers allow, and fails saying why
             result.outcome = "failed"
@@ -250,6 +255,15 @@ class Agent:
         cause, words = describe(exc, self.store.root)
         log.error("the pulse stopped: %s", words)
         return LocalFault(key=PULSE_KEY, cause=cause, detail=f"the pulse stopped: {words}")
+
+    def _clock_skew(self, now: dt.datetime) -> list[Note]:
+        """The clocks of the servers that answered in this pulse against this machine's (see
+        :mod:`certpulse.agent.skew`); each measurement is used once."""
+        measured = [skew.Measurement(url, c.clock_offset) for url, c in self.clients.items()
+                    if c.clock_offset is not None]
+        for client in self.clients.values():
+            client.clock_offset = None
+        return skew.observe(self.store, measured, now, self.config.clock_skew_warning)
 
     def _record(self, result: PulseResult) -> None:
         try:

@@ -115,7 +115,8 @@ def no_issuer(given: RuleInput) -> Skip | None:
     """No valid issuer of the template's policy group serves it (a renewal-only one would do)."""
     if given.view.serves(given.group, given.template.name):
         return None
-    return Skip("no-issuer", "no valid issuer serves the template")
+    late = given.view.starting_later(given.group, given.template.name, given.now)
+    return Skip("no-issuer", "no valid issuer serves the template" + (f": {late}" if late else ""))
 
 
 def no_issuer_for_new_request(given: RuleInput) -> Skip | None:

@@ -40,7 +40,7 @@ from certpulse.ca.name_checks import checked_request_names
 from certpulse.ca.templates import EKU_NAMES, Template
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import key_archival
-from certpulse.pki.build import inclusive_not_after
+from certpulse.pki.build import backdated_start, inclusive_not_after
 from certpulse.pki.certs import load_csr, thumbprint
 from certpulse.pki.csr_signature import check_csr_signature
 from certpulse.pki.keys import PrivateKey, PublicKey, check_public_key, key_matches, spki_sha256
@@ -253,10 +253,13 @@ def _check_key_standing(standing: KeyStanding) -> None:
 
 
 def validity(template: Template, issuer: Authority, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
-    """The validity window of a certificate issued at ``now``: from ``now``, for the template's
-    validity (notAfter inclusive), never past the issuer's own notAfter. Issuance at approval
-    uses it too, so that a certificate's lifetime has one rule however it was decided."""
-    return now, min(inclusive_not_after(now, template.validity), issuer.certificate.not_valid_after_utc)
+    """The validity window of a certificate issued at ``now``: from ``now`` backdated
+    (:func:`~certpulse.pki.build.backdated_start`: 10 minutes, at most 1 % of the validity,
+    never before the issuer's notBefore), for the template's validity counted from that start
+    (notAfter inclusive), never past the issuer's own notAfter. Issuance at approval uses it
+    too, so that a certificate's lifetime has one rule however it was decided."""
+    start = backdated_start(now, template.validity, floor=issuer.certificate.not_valid_before_utc)
+    return start, min(inclusive_not_after(start, template.validity), issuer.certificate.not_valid_after_utc)
 
 
 def _check_template(caller: Caller, req: EnrollmentRequest, state: Gathered) -> Template:

@@ -27,7 +27,14 @@ from certpulse.ca.config import CADir
 from certpulse.ca.service import CAService
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
-from certpulse.pki.build import end_entity_builder, inclusive_not_after, random_serial, signature_hash, simple_name
+from certpulse.pki.build import (
+    backdated_start,
+    end_entity_builder,
+    inclusive_not_after,
+    random_serial,
+    signature_hash,
+    simple_name,
+)
 from certpulse.pki.certs import der, pem, serial_hex, thumbprint
 from certpulse.pki.keys import PrivateKey, generate_private_key, write_private_key
 from certpulse.pki.names import RequestedNames, is_hostname, names_to_json, to_general_names
@@ -128,10 +135,11 @@ def _issue(ca_dir: CADir, files: TLSFiles, service: CAService, names: RequestedN
     issuer_key = service.keyring.key(issuer)
     key: PrivateKey = generate_private_key("ec-p256")
     serial = random_serial()
-    not_after = min(inclusive_not_after(now, lifetime), issuer.certificate.not_valid_after_utc)
+    start = backdated_start(now, lifetime, floor=issuer.certificate.not_valid_before_utc)
+    not_after = min(inclusive_not_after(start, lifetime), issuer.certificate.not_valid_after_utc)
     cert = end_entity_builder(
         subject=simple_name(names.all()[0]), public_key=key.public_key(), issuer_cert=issuer.certificate,
-        issuer_key=issuer_key, not_before=now, not_after=not_after, sans=to_general_names(names),
+        issuer_key=issuer_key, not_before=start, not_after=not_after, sans=to_general_names(names),
         key_usage=x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                 data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                 crl_sign=False, encipher_only=False, decipher_only=False),
@@ -140,7 +148,7 @@ def _issue(ca_dir: CADir, files: TLSFiles, service: CAService, names: RequestedN
     with write(service.engine) as conn:
         conn.execute(t.certificates.insert().values(
             authority_id=issuer.id, serial=serial_hex(serial), template_name=TLS_TEMPLATE,
-            subject=cert.subject.rfc4514_string(), names=names_to_json(names), not_before=now,
+            subject=cert.subject.rfc4514_string(), names=names_to_json(names), not_before=start,
             not_after=not_after, status="issued", der=der(cert), thumbprint=thumbprint(cert), created_at=now))
         service.audit.record(conn, now, "operator:serve", "issued", template=TLS_TEMPLATE,
                              serial=serial_hex(serial), names=list(names.all()), detail="API server TLS certificate")

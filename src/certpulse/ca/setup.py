@@ -20,6 +20,7 @@ from certpulse.ca.storage import migrate
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.build import (
+    backdated_start,
     build_ca_certificate,
     build_kra_certificate,
     inclusive_not_after,
@@ -57,17 +58,19 @@ def init_ca(ca_dir: CADir, *, name: str, key_type: str, now: dt.datetime,
         with write(engine) as conn:
             if conn.execute(select(t.authorities.c.id)).first() is not None:
                 raise Refusal(Reason.CONFLICT, "the database already holds a CA")
+        root_start = backdated_start(now, ROOT_VALIDITY)
         root_cert = build_ca_certificate(
             subject=simple_name(f"{name} Root CA", name), public_key=root_key.public_key(),
-            issuer_cert=None, signing_key=root_key, not_before=now,
-            not_after=inclusive_not_after(now, ROOT_VALIDITY), path_length=1)
+            issuer_cert=None, signing_key=root_key, not_before=root_start,
+            not_after=inclusive_not_after(root_start, ROOT_VALIDITY), path_length=1)
         write_private_key(ca_dir.keys / "root.key", root_key)
         (ca_dir.certs / "root.pem").write_text(pem(root_cert))
         kra_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        kra_start = backdated_start(now, KRA_VALIDITY, floor=root_cert.not_valid_before_utc)
         kra_cert = build_kra_certificate(
             subject=simple_name(f"{name} Key Recovery Agent", name), public_key=kra_key.public_key(),
-            issuer_cert=root_cert, issuer_key=root_key, not_before=now,
-            not_after=inclusive_not_after(now, KRA_VALIDITY))
+            issuer_cert=root_cert, issuer_key=root_key, not_before=kra_start,
+            not_after=inclusive_not_after(kra_start, KRA_VALIDITY))
         write_private_key(ca_dir.keys / "kra.key", kra_key)
         (ca_dir.certs / "kra.pem").write_text(pem(kra_cert))
         with write(engine) as conn:
@@ -115,10 +118,11 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
     root_key = service.keyring.load(root.key_file, "root")
     key = generate_private_key(key_type)
     org = ca_name or str(root_cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)[0].value)
+    start = backdated_start(now, validity, floor=root_cert.not_valid_before_utc)
     cert = build_ca_certificate(
         subject=simple_name(f"{org} Issuing CA {name}", str(org)), public_key=key.public_key(),
-        issuer_cert=root_cert, signing_key=root_key, not_before=now,
-        not_after=min(inclusive_not_after(now, validity), root_cert.not_valid_after_utc), path_length=0)
+        issuer_cert=root_cert, signing_key=root_key, not_before=start,
+        not_after=min(inclusive_not_after(start, validity), root_cert.not_valid_after_utc), path_length=0)
     key_file = f"issuer-{name}.key"
     write_private_key(ca_dir.keys / key_file, key)
     (ca_dir.certs / f"issuer-{name}.pem").write_text(pem(cert))
@@ -158,10 +162,12 @@ def rollover_root(ca_dir: CADir, service: CAService, *, key_type: str, now: dt.d
     old_key = service.keyring.load(current.key_file, current.name)
     org = str(old_cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)[0].value)
     subject = simple_name(f"{org} Root CA R{generation}", org)
+    start = backdated_start(now, validity)
     new_root = build_ca_certificate(subject=subject, public_key=key.public_key(), issuer_cert=None, signing_key=key,
-                                    not_before=now, not_after=inclusive_not_after(now, validity), path_length=1)
+                                    not_before=start, not_after=inclusive_not_after(start, validity), path_length=1)
     cross = build_ca_certificate(subject=subject, public_key=key.public_key(), issuer_cert=old_cert,
-                                 signing_key=old_key, not_before=now,
+                                 signing_key=old_key,
+                                 not_before=backdated_start(now, validity, floor=old_cert.not_valid_before_utc),
                                  not_after=min(new_root.not_valid_after_utc, old_cert.not_valid_after_utc),
                                  path_length=1)
     name = f"root-r{generation}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import signal
@@ -39,6 +40,8 @@ from certpulse.agent.manual import (
     request_certificate,
 )
 from certpulse.agent.pulse import Agent, PulseResult
+from certpulse.agent.skew import STATE as skew_state
+from certpulse.agent.skew import describe as describe_skew
 from certpulse.agent.trust import (
     ROOTS_NAME,
     PinFile,
@@ -159,6 +162,9 @@ def _fetch_pinned_root(url: str, wanted_text: str) -> list[x509.Certificate]:
     return [select_pinned(served, wanted)]
 
 
+CLOCK_NOTES = ("clock-skew", "6b:not-yet-valid", "6b:issuer-not-yet-valid")
+
+
 def _print_result(result: PulseResult, json_: bool) -> None:
     if json_:
         emit_json(result.to_dict())
@@ -170,6 +176,11 @@ def _print_result(result: PulseResult, json_: bool) -> None:
         table("Actions", ["action", "rule", "template", "outcome", "detail"],
               [(o.action.kind.value, o.action.rule, o.action.template, o.outcome, o.detail or o.action.detail)
                for o in result.outcomes])
+    # What a clock that is off does is otherwise invisible in a pulse that is "ok": say it.
+    for note in result.to_dict()["notes"]:
+        if note["rule"] in CLOCK_NOTES:
+            template = f" {shown(note['template'])}:" if note.get("template") else ""
+            console.print(f"[yellow]{shown(note['rule'])}[/yellow]{template} {shown(note['detail'])}")
 
 
 def _ignore_wake_signals() -> None:
@@ -401,9 +412,10 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
         pending = [{"request_id": f.request_id, "template": f.template_name, "status": f.status,
                     "submitted_at": (f.submitted_at or f.created_at).isoformat()} for f in store.flights()]
         bindings = [b.to_dict() for b in list_bindings(store)]
+        skew = store.get_state(skew_state)
     status = {"daemon_pid": running, "pulse_running": {"pid": pulsing.pid, "since": pulsing.since} if pulsing else None,
               "last_pulse": last, "next_pulse": next_pulse, "certificates": rows,
-              "pending": pending, "bindings": bindings}
+              "pending": pending, "bindings": bindings, "clock_skew": skew}
     if json_:
         emit_json(status)
         return
@@ -416,6 +428,10 @@ def agent_status(dir_: AgentDir = None, json_: JsonOption = False) -> None:
     else:
         console.print("last pulse: never")
     console.print(f"next pulse: {shown(next_pulse or 'when the daemon starts, or on agent pulse')}")
+    if isinstance(skew, dict) and isinstance(skew.get("offset_seconds"), int | float):
+        offset = dt.timedelta(seconds=skew["offset_seconds"])
+        line = f"clock: {describe_skew(offset)} (measured {shown(skew.get('measured_at'))})"
+        console.print(f"[bold]{line}; check the clock[/bold]" if skew.get("exceeded") else line)
     table("Certificates", ["thumbprint", "template", "version", "source", "not after", "renewal time"],
           [(r["thumbprint"], r["template_name"], f"{r['major_version']}.{r['minor_version']}", r["source"],
             r["not_after"], r["renewal_time"] or "") for r in rows])

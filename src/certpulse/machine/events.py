@@ -35,6 +35,7 @@ class EventId(enum.IntEnum):
     TASK_REFUSED = 1104
     NOT_DEPLOYED = 1105
     BINDING_DRIFT = 1106
+    CLOCK_SKEW = 1107
 
 
 # name, level: the seed's table, then ours.
@@ -53,6 +54,7 @@ DESCRIPTIONS: dict[EventId, tuple[str, str]] = {
     EventId.TASK_REFUSED: ("task-refused", "error"),
     EventId.NOT_DEPLOYED: ("not-deployed", "error"),
     EventId.BINDING_DRIFT: ("binding-drift", "warning"),
+    EventId.CLOCK_SKEW: ("clock-skew", "warning"),
 }
 
 CHANNELS = ("system", "user")

@@ -47,6 +47,28 @@ def inclusive_not_after(not_before: dt.datetime, validity: dt.timedelta) -> dt.d
     return not_before + validity - dt.timedelta(seconds=1)
 
 
+BACKDATE = dt.timedelta(minutes=10)  # notBefore lies this far before issuance (AD CS's default)
+BACKDATE_SHARE = 100  # ... but never more than 1 % of the certificate's validity (whole seconds)
+
+
+def backdated_start(now: dt.datetime, validity: dt.timedelta, *, floor: dt.datetime | None = None) -> dt.datetime:
+    """The notBefore of a certificate issued at ``now`` with ``validity``: :data:`BACKDATE` earlier.
+
+    A machine whose clock runs behind the CA's would otherwise hold a certificate that "has not
+    started yet" for as long as it lags (and TLS peers behind the CA would refuse it). AD CS
+    backdates 10 minutes, step-ca 1 minute, Boulder 1 hour; 10 minutes covers the drift that
+    Kerberos (5 minutes) tolerates twice over. The backdate counts inside the validity (the
+    caller computes notAfter from this start), so a certificate never lives longer than its
+    template says; hence at most 1 % of a short validity, so that renewal at 80 % of the
+    lifetime comes hardly sooner after issuance (a one-hour certificate is backdated 36 seconds;
+    the agent copes with the rest of a skew itself). Never before ``floor`` (the issuer's own
+    notBefore), and never after ``now``."""
+    start = now - dt.timedelta(seconds=int(min(BACKDATE, validity / BACKDATE_SHARE).total_seconds()))
+    if floor is not None:
+        start = max(start, min(floor, now))
+    return start
+
+
 def _ca_key_usage() -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True, content_commitment=False, key_encipherment=False,
