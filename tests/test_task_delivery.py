@@ -24,6 +24,7 @@ from cryptography import x509
 from sqlalchemy import select
 
 from certpulse.agent.config import AgentConfig, PolicyServerConfig, save_config
+from certpulse.agent.skew import Measurement, observe
 from certpulse.errors import Refusal
 from certpulse.events.tasks import (
     Dispatcher,
@@ -451,3 +452,16 @@ def test_the_task_commands(world: World) -> None:
     assert get_task(world.store, "rec").sha256 != listed["sha256"]  # pinned anew
     run_cli("task", "remove", "rec", "--dir", folder)
     assert list_tasks(world.store) == []
+
+
+def test_a_skewed_clock_reaches_the_failure_tasks_once_per_episode(world: World) -> None:
+    """1107 is something to act on before renewals go wrong: the ``failure`` type carries it."""
+    world.add("watch", "failure", recorder(world, "watch"))
+    ca = "https://ca.example:8443"
+    far = dt.timedelta(minutes=9)
+    observe(world.store, [Measurement(ca, far)], NOW, dt.timedelta(minutes=5))
+    observe(world.store, [Measurement(ca, far)], NOW + MINUTE, dt.timedelta(minutes=5))  # the same episode
+    world.dispatch(NOW + MINUTE)
+    [delivered] = calls(world, "watch")
+    assert delivered["event"]["id"] == EventId.CLOCK_SKEW
+    assert delivered["event"]["data"]["offset_seconds"] == far.total_seconds()

@@ -75,7 +75,8 @@ KEEP_RUNS = 100  # history rows kept per task (each holds up to 64 KiB of output
 PLACEHOLDER_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
 # ``task add --type``: which events each task type reacts to. ``failure`` is ours: the failures
-# of enrollment itself (task failures do not trigger tasks, so a failing task cannot loop).
+# of enrollment itself, and a clock skewed enough to make them (task failures do not trigger
+# tasks, so a failing task cannot loop).
 TASK_TYPES: dict[str, frozenset[EventId]] = {
     "new": frozenset({EventId.NEW}),
     "replace": frozenset({EventId.REPLACE}),
@@ -85,7 +86,7 @@ TASK_TYPES: dict[str, frozenset[EventId]] = {
     "archive": frozenset({EventId.ARCHIVED}),
     "export": frozenset({EventId.EXPORTED}),
     "failure": frozenset({EventId.RENEWAL_FAILED, EventId.PENDING_DROPPED, EventId.REQUEST_DENIED,
-                          EventId.NOT_DEPLOYED, EventId.BINDING_DRIFT}),
+                          EventId.NOT_DEPLOYED, EventId.BINDING_DRIFT, EventId.CLOCK_SKEW}),
 }
 
 
