@@ -215,6 +215,13 @@ def _has_eku(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bool:
         return False
 
 
+def _template_name(record: CertRecord, template_names: dict[str, str] | None) -> str | None:
+    """The template's name as the policy now calls it (by OID), else as it was recorded."""
+    if record.template_oid and template_names and record.template_oid in template_names:
+        return template_names[record.template_oid]
+    return record.template_name
+
+
 def stored_certificate(record: CertRecord, cert: x509.Certificate, chain: list[x509.Certificate],
                        trusts: Iterable[Trust], now: dt.datetime, *, revoked: bool = False,
                        template_names: dict[str, str] | None = None) -> StoredCertificate:
@@ -226,9 +233,7 @@ def stored_certificate(record: CertRecord, cert: x509.Certificate, chain: list[x
     start = cert.not_valid_before_utc
     at = now if start <= now else start if own else min(start, now + CLOCK_SKEW)
     valid = any(chain_valid(cert, [*chain, *t.issuers.values()], t.roots, at) for t in trusts)
-    name = record.template_name
-    if record.template_oid and template_names and record.template_oid in template_names:
-        name = template_names[record.template_oid]
+    name = _template_name(record, template_names)
     return StoredCertificate(
         thumbprint=record.thumbprint, subject=record.subject, not_before=record.not_before,
         not_after=record.not_after, template_oid=record.template_oid, template_name=name,
@@ -242,9 +247,7 @@ def recorded_certificate(record: CertRecord, *, revoked: bool = False,
                          template_names: dict[str, str] | None = None) -> StoredCertificate:
     """A certificate as its record describes it, for one whose files cannot be read: taken as it
     was when it was installed (its chain was checked then)."""
-    name = record.template_name
-    if record.template_oid and template_names and record.template_oid in template_names:
-        name = template_names[record.template_oid]
+    name = _template_name(record, template_names)
     return StoredCertificate(
         thumbprint=record.thumbprint, subject=record.subject, not_before=record.not_before,
         not_after=record.not_after, template_oid=record.template_oid, template_name=name,

@@ -42,7 +42,7 @@ from certpulse.machine import schema as t
 from certpulse.machine.events import CertFacts, Event, EventDraft, EventId
 from certpulse.machine.syslog import SyslogForwarder
 from certpulse.pki import template_info
-from certpulse.pki.certs import normalize_thumbprint, pem, serial_hex, sha256_thumbprint, subject_names, thumbprint
+from certpulse.pki.certs import normalize_thumbprint, pem, thumbprint
 from certpulse.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
 from certpulse.sql.db import read, write
 
@@ -136,7 +136,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (it must not exist) with ``mode``, its bytes synced to disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)
@@ -234,14 +235,9 @@ class LocalStore:
             drafts: list[EventDraft] = []
             if exists is None:
                 conn.execute(t.certificates.insert().values(
-                    thumbprint=print_, sha256=sha256_thumbprint(cert), subject=cert.subject.rfc4514_string(),
-                    names=json.dumps(subject_names(cert)), serial=serial_hex(cert.serial_number),
-                    issuer=cert.issuer.rfc4514_string(), not_before=cert.not_valid_before_utc,
-                    not_after=cert.not_valid_after_utc, template_oid=info.oid if info else None,
-                    template_name=template_name, major_version=info.major if info else 0,
-                    minor_version=info.minor if info else 0, source=source, policy_id=policy_id,
-                    issuer_name=issuer_name, has_key=key is not None, archived=False, installed_at=now,
-                    policy_url=policy_url))
+                    **t.certificate_columns(cert, info), template_name=template_name, source=source,
+                    policy_id=policy_id, issuer_name=issuer_name, has_key=key is not None, archived=False,
+                    installed_at=now, policy_url=policy_url))
                 if key is not None:
                     drafts.append(EventDraft(EventId.NEW, action=action, new=new_facts))
             held = _held(conn, [old for old, _ in replaced])
@@ -313,12 +309,12 @@ class LocalStore:
         cert_pem = pem(cert).encode()
         chain_pem = "".join(pem(c) for c in chain).encode()
         if key is not None:
-            _write_file(staging / "key.pem", private_key_pem(key), 0o600)
+            write_file(staging / "key.pem", private_key_pem(key), 0o600)
             if owner is not None and os.geteuid() == 0:
                 os.chown(staging / "key.pem", owner[0], owner[1])
-        _write_file(staging / "cert.pem", cert_pem, 0o644)
-        _write_file(staging / "chain.pem", chain_pem, 0o644)
-        _write_file(staging / "fullchain.pem", cert_pem + chain_pem, 0o644)
+        write_file(staging / "cert.pem", cert_pem, 0o644)
+        write_file(staging / "chain.pem", chain_pem, 0o644)
+        write_file(staging / "fullchain.pem", cert_pem + chain_pem, 0o644)
         os.chmod(staging, 0o755 if key is None else 0o711)
         os.rename(staging, final)
         _fsync_dir(self.certs_dir)
@@ -502,7 +498,7 @@ class LocalStore:
             fault_point("flight-recorded", self.root)
             staging = self.flights_dir / f".{flight_id}"
             staging.mkdir(mode=0o700)
-            _write_file(staging / "key.pem", private_key_pem(key), 0o600)
+            write_file(staging / "key.pem", private_key_pem(key), 0o600)
             os.rename(staging, self.flights_dir / flight_id)
             _fsync_dir(self.flights_dir)
         return self.flight(flight_id)

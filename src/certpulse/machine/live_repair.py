@@ -30,7 +30,7 @@ from pathlib import Path
 from cryptography import x509
 
 from certpulse.machine import current as current_rule
-from certpulse.machine.certstore import CertRecord, LocalStore
+from certpulse.machine.certstore import CertRecord, LocalStore, write_file
 from certpulse.pki.certs import pem, thumbprint
 from certpulse.pki.keys import key_matches, load_private_key_pem
 
@@ -108,14 +108,8 @@ def _rewrite(path: Path, data: bytes, mode: int) -> None:
     for stale in path.parent.glob(f".{path.name}.*"):
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        write_file(tmp, data, mode)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
-import json
 import logging
 import os
 import re
@@ -47,7 +46,7 @@ from certpulse.machine import schema as t
 from certpulse.machine.db import DATABASE_NAME, MIGRATIONS
 from certpulse.machine.events import CertFacts, EventDraft, EventId
 from certpulse.pki import template_info
-from certpulse.pki.certs import serial_hex, sha256_thumbprint, subject_names, thumbprint
+from certpulse.pki.certs import thumbprint
 from certpulse.pki.keys import key_matches, load_private_key_pem
 from certpulse.sql.db import make_engine, migrate, read, write
 
@@ -351,15 +350,10 @@ def repair(store: LocalStore, now: dt.datetime, *, known: Mapping[str, Known],
             name = (policy.name if policy else linked.get(item.folder.name)
                     or (names_by_oid.get(info.oid) if info is not None else None))
             print_ = item.folder.name
-            conn.execute(t.certificates.insert().values(
-                thumbprint=print_, sha256=sha256_thumbprint(cert), subject=cert.subject.rfc4514_string(),
-                names=json.dumps(subject_names(cert)), serial=serial_hex(cert.serial_number),
-                issuer=cert.issuer.rfc4514_string(), not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc, template_oid=info.oid if info else None,
-                template_name=name, major_version=info.major if info else 0,
-                minor_version=info.minor if info else 0, source="auto" if info is not None else "manual",
-                policy_id=policy.policy_id if policy else None, issuer_name=None, has_key=item.has_key,
-                archived=False, installed_at=now,
+            conn.execute(t.certificates.insert().values(  # the folder's name is the cert's thumbprint (examined)
+                **t.certificate_columns(cert, info), template_name=name,
+                source="auto" if info is not None else "manual", policy_id=policy.policy_id if policy else None,
+                issuer_name=None, has_key=item.has_key, archived=False, installed_at=now,
                 policy_url=(policy.policy_url if policy else None) or default_policy_url))
             if item.has_key:
                 drafts.append(EventDraft(EventId.NEW, action="repair", new=CertFacts.of(cert, template=name),

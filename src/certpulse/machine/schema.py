@@ -19,8 +19,10 @@ The migrations in ``migrations/versions`` build exactly this (a test compares th
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import json
+from typing import Any, Literal, get_args
 
+from cryptography import x509
 from sqlalchemy import (
     Boolean,
     Column,
@@ -35,6 +37,8 @@ from sqlalchemy import (
     Text,
 )
 
+from certpulse.pki.certs import serial_hex, sha256_thumbprint, subject_names, thumbprint
+from certpulse.pki.template_info import TemplateInfo
 from certpulse.sql.types import UTCDateTime
 
 metadata = MetaData(
@@ -214,3 +218,15 @@ bindings = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
 )
+
+
+def certificate_columns(cert: x509.Certificate, info: TemplateInfo | None) -> dict[str, Any]:
+    """The columns of a ``certificates`` row that the certificate itself gives (with its
+    template-information extension, ``info``); the caller adds how it came to the store."""
+    return {
+        "thumbprint": thumbprint(cert), "sha256": sha256_thumbprint(cert), "subject": cert.subject.rfc4514_string(),
+        "names": json.dumps(subject_names(cert)), "serial": serial_hex(cert.serial_number),
+        "issuer": cert.issuer.rfc4514_string(), "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc, "template_oid": info.oid if info else None,
+        "major_version": info.major if info else 0, "minor_version": info.minor if info else 0,
+    }
