@@ -7,12 +7,15 @@ Every server-side command takes ``--dir``; without it ``$CERTPULSE_CA_DIR``, the
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import tomli_w
 
+from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.sql.db import sqlite_url
 
@@ -36,6 +39,62 @@ class CAConfig:
     policy_id: str
     max_request_bytes: int = 64 * 1024
     token_lifetime_hours: int = 24
+    # Where relying parties reach this CA's CRLs, OCSP responder and CA certificates (plain HTTP as
+    # a rule: a CRL or OCSP fetch over TLS would need revocation checking itself). None: issued
+    # certificates carry no CRL distribution point and no AIA, as before.
+    public_url: str | None = None
+    # A CRL is signed again at least every crl_period and valid for crl_validity (nextUpdate);
+    # also at once after every revocation, hold or release.
+    crl_period: str = "1d"
+    crl_validity: str = "7d"
+    # OCSP answers are valid (cacheable, nextUpdate) for ocsp_validity; the delegated signing
+    # certificate lives ocsp_signer_validity and is renewed when a third of it is left.
+    ocsp_validity: str = "1h"
+    ocsp_signer_validity: str = "7d"
+
+    def __post_init__(self) -> None:
+        if self.public_url is not None:
+            object.__setattr__(self, "public_url", check_public_url(self.public_url))
+        for field in ("crl_period", "crl_validity", "ocsp_validity", "ocsp_signer_validity"):
+            parse_duration(getattr(self, field))
+        if self.crl_validity_delta <= self.crl_period_delta:
+            raise Refusal(Reason.INVALID_ARGUMENT,
+                          f"crl_validity ({self.crl_validity}) must be longer than crl_period ({self.crl_period})")
+        if self.ocsp_signer_validity_delta <= self.ocsp_validity_delta:
+            raise Refusal(Reason.INVALID_ARGUMENT, f"ocsp_signer_validity ({self.ocsp_signer_validity}) must be "
+                                                   f"longer than ocsp_validity ({self.ocsp_validity})")
+
+    @property
+    def crl_period_delta(self) -> dt.timedelta:
+        return parse_duration(self.crl_period)
+
+    @property
+    def crl_validity_delta(self) -> dt.timedelta:
+        return parse_duration(self.crl_validity)
+
+    @property
+    def ocsp_validity_delta(self) -> dt.timedelta:
+        return parse_duration(self.ocsp_validity)
+
+    @property
+    def ocsp_signer_validity_delta(self) -> dt.timedelta:
+        return parse_duration(self.ocsp_signer_validity)
+
+
+def check_public_url(url: str) -> str:
+    """``url`` as the base of the CRL, OCSP and CA-certificate URLs: http or https, a host, no
+    query or fragment; without a trailing slash."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"public_url {url!r} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or any(c.isspace() or not c.isprintable() for c in url) or "@" in parts.netloc:
+        raise Refusal(Reason.INVALID_ARGUMENT,
+                      f"public_url {url!r} must be an http:// or https:// URL with a host and no query, "
+                      "fragment or user name, e.g. http://ca.example.com")
+    return url.rstrip("/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +137,25 @@ class CADir:
                 policy_id=str(data["policy_id"]),
                 max_request_bytes=int(data.get("max_request_bytes", 64 * 1024)),
                 token_lifetime_hours=int(data.get("token_lifetime_hours", 24)),
+                public_url=str(data["public_url"]) if data.get("public_url") is not None else None,
+                crl_period=_duration_text(data.get("crl_period", "1d")),
+                crl_validity=_duration_text(data.get("crl_validity", "7d")),
+                ocsp_validity=_duration_text(data.get("ocsp_validity", "1h")),
+                ocsp_signer_validity=_duration_text(data.get("ocsp_signer_validity", "7d")),
             )
         except (OSError, tomllib.TOMLDecodeError, KeyError, ValueError) as exc:
             raise Refusal(Reason.STORE, f"cannot read {self.config_path}: {exc}") from None
+        except Refusal as exc:
+            raise Refusal(Reason.STORE, f"cannot read {self.config_path}: {exc.detail}") from None
 
     def save(self, config: CAConfig) -> None:
-        self.config_path.write_text(tomli_w.dumps(dataclasses.asdict(config)))
+        values = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}  # TOML has no null
+        self.config_path.write_text(tomli_w.dumps(values))
+
+
+def _duration_text(value: object) -> str:
+    """A duration from ``ca.toml``: text such as ``"1d"``, or whole seconds."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{value!r} is not a duration such as 1d or 8h")
+    return value if isinstance(value, str) else format_duration(parse_duration(value))
 

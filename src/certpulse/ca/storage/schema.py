@@ -58,6 +58,9 @@ authorities = Table(
     Column("renewal_only", Boolean, nullable=False, default=False),
     Column("enabled", Boolean, nullable=False, default=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # Bumped in the transaction of every revocation, hold or release of a certificate this
+    # authority issued (0006): a CRL or a cached OCSP answer made at an older revision is stale.
+    Column("revocation_revision", Integer, nullable=False, default=0, server_default=text("0")),
 )
 
 issuer_templates = Table(
@@ -227,4 +230,39 @@ blocked_keys = Table(
     Column("serial", String(40), nullable=False),  # the certificate whose revocation blocked it
     Column("authority_id", Integer, ForeignKey("authorities.id"), nullable=False),
     Column("blocked_at", UTCDateTime, nullable=False),
+)
+
+
+# The latest CRL of each authority that signs one (0006): what the CRL endpoint serves without
+# signing, until it is stale (``revision`` behind the authority's ``revocation_revision``) or
+# due (``this_update`` older than the CA's ``crl_period``). ``number`` only grows (RFC 5280 5.2.3).
+crls = Table(
+    "crls",
+    metadata,
+    Column("authority_id", Integer, ForeignKey("authorities.id"), primary_key=True),
+    Column("number", Integer, nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("this_update", UTCDateTime, nullable=False),
+    Column("next_update", UTCDateTime, nullable=False),
+    Column("entries", Integer, nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# Delegated OCSP signing certificates (0006): one current per issuing authority, issued by it
+# (EKU id-kp-OCSPSigning, id-pkix-ocsp-nocheck, short validity), renewed by the CA itself. The
+# certificate's serial is also recorded in ``certificates`` (template ``_ocsp-signer``) before
+# it is signed, like every certificate the CA makes; the key lives in ``key_file`` (0600).
+ocsp_signers = Table(
+    "ocsp_signers",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("authority_id", Integer, ForeignKey("authorities.id"), nullable=False),
+    Column("serial", String(40), nullable=False),
+    Column("certificate_der", LargeBinary, nullable=False),
+    Column("key_file", String(255), nullable=False),
+    Column("not_before", UTCDateTime, nullable=False),
+    Column("not_after", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "authority_id", "not_after"),
 )
