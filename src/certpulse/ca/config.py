@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
+from certpulse.ca.publishing import Publishing
 from certpulse.durations import format_duration, parse_duration
 from certpulse.errors import Reason, Refusal
 from certpulse.sql.db import sqlite_url
@@ -63,6 +64,11 @@ class CAConfig:
         if self.ocsp_signer_validity_delta <= self.ocsp_validity_delta:
             raise Refusal(Reason.INVALID_ARGUMENT, f"ocsp_signer_validity ({self.ocsp_signer_validity}) must be "
                                                    f"longer than ocsp_validity ({self.ocsp_validity})")
+
+    def publishing(self) -> Publishing:
+        return Publishing(public_url=self.public_url, crl_period=self.crl_period_delta,
+                          crl_validity=self.crl_validity_delta, ocsp_validity=self.ocsp_validity_delta,
+                          ocsp_signer_validity=self.ocsp_signer_validity_delta)
 
     @property
     def crl_period_delta(self) -> dt.timedelta:

@@ -61,6 +61,7 @@ class Revocation:
                     raise Refusal(Reason.ALREADY_REVOKED, f"certificate {row.serial} was revoked meanwhile")
                 if reason == KEY_COMPROMISE:
                     _block_key(conn, row, now)
+                bump_revocation_revision(conn, row.authority_id)
                 self._audit.record(conn, now, caller.actor, "revoked", template=row.template_name,
                                    request_id=row.request_id, serial=row.serial,
                                    names=names_from_json(row.names).all(), reason=reason)
@@ -79,6 +80,13 @@ class Revocation:
             subject=row.subject, not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
             revocation_reason=row.revocation_reason, thumbprint=row.thumbprint,
         )
+
+
+def bump_revocation_revision(conn: Connection, authority_id: int) -> None:
+    """Mark the authority's published revocation state (CRL, cached OCSP answers) stale, in the
+    transaction that changed it."""
+    conn.execute(update(t.authorities).where(t.authorities.c.id == authority_id)
+                 .values(revocation_revision=t.authorities.c.revocation_revision + 1))
 
 
 def _block_key(conn: Connection, row: Any, now: dt.datetime) -> None:

@@ -29,6 +29,7 @@ from certpulse.ca.audit import AuditTrail
 from certpulse.ca.auth import Authentication
 from certpulse.ca.cep import EnrollmentPolicy
 from certpulse.ca.issuance import CertificateAuthority
+from certpulse.ca.publishing import DEFAULT_PUBLISHING, Publishing
 from certpulse.ca.requests import RegistrationAuthority
 from certpulse.ca.revocation import Revocation
 from certpulse.ca.state import KeyRing, SnapshotCache
@@ -37,8 +38,10 @@ from certpulse.ca.storage.statements import Statements
 
 
 class CAService:
-    def __init__(self, engine: Engine, keyring: KeyRing, *, policy_id: str, token_lifetime: dt.timedelta) -> None:
+    def __init__(self, engine: Engine, keyring: KeyRing, *, policy_id: str, token_lifetime: dt.timedelta,
+                 publishing: Publishing = DEFAULT_PUBLISHING) -> None:
         self.engine = engine
+        self.publishing = publishing  # ca.toml's public URL and CRL / OCSP periods
         self.keyring = keyring
         self.token_lifetime = token_lifetime  # of the one-time enrollment tokens the administration hands out
         self.state = SnapshotCache()

@@ -66,6 +66,7 @@ from certpulse.frontends.metrics import (
     observe_submission,
 )
 from certpulse.frontends.problems import DATABASE_RETRY_AFTER, database_unavailable, problem
+from certpulse.frontends.publication import PublicationRoutes, public_routes
 from certpulse.frontends.read_deadline import DEFAULT_READ_TIMEOUT, read_timeout_from_environment
 from certpulse.frontends.schema import (
     Credential,
@@ -495,7 +496,9 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
         inner = limit_threads(inner, threads)
     shed = shed_load(inner, max_inflight, threads=threads or 1)
     app.state.shedding = shed if isinstance(shed, LoadShedding) else None
-    return BodyLimit(shed, max_body, _logged(on_body_refused), read_timeout=read_timeout)
+    # CRLs, OCSP and CA certificates answer outside the shedding limit (frontends/publication.py)
+    published = PublicationRoutes(shed, public_routes(service))
+    return BodyLimit(published, max_body, _logged(on_body_refused), read_timeout=read_timeout)
 
 
 def app_from_environment() -> Any:
