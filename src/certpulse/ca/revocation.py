@@ -102,8 +102,9 @@ class Revocation:
         with read(self.engine) as conn:
             row = _find_certificate(conn, serial, issuer)
         return CertificateStatus(
-            serial=row.serial, issuer=row.issuer_name, status=_state(row.revoked_at, row.not_after, now), template=row.template_name,
-            subject=row.subject, not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
+            serial=row.serial, issuer=row.issuer_name, status=_state(row.revoked_at, row.not_after, now),
+            template=row.template_name, subject=row.subject, not_before=row.not_before, not_after=row.not_after,
+            revoked_at=row.revoked_at,
             revocation_reason=row.revocation_reason, thumbprint=row.thumbprint,
         )
 
@@ -149,11 +150,11 @@ class Revocation:
         with read(self.engine) as conn:
             for start in range(0, len(distinct), _IN_CHUNK):
                 chunk = distinct[start:start + _IN_CHUNK]
-                query = (select(c.serial, c.revoked_at, c.revocation_reason, c.not_after,
-                                t.authorities.c.name.label("issuer_name"))
-                         .join(t.authorities, t.authorities.c.id == c.authority_id)
-                         .where(and_(c.serial.in_(chunk), c.status == "issued")))
-                for row in conn.execute(query):
+                lookup = (select(c.serial, c.revoked_at, c.revocation_reason, c.not_after,
+                                 t.authorities.c.name.label("issuer_name"))
+                          .join(t.authorities, t.authorities.c.id == c.authority_id)
+                          .where(and_(c.serial.in_(chunk), c.status == "issued")))
+                for row in conn.execute(lookup):
                     found.setdefault(row.serial, []).append(row)
         answers: list[SerialStatus] = []
         for serial, issuer in wanted:
