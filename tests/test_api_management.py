@@ -260,6 +260,28 @@ def test_batch_status_of_the_callers_own_certificates_and_of_a_serial_list(
                    400, "malformed-request")
 
 
+def test_status_command_takes_several_serials(ca: CA, server: str, machine: Client) -> None:
+    serials = [machine.enroll("machine")[1]["serial"] for _ in range(2)]
+    ca.cli("revoke", serials[1], "--reason", "keyCompromise")
+
+    both = json.loads(ca.cli("status", *serials, "--json").stdout)
+    assert [(s["serial"], s["status"], s["revocation_reason"]) for s in both] == [
+        (serials[0], "good", None), (serials[1], "revoked", "keyCompromise")]
+    assert both[1]["revoked_at"] and both[0]["not_after"]
+    text = ca.cli("status", *serials, "--issuer", "issuing-1").stdout
+    assert "keyCompromise" in text and both[1]["revoked_at"][:10] in text
+    one = json.loads(ca.cli("status", serials[1], "--json").stdout)  # one serial: every field, as before
+    assert one["revocation_reason"] == "keyCompromise" and one["subject"] and one["thumbprint"]
+
+    # An unknown serial is listed, and the command exits 1 (a refusal would be 2).
+    unknown = ca.cli("status", serials[0], "abcdef0123", "--json", check=False)
+    assert unknown.returncode == 1, unknown.stderr
+    assert [s["status"] for s in json.loads(unknown.stdout)] == ["good", "unknown"]
+    other_issuer = ca.cli("status", *serials, "--issuer", "no-such-issuer", "--json", check=False)
+    assert other_issuer.returncode == 1 and {s["status"] for s in json.loads(other_issuer.stdout)} == {"unknown"}
+    assert_cli_refusal(ca.cli("status", serials[0], "not-hex", check=False), "invalid-argument")
+
+
 def test_own_statuses_page_by_cursor_and_leave_out_expired_certificates(ca: CA, server: str) -> None:
     _, owner = new_principal(ca, server, "pages")
     serials = [owner.enroll("machine")[1]["serial"] for _ in range(3)]
