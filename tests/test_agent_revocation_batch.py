@@ -186,6 +186,20 @@ def test_hostile_batch_answers_are_refused_and_revoke_nothing(name: str, stocked
     assert lying.calls == [("GET", STATUS_ROUTE)]
 
 
+def test_pages_are_followed_by_their_cursor(stocked: Stocked) -> None:
+    asked: list[str | None] = []
+
+    def paged(request: httpx.Request) -> httpx.Response:
+        after = request.url.params.get("after")
+        asked.append(after)
+        if after is None:
+            return httpx.Response(200, json=_answers([_entry(serial="a1", status="good")], next="17"))
+        return httpx.Response(200, json=_answers([_entry(serial="a2")]))
+
+    answers = CAClient(stocked.server, None, verify=False, transport=httpx.MockTransport(paged)).own_statuses()
+    assert [(a.serial, a.status) for a in answers] == [("a1", "good"), ("a2", "revoked")] and asked == [None, "17"]
+
+
 def test_pages_that_loop_are_cut_short(stocked: Stocked) -> None:
     pages: list[str | None] = []
 

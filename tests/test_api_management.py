@@ -260,25 +260,21 @@ def test_batch_status_of_the_callers_own_certificates_and_of_a_serial_list(
                    400, "malformed-request")
 
 
-def test_status_command_takes_several_serials(ca: CA, server: str, machine: Client) -> None:
+def test_status_command_takes_several_serials(ca: CA, server: str, machine: Client, admin: Client) -> None:
     serials = [machine.enroll("machine")[1]["serial"] for _ in range(2)]
-    ca.cli("revoke", serials[1], "--reason", "keyCompromise")
+    assert admin.http.post(f"/v1/certificates/{serials[1]}/revoke", json={"reason": "keyCompromise"}).status_code == 200
 
     both = json.loads(ca.cli("status", *serials, "--json").stdout)
     assert [(s["serial"], s["status"], s["revocation_reason"]) for s in both] == [
         (serials[0], "good", None), (serials[1], "revoked", "keyCompromise")]
     assert both[1]["revoked_at"] and both[0]["not_after"]
-    text = ca.cli("status", *serials, "--issuer", "issuing-1").stdout
-    assert "keyCompromise" in text and both[1]["revoked_at"][:10] in text
-    one = json.loads(ca.cli("status", serials[1], "--json").stdout)  # one serial: every field, as before
-    assert one["revocation_reason"] == "keyCompromise" and one["subject"] and one["thumbprint"]
-
-    # An unknown serial is listed, and the command exits 1 (a refusal would be 2).
-    unknown = ca.cli("status", serials[0], "abcdef0123", "--json", check=False)
-    assert unknown.returncode == 1, unknown.stderr
-    assert [s["status"] for s in json.loads(unknown.stdout)] == ["good", "unknown"]
-    other_issuer = ca.cli("status", *serials, "--issuer", "no-such-issuer", "--json", check=False)
-    assert other_issuer.returncode == 1 and {s["status"] for s in json.loads(other_issuer.stdout)} == {"unknown"}
+    # One line each, with the revocation's reason and time; an unknown serial is listed, exit 1
+    # (a refusal would be 2).
+    text = ca.cli("status", *serials, "abcdef0123", "--issuer", "issuing-1", check=False)
+    assert text.returncode == 1, text.stderr
+    lines = [line for line in text.stdout.splitlines() if serials[1] in line or "abcdef0123" in line]
+    assert len(lines) == 2 and "keyCompromise" in lines[0] and both[1]["revoked_at"][:10] in lines[0]
+    assert "unknown" in lines[1]
     assert_cli_refusal(ca.cli("status", serials[0], "not-hex", check=False), "invalid-argument")
 
 
