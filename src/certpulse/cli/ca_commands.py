@@ -16,6 +16,7 @@ import typer
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
+from certpulse.ca.ocsp_signer import SignerRenewer, ensure_signers
 from certpulse.ca.revocation import REVOCATION_REASONS
 from certpulse.ca.server_tls import (
     MIN_TLS_VALIDITY,
@@ -155,6 +156,13 @@ def ca_serve(
     engine = make_engine(config.database_url, pool_size=1)
     migrate(engine)
     engine.dispose()
+    # Every issuer has a delegated OCSP signer before a worker answers (renewed while serving)
+    svc = service(dir_)
+    try:
+        ensure_signers(svc, clock.now())
+    finally:
+        svc.engine.dispose()
+    signer_renewer = SignerRenewer(lambda: service(dir_), config.publishing().ocsp_signer_validity, clock.now)
     ssl: dict[str, ReloadingTLS] = {}
     renewer: TLSRenewer | None = None
     if not insecure_http:
@@ -182,6 +190,7 @@ def ca_serve(
     with _metrics_folder():
         if renewer is not None:
             renewer.start()
+        signer_renewer.start()
         try:
             uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
                         port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
@@ -189,6 +198,7 @@ def ca_serve(
                         timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=max_connections, backlog=BACKLOG,
                         timeout_graceful_shutdown=shutdown_timeout, **ssl)  # type: ignore[arg-type]
         finally:
+            signer_renewer.stop()
             if renewer is not None:
                 renewer.stop()
 
