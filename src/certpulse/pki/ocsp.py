@@ -34,6 +34,7 @@ CERT_ID_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
     "sha384": hashes.SHA384, "sha512": hashes.SHA512,
 }
+MAX_SERIAL_BITS = 160  # RFC 5280 4.1.2.2: serials are at most 20 octets (and this CA's are 159 bits)
 MAX_NONCE_BYTES = 128  # RFC 8954 asks for 1 to 32; some clients send more, none sensibly this much
 
 Failure = Literal["malformedRequest", "unauthorized", "internalError", "tryLater"]
@@ -79,12 +80,14 @@ def parse_request(data: bytes) -> ParsedRequest:
         extensions = request.extensions
     except UnsupportedAlgorithm:
         raise MalformedRequest("the CertID's hash algorithm is not supported") from None
-    except ValueError as exc:  # not DER, truncated, several requests, a duplicate extension...
+    except NotImplementedError:  # cryptography's word for several requests in one
+        raise MalformedRequest("one certificate per request") from None
+    except ValueError as exc:  # not DER, truncated, trailing bytes, a duplicate extension...
         raise MalformedRequest(f"not an OCSP request with one certificate: {exc}") from None
     if hash_name not in CERT_ID_HASHES:
         raise MalformedRequest("the CertID's hash algorithm is not supported")
-    if cert_id.serial < 0:
-        raise MalformedRequest("a negative serial number")
+    if not 0 <= cert_id.serial < 1 << MAX_SERIAL_BITS:
+        raise MalformedRequest("a serial number that is negative or longer than 20 octets (RFC 5280 4.1.2.2)")
     nonce: bytes | None = None
     for extension in extensions:
         if isinstance(extension.value, x509.OCSPNonce):
