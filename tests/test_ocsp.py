@@ -350,6 +350,28 @@ def test_mangled_requests_never_raise_in_the_responder(ca: CA, server: str, good
         service.engine.dispose()
 
 
+def test_a_database_that_does_not_answer_is_try_later(ca: CA, good: Issued) -> None:
+    """503 with Retry-After and an OCSP tryLater, never a 500 (in-process, the database unreachable)."""
+    from certpulse.ca.service import CAService
+    from certpulse.ca.state import KeyRing
+    from certpulse.sql.db import make_engine
+
+    gone = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2", pool_size=1)
+    service = CAService(gone, KeyRing(ca.dir / "keys"), policy_id="p", token_lifetime=dt.timedelta(hours=1))
+    app = create_app(service)
+
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ca") as client:
+            return await client.post("/ocsp", content=good.request(), headers={"Content-Type": OCSP_TYPE})
+
+    try:
+        answer = anyio.run(ask)
+    finally:
+        gone.dispose()
+    assert answer.status_code == 503 and answer.headers["retry-after"].isdigit()
+    assert response_of(answer).response_status == ocsp.OCSPResponseStatus.TRY_LATER
+
+
 # -- the delegated signer -----------------------------------------------------------------------
 
 def test_the_delegated_signer_is_a_short_lived_ocsp_signing_certificate(ca: CA, server: str, good: Issued,
