@@ -48,6 +48,7 @@ from certpulse.pki.ocsp import (
     CertStatus,
     Failure,
     MalformedRequest,
+    ParsedRequest,
     ResponseSigner,
     SingleAnswer,
     build_response,
@@ -165,6 +166,23 @@ class OCSPResponder:
 
     # -- the full path: blocking (database, signature); run in a thread ----------------------
 
+    def answer_from_memory(self, request_der: bytes, now: dt.datetime) -> OCSPAnswer | None:
+        """What :meth:`respond` answers when that takes neither the database nor a new signer: a
+        malformed request, or one about a certificate whose status is cached, signed now when it
+        carries a nonce (a signature, about 0.1 ms, no I/O: cheaper on the event loop than the trip
+        to a thread). None: ask :meth:`respond`, in a thread."""
+        try:
+            parsed = parse_request(request_der)
+        except MalformedRequest:
+            return failure("malformedRequest")
+        known = self._current(parsed.cert_id)
+        if known is None:
+            return None
+        held = self._signers.get(known.authority_id)
+        if held is None or not self._usable(known.authority_id, held, now):
+            return None
+        return self._signed(request_der, parsed, known, held)
+
     def respond(self, request_der: bytes, now: dt.datetime) -> OCSPAnswer:
         """The answer to a DER OCSPRequest. Raises only when the database fails (the caller
         answers ``tryLater``) or on a bug (``internalError``)."""
@@ -176,20 +194,23 @@ class OCSPResponder:
             answer = self.cached(request_der)
             if answer is not None:
                 return answer
-        cert_id = parsed.cert_id
-        known = self._current(cert_id)
+        known = self._current(parsed.cert_id)
         if known is None:
-            found = self._read_status(cert_id, now)
+            found = self._read_status(parsed.cert_id, now)
             if found is None:
                 return failure("unauthorized")
             known = found
-        signer = self._signer_for(known.authority_id, now)
+        return self._signed(request_der, parsed, known, self._signer_for(known.authority_id, now))
+
+    def _signed(self, request_der: bytes, parsed: ParsedRequest, known: _Known, signer: _Signer) -> OCSPAnswer:
+        """The answer to ``parsed`` from what is known: signed with its nonce, or the answer
+        without nonce (signed once, then kept)."""
         if parsed.nonce is not None:
-            return OCSPAnswer(build_response(cert_id, known.answer, signer.signer, parsed.nonce), "successful",
-                              known.answer.status)
+            return OCSPAnswer(build_response(parsed.cert_id, known.answer, signer.signer, parsed.nonce),
+                              "successful", known.answer.status)
         if known.plain is None:
             single = known.answer
-            known.plain = OCSPAnswer(build_response(cert_id, single, signer.signer, None), "successful",
+            known.plain = OCSPAnswer(build_response(parsed.cert_id, single, signer.signer, None), "successful",
                                      single.status, this_update=single.this_update, next_update=single.next_update,
                                      reuse_until=known.reuse_until)
         self._remember_request(request_der, known)

@@ -22,8 +22,11 @@ no-transform, must-revalidate``, ``Last-Modified`` (thisUpdate), ``Expires`` (ne
 ``ETag`` (SHA-1 of the response). Answers with a nonce and refusals say ``no-store``.
 
 **Speed.** A request seen before is answered on the event loop from the responder's cache:
-plain ASGI, a dictionary look-up, no parsing, no database, no signature. Anything else (a
-database read, a signature, the once-a-second read of the revocation revisions) runs in a thread
+plain ASGI, a dictionary look-up, no parsing, no database, no signature. A malformed request,
+and a request with a nonce about a certificate whose status is cached, are answered on the event
+loop too (parsing, and a signature of about a tenth of a millisecond: cheaper than the trip to a
+thread and back). Anything else (a database read, a signer to load, the once-a-second read of
+the revocation revisions) runs in a thread
 under a limiter of the route's own (:data:`OCSP_THREADS`), so that enrollment's handlers, busy
 or shed, never hold an OCSP answer up, and OCSP never takes their threads.
 """
@@ -103,8 +106,18 @@ class OCSPRoute:
         await self._revisions_current()
         answer = self._responder.cached(request)
         if answer is None:
+            answer = self._from_memory(request)
+        if answer is None:
             answer = await self._blocking(request)
         await _send(send, answer, STATUS_CODES[answer.status], get=method == "GET")
+
+    def _from_memory(self, request: bytes) -> OCSPAnswer | None:
+        """A malformed request's answer, or one signed now from the cached status (no I/O)."""
+        try:
+            return self._responder.answer_from_memory(request, clock.now())
+        except Exception:
+            log.exception("OCSP: unexpected error answering a request")
+            return failure("internalError")
 
     async def _blocking(self, request: bytes) -> OCSPAnswer:
         """The full answer (database, signature), in a thread under the route's own limiter."""
