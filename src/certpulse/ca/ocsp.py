@@ -288,7 +288,8 @@ class OCSPResponder:
             with read(self._service.engine) as conn:
                 record = newest_signers(conn, now).get(authority_id)
                 snapshot = self._service.state.get(conn)
-            if record is None:
+            if record is None or not (self._service.keyring.directory / record.key_file).exists():
+                # none valid, or its key is not on this machine (removed, another host's folder)
                 record = issue_signer(self._service, snapshot.authority(authority_id), now)
             label = f"OCSP signer {serial_hex(record.certificate.serial_number)}"
             key = self._service.keyring.load(record.key_file, label)
