@@ -232,6 +232,12 @@ def test_get_answers_with_caching_headers(server: str, good: Issued, tmp_path: P
         assert answer.headers["etag"].strip('"') and answer.headers["last-modified"] and answer.headers["expires"]
         assert answer.headers["expires"] == format_http_date(next_update(response))
         assert answer.headers["last-modified"] == format_http_date(response.this_update_utc)
+    cached = httpx.get(f"{server}/ocsp/{quote(encoded, safe='')}", timeout=30)
+    again = httpx.get(f"{server}/ocsp/{quote(encoded, safe='')}", headers={"If-None-Match": cached.headers["etag"]},
+                      timeout=30)
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == cached.headers["etag"]
+    other = httpx.get(f"{server}/ocsp/{quote(encoded, safe='')}", headers={"If-None-Match": '"other"'}, timeout=30)
+    assert other.status_code == 200 and other.content == cached.content
     assert "max-age" not in posted.headers.get("cache-control", "")
     nonce = post(server, good.request(nonce=b"0123456789abcdef"))
     assert nonce.headers["cache-control"] == "no-store"

@@ -124,6 +124,7 @@ class OCSPResponder:
         self._unknown: dict[CertID, _Known] = {}
         self._revisions: dict[int, int] = {}  # authority id -> revocation_revision
         self._revisions_read_at = float("-inf")
+        self._revision_lock = threading.Lock()
         self._newest_signer_id: int | None = None
         self._signers: dict[int, _Signer] = {}
         self._signers_checked: dict[int, float] = {}
@@ -161,8 +162,9 @@ class OCSPResponder:
         self._revisions_read_at = max(self._revisions_read_at, started)
 
     def _note_revision(self, authority_id: int, revision: int) -> None:
-        if revision > self._revisions.get(authority_id, -1):  # revisions only grow
-            self._revisions[authority_id] = revision
+        with self._revision_lock:  # two readers at once must not set an older one last
+            if revision > self._revisions.get(authority_id, -1):  # revisions only grow
+                self._revisions[authority_id] = revision
 
     # -- the full path: blocking (database, signature); run in a thread ----------------------
 
