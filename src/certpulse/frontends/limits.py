@@ -30,7 +30,6 @@ from certpulse.errors import Reason, Refusal
 from certpulse.frontends.problems import problem
 from certpulse.frontends.read_deadline import DEADLINE_EXTENSION, DEFAULT_READ_TIMEOUT
 
-
 _BODILESS = frozenset({"GET", "HEAD"})
 
 
