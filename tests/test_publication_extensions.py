@@ -10,6 +10,8 @@ one and gets it later, shared by the module's tests.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +20,15 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 
 from certpulse.ca.config import check_public_url
 from certpulse.ca.templates import parse_template
 from certpulse.errors import Refusal
 from conftest import database, postgres_available
-from services import wait_until
+from services import HINT, NGINX, wait_until
 from support import CA, TEMPLATES, Client, cli_json, free_port, load_cert, run_cli, serve
 
 MACHINE = (TEMPLATES / "machine.toml").read_text()
@@ -292,3 +295,62 @@ def test_set_public_url_refuses_a_bad_one_and_changes_nothing(unpublished: Serve
     neither = unpublished.ca.cli("ca", "set-public-url", check=False)
     assert neither.returncode != 0 and "--clear" in neither.stderr
     assert (unpublished.ca.dir / "ca.toml").read_text() == config
+
+
+# -- the README's relying-party configuration --------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def fenced(section: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+
+
+def test_the_readmes_nginx_configuration_passes_nginx_t(published: Served, tmp_path: Path) -> None:
+    """Every nginx block of "Revocation for relying parties", with its files made real (certificates
+    of this CA, a CRL), is a configuration the installed nginx accepts; the CRL script parses."""
+    assert NGINX is not None, HINT
+    section = readme_section("Revocation for relying parties")
+    blocks = fenced(section, "nginx")
+    assert len(blocks) >= 4, "the section lost its nginx examples"
+    key, issued = published.client.enroll("machine")
+    certs = published.ca.dir / "certs"
+    root, issuer = (certs / "root.pem").read_text(), (certs / "issuer-issuing-1.pem").read_text()
+    crl_key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(load_cert(issuer).subject).last_update(now)
+           .next_update(now + dt.timedelta(days=7)).sign(crl_key, hashes.SHA256()))
+    files = {
+        "fullchain.pem": issued["certificate"] + issuer, "chain.pem": issuer + root,
+        "key.pem": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()).decode(),
+        "certpulse-root.pem": root, "certpulse-ca.pem": root + issuer,
+        "certpulse.crl.pem": crl.public_bytes(serialization.Encoding.PEM).decode(),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    for index, block in enumerate(blocks):
+        conf = tmp_path / f"nginx-{index}.conf"
+        conf.write_text(f"""
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 16; }}
+http {{
+    access_log off;
+{block.replace("/etc/nginx/tls/", f"{tmp_path}/")}
+}}
+""")
+        checked = subprocess.run([NGINX, "-t", "-c", str(conf), "-e", str(tmp_path / "error.log")],
+                                 capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0 and "test is successful" in checked.stderr, f"{block}\n{checked.stderr}"
+        assert "[warn]" not in checked.stderr, f"{block}\n{checked.stderr}"
+    scripts = fenced(section, "sh")
+    crl_script = next(s for s in scripts if s.startswith("#!/bin/sh"))
+    (tmp_path / "certpulse-crl").write_text(crl_script)
+    subprocess.run(["sh", "-n", str(tmp_path / "certpulse-crl")], check=True, timeout=30)
