@@ -24,7 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 
-from certpulse.ca.config import check_public_url
+from certpulse.ca.config import CADir, check_public_url
+from certpulse.ca.server_tls import ensure_tls_certificate, server_names
+from certpulse.ca.setup import open_service
 from certpulse.ca.templates import parse_template
 from certpulse.errors import Refusal
 from conftest import database, postgres_available
@@ -143,6 +145,19 @@ def test_issuing_cas_point_at_the_roots_crl_and_certificate_and_roots_at_nothing
     root_pointers = {"crl": [f"{url}/crl/root/0.crl"], "ca_issuers": [f"{url}/ca/root.der"]}
     assert uris(published.ca_cert("issuer-issuing-1.pem")) == root_pointers  # made by ca init
     assert uris(published.ca_cert("root.pem")) == {}
+
+
+def test_the_api_servers_own_certificate_points_there_too(published: Served) -> None:
+    service = open_service(CADir(published.ca.dir))
+    try:
+        files, cert = ensure_tls_certificate(CADir(published.ca.dir), service, server_names("127.0.0.1"),
+                                             dt.datetime.now(dt.UTC))
+    finally:
+        service.engine.dispose()
+    assert cert is not None and files.cert.read_bytes().startswith(cert.public_bytes(serialization.Encoding.PEM))
+    url = published.public_url
+    assert uris(cert) == {"crl": [f"{url}/crl/issuing-1/0.crl"], "ocsp": [f"{url}/ocsp"],
+                          "ca_issuers": [f"{url}/ca/issuing-1.der"]}
 
 
 def test_the_ca_issuers_url_serves_the_certificate_that_verifies_the_leaf(published: Served, tmp_path: Path) -> None:
