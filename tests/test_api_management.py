@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.routing import APIRoute
 
 from certpulse.ca.config import CADir
+from certpulse.ca.revocation import SerialQuery
 from certpulse.ca.setup import open_service
 from certpulse.frontends.http import create_app
 from certpulse.pki import template_info
@@ -208,6 +209,95 @@ def test_revoke_through_the_api(server: str, machine: Client, admin: Client) -> 
     assert_problem(httpx.get(f"{server}/v1/certificates/not-hex", timeout=30), 400, "invalid-argument")
 
 
+def test_batch_status_of_the_callers_own_certificates_and_of_a_serial_list(
+        ca: CA, server: str, admin: Client) -> None:
+    _, owner = new_principal(ca, server, "batch")
+    serials = [owner.enroll("machine")[1]["serial"] for _ in range(3)]
+    assert admin.http.post(f"/v1/certificates/{serials[1]}/revoke",
+                           json={"reason": "keyCompromise"}).status_code == 200
+
+    # The caller's own certificates, in one call: revoked ones included, with reason and time.
+    own = owner.http.get("/v1/certificates/status")
+    assert own.status_code == 200, own.text
+    answers = own.json()["certificates"]
+    assert [a["serial"] for a in answers] == serials and "next" not in own.json()
+    assert [a["status"] for a in answers] == ["good", "revoked", "good"]
+    assert answers[1]["revocation_reason"] == "keyCompromise" and answers[1]["revoked_at"]
+    assert answers[0]["revoked_at"] is None and answers[0]["revocation_reason"] is None
+    assert all(a["issuer"] == "issuing-1" and a["not_after"] for a in answers)
+    # The route is not read as GET /v1/certificates/{serial} with serial "status" (400 before).
+    assert_problem(httpx.get(f"{server}/v1/certificates/status", timeout=30), 401, "unauthenticated")
+    assert_problem(admin.http.get("/v1/certificates/status"), 403, "forbidden")  # an API key has no certificates
+    assert_problem(owner.http.get("/v1/certificates/status", params={"after": "x1"}), 400, "invalid-argument")
+
+    # A list of serials: public, any hex spelling, unknown is an answer and not an error.
+    padded = serials[1].upper().zfill(len(serials[1]) + len(serials[1]) % 2)
+    spaced = ":".join(padded[i:i + 2] for i in range(0, len(padded), 2))
+    listed = httpx.post(f"{server}/v1/certificates/status", timeout=30, json={"certificates": [
+        {"serial": spaced}, {"serial": serials[0], "issuer": "issuing-1"}, {"serial": "abcdef0123"},
+        {"serial": serials[2], "issuer": "no-such-issuer"}]})
+    assert listed.status_code == 200, listed.text
+    assert [(a["serial"], a["status"]) for a in listed.json()["certificates"]] == [
+        (serials[1], "revoked"), (serials[0], "good"), ("abcdef0123", "unknown"), (serials[2], "unknown")]
+    unknown = listed.json()["certificates"][3]
+    assert unknown["issuer"] == "no-such-issuer" and unknown["not_after"] is None
+
+    # The limit: 500 of the longest serials with the longest issuer names fit the 64 KiB body limit.
+    longest = [{"serial": f"{i:040x}", "issuer": "i" * 64} for i in range(1, 501)]
+    body = json.dumps({"certificates": longest}, separators=(",", ":")).encode()
+    assert len(body) <= 64 * 1024
+    full = httpx.post(f"{server}/v1/certificates/status", content=body, timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert full.status_code == 200, full.text
+    assert {a["status"] for a in full.json()["certificates"]} == {"unknown"} and len(full.json()["certificates"]) == 500
+    over = assert_problem(httpx.post(f"{server}/v1/certificates/status", timeout=30, json={
+        "certificates": [{"serial": f"{i:x}"} for i in range(1, 502)]}), 400, "malformed-request")
+    assert "500" in over["detail"]
+    bad = assert_problem(httpx.post(f"{server}/v1/certificates/status", timeout=30, json={
+        "certificates": [{"serial": "ab"}, {"serial": "not-hex"}]}), 400, "invalid-argument")
+    assert "certificates[1]" in bad["detail"]
+    assert_problem(httpx.post(f"{server}/v1/certificates/status", timeout=30, json={"serials": []}),
+                   400, "malformed-request")
+
+
+def test_status_command_takes_several_serials(ca: CA, server: str, machine: Client, admin: Client) -> None:
+    serials = [machine.enroll("machine")[1]["serial"] for _ in range(2)]
+    assert admin.http.post(f"/v1/certificates/{serials[1]}/revoke", json={"reason": "keyCompromise"}).status_code == 200
+
+    both = json.loads(ca.cli("status", *serials, "--json").stdout)
+    assert [(s["serial"], s["status"], s["revocation_reason"]) for s in both] == [
+        (serials[0], "good", None), (serials[1], "revoked", "keyCompromise")]
+    assert both[1]["revoked_at"] and both[0]["not_after"]
+    # One line each, with the revocation's reason and time; an unknown serial is listed, exit 1
+    # (a refusal would be 2).
+    text = ca.cli("status", *serials, "abcdef0123", "--issuer", "issuing-1", check=False)
+    assert text.returncode == 1, text.stderr
+    lines = [line for line in text.stdout.splitlines() if serials[1] in line or "abcdef0123" in line]
+    assert len(lines) == 2 and "keyCompromise" in lines[0] and both[1]["revoked_at"][:10] in lines[0]
+    assert "unknown" in lines[1]
+    assert_cli_refusal(ca.cli("status", serials[0], "not-hex", check=False), "invalid-argument")
+
+
+def test_own_statuses_page_by_cursor_and_leave_out_expired_certificates(ca: CA, server: str) -> None:
+    _, owner = new_principal(ca, server, "pages")
+    serials = [owner.enroll("machine")[1]["serial"] for _ in range(3)]
+    credential = owner.http.headers["Authorization"].removeprefix("Bearer ")
+    service = open_service(CADir(ca.dir), pool_size=1)
+    try:
+        now = dt.datetime.now(dt.UTC)
+        caller = service.auth.authenticate(credential, now)
+        first = service.revocation.own_statuses(caller, now, limit=2)
+        assert [s.serial for s in first.certificates] == serials[:2] and first.next_cursor is not None
+        second = service.revocation.own_statuses(caller, now, after=first.next_cursor, limit=2)
+        assert [s.serial for s in second.certificates] == serials[2:] and second.next_cursor is None
+        later = now + dt.timedelta(days=3650)  # all of them expired by then
+        assert service.revocation.own_statuses(caller, later).certificates == ()
+        assert [s.status for s in service.revocation.statuses(
+            [SerialQuery(serials[0])], later).certificates] == ["expired"]
+    finally:
+        service.engine.dispose()
+
+
 # -- template versions ----------------------------------------------------------------------
 
 def test_template_edit_raises_minor_and_reenroll_all_raises_major(
@@ -349,6 +439,7 @@ def test_openapi_documents_every_route(ca: CA, server: str) -> None:
         ("/v1/requests", "GET"), ("/v1/requests", "POST"), ("/v1/requests/{request_id}", "GET"),
         ("/v1/requests/{request_id}/approve", "POST"), ("/v1/requests/{request_id}/deny", "POST"),
         ("/v1/certificates/{serial}/revoke", "POST"), ("/v1/certificates/{serial}", "GET"),
+        ("/v1/certificates/status", "GET"), ("/v1/certificates/status", "POST"),
         ("/v1/audit", "GET"),
     }
     assert required <= documented

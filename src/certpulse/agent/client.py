@@ -16,9 +16,10 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import re
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import httpcore
@@ -30,6 +31,13 @@ from certpulse.agent.skew import parse_http_date
 MAX_BODY = 4 * 1024 * 1024
 MAX_RETRY_AFTER = 24 * 3600
 DEFAULT_DEADLINE = 60.0  # seconds for one whole HTTP call
+# Batch status answers: the most entries one answer may hold (the CA pages the caller's own
+# certificates by 10,000), the most pages followed in one pulse, and what a serial looks like
+MAX_STATUS_ENTRIES = 10_000
+MAX_STATUS_PAGES = 100
+_SERIAL = re.compile(r"[0-9a-f]{1,40}")
+_CURSOR = re.compile(r"[0-9A-Za-z_-]{1,64}")
+STATUSES = ("good", "revoked", "expired", "unknown")
 
 
 class ServerUnavailable(Exception):
@@ -54,6 +62,39 @@ class RequestAnswer:
     certificate: str | None = None
     chain: tuple[str, ...] = ()
     reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusAnswer:
+    """One certificate in a batch status answer (checked: a canonical serial, a known status)."""
+
+    serial: str  # lower-case hex, as the CA and the store write it
+    issuer: str | None
+    status: str  # good | revoked | expired | unknown
+    revocation_reason: str | None = None
+
+
+def _status_page(data: Any, most: int) -> tuple[list[StatusAnswer], str | None]:
+    """The entries and next-page cursor of a batch status answer, or ServerUnavailable when it
+    has the wrong shape or more than ``most`` entries."""
+    entries = data.get("certificates") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or len(entries) > most:
+        raise ServerUnavailable("the batch status answer has the wrong shape")
+    answers: list[StatusAnswer] = []
+    for entry in entries:
+        serial = entry.get("serial") if isinstance(entry, dict) else None
+        issuer = entry.get("issuer") if isinstance(entry, dict) else None
+        status = entry.get("status") if isinstance(entry, dict) else None
+        reason = entry.get("revocation_reason") if isinstance(entry, dict) else None
+        if (not isinstance(serial, str) or not _SERIAL.fullmatch(serial) or status not in STATUSES
+                or not (issuer is None or (isinstance(issuer, str) and len(issuer) <= 64))
+                or not (reason is None or isinstance(reason, str))):
+            raise ServerUnavailable("an entry of the batch status answer has the wrong shape")
+        answers.append(StatusAnswer(serial, issuer, str(status), _short(reason, 64) if reason else None))
+    following = data.get("next")
+    if following is not None and (not isinstance(following, str) or not _CURSOR.fullmatch(following)):
+        raise ServerUnavailable("the batch status answer's cursor has the wrong shape")
+    return answers, following
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -264,6 +305,35 @@ class CAClient:
         if status not in ("good", "revoked", "expired"):
             raise ServerUnavailable("the status answer has the wrong shape")
         return str(status)
+
+    def own_statuses(self) -> list[StatusAnswer]:
+        """The status of every unexpired certificate the CA issued to this principal, revoked ones
+        included: one call, or one per 10,000 certificates. Raises ServerRefused as the CA
+        answers (404 or 405 from a CA older than the route; see agent/revocation.py)."""
+        answers: list[StatusAnswer] = []
+        cursor: str | None = None
+        seen: set[str] = set()
+        for _ in range(MAX_STATUS_PAGES):
+            data = self._call("GET", "/v1/certificates/status", params={"after": cursor} if cursor else None)
+            page, cursor = _status_page(data, MAX_STATUS_ENTRIES)
+            answers.extend(page)
+            if cursor is None:
+                return answers
+            if cursor in seen:  # a CA that sends the agent round in circles
+                raise ServerUnavailable("the batch status answer's pages loop")
+            seen.add(cursor)
+        raise ServerUnavailable(f"the batch status answer has more than {MAX_STATUS_PAGES} pages")
+
+    def statuses(self, queries: Sequence[tuple[str, str | None]]) -> list[StatusAnswer]:
+        """The status of each (serial, issuer name) asked; at most the CA's limit per call (500).
+        The body is compact JSON: 500 of the longest entries just fit the CA's 64 KiB limit."""
+        body = {"certificates": [{"serial": serial, **({"issuer": issuer} if issuer else {})}
+                                 for serial, issuer in queries]}
+        data = self._call("POST", "/v1/certificates/status",
+                          content=json.dumps(body, separators=(",", ":")).encode(),
+                          headers={"Content-Type": "application/json"})
+        # a serial at several issuers, asked without one, answers once per issuer: a bound, not equality
+        return _status_page(data, min(MAX_STATUS_ENTRIES, 8 * max(len(queries), 1)))[0]
 
     @staticmethod
     def _answer(data: Any) -> RequestAnswer:

@@ -19,6 +19,8 @@ from certpulse.ca.templates import Template
 
 RequestStatus = Literal["pending", "issued", "denied", "failed"]
 CertificateState = Literal["good", "revoked", "expired"]
+# What a batch status answer says of a serial: "unknown" when this CA issued no such certificate
+SerialState = Literal["good", "revoked", "expired", "unknown"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,6 +107,28 @@ class CertificateStatus:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SerialStatus:
+    """One certificate's status in a batch answer: only what a relying party or an agent acts on.
+    An unknown serial has no dates and ``issuer`` is the one asked about (None when none was)."""
+
+    serial: str  # lower-case hex, as stored
+    issuer: str | None
+    status: SerialState
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+    not_after: dt.datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatusList:
+    """The status of many certificates in one answer. ``next_cursor``: where the next page of the
+    caller's own certificates starts (None: this was the last one, or a list of serials was asked)."""
+
+    certificates: tuple[SerialStatus, ...]
+    next_cursor: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Credential:
     """A principal's long-lived bearer credential, given once for its enrollment token."""
 
@@ -179,5 +203,5 @@ class PolicyDocument:
 
 
 Submission = Issued | Pending | Replayed
-Result = (Submission | Approved | Denied | RequestSummary | RequestList | Revoked | CertificateStatus | Credential
-          | AuditLog | PolicyDocument)
+Result = (Submission | Approved | Denied | RequestSummary | RequestList | Revoked | CertificateStatus | StatusList
+          | Credential | AuditLog | PolicyDocument)

@@ -6,11 +6,18 @@ transaction): the request policy refuses that key to anyone from then on.
 Revocation lives in the certificate's own row (``revoked_at``, ``revocation_reason``), so a
 status answer is one indexed lookup by serial; a CA manager revokes, anyone may ask the status
 (it is what a relying party needs, and reveals nothing a certificate does not already show).
+
+An agent asks about all its certificates at once (:meth:`Revocation.own_statuses`: every
+unexpired certificate issued to the caller, by pages) and about any others by serial list
+(:meth:`Revocation.statuses`), instead of one lookup per certificate per pulse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
@@ -19,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from certpulse.ca.audit import AuditTrail
 from certpulse.ca.model import Caller, require_manager
-from certpulse.ca.results import CertificateState, CertificateStatus, Revoked
+from certpulse.ca.results import CertificateState, CertificateStatus, Revoked, SerialStatus, StatusList
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.certs import parse_serial, serial_hex
@@ -33,6 +40,26 @@ REVOCATION_REASONS = tuple(
 )
 # A certificate revoked for this reason blocks its key for good: the policy never certifies it again
 KEY_COMPROMISE = x509.ReasonFlags.key_compromise.value
+
+# Serials per batch status call. 500, not 1,000: the API's default body limit is 64 KiB, and 500
+# entries of the longest canonical serial (40 hex digits) with the longest issuer name (64
+# characters), written compactly, take 65,019 bytes; 1,000 typical ones (about 75 bytes each)
+# would not fit.
+MAX_SERIALS_PER_CALL = 500
+# The caller's own certificates per page: about 200 bytes each in JSON, so a page stays well
+# under the 4 MiB an agent reads of one answer, and an agent with 10,000 certificates asks once.
+OWN_PAGE = 10_000
+# Serials per SQL IN list: far under every backend's limit on bound parameters (SQLite's 32,766,
+# or 999 before 3.32), and short enough for the planner to use the serial index.
+_IN_CHUNK = 250
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SerialQuery:
+    """A serial asked about (any hex spelling), with the issuer's name when the caller knows it."""
+
+    serial: str
+    issuer: str | None = None
 
 
 class Revocation:
@@ -74,12 +101,88 @@ class Revocation:
         """Good, revoked or expired, at ``now``."""
         with read(self.engine) as conn:
             row = _find_certificate(conn, serial, issuer)
-        state: CertificateState = "revoked" if row.revoked_at else ("expired" if now > row.not_after else "good")
         return CertificateStatus(
-            serial=row.serial, issuer=row.issuer_name, status=state, template=row.template_name,
-            subject=row.subject, not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
+            serial=row.serial, issuer=row.issuer_name, status=_state(row.revoked_at, row.not_after, now),
+            template=row.template_name, subject=row.subject, not_before=row.not_before, not_after=row.not_after,
+            revoked_at=row.revoked_at,
             revocation_reason=row.revocation_reason, thumbprint=row.thumbprint,
         )
+
+
+    def own_statuses(self, caller: Caller, now: dt.datetime, *, after: str | None = None,
+                     limit: int = OWN_PAGE) -> StatusList:
+        """Every certificate issued to ``caller`` (a principal) that has not expired at ``now``,
+        revoked ones included, in issue order: one page of at most ``limit``, from the cursor
+        ``after`` (the ``next_cursor`` of the page before)."""
+        if caller.principal_id is None:
+            raise Refusal(Reason.FORBIDDEN, f"{caller.actor} is not a principal: it has no certificates of its own")
+        start = _cursor(after)
+        c = t.certificates.c
+        query = (select(c.id, c.serial, c.revoked_at, c.revocation_reason, c.not_after,
+                        t.authorities.c.name.label("issuer_name"))
+                 .join(t.authorities, t.authorities.c.id == c.authority_id)
+                 .where(and_(c.principal_id == caller.principal_id, c.status == "issued", c.not_after > now,
+                             c.id > start))
+                 .order_by(c.id).limit(limit + 1))
+        with read(self.engine) as conn:
+            rows = conn.execute(query).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return StatusList(certificates=tuple(_serial_status(row, now) for row in rows),
+                          next_cursor=str(rows[-1].id) if more else None)
+
+    def statuses(self, queries: Sequence[SerialQuery], now: dt.datetime) -> StatusList:
+        """The status of each serial asked about, in the order asked: a serial this CA never
+        issued (at the issuer named) is "unknown", not an error; a serial at several issuers,
+        asked without one, answers once per issuer. Public, as :meth:`status` is."""
+        if len(queries) > MAX_SERIALS_PER_CALL:
+            raise Refusal(Reason.INVALID_ARGUMENT,
+                          f"at most {MAX_SERIALS_PER_CALL} serials per call ({len(queries)} were asked)")
+        wanted: list[tuple[str, str | None]] = []
+        for index, query in enumerate(queries):
+            try:
+                wanted.append((serial_hex(parse_serial(query.serial)), query.issuer))
+            except Refusal as refusal:
+                raise Refusal(refusal.reason, f"certificates[{index}]: {refusal.detail}") from None
+        found: dict[str, list[Any]] = {}
+        distinct = sorted({serial for serial, _ in wanted})
+        c = t.certificates.c
+        with read(self.engine) as conn:
+            for start in range(0, len(distinct), _IN_CHUNK):
+                chunk = distinct[start:start + _IN_CHUNK]
+                lookup = (select(c.serial, c.revoked_at, c.revocation_reason, c.not_after,
+                                 t.authorities.c.name.label("issuer_name"))
+                          .join(t.authorities, t.authorities.c.id == c.authority_id)
+                          .where(and_(c.serial.in_(chunk), c.status == "issued")))
+                for row in conn.execute(lookup):
+                    found.setdefault(row.serial, []).append(row)
+        answers: list[SerialStatus] = []
+        for serial, issuer in wanted:
+            rows = [row for row in found.get(serial, ()) if issuer is None or row.issuer_name == issuer]
+            if not rows:
+                answers.append(SerialStatus(serial=serial, issuer=issuer, status="unknown", revoked_at=None,
+                                            revocation_reason=None, not_after=None))
+            answers.extend(_serial_status(row, now) for row in sorted(rows, key=lambda r: r.issuer_name))
+        return StatusList(certificates=tuple(answers))
+
+
+def _cursor(after: str | None) -> int:
+    """The certificate id a page starts after (0: the first page); anything but one we gave is refused."""
+    if after is None:
+        return 0
+    if not re.fullmatch(r"[0-9]{1,18}", after):
+        raise Refusal(Reason.INVALID_ARGUMENT, "the cursor is not one this CA gave")
+    return int(after)
+
+
+def _state(revoked_at: dt.datetime | None, not_after: dt.datetime, now: dt.datetime) -> CertificateState:
+    """Revoked before expired: a revoked certificate stays revoked once it has expired too."""
+    return "revoked" if revoked_at else ("expired" if now > not_after else "good")
+
+
+def _serial_status(row: Any, now: dt.datetime) -> SerialStatus:
+    return SerialStatus(serial=row.serial, issuer=row.issuer_name, status=_state(row.revoked_at, row.not_after, now),
+                        revoked_at=row.revoked_at, revocation_reason=row.revocation_reason, not_after=row.not_after)
 
 
 def bump_revocation_revision(conn: Connection, authority_id: int) -> None:

@@ -63,6 +63,24 @@ def certificate_status(result: results.CertificateStatus) -> Document:
     }
 
 
+def serial_status(result: results.SerialStatus) -> Document:
+    return {
+        "serial": result.serial, "issuer": result.issuer, "status": result.status,
+        "revoked_at": result.revoked_at.isoformat() if result.revoked_at else None,
+        "revocation_reason": result.revocation_reason,
+        "not_after": result.not_after.isoformat() if result.not_after else None,
+    }
+
+
+def status_list(result: results.StatusList) -> Document:
+    """The batch status answer; ``next`` is the cursor of the next page of the caller's own
+    certificates (present only when there is one)."""
+    document: Document = {"certificates": [serial_status(s) for s in result.certificates]}
+    if result.next_cursor is not None:
+        document["next"] = result.next_cursor
+    return document
+
+
 def credential(result: results.Credential) -> Document:
     return {"principal": result.principal, "kind": result.kind, "credential": result.credential}
 

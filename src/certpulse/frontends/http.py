@@ -44,6 +44,7 @@ from certpulse.ca import results
 from certpulse.ca.audit import AnonymousSample
 from certpulse.ca.config import CADir, resolve_ca_dir
 from certpulse.ca.model import ANONYMOUS, Caller, EnrollmentRequest, Evidence
+from certpulse.ca.revocation import SerialQuery
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service
 from certpulse.display import printable
@@ -75,6 +76,8 @@ from certpulse.frontends.schema import (
     RequestResult,
     RevokeBody,
     SignedEvidence,
+    StatusListResult,
+    StatusQuery,
     TokenExchange,
 )
 from certpulse.frontends.shedding import LoadShedding, max_inflight_from_environment, shed_load
@@ -196,6 +199,8 @@ def answer(result: results.Result) -> Response:
             return JSONResponse(documents.revoked(result))
         case results.CertificateStatus():
             return JSONResponse(documents.certificate_status(result))
+        case results.StatusList():
+            return JSONResponse(documents.status_list(result))
         case results.Credential():
             return JSONResponse(documents.credential(result))
         case results.AuditLog(entries=entries):
@@ -474,6 +479,25 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
               response_model=dict[str, Any], responses=PROBLEM_RESPONSES)
     def revoke(serial: str, body: RevokeBody, who: CallerDep) -> Response:
         return answer(service.revocation.revoke(who, serial, body.reason, clock.now(), issuer=body.issuer))
+
+    # Before /v1/certificates/{serial}: routes match in the order they are added, and that one
+    # would read "status" as a serial.
+    @app.get("/v1/certificates/status", tags=["status"], response_model=StatusListResult,
+             response_model_exclude_none=True, responses=PROBLEM_RESPONSES,
+             summary="The status of all the caller's unexpired certificates, revoked ones included",
+             description="One call per pulse instead of one per certificate. Pages of up to 10,000 in issue "
+                         "order: when `next` is present, ask again with `?after=` it.")
+    def own_statuses(who: CallerDep, after: Annotated[str | None, Query(max_length=32)] = None) -> Response:
+        return answer(service.revocation.own_statuses(who, clock.now(), after=after))
+
+    @app.post("/v1/certificates/status", tags=["status"], response_model=StatusListResult,
+              response_model_exclude_none=True, responses=PROBLEM_RESPONSES,
+              summary="The status of a list of serials (unauthenticated, as a single status is)",
+              description="A serial this CA did not issue (at the issuer named) answers `unknown`; a serial "
+                          "at several issuers, asked without one, answers once per issuer.")
+    def statuses(body: StatusQuery) -> Response:
+        queries = [SerialQuery(entry.serial, entry.issuer) for entry in body.certificates]
+        return answer(service.revocation.statuses(queries, clock.now()))
 
     @app.get("/v1/certificates/{serial}", tags=["status"], summary="A certificate's status (good, revoked, expired)",
              response_model=dict[str, Any], responses=PROBLEM_RESPONSES)

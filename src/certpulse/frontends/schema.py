@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from certpulse.ca.revocation import REVOCATION_REASONS
+from certpulse.ca.revocation import MAX_SERIALS_PER_CALL, REVOCATION_REASONS
 
 
 class _Body(BaseModel):
@@ -79,3 +79,29 @@ class DenyBody(_Body):
 class RevokeBody(_Body):
     reason: str = Field(default="unspecified", description=f"One of: {', '.join(REVOCATION_REASONS)}")
     issuer: str | None = Field(default=None, max_length=64)
+
+
+class SerialEntry(_Body):
+    serial: str = Field(max_length=64, description="Serial number in hex (colons and 0x allowed)")
+    issuer: str | None = Field(default=None, max_length=64, description="The issuing CA's name, when known")
+
+
+class StatusQuery(_Body):
+    certificates: list[SerialEntry] = Field(
+        max_length=MAX_SERIALS_PER_CALL,
+        description=f"At most {MAX_SERIALS_PER_CALL} serials (what fits the default 64 KiB body limit)")
+
+
+class SerialStatusResult(BaseModel):
+    serial: str
+    issuer: str | None = Field(description="The issuing CA; for an unknown serial, the one asked about")
+    status: Literal["good", "revoked", "expired", "unknown"]
+    revoked_at: str | None
+    revocation_reason: str | None
+    not_after: str | None
+
+
+class StatusListResult(BaseModel):
+    certificates: list[SerialStatusResult]
+    next: str | None = Field(default=None, description="Cursor of the next page of the caller's own certificates "
+                                                       "(GET ?after=); absent on the last page")
