@@ -47,6 +47,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25, help="functions listed by cumulative cost")
     parser.add_argument("--json", action="store_true", help="one JSON line instead of the report")
     parser.add_argument("--save", type=Path, help="also write the profile (pstats) to this file")
+    parser.add_argument("--public-url", help="ca init --public-url: certificates carry a CRL distribution point "
+                                             "and AIA (trees before issue 17 do not know the option)")
     args = parser.parse_args()
 
     import certpulse
@@ -58,7 +60,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="certpulse-issuance-calls-") as tmp:
         folder = Path(tmp) / "ca"
         run([*CERTPULSE, "ca", "init", "--dir", str(folder), "--database", f"sqlite:///{tmp}/ca.db",
-             "--name", "bench", "--key-type", "ec-p256"])
+             "--name", "bench", "--key-type", "ec-p256",
+             *(("--public-url", args.public_url) if args.public_url else ())])
         run([*CERTPULSE, "template", "add", str(MACHINE_TEMPLATE), "--dir", str(folder)])
         token = json.loads(run([*CERTPULSE, "principal", "add", PRINCIPAL, "--kind", "machine", "--json",
                                 "--dir", str(folder)]))["token"]

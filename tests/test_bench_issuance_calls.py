@@ -34,6 +34,14 @@ def test_an_issuance_costs_no_more_python_calls_than_before_issue_15() -> None:
     assert 500 < report["calls_per_issuance"] <= CALLS_BEFORE_ISSUE_15, report
 
 
+def test_pointing_at_the_crl_and_ocsp_keeps_an_issuance_within_the_same_bound() -> None:
+    # issue 17: with a public URL every certificate carries a CRL distribution point and an AIA
+    # (built once per issuer and handed to the builder with the other extensions in one list)
+    report = run_bench("issuance_calls.py", "--count", "100", "--rounds", "1", "--json",
+                       "--public-url", "http://ca.example.com")
+    assert 500 < report["calls_per_issuance"] <= CALLS_BEFORE_ISSUE_15, report
+
+
 def test_the_server_side_count_runs_a_worker_and_reports() -> None:
     report = run_bench("issuance_server_calls.py", "--count", "50", "--rounds", "1")
     # the HTTP layer comes on top of the in-process path: uvicorn, the middleware, the thread pool

@@ -22,8 +22,9 @@ from cryptography import x509
 from sqlalchemy import Connection
 
 from certpulse.ca.audit import AuditTrail
-from certpulse.ca.model import Signer
+from certpulse.ca.model import Authority, Signer
 from certpulse.ca.policy import Decision
+from certpulse.ca.publishing import ca_cert_url, crl_url, ocsp_url
 from certpulse.ca.results import Issued
 from certpulse.ca.state import KeyRing, SnapshotCache
 from certpulse.ca.storage.statements import Statements
@@ -31,6 +32,7 @@ from certpulse.errors import Reason, Refusal
 from certpulse.pki import template_info
 from certpulse.pki.build import end_entity_builder, random_serial, signature_hash
 from certpulse.pki.certs import der, pem, serial_hex, thumbprint
+from certpulse.pki.publication import pointer_extensions
 
 SERIAL_ATTEMPTS = 5  # 159 random bits: a second attempt is already a curiosity
 
@@ -55,8 +57,10 @@ class Signed:
 
 
 class CertificateAuthority:
-    def __init__(self, keyring: KeyRing, statements: Statements, audit: AuditTrail, state: SnapshotCache) -> None:
+    def __init__(self, keyring: KeyRing, statements: Statements, audit: AuditTrail, state: SnapshotCache,
+                 public_url: str | None = None) -> None:
         self.keyring = keyring
+        self.public_url = public_url  # ca.toml's: None, no CRL distribution point or AIA
         self._reserve = statements.reserve
         self._mark_issued = statements.mark_issued
         self._audit = audit
@@ -64,6 +68,7 @@ class CertificateAuthority:
         self._lock = threading.Lock()
         self._issuer_skis: dict[str, x509.SubjectKeyIdentifier] = {}  # by key file
         self._template_extensions: dict[template_info.TemplateInfo, x509.UnrecognizedExtension] = {}
+        self._pointers: dict[tuple[int, bool, bool], tuple[x509.ExtensionType, ...]] = {}
 
     def prepare(self, d: Decision) -> Unsigned:
         """The decided certificate, assembled but for its serial and signature."""
@@ -72,7 +77,9 @@ class CertificateAuthority:
             subject=d.subject, public_key=d.public_key, issuer_cert=d.issuer.certificate,
             issuer_key=signer.key, not_before=d.not_before, not_after=d.not_after,
             sans=d.sans(), key_usage=d.template.key_usage_extension(), ekus=d.template.ekus,
-            extra=(self._template_extension(d),), issuer_ski=self._issuer_ski(signer),
+            extra=(self._template_extension(d), *self._pointer_extensions(d)) if self.public_url is not None
+            else (self._template_extension(d),),
+            issuer_ski=self._issuer_ski(signer),
         )
         return Unsigned(d, builder, signer)
 
@@ -135,3 +142,33 @@ class CertificateAuthority:
                     self._template_extensions.clear()
                 self._template_extensions[info] = extension
         return extension
+
+    def _pointer_extensions(self, d: Decision) -> tuple[x509.ExtensionType, ...]:
+        """The CRL distribution point and AIA the template asks for: the same for every
+        certificate of an issuer, so built once per issuer and pair of template switches."""
+        template = d.template
+        key = (d.issuer.id, template.crl_distribution_point, template.authority_information_access)
+        extensions = self._pointers.get(key)
+        if extensions is None:
+            extensions = self.pointers_for(d.issuer, crl=key[1], aia=key[2])
+            with self._lock:
+                self._pointers[key] = extensions
+        return extensions
+
+    def pointers_for(self, issuer: Authority, *, crl: bool = True, aia: bool = True) -> tuple[x509.ExtensionType, ...]:
+        """What a certificate ``issuer`` signs carries to point at its CRL, OCSP responder and
+        certificate; nothing without a public URL."""
+        return publication_pointers(self.public_url, issuer.name, crl=crl, ocsp=aia, ca_issuers=aia)
+
+
+def publication_pointers(public_url: str | None, issuer_name: str, *, crl: bool, ocsp: bool,
+                         ca_issuers: bool) -> tuple[x509.ExtensionType, ...]:
+    """The CRL distribution point and AIA of a certificate signed by the authority
+    ``issuer_name``, at :mod:`certpulse.ca.publishing`'s URLs under ``public_url``; nothing
+    when the CA has no public URL (then its certificates point nowhere, as before issue 17)."""
+    if public_url is None:
+        return ()
+    return pointer_extensions(
+        crl_url=crl_url(public_url, issuer_name) if crl else None,
+        ocsp_url=ocsp_url(public_url) if ocsp else None,
+        ca_issuers_url=ca_cert_url(public_url, issuer_name) if ca_issuers else None)

@@ -143,7 +143,8 @@ def _issue(ca_dir: CADir, files: TLSFiles, service: CAService, names: RequestedN
         key_usage=x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                 data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                 crl_sign=False, encipher_only=False, decipher_only=False),
-        ekus=(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,)).serial_number(serial).sign(
+        ekus=(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,),
+        extra=service.issuance.pointers_for(issuer)).serial_number(serial).sign(
             issuer_key, signature_hash(issuer_key))
     with write(service.engine) as conn:
         conn.execute(t.certificates.insert().values(

@@ -13,6 +13,8 @@ protocol. The roles, as in Boulder's split of a CA by what each part is trusted 
 * :attr:`~CAService.policy` (:mod:`.cep`): the enrollment policy an agent reads;
 * :attr:`~CAService.ocsp` (:mod:`.ocsp`): the OCSP responder's status answers, signed by the
   delegated signers (:mod:`.ocsp_signer`) and cached;
+* :attr:`~CAService.ca_certificates` (:mod:`.ca_certificates`): the CA certificates relying
+  parties fetch (AIA caIssuers);
 * :attr:`~CAService.audit` (:mod:`.audit`): the trail every decision and refusal is written to;
 
 over one database (:mod:`.storage`) and one cached snapshot of the slow-changing state
@@ -29,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from certpulse.ca.audit import AuditTrail
 from certpulse.ca.auth import Authentication
+from certpulse.ca.ca_certificates import CACertificates
 from certpulse.ca.cep import EnrollmentPolicy
 from certpulse.ca.issuance import CertificateAuthority
 from certpulse.ca.ocsp import OCSPResponder
@@ -51,12 +54,13 @@ class CAService:
         statements = Statements(engine.dialect)
         self.audit = AuditTrail(engine, statements)
         self.auth = Authentication(engine, statements, self.audit)
-        self.issuance = CertificateAuthority(keyring, statements, self.audit, self.state)
+        self.issuance = CertificateAuthority(keyring, statements, self.audit, self.state, publishing.public_url)
         self.requests = RegistrationAuthority(engine, statements, self.state, keyring, self.auth, self.issuance,
                                               self.audit)
         self.revocation = Revocation(engine, self.audit)
         self.policy = EnrollmentPolicy(engine, self.state, policy_id)
         self.ocsp = OCSPResponder(self)
+        self.ca_certificates = CACertificates(engine, self.state)  # what AIA caIssuers URLs fetch
 
     def database_answers(self) -> bool:
         """Whether the database answers a read now (a readiness probe's question): one row of

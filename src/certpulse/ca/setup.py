@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import uuid
@@ -12,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import Engine, select
 
 from certpulse.ca.admin import CAAdmin
-from certpulse.ca.config import CAConfig, CADir
+from certpulse.ca.config import CAConfig, CADir, check_public_url
+from certpulse.ca.issuance import publication_pointers
 from certpulse.ca.model import Caller
 from certpulse.ca.service import CAService
 from certpulse.ca.state import KeyRing, bump_generation
@@ -42,16 +44,21 @@ def _private_dir(path: Path) -> None:
 
 
 def init_ca(ca_dir: CADir, *, name: str, key_type: str, now: dt.datetime,
-            database_url: str | None = None, issuer_validity: dt.timedelta = ISSUER_VALIDITY) -> str:
-    """Create a root CA, an issuing CA and a KRA in ``ca_dir``; return the admin API key (shown once)."""
+            database_url: str | None = None, issuer_validity: dt.timedelta = ISSUER_VALIDITY,
+            public_url: str | None = None) -> str:
+    """Create a root CA, an issuing CA and a KRA in ``ca_dir``; return the admin API key (shown once).
+
+    With ``public_url`` (where relying parties reach the CA's CRLs, OCSP responder and CA
+    certificates) the first issuing CA already points at the root's CRL and certificate."""
     if ca_dir.exists():
         raise Refusal(Reason.CONFLICT, f"{ca_dir.root} already holds a CA")
+    public_url = check_public_url(public_url) if public_url is not None else None
     root_key = generate_private_key(key_type)  # validates key_type before anything is written
     _private_dir(ca_dir.root)
     _private_dir(ca_dir.keys)
     ca_dir.certs.mkdir(exist_ok=True)
     config = CAConfig(name=name, database_url=database_url or ca_dir.default_database_url(),
-                      policy_id=str(uuid.uuid4()))
+                      policy_id=str(uuid.uuid4()), public_url=public_url)
     engine = make_engine(config.database_url, writer_lock=True)
     try:
         migrate(engine)
@@ -101,7 +108,8 @@ def open_service(ca_dir: CADir, *, engine: Engine | None = None, config: CAConfi
 def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, cost: int,
                templates: list[str], renewal_only: bool, now: dt.datetime,
                validity: dt.timedelta = ISSUER_VALIDITY, ca_name: str | None = None) -> None:
-    """A new issuing CA signed by the root, serving ``templates`` at ``cost``."""
+    """A new issuing CA signed by the root, serving ``templates`` at ``cost``; with a public URL it
+    points at the root's CRL and certificate (:func:`ca_pointers`)."""
     with write(service.engine) as conn:
         if conn.execute(select(t.authorities.c.id).where(t.authorities.c.name == name)).first():
             raise Refusal(Reason.CONFLICT, f"an authority named {name!r} exists")
@@ -122,7 +130,8 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
     cert = build_ca_certificate(
         subject=simple_name(f"{org} Issuing CA {name}", str(org)), public_key=key.public_key(),
         issuer_cert=root_cert, signing_key=root_key, not_before=start,
-        not_after=min(inclusive_not_after(start, validity), root_cert.not_valid_after_utc), path_length=0)
+        not_after=min(inclusive_not_after(start, validity), root_cert.not_valid_after_utc), path_length=0,
+        extra=ca_pointers(service, root.name))
     key_file = f"issuer-{name}.key"
     write_private_key(ca_dir.keys / key_file, key)
     (ca_dir.certs / f"issuer-{name}.pem").write_text(pem(cert))
@@ -136,6 +145,14 @@ def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, c
         bump_generation(conn)
         service.audit.record(conn, now, "operator:cli", "issuer-added",
                              detail=f"{name}; cost {cost}; renewal-only {renewal_only}; thumbprint {thumbprint(cert)}")
+
+
+def ca_pointers(service: CAService, parent_name: str) -> tuple[x509.ExtensionType, ...]:
+    """What a CA certificate signed by the root ``parent_name`` carries when the CA has a public
+    URL: the root's CRL (where a revoked issuing CA is listed) and the root's certificate (AIA
+    caIssuers). No OCSP pointer: relying parties check a CA certificate against its root's CRL.
+    A root itself carries none (nothing above it could list it)."""
+    return publication_pointers(service.publishing.public_url, parent_name, crl=True, ocsp=False, ca_issuers=True)
 
 
 def rollover_root(ca_dir: CADir, service: CAService, *, key_type: str, now: dt.datetime,
@@ -169,7 +186,7 @@ def rollover_root(ca_dir: CADir, service: CAService, *, key_type: str, now: dt.d
                                  signing_key=old_key,
                                  not_before=backdated_start(now, validity, floor=old_cert.not_valid_before_utc),
                                  not_after=min(new_root.not_valid_after_utc, old_cert.not_valid_after_utc),
-                                 path_length=1)
+                                 path_length=1, extra=ca_pointers(service, current.name))
     name = f"root-r{generation}"
     write_private_key(ca_dir.keys / f"{name}.key", key)
     (ca_dir.certs / f"{name}.pem").write_text(pem(new_root))
@@ -196,3 +213,16 @@ def rollover_root(ca_dir: CADir, service: CAService, *, key_type: str, now: dt.d
         bump_generation(conn)
     return new_root, cross, issuer
 
+
+
+def set_public_url(ca_dir: CADir, service: CAService, public_url: str | None, now: dt.datetime) -> CAConfig:
+    """Save a new public URL (None: none) in ``ca.toml``, audited. Only what is signed from now on
+    carries it: certificates already issued keep the pointers they were signed with (or none),
+    and a running ``ca serve`` reads ``ca.toml`` when it starts."""
+    url = check_public_url(public_url) if public_url is not None else None
+    config = dataclasses.replace(ca_dir.load(), public_url=url)
+    with write(service.engine) as conn:
+        # in the audit row's transaction: a file that cannot be written leaves no audit row
+        service.audit.record(conn, now, "operator:cli", "public-url-set", detail=url or "none")
+        ca_dir.save(config)
+    return config

@@ -116,6 +116,12 @@ class Template:
     user_interaction: bool
     check_directory: bool
     permissions: tuple[Permission, ...]
+    # Whether certificates point at the issuer's CRL (CRL distribution point) and at its OCSP
+    # responder and certificate (authority information access). Only when the CA has a public
+    # URL (ca.toml ``public_url``); off for certificates whose relying parties never check, or
+    # check another way (a closed system with its own CRL distribution).
+    crl_distribution_point: bool = True
+    authority_information_access: bool = True
 
     @property
     def version(self) -> str:
@@ -146,6 +152,8 @@ class Template:
             "renewal_period": format_duration(self.renewal_period),
             "purpose": self.purpose,
             "supersedes": list(self.supersedes),
+            "crl_distribution_point": self.crl_distribution_point,
+            "authority_information_access": self.authority_information_access,
             "key": {
                 "types": list(self.key_types),
                 "default": self.default_key_type,
@@ -367,6 +375,8 @@ def parse_template(document: Mapping[str, Any], *, default_oid: str) -> Template
     supersedes = top.strings("supersedes")
     if name in supersedes:
         raise _invalid("supersedes", "cannot name the template itself")
+    crl_distribution_point = top.boolean("crl_distribution_point", True)
+    authority_information_access = top.boolean("authority_information_access", True)
 
     key = top.sub("key")
     key_types = key.strings("types", ("ec-p256", "ec-p384", "rsa"))
@@ -483,4 +493,6 @@ def parse_template(document: Mapping[str, Any], *, default_oid: str) -> Template
         user_interaction=user_interaction,
         check_directory=check_directory,
         permissions=tuple(permissions),
+        crl_distribution_point=crl_distribution_point,
+        authority_information_access=authority_information_access,
     )

@@ -10,13 +10,14 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.ocsp_signer import SignerRenewer, ensure_signers
+from certpulse.ca.publishing import ca_cert_url, crl_url, ocsp_url
 from certpulse.ca.revocation import REVOCATION_REASONS, SerialQuery
 from certpulse.ca.server_tls import (
     MIN_TLS_VALIDITY,
@@ -27,7 +28,7 @@ from certpulse.ca.server_tls import (
     ensure_tls_certificate,
     server_names,
 )
-from certpulse.ca.setup import add_issuer, init_ca, rollover_root
+from certpulse.ca.setup import add_issuer, init_ca, rollover_root, set_public_url
 from certpulse.ca.storage import migrate
 from certpulse.ca.templates import Template
 from certpulse.cli.common import DirOption, JsonOption, ca_dir, operator, root_fingerprint, service
@@ -68,6 +69,10 @@ KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn'
 BACKLOG = 2048  # connections the kernel queues before a worker accepts them (capped by net.core.somaxconn)
 
 
+PUBLIC_URL_HELP = ("Base URL where relying parties fetch this CA's CRLs, OCSP answers and CA certificates, "
+                   "e.g. http://ca.example.com (plain http: see the README); issued certificates point there")
+
+
 def _admin(dir_: Path | None) -> CAAdmin:
     return CAAdmin(service(dir_), operator())
 
@@ -83,13 +88,15 @@ def ca_init(
         str | None, typer.Option("--database", help="Database URL (default: SQLite in the CA folder)")
     ] = None,
     issuer_validity: Annotated[str, typer.Option("--issuer-validity", help="Lifetime of the issuing CA")] = "3650d",
+    public_url: Annotated[str | None, typer.Option(
+        "--public-url", help=PUBLIC_URL_HELP)] = None,
 ) -> None:
     """Create a root CA, an issuing CA and a key recovery agent; print the admin API key once."""
     if key_type not in KEY_SPECS or key_type == "ec-p521":
         raise Refusal(Reason.INVALID_ARGUMENT, f"--key-type must be one of {KEY_TYPES}")
     target = ca_dir(dir_)
     key = init_ca(target, name=name, key_type=key_type, now=clock.now(), database_url=database,
-                  issuer_validity=parse_duration(issuer_validity))
+                  issuer_validity=parse_duration(issuer_validity), public_url=public_url)
     console.print(f"[green]CA {shown(repr(name))} created in {shown(target.root)}[/green] "
                   "(root, issuer 'issuing-1', KRA)")
     console.print("Admin API key (shown once, stored only as a hash):")
@@ -293,20 +300,22 @@ def _metrics_folder() -> Iterator[None]:
 @ca_app.command("status")
 def ca_status(dir_: DirOption = None, json_: JsonOption = False) -> None:
     """The CA at a glance: name, database, issuers, the root fingerprint agents pin, the server's
-    TLS certificate."""
+    TLS certificate, the URLs relying parties fetch CRLs, OCSP answers and CA certificates from."""
     from sqlalchemy.engine import make_url
 
     target = ca_dir(dir_)
     config = target.load()
+    authorities = _admin(dir_).issuers()
     issuers = [{"name": r["name"], "not_after": r["not_after"], "enabled": r["enabled"], "cost": r["cost"],
                 "renewal_only": r["renewal_only"]}
-               for r in _admin(dir_).issuers() if r["role"] == "issuer"]
+               for r in authorities if r["role"] == "issuer"]
     served = current_certificate(TLSFiles.of(target))
     tls_doc = None if served is None else {
         "serial": serial_hex(served.serial_number), "not_after": served.not_valid_after_utc.isoformat(),
         "names": list(certificate_names(served).all())}
+    published = _published_urls(config.public_url, [r["name"] for r in authorities if r["role"] in PUBLISHED_ROLES])
     doc = {"name": config.name, "dir": str(target.root), "database": make_url(config.database_url).get_backend_name(),
-           "ca_fingerprint": root_fingerprint(target), "issuers": issuers, "tls": tls_doc}
+           "ca_fingerprint": root_fingerprint(target), "issuers": issuers, "tls": tls_doc, "publishing": published}
     if json_:
         emit_json(doc)
         return
@@ -314,9 +323,49 @@ def ca_status(dir_: DirOption = None, json_: JsonOption = False) -> None:
                  ("root fingerprint", doc["ca_fingerprint"]),
                  ("TLS certificate", "none yet (ca serve issues it)" if tls_doc is None else
                   f"serial {tls_doc['serial']}, not after {tls_doc['not_after']}, "
-                  f"names {', '.join(tls_doc['names'])}"))
+                  f"names {', '.join(tls_doc['names'])}"),
+                 ("public URL", "none: certificates carry no CRL or OCSP pointers (ca set-public-url URL)"
+                  if published is None else published["public_url"]),
+                 *(() if published is None else (("OCSP", published["ocsp"]),)))
     table("Issuers", ["name", "not after", "enabled", "cost", "renewal only"],
           [(i["name"], i["not_after"], i["enabled"], i["cost"], i["renewal_only"]) for i in issuers])
+    if published is not None:
+        table("Published", ["authority", "CRL", "certificate"],
+              [(name, published["crls"][name], published["ca_certificates"][name]) for name in published["crls"]])
+
+
+PUBLISHED_ROLES = ("root", "issuer")  # whose CRL and certificate relying parties fetch (never the KRA)
+
+
+def _published_urls(public_url: str | None, authorities: list[str]) -> dict[str, Any] | None:
+    """The URLs this CA's certificates point at (ca/publishing.py's scheme), or None without a public URL."""
+    if public_url is None:
+        return None
+    return {"public_url": public_url, "ocsp": ocsp_url(public_url),
+            "crls": {name: crl_url(public_url, name) for name in authorities},
+            "ca_certificates": {name: ca_cert_url(public_url, name) for name in authorities}}
+
+
+@ca_app.command("set-public-url")
+def ca_set_public_url(
+    url: Annotated[str | None, typer.Argument(help="e.g. http://ca.example.com", show_default=False)] = None,
+    dir_: DirOption = None,
+    clear: Annotated[bool, typer.Option("--clear", help="No public URL: new certificates point nowhere")] = False,
+) -> None:
+    """Set (or --clear) the base URL of the CRLs, OCSP responder and CA certificates that newly
+    issued certificates point at."""
+    if (url is None) == (not clear):
+        raise Refusal(Reason.INVALID_ARGUMENT, "give the public URL, or --clear to have none (not both)")
+    target = ca_dir(dir_)
+    config = set_public_url(target, service(dir_), url, clock.now())
+    if config.public_url is None:
+        console.print("[green]public URL cleared[/green]: certificates issued from now on carry no CRL "
+                      "distribution point and no AIA")
+    else:
+        console.print(f"[green]public URL set to {shown(config.public_url)}[/green]: certificates issued from now "
+                      "on point at its CRLs, OCSP responder and CA certificates")
+    console.print("certificates issued before keep what they carry (re-issue them, e.g. 'template reenroll-all', "
+                  "to change that); restart 'ca serve' for it to take effect", soft_wrap=True)
 
 
 @ca_app.command("add-issuer")

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from certpulse.ca.service import CAService
 from certpulse.errors import Reason
+from certpulse.frontends.ca_cert_route import CACertificateRoute
 from certpulse.frontends.problems import problem
 
 
@@ -56,4 +57,5 @@ def public_routes(service: CAService) -> list[PublicRoute]:
 
     routes: list[PublicRoute] = []
     routes.append(OCSPRoute(service))
+    routes.append(CACertificateRoute(service.ca_certificates))
     return routes

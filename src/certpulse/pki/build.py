@@ -12,13 +12,19 @@ import secrets
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from certpulse.pki.keys import PrivateKey, PublicKey
 
 SERIAL_BITS = 159  # < 2**159 keeps the DER INTEGER within 20 octets, always positive
 MIN_SERIAL = 2**64
 KRA_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.311.21.6")  # key recovery agent
+KEY_USAGE = ExtensionOID.KEY_USAGE
+SUBJECT_KEY_IDENTIFIER = ExtensionOID.SUBJECT_KEY_IDENTIFIER
+AUTHORITY_KEY_IDENTIFIER = ExtensionOID.AUTHORITY_KEY_IDENTIFIER
+EXTENDED_KEY_USAGE = ExtensionOID.EXTENDED_KEY_USAGE
+SUBJECT_ALTERNATIVE_NAME = ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+_NOT_A_CA = x509.Extension(ExtensionOID.BASIC_CONSTRAINTS, True, x509.BasicConstraints(ca=False, path_length=None))
 
 
 def random_serial() -> int:
@@ -86,8 +92,10 @@ def build_ca_certificate(
     not_before: dt.datetime,
     not_after: dt.datetime,
     path_length: int | None,
+    extra: tuple[x509.ExtensionType, ...] = (),
 ) -> x509.Certificate:
-    """A root (``issuer_cert`` None: self-signed) or a subordinate CA certificate."""
+    """A root (``issuer_cert`` None: self-signed) or a subordinate CA certificate; ``extra``
+    non-critical extensions (a subordinate's CRL distribution point and AIA) come last."""
     ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
     builder = (
         x509.CertificateBuilder()
@@ -106,6 +114,8 @@ def build_ca_certificate(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()),  # type: ignore[arg-type]
             critical=False,
         )
+    for ext in extra:
+        builder = builder.add_extension(ext, critical=False)
     return builder.sign(signing_key, signature_hash(signing_key))
 
 
@@ -131,30 +141,34 @@ def end_entity_builder(
         if issuer_ski is not None
         else x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
     )
-    builder = (
-        x509.CertificateBuilder()
+    # The extensions are handed to the builder in one list: adding them one by one checks each
+    # against all before it (quadratic, and a tenth of an issuance's Python calls with the CRL
+    # distribution point and AIA). The one check that matters, no extension twice, is made here.
+    extensions: list[x509.Extension[x509.ExtensionType]] = [
+        _NOT_A_CA,
+        x509.Extension(KEY_USAGE, True, key_usage),
+        x509.Extension(SUBJECT_KEY_IDENTIFIER, False, x509.SubjectKeyIdentifier.from_public_key(public_key)),
+        x509.Extension(AUTHORITY_KEY_IDENTIFIER, False, aki),
+    ]
+    if ekus:
+        extensions.append(x509.Extension(EXTENDED_KEY_USAGE, False,
+                                         x509.ExtendedKeyUsage([x509.ObjectIdentifier(e) for e in ekus])))
+    if sans:
+        # RFC 5280 4.2.1.6: critical when the subject is empty.
+        extensions.append(x509.Extension(SUBJECT_ALTERNATIVE_NAME, len(subject) == 0,
+                                         x509.SubjectAlternativeName(sans)))
+    for ext in extra:
+        extensions.append(x509.Extension(ext.oid, False, ext))
+    if len({e.oid for e in extensions}) != len(extensions):
+        raise ValueError("an extension appears twice")
+    return (
+        x509.CertificateBuilder(extensions=extensions)
         .subject_name(subject)
         .issuer_name(issuer_cert.subject)
         .public_key(public_key)
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(key_usage, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(aki, critical=False)
     )
-    if ekus:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([x509.ObjectIdentifier(e) for e in ekus]), critical=False
-        )
-    if sans:
-        # RFC 5280 4.2.1.6: critical when the subject is empty.
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(sans), critical=len(subject) == 0
-        )
-    for ext in extra:
-        builder = builder.add_extension(ext, critical=False)
-    return builder
 
 
 def build_kra_certificate(
