@@ -27,6 +27,24 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 _pg_ok: bool | None = None
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked ``sqlite_only`` in a module whose fixtures run on both backends is collected
+    once, with SQLite (its point does not depend on the database, or it holds SQLite's writer
+    lock): deselected for PostgreSQL, rather than reported as a skip."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec is not None else None
+        if item.get_closest_marker("sqlite_only") is not None and backend not in (None, "sqlite"):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def postgres_available() -> bool:
     global _pg_ok
     if _pg_ok is None:

@@ -506,9 +506,8 @@ def test_a_process_without_a_signer_makes_one_and_two_at_once_do_no_harm(ca: CA,
 
 # -- roles and load shedding (SQLite: the writer lock holds a request in progress) -------------
 
-def test_status_and_enrollment_roles_serve_their_own_routes(ca: CA, backend: str, good: Issued) -> None:
-    if backend != "sqlite":
-        pytest.skip("the roles do not depend on the database")
+@pytest.mark.sqlite_only  # the roles do not depend on the database
+def test_status_and_enrollment_roles_serve_their_own_routes(ca: CA, good: Issued) -> None:
     with serve(ca, "--role", "status") as status:
         assert response_of(post(status, good.request())).certificate_status == ocsp.OCSPCertStatus.GOOD
         assert_malformed(post(status, b"garbage"))
@@ -552,9 +551,8 @@ def writer_lock(database: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def test_ocsp_is_answered_while_enrollment_is_shed(ca: CA, backend: str, good: Issued) -> None:
-    if backend != "sqlite":
-        pytest.skip("holds the SQLite writer lock")
+@pytest.mark.sqlite_only  # holds the SQLite writer lock
+def test_ocsp_is_answered_while_enrollment_is_shed(ca: CA, good: Issued) -> None:
     with serve(ca, "--max-inflight", "1") as base:
         uncached = good.request(hashes.SHA256())
         with writer_lock(Path(ca.database_url.removeprefix("sqlite:///"))):
