@@ -9,7 +9,8 @@ protocol. The roles, as in Boulder's split of a CA by what each part is trusted 
 * :attr:`~CAService.requests` (:mod:`.requests`), the registration authority: submit, approve,
   deny, read requests;
 * :attr:`~CAService.issuance` (:mod:`.issuance`), the CA: prepare, then sign and record;
-* :attr:`~CAService.revocation` (:mod:`.revocation`): revoke, status;
+* :attr:`~CAService.revocation` (:mod:`.revocation`): revoke, hold and release, status;
+* :attr:`~CAService.crls` (:mod:`.crl`): each authority's CRL, made and kept current;
 * :attr:`~CAService.policy` (:mod:`.cep`): the enrollment policy an agent reads;
 * :attr:`~CAService.audit` (:mod:`.audit`): the trail every decision and refusal is written to;
 
@@ -28,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from certpulse.ca.audit import AuditTrail
 from certpulse.ca.auth import Authentication
 from certpulse.ca.cep import EnrollmentPolicy
+from certpulse.ca.crl import CRLs
 from certpulse.ca.issuance import CertificateAuthority
 from certpulse.ca.publishing import DEFAULT_PUBLISHING, Publishing
 from certpulse.ca.requests import RegistrationAuthority
@@ -51,7 +53,8 @@ class CAService:
         self.issuance = CertificateAuthority(keyring, statements, self.audit, self.state)
         self.requests = RegistrationAuthority(engine, statements, self.state, keyring, self.auth, self.issuance,
                                               self.audit)
-        self.revocation = Revocation(engine, self.audit)
+        self.crls = CRLs(engine, keyring, self.state, publishing)
+        self.revocation = Revocation(engine, self.audit, on_change=self.crls.after_change)
         self.policy = EnrollmentPolicy(engine, self.state, policy_id)
 
     def database_answers(self) -> bool:

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from certpulse.ca.service import CAService
 from certpulse.errors import Reason
+from certpulse.frontends.crl_route import CRLRoute
 from certpulse.frontends.problems import problem
 
 
@@ -52,4 +53,5 @@ class PublicationRoutes:
 def public_routes(service: CAService) -> list[PublicRoute]:
     """The publishing routes of this process: CRL, OCSP, CA certificates."""
     routes: list[PublicRoute] = []
+    routes.append(CRLRoute(service))
     return routes

@@ -79,3 +79,7 @@ class DenyBody(_Body):
 class RevokeBody(_Body):
     reason: str = Field(default="unspecified", description=f"One of: {', '.join(REVOCATION_REASONS)}")
     issuer: str | None = Field(default=None, max_length=64)
+
+
+class UnrevokeBody(_Body):
+    issuer: str | None = Field(default=None, max_length=64, description="When the serial exists at several issuers")
