@@ -385,3 +385,35 @@ def test_sign_crl_refuses_backwards_times(issuer: tuple[x509.Certificate, ec.Ell
     signed = pki_crl.sign_crl(issuer_cert=cert, issuer_key=key, number=1, this_update=NOW,
                               next_update=NOW + dt.timedelta(seconds=1), entries=[])
     assert isinstance(x509.load_der_x509_crl(signed.der).signature_hash_algorithm, type(digest))
+
+
+# -- two processes make a CRL at once ---------------------------------------------------------
+
+def test_the_loser_of_a_race_serves_the_winners_crl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two services (as two processes would) make the CRL at once: the one that stores second finds
+    the number it read gone, and serves the CRL the first stored instead of overwriting it."""
+    from certpulse.ca import crl as ca_crl
+    from certpulse.ca.config import CADir
+    from certpulse.ca.setup import init_ca, open_service
+
+    target = CADir(tmp_path / "ca")
+    init_ca(target, name="race", key_type="ec-p256", now=NOW)
+    first, second = open_service(target, pool_size=1), open_service(target, pool_size=1)
+    try:
+        assert first.crls.generate("issuing-1", NOW).number == 1
+        signing = ca_crl.sign_crl
+        winner: list[Any] = []
+
+        def sign_while_the_other_stores(**kwargs: Any) -> pki_crl.SignedCRL:
+            if not winner:  # the first call (the loser's): the other service makes and stores one meanwhile
+                winner.append(None)
+                winner[0] = second.crls.generate("issuing-1", NOW + dt.timedelta(seconds=1))
+            return signing(**kwargs)
+
+        monkeypatch.setattr(ca_crl, "sign_crl", sign_while_the_other_stores)
+        lost = first.crls.generate("issuing-1", NOW + dt.timedelta(seconds=2))
+        assert winner[0].number == 2 and lost.number == 2 and lost.der == winner[0].der
+        assert second.crls.current("issuing-1", NOW + dt.timedelta(seconds=3)).der == winner[0].der
+    finally:
+        first.engine.dispose()
+        second.engine.dispose()
