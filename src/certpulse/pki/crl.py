@@ -86,17 +86,22 @@ class EntryCache:
         append = out.append
         extensions = self._extensions
         builder = x509.RevokedCertificateBuilder
+        earliest = _EARLIEST
         built, room = 0, self.limit
+        # the loop of a million entries: the checks of entry_values inline, no lookup in an empty cache
         for serial, revoked_at, reason in rows:
             key = (serial, revoked_at, reason)
-            entry = previous.get(key)
+            entry = previous.get(key) if previous else None
             if entry is None:
+                date = revoked_at if revoked_at.tzinfo is None else revoked_at.astimezone(dt.UTC).replace(tzinfo=None)
+                if serial <= 0 or serial.bit_length() > MAX_SERIAL_BITS or date < earliest:
+                    entry_values(serial, revoked_at)  # raises, saying which
                 try:
                     reason_list = extensions[reason]
                 except KeyError:
                     reason_list = reason_extensions(reason)  # raises for a reason no CRL carries
-                # the constructor takes the values checked by entry_values (see the module's doc)
-                entry = builder(*entry_values(serial, revoked_at), reason_list).build()
+                # the constructor takes the values checked above (see the module's doc)
+                entry = builder(serial, date, reason_list).build()
                 built += 1
             if room > 0:
                 kept[key] = entry
