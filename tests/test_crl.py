@@ -274,9 +274,8 @@ def test_ca_crl_command(ca: CA, server: str, machine: Client, admin: Client, wor
     everything = cli_json(ca, "ca", "crl")
     assert sorted(d["issuer"] for d in everything) == ["issuing-1", "root"]
 
-    for args, reason in ((("--out", str(der_file)), "invalid-argument"), (("--issuer", "kra"), "not-found")):
-        refused = ca.cli("ca", "crl", *args, check=False)
-        assert refused.returncode == 2 and refused.stderr.startswith(f"certpulse: error: {reason}"), refused.stderr
+    refused = ca.cli("ca", "crl", "--out", str(der_file), check=False)  # which CRL? (the KRA's: 404 over HTTP)
+    assert refused.returncode == 2 and refused.stderr.startswith("certpulse: error: invalid-argument"), refused.stderr
 
 
 # -- the periodic task -------------------------------------------------------------------------
