@@ -416,3 +416,35 @@ def test_the_loser_of_a_race_serves_the_winners_crl(tmp_path: Path, monkeypatch:
     finally:
         first.engine.dispose()
         second.engine.dispose()
+
+
+def test_a_crl_that_cannot_be_signed_never_fails_the_revocation(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The issuer's key unreadable right after a revocation: the revocation stands (logged, not
+    raised), and the next look at the CRL, key back, makes one that lists it."""
+    from certpulse.ca.config import CADir
+    from certpulse.ca.model import Caller
+    from certpulse.ca.setup import init_ca, open_service
+    from certpulse.sql.db import write
+
+    target = CADir(tmp_path / "ca")
+    init_ca(target, name="keyless", key_type="ec-p256", now=NOW)
+    service = open_service(target, pool_size=1)
+    try:
+        issuer = service.crls.authority("issuing-1")
+        with write(service.engine) as conn:
+            conn.execute(t.certificates.insert().values(
+                authority_id=issuer.id, serial="abc123", template_name="machine", subject="CN=x", names="{}",
+                not_before=NOW, not_after=NOW + dt.timedelta(days=30), status="issued", created_at=NOW))
+        key = target.keys / "issuer-issuing-1.key"
+        key.rename(key.with_suffix(".away"))
+        with caplog.at_level("WARNING", logger="certpulse.crl"):
+            revoked = service.revocation.revoke(Caller(kind="operator", name="test"), "abc123", "superseded",
+                                                NOW + dt.timedelta(minutes=1))
+        assert revoked.reason == "superseded"
+        assert "could not make the CRL again" in caplog.text
+        key.with_suffix(".away").rename(key)
+        crl = x509.load_der_x509_crl(service.crls.current("issuing-1", NOW + dt.timedelta(minutes=2)).der)
+        assert listed(crl, "abc123") == "superseded"
+    finally:
+        service.engine.dispose()
