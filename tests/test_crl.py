@@ -244,7 +244,8 @@ def test_caching_headers_and_conditional_requests(server: str) -> None:
 
 def test_unknown_authority_shard_and_method(server: str) -> None:
     for path in ("/crl/nobody/0.crl", "/crl/issuing-1/1.crl", "/crl/kra/0.crl", "/crl/issuing-1/0.der",
-                 "/crl/issuing-1/", "/crl/../0.crl", "/crl/issuing-1/00000000000.crl"):
+                 "/crl/issuing-1/", "/crl/../0.crl", "/crl/issuing-1/00.crl",
+                 "/crl/issuing-1/00000000000.crl"):
         assert_problem(fetch(server, path), 404, "not-found")
     refused = httpx.post(server + CRL_URL, content=b"x", timeout=30)
     assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"

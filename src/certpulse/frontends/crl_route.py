@@ -39,7 +39,7 @@ log = logging.getLogger("certpulse.api")
 
 CRL_MEDIA_TYPE = "application/pkix-crl"
 RECHECK_SECONDS = 1.0  # how stale a worker's idea of "this CRL is current" may be
-_CRL_PATH = re.compile(re.escape(CRL_PATH) + r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})/([0-9]{1,6})\.crl")
+_CRL_PATH = re.compile(re.escape(CRL_PATH) + r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})/(0|[1-9][0-9]{0,5})\.crl")
 _ALLOWED = "GET, HEAD"
 
 
