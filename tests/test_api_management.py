@@ -440,6 +440,8 @@ def test_openapi_documents_every_route(ca: CA, server: str) -> None:
         ("/v1/requests/{request_id}/approve", "POST"), ("/v1/requests/{request_id}/deny", "POST"),
         ("/v1/certificates/{serial}/revoke", "POST"), ("/v1/certificates/{serial}", "GET"),
         ("/v1/certificates/status", "GET"), ("/v1/certificates/status", "POST"),
+        ("/v1/certificates/{serial}/revoke", "POST"), ("/v1/certificates/{serial}/unrevoke", "POST"),
+        ("/v1/certificates/{serial}", "GET"),
         ("/v1/audit", "GET"),
     }
     assert required <= documented

@@ -36,7 +36,6 @@ from sqlalchemy import select
 from certpulse.ca.config import CADir
 from certpulse.ca.ocsp import OCSPResponder
 from certpulse.ca.ocsp_signer import SIGNER_TEMPLATE, ensure_signers, newest_signers, remove_expired_keys
-from certpulse.ca.revocation import Revocation
 from certpulse.ca.setup import open_service
 from certpulse.ca.storage import schema as t
 from certpulse.frontends.http import create_app
@@ -170,8 +169,6 @@ def test_a_certificate_on_hold_is_revoked_with_reason_certificate_hold(ca: CA, s
     held = admin.http.post(f"/v1/certificates/{issued.serial}/revoke", json={"reason": "certificateHold"})
     assert held.status_code == 200, held.text
     wait_until(lambda: "Reason: certificateHold" in openssl_ocsp(server, issued, "-no_nonce"), 15, "the hold")
-    if not hasattr(Revocation, "unrevoke"):
-        pytest.skip("release of a hold (certpulse unrevoke) comes with the CRL part of issue 17")
     ca.cli("unrevoke", issued.serial)
     wait_until(lambda: f"{issued.leaf}: good" in openssl_ocsp(server, issued, "-no_nonce"), 15, "the release")
 

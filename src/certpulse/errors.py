@@ -54,6 +54,7 @@ class Reason(enum.StrEnum):
     SELF_APPROVAL = "self-approval"
     REQUESTER_DISABLED = "requester-disabled"  # at approval: the requester is disabled or gone
     ALREADY_REVOKED = "already-revoked"
+    NOT_ON_HOLD = "not-on-hold"  # unrevoke: only a certificate on hold (certificateHold) is released
     # configuration
     INVALID_TEMPLATE = "invalid-template"
     INVALID_ARGUMENT = "invalid-argument"

@@ -93,6 +93,34 @@ class Revoked:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Unrevoked:
+    """A certificate released from hold (certificateHold): good again."""
+
+    serial: str
+    released_at: dt.datetime
+    held_since: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublishedCRL:
+    """An authority's CRL as published: the DER relying parties fetch, and what it says."""
+
+    authority: str
+    number: int  # the CRL number (RFC 5280 5.2.3): grows with every CRL signed
+    revision: int  # the authority's revocation revision it reflects
+    this_update: dt.datetime
+    next_update: dt.datetime
+    entries: int
+    der: bytes = dataclasses.field(repr=False)
+    refresh_at: dt.datetime  # when it is made again (thisUpdate + crl_period, at latest nextUpdate)
+
+    @property
+    def etag(self) -> str:
+        """An HTTP entity tag: the CRL number names the contents (a new CRL, a new number)."""
+        return f'"crl-{self.number}"'
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class CertificateStatus:
     serial: str
     issuer: str
@@ -203,5 +231,5 @@ class PolicyDocument:
 
 
 Submission = Issued | Pending | Replayed
-Result = (Submission | Approved | Denied | RequestSummary | RequestList | Revoked | CertificateStatus | StatusList
-          | Credential | AuditLog | PolicyDocument)
+Result = (Submission | Approved | Denied | RequestSummary | RequestList | Revoked | Unrevoked | CertificateStatus
+          | StatusList | Credential | AuditLog | PolicyDocument)

@@ -10,6 +10,10 @@ status answer is one indexed lookup by serial; a CA manager revokes, anyone may 
 An agent asks about all its certificates at once (:meth:`Revocation.own_statuses`: every
 unexpired certificate issued to the caller, by pages) and about any others by serial list
 (:meth:`Revocation.statuses`), instead of one lookup per certificate per pulse.
+
+A hold (reason certificateHold) is a revocation that can be taken back: :meth:`Revocation.unrevoke`
+releases it (the certificate is good again and leaves the CRL), or a later revocation with a
+final reason replaces it. While held, the status is "revoked" with reason certificateHold.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -26,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from certpulse.ca.audit import AuditTrail
 from certpulse.ca.model import Caller, require_manager
-from certpulse.ca.results import CertificateState, CertificateStatus, Revoked, SerialStatus, StatusList
+from certpulse.ca.results import CertificateState, CertificateStatus, Revoked, SerialStatus, StatusList, Unrevoked
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki.certs import parse_serial, serial_hex
@@ -40,6 +44,8 @@ REVOCATION_REASONS = tuple(
 )
 # A certificate revoked for this reason blocks its key for good: the policy never certifies it again
 KEY_COMPROMISE = x509.ReasonFlags.key_compromise.value
+# A hold: revoked until released (unrevoke) or revoked for good with another reason
+CERTIFICATE_HOLD = x509.ReasonFlags.certificate_hold.value
 
 # Serials per batch status call. 500, not 1,000: the API's default body limit is 64 KiB, and 500
 # entries of the longest canonical serial (40 hex digits) with the longest issuer name (64
@@ -63,13 +69,20 @@ class SerialQuery:
 
 
 class Revocation:
-    def __init__(self, engine: Engine, audit: AuditTrail) -> None:
+    def __init__(self, engine: Engine, audit: AuditTrail,
+                 on_change: Callable[[int, dt.datetime], None] | None = None) -> None:
         self.engine = engine
         self._audit = audit
+        # called with the authority's id after a revocation, hold or release is committed (the
+        # service makes the authority's CRL again there); it must not raise
+        self._on_change = on_change
 
     def revoke(self, caller: Caller, serial: str, reason: str, now: dt.datetime,
                issuer: str | None = None) -> Revoked:
-        """Revoke an issued certificate (CA managers; ``issuer`` when the serial exists at several)."""
+        """Revoke an issued certificate (CA managers; ``issuer`` when the serial exists at several).
+
+        ``certificateHold`` puts it on hold: :meth:`unrevoke` releases it. A certificate on hold
+        may be revoked again with any other reason, for good (the revocation date is then now)."""
         try:
             require_manager(caller)
             if reason not in REVOCATION_REASONS:
@@ -77,12 +90,16 @@ class Revocation:
                               f"unknown revocation reason {reason!r}; use one of {', '.join(REVOCATION_REASONS)}")
             with write(self.engine) as conn:
                 row = _find_certificate(conn, serial, issuer)
-                if row.revoked_at is not None:
+                held = row.revocation_reason == CERTIFICATE_HOLD
+                if row.revoked_at is not None and (not held or reason == CERTIFICATE_HOLD):
+                    what = "put on hold" if held else "revoked"
                     raise Refusal(Reason.ALREADY_REVOKED,
-                                  f"certificate {row.serial} was revoked at {row.revoked_at.isoformat()}")
+                                  f"certificate {row.serial} was {what} at {row.revoked_at.isoformat()}")
+                as_read = (t.certificates.c.revocation_reason == CERTIFICATE_HOLD) if held \
+                    else t.certificates.c.revoked_at.is_(None)
                 revoked = conn.execute(
                     update(t.certificates)
-                    .where(and_(t.certificates.c.id == row.id, t.certificates.c.revoked_at.is_(None)))
+                    .where(and_(t.certificates.c.id == row.id, as_read))
                     .values(revoked_at=now, revocation_reason=reason))
                 if revoked.rowcount != 1:  # a concurrent call revoked it after we read the row
                     raise Refusal(Reason.ALREADY_REVOKED, f"certificate {row.serial} was revoked meanwhile")
@@ -91,11 +108,48 @@ class Revocation:
                 bump_revocation_revision(conn, row.authority_id)
                 self._audit.record(conn, now, caller.actor, "revoked", template=row.template_name,
                                    request_id=row.request_id, serial=row.serial,
-                                   names=names_from_json(row.names).all(), reason=reason)
+                                   names=names_from_json(row.names).all(), reason=reason,
+                                   detail=f"on hold since {row.revoked_at.isoformat()}" if held else None)
         except Refusal as refusal:
             self._audit.refusal(caller.actor, "revoke-refused", refusal, now)
             raise
+        self._changed(row.authority_id, now)
         return Revoked(serial=row.serial, reason=reason, revoked_at=now)
+
+    def unrevoke(self, caller: Caller, serial: str, now: dt.datetime, issuer: str | None = None) -> Unrevoked:
+        """Release a certificate from hold (CA managers): it is good again, and leaves the CRL.
+        Only a hold is released; a revocation for any other reason is final (RFC 5280 5.3.1)."""
+        try:
+            require_manager(caller)
+            with write(self.engine) as conn:
+                row = _find_certificate(conn, serial, issuer)
+                if row.revoked_at is None:
+                    raise Refusal(Reason.NOT_ON_HOLD, f"certificate {row.serial} is not revoked, nor on hold")
+                if row.revocation_reason != CERTIFICATE_HOLD:
+                    raise Refusal(Reason.NOT_ON_HOLD,
+                                  f"certificate {row.serial} was revoked for {row.revocation_reason}, not put on "
+                                  f"hold: only a hold ({CERTIFICATE_HOLD}) is released")
+                released = conn.execute(
+                    update(t.certificates)
+                    .where(and_(t.certificates.c.id == row.id,
+                                t.certificates.c.revocation_reason == CERTIFICATE_HOLD))
+                    .values(revoked_at=None, revocation_reason=None))
+                if released.rowcount != 1:  # revoked for good, or released, after we read the row
+                    raise Refusal(Reason.NOT_ON_HOLD, f"certificate {row.serial} changed meanwhile; look again")
+                bump_revocation_revision(conn, row.authority_id)
+                self._audit.record(conn, now, caller.actor, "unrevoked", template=row.template_name,
+                                   request_id=row.request_id, serial=row.serial,
+                                   names=names_from_json(row.names).all(), reason=CERTIFICATE_HOLD,
+                                   detail=f"released from hold (on hold since {row.revoked_at.isoformat()})")
+        except Refusal as refusal:
+            self._audit.refusal(caller.actor, "unrevoke-refused", refusal, now)
+            raise
+        self._changed(row.authority_id, now)
+        return Unrevoked(serial=row.serial, released_at=now, held_since=row.revoked_at)
+
+    def _changed(self, authority_id: int, now: dt.datetime) -> None:
+        if self._on_change is not None:
+            self._on_change(authority_id, now)
 
     def status(self, serial: str, now: dt.datetime, issuer: str | None = None) -> CertificateStatus:
         """Good, revoked or expired, at ``now``."""

@@ -9,7 +9,8 @@ protocol. The roles, as in Boulder's split of a CA by what each part is trusted 
 * :attr:`~CAService.requests` (:mod:`.requests`), the registration authority: submit, approve,
   deny, read requests;
 * :attr:`~CAService.issuance` (:mod:`.issuance`), the CA: prepare, then sign and record;
-* :attr:`~CAService.revocation` (:mod:`.revocation`): revoke, status;
+* :attr:`~CAService.revocation` (:mod:`.revocation`): revoke, hold and release, status;
+* :attr:`~CAService.crls` (:mod:`.crl`): each authority's CRL, made and kept current;
 * :attr:`~CAService.policy` (:mod:`.cep`): the enrollment policy an agent reads;
 * :attr:`~CAService.ocsp` (:mod:`.ocsp`): the OCSP responder's status answers, signed by the
   delegated signers (:mod:`.ocsp_signer`) and cached;
@@ -33,6 +34,7 @@ from certpulse.ca.audit import AuditTrail
 from certpulse.ca.auth import Authentication
 from certpulse.ca.ca_certificates import CACertificates
 from certpulse.ca.cep import EnrollmentPolicy
+from certpulse.ca.crl import CRLs
 from certpulse.ca.issuance import CertificateAuthority
 from certpulse.ca.ocsp import OCSPResponder
 from certpulse.ca.publishing import DEFAULT_PUBLISHING, Publishing
@@ -57,7 +59,8 @@ class CAService:
         self.issuance = CertificateAuthority(keyring, statements, self.audit, self.state, publishing.public_url)
         self.requests = RegistrationAuthority(engine, statements, self.state, keyring, self.auth, self.issuance,
                                               self.audit)
-        self.revocation = Revocation(engine, self.audit)
+        self.crls = CRLs(engine, keyring, self.state, publishing)
+        self.revocation = Revocation(engine, self.audit, on_change=self.crls.after_change)
         self.policy = EnrollmentPolicy(engine, self.state, policy_id)
         self.ocsp = OCSPResponder(self)
         self.ca_certificates = CACertificates(engine, self.state)  # what AIA caIssuers URLs fetch

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -16,8 +16,10 @@ import typer
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
+from certpulse.ca.crl import CRLPublisher, CRLs, check_interval
 from certpulse.ca.ocsp_signer import SignerRenewer, ensure_signers
 from certpulse.ca.publishing import ca_cert_url, crl_url, ocsp_url
+from certpulse.ca.results import PublishedCRL
 from certpulse.ca.revocation import REVOCATION_REASONS, SerialQuery
 from certpulse.ca.server_tls import (
     MIN_TLS_VALIDITY,
@@ -43,6 +45,7 @@ from certpulse.frontends.lifecycle import (
     SUPERVISOR_ENV,
 )
 from certpulse.pki.certs import serial_hex
+from certpulse.pki.crl import listed_entries, pem_crl
 from certpulse.pki.fingerprint import ca_fingerprint
 from certpulse.pki.keys import KEY_SPECS
 from certpulse.sql.db import make_engine
@@ -211,11 +214,13 @@ def ca_serve(
             "status": " (status only: CRLs, OCSP, CA certificates, probes and metrics; no enrollment)"}[role]
     console.print(f"serving CA {shown(repr(config.name))} on {'http' if plain else 'https'}://{shown(listen)} "
                   f"({workers} worker(s)){what}")
+    publisher = CRLPublisher(lambda: _crls_of(dir_), clock.now, check_interval(config.crl_period_delta))
     with _metrics_folder():
         if renewer is not None:
             renewer.start()
         if signer_renewer is not None:
             signer_renewer.start()
+        publisher.start()
         try:
             uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
                         port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
@@ -225,8 +230,15 @@ def ca_serve(
         finally:
             if signer_renewer is not None:
                 signer_renewer.stop()
+            publisher.stop()
             if renewer is not None:
                 renewer.stop()
+
+
+def _crls_of(dir_: Path | None) -> tuple[CRLs, Callable[[], None]]:
+    """The CRLs of the CA in ``dir_``, for ``ca serve``'s periodic task, and how to let go of them."""
+    svc = service(dir_)
+    return svc.crls, svc.engine.dispose
 
 
 def _log_to_stderr() -> None:
@@ -413,6 +425,62 @@ def ca_issuers(dir_: DirOption = None, json_: JsonOption = False) -> None:
     table("Authorities", ["name", "role", "cost", "renewal only", "enabled", "templates", "not after", "thumbprint"],
           [(r["name"], r["role"], r["cost"] if r["role"] == "issuer" else "", r["renewal_only"], r["enabled"],
             ", ".join(r["templates"]), r["not_after"][:10], r["thumbprint"]) for r in rows])
+
+
+@ca_app.command("crl")
+def ca_crl(
+    dir_: DirOption = None,
+    issuer: Annotated[str | None, typer.Option(
+        "--issuer", help="The authority whose CRL to make (default: every issuer and the root)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the CRL to FILE (DER; PEM with --pem)")] = None,
+    pem_out: Annotated[bool, typer.Option("--pem", help="With --out: PEM instead of DER")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Make the CRL now (it becomes the one served) and print what it lists."""
+    if pem_out and out is None:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--pem says how --out writes the CRL: give --out FILE too")
+    svc = service(dir_)
+    crls = svc.crls
+    names = [issuer] if issuer is not None else [a.name for a in crls.signers()]
+    if out is not None and len(names) != 1:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--out writes one CRL: name its authority with --issuer")
+    made = [crls.generate(name, clock.now()) for name in names]
+    if out is not None:
+        _write_crl(out, made[0].der, pem_out)
+    documents_ = [_crl_document(published, svc.publishing.public_url) for published in made]
+    if json_:
+        emit_json(documents_)
+        return
+    for document in documents_:
+        print_fields(("issuer", document["issuer"]), ("number", document["number"]),
+                     ("this_update", document["this_update"]), ("next_update", document["next_update"]),
+                     ("entries", document["entries"]), ("url", document["url"]))
+        if document["revoked"]:
+            table(f"CRL {document['number']} of {document['issuer']}", ["serial", "revoked at", "reason"],
+                  [(e["serial"], e["revoked_at"], e["reason"]) for e in document["revoked"]])
+    if out is not None:
+        console.print(f"written to {shown(out)} ({'PEM' if pem_out else 'DER'})")
+
+
+def _crl_document(published: PublishedCRL, public_url: str | None) -> dict[str, Any]:
+    return {
+        "issuer": published.authority, "number": published.number,
+        "this_update": published.this_update.isoformat(), "next_update": published.next_update.isoformat(),
+        "entries": published.entries, "bytes": len(published.der),
+        "url": crl_url(public_url, published.authority) if public_url else None,
+        "revoked": [{"serial": serial_hex(e.serial), "revoked_at": e.revoked_at.isoformat(), "reason": e.reason}
+                    for e in listed_entries(published.der)],
+    }
+
+
+def _write_crl(out: Path, der: bytes, as_pem: bool) -> None:
+    try:
+        if as_pem:
+            out.write_text(pem_crl(der))
+        else:
+            out.write_bytes(der)
+    except OSError as exc:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"cannot write {out}: {exc.strerror}") from None
 
 
 @ca_app.command("set-issuer")
@@ -650,6 +718,17 @@ def revoke(
     """Revoke a certificate by serial number (hex)."""
     result = service(dir_).revocation.revoke(operator(), serial, reason, clock.now(), issuer=issuer)
     console.print(f"[yellow]certificate {shown(result.serial)} revoked[/yellow] ({shown(result.reason)})")
+
+
+def unrevoke(
+    serial: str,
+    issuer: Annotated[str | None, typer.Option("--issuer", help="When the serial exists at several issuers")] = None,
+    dir_: DirOption = None,
+) -> None:
+    """Release a certificate from hold (revoked with --reason certificateHold): it is good again."""
+    result = service(dir_).revocation.unrevoke(operator(), serial, clock.now(), issuer=issuer)
+    console.print(f"[green]certificate {shown(result.serial)} released from hold[/green] "
+                  f"(held since {shown(result.held_since.isoformat())})")
 
 
 def status(serials: Annotated[list[str], typer.Argument(metavar="SERIAL...", help="Serial numbers in hex")],

@@ -53,6 +53,11 @@ def revoked(result: results.Revoked) -> Document:
             "revoked_at": result.revoked_at.isoformat()}
 
 
+def unrevoked(result: results.Unrevoked) -> Document:
+    return {"serial": result.serial, "status": "good", "released_at": result.released_at.isoformat(),
+            "held_since": result.held_since.isoformat()}
+
+
 def certificate_status(result: results.CertificateStatus) -> Document:
     return {
         "serial": result.serial, "issuer": result.issuer, "status": result.status,

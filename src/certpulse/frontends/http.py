@@ -79,6 +79,7 @@ from certpulse.frontends.schema import (
     StatusListResult,
     StatusQuery,
     TokenExchange,
+    UnrevokeBody,
 )
 from certpulse.frontends.shedding import LoadShedding, max_inflight_from_environment, shed_load
 from certpulse.frontends.threads import limit_threads, threads_from_environment
@@ -197,6 +198,8 @@ def answer(result: results.Result) -> Response:
             return JSONResponse([documents.without_none(documents.request(r)) for r in requests])
         case results.Revoked():
             return JSONResponse(documents.revoked(result))
+        case results.Unrevoked():
+            return JSONResponse(documents.unrevoked(result))
         case results.CertificateStatus():
             return JSONResponse(documents.certificate_status(result))
         case results.StatusList():
@@ -501,6 +504,11 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
     def statuses(body: StatusQuery) -> Response:
         queries = [SerialQuery(entry.serial, entry.issuer) for entry in body.certificates]
         return answer(service.revocation.statuses(queries, clock.now()))
+    @app.post("/v1/certificates/{serial}/unrevoke", tags=["management"],
+              summary="Release a certificate from hold (certificateHold); refused for any other revocation",
+              response_model=dict[str, Any], responses=PROBLEM_RESPONSES)
+    def unrevoke(serial: str, who: CallerDep, body: UnrevokeBody | None = None) -> Response:
+        return answer(service.revocation.unrevoke(who, serial, clock.now(), issuer=body.issuer if body else None))
 
     @app.get("/v1/certificates/{serial}", tags=["status"], summary="A certificate's status (good, revoked, expired)",
              response_model=dict[str, Any], responses=PROBLEM_RESPONSES)

@@ -24,6 +24,7 @@ STATUS: dict[Reason, int] = {
     Reason.REQUESTER_DISABLED: 409,
     Reason.NOT_PENDING: 409,
     Reason.ALREADY_REVOKED: 409,
+    Reason.NOT_ON_HOLD: 409,
     Reason.REQUEST_TIMEOUT: 408,
     Reason.BODY_TOO_LARGE: 413,
     Reason.HEADERS_TOO_LARGE: 431,

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from certpulse.ca.service import CAService
 from certpulse.errors import Reason
 from certpulse.frontends.ca_cert_route import CACertificateRoute
+from certpulse.frontends.crl_route import CRLRoute
 from certpulse.frontends.problems import problem
 
 
@@ -58,4 +59,5 @@ def public_routes(service: CAService) -> list[PublicRoute]:
     routes: list[PublicRoute] = []
     routes.append(OCSPRoute(service))
     routes.append(CACertificateRoute(service.ca_certificates))
+    routes.append(CRLRoute(service))
     return routes

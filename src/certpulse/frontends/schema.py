@@ -105,3 +105,5 @@ class StatusListResult(BaseModel):
     certificates: list[SerialStatusResult]
     next: str | None = Field(default=None, description="Cursor of the next page of the caller's own certificates "
                                                        "(GET ?after=); absent on the last page")
+class UnrevokeBody(_Body):
+    issuer: str | None = Field(default=None, max_length=64, description="When the serial exists at several issuers")

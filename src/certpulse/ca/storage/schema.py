@@ -190,6 +190,10 @@ certificates = Table(
     # by status: SQLite, which has no statistics here, would take it for lookups by serial.
     Index("ix_certificates_counts", "authority_id", "template_name", "status", "revocation_reason",
           "revoked_at", "not_after"),
+    # A CRL's entries (serial, date, reason of an authority's revoked, unexpired certificates) read
+    # from the index alone; only revoked rows enter it (0007).
+    Index("ix_certificates_crl_entries", "authority_id", "revoked_at", "not_after", "status", "revocation_reason",
+          "serial", sqlite_where=text("revoked_at IS NOT NULL"), postgresql_where=text("revoked_at IS NOT NULL")),
 )
 
 audit = Table(
