@@ -11,6 +11,8 @@ protocol. The roles, as in Boulder's split of a CA by what each part is trusted 
 * :attr:`~CAService.issuance` (:mod:`.issuance`), the CA: prepare, then sign and record;
 * :attr:`~CAService.revocation` (:mod:`.revocation`): revoke, status;
 * :attr:`~CAService.policy` (:mod:`.cep`): the enrollment policy an agent reads;
+* :attr:`~CAService.ocsp` (:mod:`.ocsp`): the OCSP responder's status answers, signed by the
+  delegated signers (:mod:`.ocsp_signer`) and cached;
 * :attr:`~CAService.audit` (:mod:`.audit`): the trail every decision and refusal is written to;
 
 over one database (:mod:`.storage`) and one cached snapshot of the slow-changing state
@@ -29,6 +31,7 @@ from certpulse.ca.audit import AuditTrail
 from certpulse.ca.auth import Authentication
 from certpulse.ca.cep import EnrollmentPolicy
 from certpulse.ca.issuance import CertificateAuthority
+from certpulse.ca.ocsp import OCSPResponder
 from certpulse.ca.publishing import DEFAULT_PUBLISHING, Publishing
 from certpulse.ca.requests import RegistrationAuthority
 from certpulse.ca.revocation import Revocation
@@ -53,6 +56,7 @@ class CAService:
                                               self.audit)
         self.revocation = Revocation(engine, self.audit)
         self.policy = EnrollmentPolicy(engine, self.state, policy_id)
+        self.ocsp = OCSPResponder(self)
 
     def database_answers(self) -> bool:
         """Whether the database answers a read now (a readiness probe's question): one row of

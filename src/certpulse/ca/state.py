@@ -150,6 +150,11 @@ class KeyRing:
         self._keys: dict[str, PrivateKey] = {}
         self._lock = threading.Lock()
 
+    @property
+    def directory(self) -> Path:
+        """Where the keys are (the CA's ``keys/``): the OCSP signers' keys are written there too."""
+        return self._dir
+
     def key(self, authority: Authority) -> PrivateKey:
         if authority.key_file is None:
             raise Refusal(Reason.STORE, f"authority {authority.name!r} has no key on this server")

@@ -16,6 +16,7 @@ import typer
 
 from certpulse import clock
 from certpulse.ca.admin import CAAdmin
+from certpulse.ca.ocsp_signer import SignerRenewer, ensure_signers
 from certpulse.ca.revocation import REVOCATION_REASONS
 from certpulse.ca.server_tls import (
     MIN_TLS_VALIDITY,
@@ -60,6 +61,8 @@ MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"  # read by each worker (frontends/sh
 THREADS_ENV = "CERTPULSE_THREADS"  # likewise (frontends/threads.py)
 READ_TIMEOUT_ENV = "CERTPULSE_READ_TIMEOUT"  # likewise (frontends/read_deadline.py)
 AUDIT_ANONYMOUS_ENV = "CERTPULSE_AUDIT_ANONYMOUS_ROWS"  # likewise (frontends/http.py, ca/audit.py)
+ROLE_ENV = "CERTPULSE_ROLE"  # likewise (frontends/http.py)
+ROLES = ("all", "enrollment", "status")
 # uvicorn's own limits, per worker (README, "Limits against anonymous clients"):
 KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default, kept on purpose)
 BACKLOG = 2048  # connections the kernel queues before a worker accepts them (capped by net.core.somaxconn)
@@ -98,6 +101,9 @@ def ca_init(
 def ca_serve(
     dir_: DirOption = None,
     listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on")] = "127.0.0.1:8443",
+    role: Annotated[str, typer.Option(
+        "--role", help="all; enrollment (the API without CRLs, OCSP and CA certificates); status (only "
+                       "those, for relying parties: no credential, plain HTTP unless --tls)")] = "all",
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes (one per core)")] = 1,
     tls: Annotated[bool, typer.Option(
         "--tls", help="HTTPS with a certificate this CA issues itself (the default; kept for old scripts)")] = False,
@@ -131,17 +137,24 @@ def ca_serve(
         help="Seconds a stop (SIGTERM) waits for the requests in progress; then they are cut (503) "
              "and the process exits")] = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> None:
-    """Serve the enrollment API, over TLS with a certificate from this CA (renewed while it runs)."""
+    """Serve the enrollment API, over TLS with a certificate from this CA (renewed while it runs);
+    with --role, only the API or only what relying parties fetch (CRLs, OCSP, CA certificates)."""
     import uvicorn
 
     from certpulse.frontends.tls import ReloadingTLS
 
     if no_tls:
         raise Refusal(Reason.INVALID_ARGUMENT, "--no-tls is gone: TLS is the default; plain HTTP needs --insecure-http")
+    if role not in ROLES:
+        raise Refusal(Reason.INVALID_ARGUMENT, f"--role must be one of {', '.join(ROLES)} (got {role!r})")
+    status_only = role == "status"
+    # Relying parties fetch CRLs and OCSP over plain HTTP (the answers are signed): the status
+    # role serves HTTP unless asked for TLS, and it carries no credential to warn about.
+    plain = insecure_http or (status_only and not tls)
     if tls and insecure_http:
         raise Refusal(Reason.INVALID_ARGUMENT, "--tls and --insecure-http contradict each other: choose one")
-    if insecure_http and tls_names:
-        raise Refusal(Reason.INVALID_ARGUMENT, "--tls-name names the TLS certificate: no use with --insecure-http")
+    if plain and tls_names:
+        raise Refusal(Reason.INVALID_ARGUMENT, "--tls-name names the TLS certificate: no use with plain HTTP")
     host, sep, port_text = listen.rpartition(":")
     if not sep or not port_text.isdigit() or not host:
         raise Refusal(Reason.INVALID_ARGUMENT, f"--listen must be HOST:PORT (got {listen!r})")
@@ -155,9 +168,17 @@ def ca_serve(
     engine = make_engine(config.database_url, pool_size=1)
     migrate(engine)
     engine.dispose()
+    signer_renewer: SignerRenewer | None = None
+    if role != "enrollment":  # every issuer has a delegated OCSP signer before a worker answers
+        svc = service(dir_)
+        try:
+            ensure_signers(svc, clock.now())
+        finally:
+            svc.engine.dispose()
+        signer_renewer = SignerRenewer(lambda: service(dir_), config.publishing().ocsp_signer_validity, clock.now)
     ssl: dict[str, ReloadingTLS] = {}
     renewer: TLSRenewer | None = None
-    if not insecure_http:
+    if not plain:
         svc = service(dir_)
         try:
             files, _ = ensure_tls_certificate(target, svc, names, clock.now(), lifetime)
@@ -172,16 +193,21 @@ def ca_serve(
     os.environ[AUDIT_ANONYMOUS_ENV] = str(audit_anonymous_rows)
     os.environ[SHUTDOWN_TIMEOUT_ENV] = str(shutdown_timeout)
     os.environ[SUPERVISOR_ENV] = str(os.getpid())
+    os.environ[ROLE_ENV] = role
     _log_to_stderr()
-    if insecure_http:
+    if plain and not status_only:
         logging.getLogger("certpulse.serve").warning(
             "--insecure-http: serving plain HTTP; all traffic, bearer credentials (API keys, enrollment "
             "tokens, session credentials) included, travels in clear")
-    console.print(f"serving CA {shown(repr(config.name))} on {'http' if insecure_http else 'https'}://{shown(listen)} "
-                  f"({workers} worker(s))")
+    what = {"all": "", "enrollment": " (enrollment only: no CRLs, OCSP or CA certificates)",
+            "status": " (status only: CRLs, OCSP, CA certificates, probes and metrics; no enrollment)"}[role]
+    console.print(f"serving CA {shown(repr(config.name))} on {'http' if plain else 'https'}://{shown(listen)} "
+                  f"({workers} worker(s)){what}")
     with _metrics_folder():
         if renewer is not None:
             renewer.start()
+        if signer_renewer is not None:
+            signer_renewer.start()
         try:
             uvicorn.run("certpulse.frontends.http:app_from_environment", factory=True, host=host.strip("[]"),
                         port=int(port_text), workers=workers, access_log=access_log, log_level="warning",
@@ -189,6 +215,8 @@ def ca_serve(
                         timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=max_connections, backlog=BACKLOG,
                         timeout_graceful_shutdown=shutdown_timeout, **ssl)  # type: ignore[arg-type]
         finally:
+            if signer_renewer is not None:
+                signer_renewer.stop()
             if renewer is not None:
                 renewer.stop()
 

@@ -301,6 +301,8 @@ class SubmitRoute:
 AUDIT_ANONYMOUS_ENV = "CERTPULSE_AUDIT_ANONYMOUS_ROWS"
 DEFAULT_AUDIT_ANONYMOUS_ROWS = 60
 AUDIT_FLUSH_SECONDS = 15.0
+# What a worker serves (ca serve --role): all, enrollment (no publishing routes) or status (only them)
+ROLE_ENV = "CERTPULSE_ROLE"
 
 
 def _logged(work: Callable[..., None]) -> Callable[..., None]:
@@ -338,11 +340,12 @@ async def _audit_flushing(service: CAService) -> AsyncIterator[None]:
 
 
 def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: int = 0, threads: int | None = None,
-               read_timeout: int = DEFAULT_READ_TIMEOUT) -> Any:
+               read_timeout: int = DEFAULT_READ_TIMEOUT, publish: bool = True) -> Any:
     """The application: the API behind, from the outside in, the body's size limit and read deadline
     (:class:`BodyLimit`), the load-shedding limit (``max_inflight``, 0: none) and the handler
     threads (``threads``, None: anyio's default). Reading the body comes first, so a request counts
-    against ``max_inflight`` only once it is whole."""
+    against ``max_inflight`` only once it is whole. ``publish``: with the publishing routes (CRL,
+    OCSP, CA certificates), which ``ca serve --role enrollment`` leaves to a status server."""
     service.audit.on_anonymous = observe_anonymous_refusal
 
     @contextlib.asynccontextmanager
@@ -497,7 +500,7 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
     shed = shed_load(inner, max_inflight, threads=threads or 1)
     app.state.shedding = shed if isinstance(shed, LoadShedding) else None
     # CRLs, OCSP and CA certificates answer outside the shedding limit (frontends/publication.py)
-    published = PublicationRoutes(shed, public_routes(service))
+    published = PublicationRoutes(shed, public_routes(service) if publish else [])
     return BodyLimit(published, max_body, _logged(on_body_refused), read_timeout=read_timeout)
 
 
@@ -513,8 +516,15 @@ def app_from_environment() -> Any:
         service.audit.refusal(ANONYMOUS.actor, "refused", Refusal(reason, detail), clock.now())
 
     read_deadline.refusal_listener = _logged(on_protocol_refusal)
-    app = create_app(service, max_body=config.max_request_bytes, max_inflight=max_inflight_from_environment(),
-                     threads=threads_from_environment(), read_timeout=read_timeout_from_environment())
+    role = os.environ.get(ROLE_ENV, "all")
+    if role == "status":
+        from certpulse.frontends.status_role import status_app
+
+        app = status_app(service, max_body=config.max_request_bytes, read_timeout=read_timeout_from_environment())
+    else:
+        app = create_app(service, max_body=config.max_request_bytes, max_inflight=max_inflight_from_environment(),
+                         threads=threads_from_environment(), read_timeout=read_timeout_from_environment(),
+                         publish=role != "enrollment")
     # uvicorn calls this factory in the serving process, its signal handlers in place (frontends/lifecycle.py)
     bind_to_supervisor(supervisor_from_environment())
     arm_stop_deadline(shutdown_timeout_from_environment())

@@ -51,5 +51,8 @@ class PublicationRoutes:
 
 def public_routes(service: CAService) -> list[PublicRoute]:
     """The publishing routes of this process: CRL, OCSP, CA certificates."""
+    from certpulse.frontends.ocsp_route import OCSPRoute
+
     routes: list[PublicRoute] = []
+    routes.append(OCSPRoute(service))
     return routes
