@@ -4,12 +4,11 @@ by side, asked the same OCSP requests about the same certificates in the same ru
 
 Setup: ``certpulse ca init`` (EC P-256 root and issuing CA, SQLite), the ``machine`` template,
 one machine principal that enrolls ``--certs`` certificates over ``ca serve``; ``--revoked`` of
-them are revoked with ``certpulse revoke`` (reasons keyCompromise, superseded,
+them are revoked through the API (``POST /v1/certificates/{serial}/revoke``; reasons keyCompromise, superseded,
 cessationOfOperation, affiliationChanged in turn). Then the peers:
 
 * ``certpulse``: ``certpulse ca serve --role status --workers N`` (the publishing routes alone,
-  plain HTTP) when this certpulse has that role, else ``ca serve --insecure-http --workers N``;
-  requests go to ``POST /ocsp``.
+  plain HTTP, as relying parties reach them); requests go to ``POST /ocsp``.
 * ``openssl``: ``openssl ocsp -port`` as a responder (``-index index.txt -CA issuer.pem
   -rsigner signer.pem -rkey signer.key -ndays 1``), one process: the responder every operator
   has. ``index.txt`` is written from the certificates certpulse issued (V/R, expiry
@@ -78,7 +77,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
-
 from issuance import (
     CERTPULSE,
     MACHINE_TEMPLATE,
@@ -128,27 +126,22 @@ class Setup:
     issuer_file: Path
     issuer_key_file: Path
     certificates: list[Issued]
-    status_role: bool
 
 
 def serve_args(folder: Path, port: int, workers: int, *, status_role: bool) -> list[str]:
+    """``ca serve``: the enrollment API (plain HTTP), or the status role (plain HTTP by default)."""
     args = [*CERTPULSE, "ca", "serve", "--dir", str(folder), "--listen", f"127.0.0.1:{port}",
             "--workers", str(workers)]
     return [*args, "--role", "status"] if status_role else [*args, "--insecure-http"]
 
 
-def has_status_role() -> bool:
-    """Whether this certpulse's ``ca serve`` has ``--role`` (issue 17's status role)."""
-    out = subprocess.run([*CERTPULSE, "ca", "serve", "--help"], capture_output=True, text=True,
-                         timeout=60, check=False, env={**os.environ, "COLUMNS": "200"})
-    return "--role" in out.stdout
-
-
 def make_ca(work: Path, count: int, revoked: int) -> Setup:
-    """A certpulse CA, ``count`` certificates enrolled through its API, ``revoked`` of them revoked."""
+    """A certpulse CA, ``count`` certificates enrolled through its API, ``revoked`` of them revoked
+    through it (the admin API key of ``ca init``)."""
     folder = work / "ca"
-    run([*CERTPULSE, "ca", "init", "--dir", str(folder), "--database", f"sqlite:///{folder / 'ca.db'}",
-         "--name", "bench", "--key-type", "ec-p256"])
+    created = run([*CERTPULSE, "ca", "init", "--dir", str(folder), "--database", f"sqlite:///{folder / 'ca.db'}",
+                   "--name", "bench", "--key-type", "ec-p256"]).decode()
+    admin_key = next(line.strip() for line in created.splitlines() if line.strip().startswith("cpa_"))
     run([*CERTPULSE, "template", "add", str(MACHINE_TEMPLATE), "--dir", str(folder)])
     token = json.loads(run([*CERTPULSE, "principal", "add", PRINCIPAL, "--kind", "machine", "--json",
                             "--dir", str(folder)]))["token"]
@@ -164,33 +157,32 @@ def make_ca(work: Path, count: int, revoked: int) -> Setup:
             if status != 200:
                 raise BenchError(f"token exchange answered {status}: {answer}")
             headers = {"Authorization": f"Bearer {answer['credential']}"}
-            pems = []
+            certificates = []
             for csr in make_csrs(count):
                 status, answer = post_json(f"{base}/v1/requests", {"template": "machine", "csr": csr}, headers)
                 if status != 201:
                     raise BenchError(f"enrollment answered {status}: {answer}")
-                pems.append(answer["certificate"])
+                certificates.append(x509.load_pem_x509_certificate(answer["certificate"].encode()))
+            # evenly spread over the serials, so every stretch of the request cycle mixes good and revoked
+            revoke_at = {round(i * count / revoked) for i in range(revoked)} if revoked else set()
+            issued = []
+            for index, certificate in enumerate(certificates):
+                if index not in revoke_at:
+                    issued.append(Issued(certificate))
+                    continue
+                reason = REASONS[len(issued) % len(REASONS)]
+                status, answer = post_json(f"{base}/v1/certificates/{certificate.serial_number:x}/revoke",
+                                           {"reason": reason}, {"Authorization": f"Bearer {admin_key}"})
+                if status != 200:
+                    raise BenchError(f"revocation answered {status}: {answer}")
+                issued.append(Issued(certificate, dt.datetime.fromisoformat(answer["revoked_at"]), reason))
         finally:
             stop_process(proc)
-    certificates = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
     issuers = {c.issuer for c in certificates}
     [issuer_file] = [p for p in (folder / "certs").glob("issuer-*.pem")
                      if x509.load_pem_x509_certificate(p.read_bytes()).subject in issuers]
     issuer = x509.load_pem_x509_certificate(issuer_file.read_bytes())
-    # evenly spread over the serials, so every stretch of the request cycle mixes good and revoked
-    revoke_at = {round(i * count / revoked) for i in range(revoked)} if revoked else set()
-    issued = []
-    for index, certificate in enumerate(certificates):
-        if index not in revoke_at:
-            issued.append(Issued(certificate))
-            continue
-        reason = REASONS[len(issued) % len(REASONS)]
-        serial = f"{certificate.serial_number:x}"
-        run([*CERTPULSE, "revoke", serial, "--reason", reason, "--dir", str(folder)])
-        status_doc = json.loads(run([*CERTPULSE, "status", serial, "--json", "--dir", str(folder)]))
-        issued.append(Issued(certificate, dt.datetime.fromisoformat(status_doc["revoked_at"]), reason))
-    return Setup(folder, issuer, issuer_file, folder / "keys" / f"{issuer_file.stem}.key", issued,
-                 has_status_role())
+    return Setup(folder, issuer, issuer_file, folder / "keys" / f"{issuer_file.stem}.key", issued)
 
 
 def delegated_signer(setup: Setup, work: Path) -> tuple[Path, Path, str]:
@@ -198,10 +190,10 @@ def delegated_signer(setup: Setup, work: Path) -> tuple[Path, Path, str]:
     for openssl; the issuing CA's own certificate and key when certpulse has none."""
     database = setup.folder / "ca.db"
     row = None
-    with contextlib.closing(sqlite3.connect(database)) as db:
-        with contextlib.suppress(sqlite3.OperationalError):  # no ocsp_signers table before issue 17
-            row = db.execute("SELECT certificate_der, key_file FROM ocsp_signers ORDER BY not_after DESC "
-                             "LIMIT 1").fetchone()
+    # (no ocsp_signers table before issue 17)
+    with contextlib.closing(sqlite3.connect(database)) as db, contextlib.suppress(sqlite3.OperationalError):
+        row = db.execute("SELECT certificate_der, key_file FROM ocsp_signers ORDER BY not_after DESC "
+                         "LIMIT 1").fetchone()
     if row is None:
         return setup.issuer_file, setup.issuer_key_file, "the issuing CA's own key"
     signer = x509.load_der_x509_certificate(bytes(row[0]))
@@ -401,7 +393,7 @@ class Peers(contextlib.ExitStack):
     def start(self, name: str) -> Peer:
         if name == "certpulse":
             port = free_port()
-            args = serve_args(self.setup.folder, port, self.workers, status_role=self.setup.status_role)
+            args = serve_args(self.setup.folder, port, self.workers, status_role=True)
             proc, log = self._spawn(name, args)
             base = f"http://127.0.0.1:{port}"
             wait_for(f"{base}/healthz", proc, log)
@@ -652,8 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         setup = make_ca(work, args.certs, args.revoked)
         print(f"enrolled {len(setup.certificates)} certificates, revoked "
-              f"{sum(1 for c in setup.certificates if c.revoked_at)}, in {time.perf_counter() - started:.1f} s; "
-              f"certpulse serves OCSP with {'--role status' if setup.status_role else '--insecure-http (no --role)'}")
+              f"{sum(1 for c in setup.certificates if c.revoked_at)}, in {time.perf_counter() - started:.1f} s")
         requests = {mode: make_requests(setup, mode) for mode in modes}
         files = {mode: write_requests(work / f"requests-{mode}.txt", requests[mode]) for mode in modes}
         with Peers(work, setup, args.workers) as peers:
@@ -703,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if args.json:
             args.json.write_text(json.dumps({
-                "machine": machine_description(), "duration": args.duration, "status_role": setup.status_role,
+                "machine": machine_description(), "duration": args.duration,
                 "runs": [{**dataclasses.asdict(r), "cpu_us_per_response": r.cpu_us_per_response} for r in runs]},
                 indent=1))
         if wrong:
