@@ -16,13 +16,22 @@ cessationOfOperation, affiliationChanged in turn). Then the peers:
   ``unknown``, subject), and it signs with certpulse's own delegated OCSP signer (same key type,
   same certificate) when certpulse has made one, else with the issuing CA's key.
 * ``openssl-multi``: the same with ``-multi 2`` (OpenSSL 3's pre-forked responder processes).
+* ``nginx-cache``: nginx (``proxy_cache``, one worker per certpulse worker) in front of
+  certpulse's GET route, as a CDN or a site cache would be: it keeps each answer as long as its
+  RFC 5019 ``Cache-Control`` allows. GET requests only; its CPU counts certpulse's too.
 
-Two kinds of request, each a row of its own (``--modes``):
+Three kinds of request, each a row of its own (``--modes``):
 
-* ``cached``: no nonce (RFC 5019): a responder may answer from a cache of pre-signed
-  responses. certpulse does; openssl signs every answer.
-* ``nonce``: a fresh 16-byte nonce in every request (the wrk script writes it), so every answer
-  must be signed for that request, by either peer.
+* ``cached``: POST without nonce (RFC 5019's kind): a responder may answer from a cache of
+  pre-signed responses. certpulse does; openssl signs every answer.
+* ``nonce``: POST with a fresh 16-byte nonce in every request (the wrk script writes it), so
+  every answer must be signed for that request, by either peer.
+* ``get``: RFC 5019 GET (``/ocsp/{URL-encoded base64}``), no nonce: what nginx's stapling and
+  browsers send, and what HTTP caches keep.
+
+openssl answers HTTP/1.0 and closes the connection after every answer; certpulse and nginx keep
+it open (wrk then reuses it). Both are how these servers serve their clients, and both are
+measured as they are.
 
 Each request asks about one certificate; the requests cycle over all the enrolled certificates,
 good and revoked (SHA-1 certificate ids, as ``openssl ocsp`` and RFC 5019 clients send them).
@@ -50,6 +59,7 @@ package ``wrk``); ``openssl`` is the system's.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import datetime as dt
@@ -71,6 +81,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -97,8 +108,10 @@ from issuance import (
 
 REPO = Path(__file__).resolve().parents[1]
 LUA = REPO / "benchmarks" / "wrk" / "ocsp.lua"
-ALL_TARGETS = ("certpulse", "openssl", "openssl-multi")
-ALL_MODES = ("cached", "nonce")
+ALL_TARGETS = ("certpulse", "openssl", "openssl-multi", "nginx-cache")
+ALL_MODES = ("cached", "nonce", "get")
+OURS = ("certpulse", "nginx-cache")  # compared with the openssl peers
+GET_ONLY = ("nginx-cache",)  # an HTTP cache keeps GET answers only
 LEVELS = "1,8,32"
 REASONS = ("keyCompromise", "superseded", "cessationOfOperation", "affiliationChanged")
 NONCE_MARK = b"certpulse-nonce!"  # 16 bytes, replaced by the wrk script in every request
@@ -233,6 +246,12 @@ class Request:
     der: bytes
     nonce_at: int | None  # where the 16-byte nonce sits in der, when it has one
     expected: Issued
+    get: bool = False  # sent as RFC 5019 GET (URL-encoded base64 after the responder's path)
+
+    def path(self, url: str) -> str:
+        """The GET request's path at a responder reached at ``url``."""
+        base = urlsplit(url).path.rstrip("/")
+        return f"{base}/{quote(base64.b64encode(self.der).decode(), safe='')}"
 
 
 def ocsp_request(item: Issued, issuer: x509.Certificate, *, nonce: bytes | None) -> bytes:
@@ -249,13 +268,14 @@ def make_requests(setup: Setup, mode: str) -> list[Request]:
             der = ocsp_request(item, setup.issuer, nonce=NONCE_MARK)
             requests.append(Request(der, der.index(NONCE_MARK), item))
         else:
-            requests.append(Request(ocsp_request(item, setup.issuer, nonce=None), None, item))
+            requests.append(Request(ocsp_request(item, setup.issuer, nonce=None), None, item, get=mode == "get"))
     return requests
 
 
-def write_requests(path: Path, requests: Sequence[Request]) -> Path:
-    path.write_text("".join(r.der.hex() + ("" if r.nonce_at is None else f" {r.nonce_at}") + "\n"
-                            for r in requests))
+def write_requests(path: Path, requests: Sequence[Request], url: str) -> Path:
+    """The wrk script's input: a GET request as its path, a POST one as hex DER [nonce offset]."""
+    path.write_text("".join((r.path(url) if r.get else r.der.hex() + ("" if r.nonce_at is None else f" {r.nonce_at}"))
+                            + "\n" for r in requests))
     return path
 
 
@@ -318,7 +338,10 @@ def ask(url: str, request: Request, issuer: x509.Certificate, timeout: float = 1
     name, _, port = host.partition(":")
     conn = http.client.HTTPConnection(name, int(port), timeout=timeout)
     try:
-        conn.request("POST", "/" + rest, body=der, headers={"Content-Type": "application/ocsp-request"})
+        if request.get:
+            conn.request("GET", request.path(url))
+        else:
+            conn.request("POST", "/" + rest, body=der, headers={"Content-Type": "application/ocsp-request"})
         response = conn.getresponse()
         return check_answer(response.read(), response.status, request, nonce, issuer)
     except (OSError, http.client.HTTPException) as exc:
@@ -363,6 +386,7 @@ class Peer:
     url: str
     proc: subprocess.Popen[bytes]
     how: str  # the command line, for the report
+    also: tuple[int, ...] = ()  # other processes whose CPU counts (nginx-cache: certpulse's)
 
 
 class Peers(contextlib.ExitStack):
@@ -390,7 +414,11 @@ class Peers(contextlib.ExitStack):
             proc.wait(timeout=10)
         stop_process(proc)
 
-    def start(self, name: str) -> Peer:
+    def start(self, name: str, upstream: Peer | None = None) -> Peer:
+        if name == "nginx-cache":
+            if upstream is None:
+                raise BenchError("nginx-cache needs certpulse among the targets: it caches certpulse's answers")
+            return self._nginx_cache(upstream)
         if name == "certpulse":
             port = free_port()
             args = serve_args(self.setup.folder, port, self.workers, status_role=True)
@@ -416,6 +444,48 @@ class Peers(contextlib.ExitStack):
             url = f"http://127.0.0.1:{port}/"
             return Peer(name, url, proc, " ".join(args))
         raise BenchError(f"unknown target {name!r}; choose from {', '.join(ALL_TARGETS)}")
+
+    def _nginx_cache(self, upstream: Peer) -> Peer:
+        """nginx (``--workers`` processes) with proxy_cache in front of certpulse's GET route:
+        the answers are kept as long as their Cache-Control allows (RFC 5019), as a CDN would."""
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.access(nginx, os.X_OK):
+            raise BenchError("nginx is not installed (scripts/system-packages installs it)")
+        folder = self.work / "nginx"
+        folder.mkdir(exist_ok=True)
+        port = free_port()
+        temp = "\n".join(f"    {kind}_temp_path {folder}/{kind};" for kind in
+                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (folder / "nginx.conf").write_text(f"""
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+daemon off;
+master_process on;
+worker_processes {self.workers};
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+{temp}
+    proxy_cache_path {folder}/cache levels=1:2 keys_zone=ocsp:10m max_size=64m inactive=10m use_temp_path=off;
+    upstream certpulse {{ server {urlsplit(upstream.url).netloc}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location /ocsp/ {{
+            proxy_pass http://certpulse;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache ocsp;
+            proxy_cache_lock on;
+        }}
+    }}
+}}
+""")
+        args = [nginx, "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log")]
+        proc, log = self._spawn("nginx-cache", args)
+        url = f"http://127.0.0.1:{port}/ocsp"
+        wait_for(f"{url}/", proc, log)
+        return Peer("nginx-cache", url, proc, f"nginx -c nginx.conf (proxy_cache, {self.workers} workers) "
+                    f"in front of certpulse", also=(upstream.proc.pid,))
 
     def stop(self, peer: Peer) -> None:
         self.stop_proc(peer.proc)
@@ -461,6 +531,10 @@ class Run:
         return 1e6 * self.server_cpu_s / max(1, self.ok)
 
 
+def supports(target: str, mode: str) -> bool:
+    return mode == "get" or target not in GET_ONLY
+
+
 def run_wrk(url: str, requests_file: Path, concurrency: int, duration: float) -> dict[str, Any]:
     threads = 1 if concurrency < 8 else 2
     args = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(duration))}s",
@@ -482,14 +556,15 @@ def run_wrk(url: str, requests_file: Path, concurrency: int, duration: float) ->
 def measure(peer: Peer, mode: str, requests: Sequence[Request], requests_file: Path, issuer: x509.Certificate,
             concurrency: int, duration: float, repeat: int) -> Run:
     checker = Checker(peer.url, requests, issuer, 0.8 * duration)
-    cpu_before = cpu_seconds(process_tree(peer.proc.pid))
+    trees = (peer.proc.pid, *peer.also)
+    cpu_before = cpu_seconds([pid for root in trees for pid in process_tree(root)])
     busy_before, total_before = machine_busy()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     checker.start()
     try:
         summary = run_wrk(peer.url, requests_file, concurrency, duration)
         # at once: a wedged openssl (see Checker) spins from here on
-        cpu_after = cpu_seconds(process_tree(peer.proc.pid))
+        cpu_after = cpu_seconds([pid for root in trees for pid in process_tree(root)])
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         busy_after, total_after = machine_busy()
     finally:
@@ -541,15 +616,16 @@ def report(runs: list[Run], targets: list[str], modes: list[str], levels: list[i
                     f"| {mmm([r.cpu_us_per_response for r in rs], '{:.0f}')} "
                     f"| {mmm([r.client_cpu_s / r.seconds for r in rs], '{:.2f}')} "
                     f"| {sum(r.checked - len(r.wrong) for r in rs)}/{sum(r.checked for r in rs)} |")
-    peers = [t for t in targets if t != "certpulse"]
-    if "certpulse" in targets and peers:
-        lines += ["", f"Ratio certpulse / peer in responses/s (per repetition, runs back to back; {label}):", "",
-                  "| mode | conc. | " + " | ".join(f"certpulse / {p}" for p in peers) + " |",
-                  "|---|---:|" + "---:|" * len(peers)]
+    pairs = [(ours, theirs) for ours in OURS if ours in targets for theirs in targets if theirs.startswith("openssl")]
+    if pairs:
+        lines += ["", f"Ratio in responses/s (per repetition, runs back to back; {label}):", "",
+                  "| mode | conc. | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |",
+                  "|---|---:|" + "---:|" * len(pairs)]
         for mode in modes:
             for level in levels:
-                cells = [mmm(ratios(runs, mode, level, p, repeats), "{:.1f}") for p in peers]
-                lines.append(f"| {mode} | {level} | " + " | ".join(cells) + " |")
+                cells = [mmm(ratios(runs, mode, level, a, b, repeats), "{:.1f}") for a, b in pairs]
+                if any(c != "-" for c in cells):
+                    lines.append(f"| {mode} | {level} | " + " | ".join(cells) + " |")
     errors = [r for r in runs if r.error_kinds]
     if errors:
         lines += ["", "Errors: " + "; ".join(f"{r.target} {r.mode} c={r.concurrency} #{r.repeat + 1}: "
@@ -557,30 +633,31 @@ def report(runs: list[Run], targets: list[str], modes: list[str], levels: list[i
     return "\n".join(lines)
 
 
-def ratios(runs: list[Run], mode: str, level: int, peer: str, repeats: int) -> list[float]:
+def ratios(runs: list[Run], mode: str, level: int, ours: str, peer: str, repeats: int) -> list[float]:
     found = []
     for rep in range(repeats):
-        a = [r.responses_per_s for r in runs if (r.target, r.mode, r.concurrency, r.repeat) == ("certpulse", mode,
-                                                                                               level, rep)]
-        b = [r.responses_per_s for r in runs if (r.target, r.mode, r.concurrency, r.repeat) == (peer, mode,
-                                                                                               level, rep)]
+        a = [r.responses_per_s for r in runs if (r.target, r.mode, r.concurrency, r.repeat) == (ours, mode, level, rep)]
+        b = [r.responses_per_s for r in runs if (r.target, r.mode, r.concurrency, r.repeat) == (peer, mode, level, rep)]
         if a and b and b[0] > 0:
             found.append(a[0] / b[0])
     return found
 
 
 def goal(runs: list[Run], levels: list[int], repeats: int) -> list[str]:
-    """The issue's goal, cached responses: at least 10x openssl (one process), p99 under 10 ms."""
+    """The issue's goal, answers without nonce (cached): at least 10x openssl (one process), p99
+    under 10 ms; for certpulse itself (POST and GET) and behind an HTTP cache (GET)."""
     lines = []
-    for level in levels:
-        rs = ratios(runs, "cached", level, "openssl", repeats)
-        p99 = [r.p99_ms for r in runs if (r.target, r.mode, r.concurrency) == ("certpulse", "cached", level)]
-        if not rs or not p99:
-            continue
-        ratio, worst = statistics.median(rs), max(p99)
-        met = ratio >= GOAL_RATIO and worst < GOAL_P99_MS
-        lines.append(f"goal c={level}: certpulse/openssl {ratio:.1f}x (median; goal >= {GOAL_RATIO:g}x), "
-                     f"p99 {worst:.2f} ms (worst; goal < {GOAL_P99_MS:g} ms): {'met' if met else 'MISSED'}")
+    for ours, mode in (("certpulse", "cached"), ("certpulse", "get"), ("nginx-cache", "get")):
+        for level in levels:
+            rs = ratios(runs, mode, level, ours, "openssl", repeats)
+            p99 = [r.p99_ms for r in runs if (r.target, r.mode, r.concurrency) == (ours, mode, level)]
+            if not rs or not p99:
+                continue
+            ratio, worst = statistics.median(rs), max(p99)
+            met = ratio >= GOAL_RATIO and worst < GOAL_P99_MS
+            lines.append(f"goal {ours} {mode} c={level}: {ours}/openssl {ratio:.1f}x (median; goal >= "
+                         f"{GOAL_RATIO:g}x), p99 {worst:.2f} ms (worst; goal < {GOAL_P99_MS:g} ms): "
+                         f"{'met' if met else 'MISSED'}")
     return lines
 
 
@@ -596,14 +673,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--revoked", type=int, default=16, help="of which revoked (default 16)")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS),
                         help=f"comma-separated, from {', '.join(ALL_TARGETS)} (default: all)")
-    parser.add_argument("--modes", default=",".join(ALL_MODES), help="cached (no nonce), nonce (default: both)")
+    parser.add_argument("--modes", default=",".join(ALL_MODES),
+                        help="cached (POST, no nonce), nonce (POST, a fresh nonce each), get (RFC 5019 GET, no nonce); "
+                             "default: all three")
     parser.add_argument("--workers", type=int, default=2, help="certpulse worker processes (default 2)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per peer first (default 2)")
     parser.add_argument("--json", type=Path, help="also write every run as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs, CA, index.txt)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of a few seconds: certpulse and openssl (one process), concurrency 1, "
-                             "1 s, one repetition, both modes (--targets and --levels still apply)")
+                             "1 s, one repetition, every mode (--targets and --levels still apply)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.repeat, args.certs, args.revoked, args.warmup = 1.0, 1, 8, 2, 0.0
@@ -630,6 +709,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if "certpulse" in targets:  # certpulse makes the delegated signer that openssl signs with too
         targets = ["certpulse", *(t for t in targets if t != "certpulse")]
+    if "nginx-cache" in targets and ("certpulse" not in targets or "get" not in modes):
+        print("ocsp: nginx-cache needs the certpulse target (it caches its answers) and the get mode",
+              file=sys.stderr)
+        return 2
 
     print(f"ocsp benchmark: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
     print(f"machine: {machine_description()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -646,40 +729,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"enrolled {len(setup.certificates)} certificates, revoked "
               f"{sum(1 for c in setup.certificates if c.revoked_at)}, in {time.perf_counter() - started:.1f} s")
         requests = {mode: make_requests(setup, mode) for mode in modes}
-        files = {mode: write_requests(work / f"requests-{mode}.txt", requests[mode]) for mode in modes}
+        files: dict[tuple[str, str], Path] = {}
         with Peers(work, setup, args.workers) as peers:
-            certpulse: Peer | None = None
+            lasting: dict[str, Peer] = {}  # certpulse and its cache run throughout; openssl is restarted
             for name in targets:
                 if name != "certpulse" and peers.signer is None:  # certpulse's signer, if it has one
                     peers.signer = delegated_signer(setup, work)
-                peer = peers.start(name)
+                peer = peers.start(name, upstream=lasting.get("certpulse"))
                 # every request, checked once before measuring (certpulse makes its signer then)
-                for mode in modes:
+                for mode in (m for m in modes if supports(name, m)):
+                    files[name, mode] = write_requests(work / f"requests-{name}-{mode}.txt", requests[mode], peer.url)
                     problems = [f"serial {r.expected.serial:x}: {p}" for r in requests[mode]
                                 if (p := ask(peer.url, r, setup.issuer)) is not None]
                     if problems:
                         raise BenchError(f"{name} ({mode}) answers wrongly: " + "; ".join(problems[:5]))
                 print(f"started {name} (pid {peer.proc.pid}): {peer.how}")
-                if name == "certpulse":
-                    certpulse = peer
+                if name in OURS:
+                    lasting[name] = peer
                     if args.warmup > 0:
-                        for mode in modes:
-                            run_wrk(peer.url, files[mode], 8, args.warmup)
+                        for mode in (m for m in modes if supports(name, m)):
+                            run_wrk(peer.url, files[name, mode], 8, args.warmup)
                 else:
                     peers.stop(peer)
-            if peers.signer is not None and any(t != "certpulse" for t in targets):
+            if peers.signer is not None and any(t.startswith("openssl") for t in targets):
                 print(f"openssl signs with {peers.signer[2]}")
             for repeat in range(args.repeat):
                 for level in levels:
                     for mode in modes:
-                        for name in targets:
+                        for name in (t for t in targets if supports(t, mode)):
                             # openssl afresh for every run: the end of a run may wedge it (see Checker)
-                            peer = certpulse if name == "certpulse" and certpulse else peers.start(name)
+                            peer = lasting[name] if name in lasting else peers.start(name)
                             try:
-                                result = measure(peer, mode, requests[mode], files[mode], setup.issuer,
+                                result = measure(peer, mode, requests[mode], files[name, mode], setup.issuer,
                                                  level, args.duration, repeat)
                             finally:
-                                if peer is not certpulse:
+                                if name not in lasting:
                                     peers.stop(peer)
                             runs.append(result)
                             print(describe(result), flush=True)

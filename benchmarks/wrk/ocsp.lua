@@ -1,10 +1,11 @@
--- wrk script for benchmarks/ocsp.py: POST pre-made OCSP requests (DER), one after the other.
+-- wrk script for benchmarks/ocsp.py: pre-made OCSP requests, one after the other.
 --
 --   wrk -s ocsp.lua -H 'Content-Type: application/ocsp-request' URL -- REQUESTS_FILE
 --
--- REQUESTS_FILE holds one OCSP request a line: its DER in hex, then optionally a space and the
--- 0-based offset of a 16-byte nonce inside it. A request without an offset is sent as it is
--- (no nonce: the cacheable RFC 5019 kind). A request with an offset gets a fresh nonce every
+-- REQUESTS_FILE holds one OCSP request a line. A line starting with "/" is the path of an RFC 5019
+-- GET (the URL-encoded base64 request after the responder's path). Any other line is POSTed: its
+-- DER in hex, then optionally a space and the 0-based offset of a 16-byte nonce inside it. A
+-- request without an offset is sent as it is (no nonce: the cacheable RFC 5019 kind). A request with an offset gets a fresh nonce every
 -- time it is sent (thread letter + a 15-digit counter), so a responder cannot answer it from a
 -- cache: it must sign. Each thread decodes every request at start (nothing but the nonce is
 -- built while measuring) and cycles over them, the threads starting at different places.
@@ -28,6 +29,7 @@ function setup(thread)
 end
 
 local bodies = {}
+local paths = {}
 local nonce_at = {}
 local count = 0
 local position = 0
@@ -45,7 +47,10 @@ function init(args)
    end
    for line in io.lines(path) do
       local der, at = line:match("^(%x+)%s*(%d*)$")
-      if der ~= nil then
+      if line:sub(1, 1) == "/" then
+         count = count + 1
+         paths[count] = line
+      elseif der ~= nil then
          count = count + 1
          bodies[count] = unhex(der)
          nonce_at[count] = tonumber(at)  -- nil without an offset
@@ -56,18 +61,20 @@ function init(args)
    end
    letter = string.char(65 + (offset or 0) % 26)
    position = ((offset or 0) * 7919) % count
-   wrk.method = "POST"
 end
 
 function request()
    position = position % count + 1
+   if paths[position] ~= nil then
+      return wrk.format("GET", paths[position])
+   end
    local body = bodies[position]
    local at = nonce_at[position]
    if at ~= nil then
       sent = sent + 1
       body = body:sub(1, at) .. letter .. string.format("%015d", sent) .. body:sub(at + 17)
    end
-   return wrk.format(nil, nil, nil, body)
+   return wrk.format("POST", nil, nil, body)
 end
 
 function done(summary, latency, requests)
