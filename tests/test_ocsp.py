@@ -35,7 +35,7 @@ from sqlalchemy import select
 
 from certpulse.ca.config import CADir
 from certpulse.ca.ocsp import OCSPResponder
-from certpulse.ca.ocsp_signer import SIGNER_TEMPLATE, ensure_signers, newest_signers
+from certpulse.ca.ocsp_signer import SIGNER_TEMPLATE, ensure_signers, newest_signers, remove_expired_keys
 from certpulse.ca.revocation import Revocation
 from certpulse.ca.setup import open_service
 from certpulse.ca.storage import schema as t
@@ -232,6 +232,12 @@ def test_get_answers_with_caching_headers(server: str, good: Issued, tmp_path: P
         assert answer.headers["etag"].strip('"') and answer.headers["last-modified"] and answer.headers["expires"]
         assert answer.headers["expires"] == format_http_date(next_update(response))
         assert answer.headers["last-modified"] == format_http_date(response.this_update_utc)
+    cached = httpx.get(f"{server}/ocsp/{quote(encoded, safe='')}", timeout=30)
+    again = httpx.get(f"{server}/ocsp/{quote(encoded, safe='')}", headers={"If-None-Match": cached.headers["etag"]},
+                      timeout=30)
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == cached.headers["etag"]
+    other = httpx.get(f"{server}/ocsp/{quote(encoded, safe='')}", headers={"If-None-Match": '"other"'}, timeout=30)
+    assert other.status_code == 200 and other.content == cached.content
     assert "max-age" not in posted.headers.get("cache-control", "")
     nonce = post(server, good.request(nonce=b"0123456789abcdef"))
     assert nonce.headers["cache-control"] == "no-store"
@@ -350,6 +356,28 @@ def test_mangled_requests_never_raise_in_the_responder(ca: CA, server: str, good
         service.engine.dispose()
 
 
+def test_a_database_that_does_not_answer_is_try_later(ca: CA, good: Issued) -> None:
+    """503 with Retry-After and an OCSP tryLater, never a 500 (in-process, the database unreachable)."""
+    from certpulse.ca.service import CAService
+    from certpulse.ca.state import KeyRing
+    from certpulse.sql.db import make_engine
+
+    gone = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2", pool_size=1)
+    service = CAService(gone, KeyRing(ca.dir / "keys"), policy_id="p", token_lifetime=dt.timedelta(hours=1))
+    app = create_app(service)
+
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ca") as client:
+            return await client.post("/ocsp", content=good.request(), headers={"Content-Type": OCSP_TYPE})
+
+    try:
+        answer = anyio.run(ask)
+    finally:
+        gone.dispose()
+    assert answer.status_code == 503 and answer.headers["retry-after"].isdigit()
+    assert response_of(answer).response_status == ocsp.OCSPResponseStatus.TRY_LATER
+
+
 # -- the delegated signer -----------------------------------------------------------------------
 
 def test_the_delegated_signer_is_a_short_lived_ocsp_signing_certificate(ca: CA, server: str, good: Issued,
@@ -397,11 +425,16 @@ def test_the_signer_is_renewed_when_a_third_of_its_life_is_left(ca: CA, server: 
         clock[0] += 3600.0
         later = now + dt.timedelta(days=5, seconds=1)
         assert signer_serial(responder.respond(request, later).der) == renewed.certificate.serial_number
+        # once the old one has expired, its key goes (the new one's stays)
+        old = current[renewed.authority_id]
+        assert remove_expired_keys(service, old.not_after - dt.timedelta(seconds=1)) == []
+        assert old.key_file in remove_expired_keys(service, old.not_after)
+        assert not (ca.dir / "keys" / old.key_file).exists() and (ca.dir / "keys" / renewed.key_file).exists()
     finally:
         service.engine.dispose()
 
 
-def unknown_request(service: object) -> bytes:
+def unknown_request(service: object, serial: int = 0xABCDEF) -> bytes:
     """A request about a serial never issued, by the CA's (first) issuing authority."""
     from certpulse.ca.service import CAService
     from certpulse.pki.ocsp import issuer_keys
@@ -410,7 +443,23 @@ def unknown_request(service: object) -> bytes:
     with read(service.engine) as conn:
         issuer = next(a for a in service.state.get(conn).authorities if a.role == "issuer")
     _, name_hash, key_hash = issuer_keys(issuer.certificate)[0]
-    return request_with_hash_oid(SHA1_OID, name_hash, key_hash, 0xABCDEF)
+    return request_with_hash_oid(SHA1_OID, name_hash, key_hash, serial)
+
+
+def test_a_serial_only_reserved_is_unknown(ca: CA, server: str) -> None:
+    """A serial recorded before signing, never signed (a failed issuance): in no one's hands."""
+    service = open_service(CADir(ca.dir), pool_size=2)
+    try:
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        with write(service.engine) as conn:
+            issuer = next(a for a in service.state.get(conn).authorities if a.role == "issuer")
+            conn.execute(t.certificates.insert().values(
+                authority_id=issuer.id, serial="5eed5eed5eed", template_name="machine", subject="CN=x", names="[]",
+                not_before=now, not_after=now + dt.timedelta(days=1), status="reserved", created_at=now))
+        answer = post(server, unknown_request(service, 0x5EED5EED5EED))
+        assert response_of(answer).certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+    finally:
+        service.engine.dispose()
 
 
 def signer_serial(der: bytes) -> int:
@@ -467,6 +516,9 @@ def test_status_and_enrollment_roles_serve_their_own_routes(ca: CA, backend: str
         for path in ("/v1/policy", "/openapi.json"):
             answer = httpx.get(f"{status}{path}", timeout=30)
             assert answer.status_code == 404 and answer.headers["content-type"].startswith("application/problem+json")
+    refused = ca.cli("ca", "serve", "--role", "relying-party", check=False)
+    assert refused.returncode != 0 and "--role must be one of all, enrollment, status" in refused.stderr, refused
+    assert "Traceback" not in refused.stderr
     with serve(ca, "--role", "enrollment") as enrollment:
         assert post(enrollment, good.request()).status_code in (404, 405)
         assert httpx.get(f"{enrollment}/v1/policy", timeout=30).status_code == 401

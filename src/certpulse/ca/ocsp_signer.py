@@ -20,7 +20,8 @@ it is signed (template ``_ocsp-signer``, as the API server's own certificate use
 names it is committed.
 
 ``ca serve``'s parent process makes sure every issuer has one before the workers start and
-renews it from a :class:`SignerRenewer` thread when a third of its life is left; workers load
+renews it from a :class:`SignerRenewer` thread when a third of its life is left (the same thread
+deletes the keys of expired signers); workers load
 the newest valid row (``ca/ocsp.py``) and, when none is valid (a process that never went
 through ``ca serve``, e.g. a test calling the route in-process), make one themselves. Two
 processes doing so at once make two signers: harmless, the newest is used.
@@ -93,17 +94,37 @@ def newest_signers(conn: Connection, now: dt.datetime) -> dict[int, SignerRecord
 
 
 def ensure_signers(service: CAService, now: dt.datetime, *, renew: bool = True) -> list[SignerRecord]:
-    """Issue a signer for every :func:`signing_authorities` that has no valid one or (``renew``)
-    whose newest one is due for renewal; the signers issued."""
+    """Issue a signer for every :func:`signing_authorities` that has no valid one, whose newest
+    one's key is not in the keys folder, or (``renew``) whose newest one is due for renewal; the
+    signers issued."""
     with read(service.engine) as conn:
         snap = service.state.get(conn)
         current = newest_signers(conn, now)
     issued = []
     for authority in signing_authorities(snap.authorities, now):
         held = current.get(authority.id)
-        if held is None or (renew and held.renewal_due(now)):
+        if held is None or (renew and held.renewal_due(now)) \
+                or not (service.keyring.directory / held.key_file).exists():
             issued.append(issue_signer(service, authority, now))
     return issued
+
+
+def remove_expired_keys(service: CAService, now: dt.datetime) -> list[str]:
+    """Delete the key files of signers whose certificate has expired (the rows stay, for the
+    record): an expired signer's answers are refused by every client, and a key that signs
+    nothing anyone accepts is better gone. The files removed."""
+    with read(service.engine) as conn:
+        expired = set(conn.execute(select(t.ocsp_signers.c.key_file).where(t.ocsp_signers.c.not_after <= now))
+                      .scalars())
+        alive = set(conn.execute(select(t.ocsp_signers.c.key_file).where(t.ocsp_signers.c.not_after > now))
+                    .scalars())
+    removed = []
+    for key_file in sorted(expired - alive):
+        path = service.keyring.directory / key_file
+        if path.parent == service.keyring.directory and path.name.startswith("ocsp-") and path.exists():
+            path.unlink()
+            removed.append(key_file)
+    return removed
 
 
 def issue_signer(service: CAService, authority: Authority, now: dt.datetime) -> SignerRecord:
@@ -179,7 +200,9 @@ class SignerRenewer(threading.Thread):
             while not self._stop.wait(check_interval(self.lifetime)):
                 try:
                     service = service or self._open_service()
-                    ensure_signers(service, self.now())
+                    now = self.now()
+                    ensure_signers(service, now)
+                    remove_expired_keys(service, now)
                 except Exception as exc:
                     log.warning("renewing the OCSP signers failed (will retry): %s", exc)
         finally:
@@ -191,4 +214,4 @@ class SignerRenewer(threading.Thread):
 
 
 __all__ = ["SIGNER_TEMPLATE", "SignerRecord", "SignerRenewer", "ensure_signers", "issue_signer", "newest_signers",
-           "signing_authorities"]
+           "remove_expired_keys", "signing_authorities"]

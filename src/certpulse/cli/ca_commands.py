@@ -106,7 +106,8 @@ def ca_serve(
                        "those, for relying parties: no credential, plain HTTP unless --tls)")] = "all",
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes (one per core)")] = 1,
     tls: Annotated[bool, typer.Option(
-        "--tls", help="HTTPS with a certificate this CA issues itself (the default; kept for old scripts)")] = False,
+        "--tls", help="HTTPS with a certificate this CA issues itself (the default but for --role status, "
+                      "which serves plain HTTP unless given --tls)")] = False,
     no_tls: Annotated[bool, typer.Option("--no-tls", hidden=True)] = False,
     insecure_http: Annotated[bool, typer.Option(
         "--insecure-http",

@@ -4,7 +4,8 @@ They need no credential, and they must answer while enrollment is being shed: a 
 cannot fetch a CRL or an OCSP answer fails closed or, worse, learns to ignore revocation. So
 they sit outside the load-shedding limit (inside the body limit and read deadline), are plain
 ASGI (no FastAPI per-request work on a path that serves thousands of answers a second), and can
-be served alone by ``ca serve --role status`` (:func:`status_app`).
+be served alone by ``ca serve --role status``
+(:func:`certpulse.frontends.status_role.status_app`).
 
 The URL scheme is :mod:`certpulse.ca.publishing`'s. Each route is a :class:`PublicRoute`; the
 routes of this process are :func:`public_routes`.
