@@ -453,6 +453,10 @@ class Peers(contextlib.ExitStack):
             raise BenchError("nginx is not installed (scripts/system-packages installs it)")
         folder = self.work / "nginx"
         folder.mkdir(exist_ok=True)
+        # Run as root, nginx's workers are an unprivileged user (nginx makes its cache and temp
+        # folders theirs), who must be able to pass through the working folder (mkdtemp's 0700):
+        # search only, no listing; the CA's keys stay in their own 0700 folder.
+        self.work.chmod(0o711)
         port = free_port()
         temp = "\n".join(f"    {kind}_temp_path {folder}/{kind};" for kind in
                          ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
