@@ -511,8 +511,12 @@ def test_status_and_enrollment_roles_serve_their_own_routes(ca: CA, backend: str
         pytest.skip("the roles do not depend on the database")
     with serve(ca, "--role", "status") as status:
         assert response_of(post(status, good.request())).certificate_status == ocsp.OCSPCertStatus.GOOD
+        assert_malformed(post(status, b"garbage"))
         for probe in ("/livez", "/healthz", "/readyz", "/metrics"):
             assert httpx.get(f"{status}{probe}", timeout=30).status_code == 200, probe
+        metrics = httpx.get(f"{status}/metrics", timeout=30).text
+        assert 'certpulse_ocsp_responses_total{source="database",status="good"} 1.0' in metrics, metrics
+        assert 'certpulse_ocsp_responses_total{source="memory",status="malformedRequest"} 1.0' in metrics
         for path in ("/v1/policy", "/openapi.json"):
             answer = httpx.get(f"{status}{path}", timeout=30)
             assert answer.status_code == 404 and answer.headers["content-type"].startswith("application/problem+json")

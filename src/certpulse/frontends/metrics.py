@@ -125,6 +125,22 @@ ANONYMOUS_REFUSALS = Counter(
 )
 
 
+# The OCSP responder (frontends/ocsp_route.py): every answer, by what it said and where it came from.
+OCSP_RESPONSES = Counter(
+    "certpulse_ocsp_responses",
+    "OCSP answers by status (good, revoked, unknown, or the refusal: unauthorized, malformedRequest, "
+    "tryLater, internalError) and source: cache (the signed answer kept in memory), memory (signed now "
+    "from the status kept in memory: a nonce), database (the status read, or a refusal)",
+    ["status", "source"], registry=_PROCESS_REGISTRY,
+)
+
+
+def ocsp_counter(status: str, source: str) -> Any:
+    """The counter child of one (status, source), for the route to keep: ``labels()`` on every
+    answer would cost more than the rest of a cached answer's bookkeeping."""
+    return OCSP_RESPONSES.labels(status, source)
+
+
 def observe_anonymous_refusal(action: str, reason: str) -> None:
     ANONYMOUS_REFUSALS.labels(action, reason).inc()
 

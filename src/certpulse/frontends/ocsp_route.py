@@ -42,6 +42,7 @@ import email.utils
 import hashlib
 import logging
 import time
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -54,6 +55,7 @@ from certpulse.ca.publishing import OCSP_PATH
 from certpulse.ca.service import CAService
 from certpulse.display import printable
 from certpulse.errors import Reason
+from certpulse.frontends.metrics import ocsp_counter
 from certpulse.frontends.problems import DATABASE_RETRY_AFTER, problem
 
 log = logging.getLogger("certpulse.api")
@@ -82,6 +84,7 @@ class OCSPRoute:
         self._limiter: anyio.CapacityLimiter | None = None  # made in the event loop, at first use
         self._poll: asyncio.Future[None] | None = None
         self._poll_failed_at = float("-inf")
+        self._counters: dict[tuple[str, str], Any] = {}  # the metric's children, by (status, source)
 
     def matches(self, method: str, path: str) -> bool:
         return path == OCSP_PATH or path.startswith(_PREFIX)
@@ -105,16 +108,27 @@ class OCSPRoute:
             await response(scope, receive, send)
             return
         await self._revisions_current()
+        source = "cache"
         answer = self._responder.cached(request)
         if answer is None:
+            source = "memory"
             answer = self._from_memory(request)
         if answer is None:
+            source = "database"
             answer = await self._blocking(request)
+        self._count(answer, source)
         get = method == "GET"
         if get and answer.cacheable and _etag(answer) in _if_none_match(scope):
             await _send_not_modified(send, answer)
             return
         await _send(send, answer, STATUS_CODES[answer.status], get=get)
+
+    def _count(self, answer: OCSPAnswer, source: str) -> None:
+        key = (answer.cert_status or answer.status, source)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = ocsp_counter(*key)
+        counter.inc()
 
     def _from_memory(self, request: bytes) -> OCSPAnswer | None:
         """A malformed request's answer, or one signed now from the cached status (no I/O)."""
