@@ -25,7 +25,7 @@ test: lint pytest
 pytest: $(STAMP) system-packages
 	$(BIN)/pytest -n 2 --dist loadscope -q --durations=15
 
-# Debian packages the tests run as real processes (faketime, nginx, haproxy); installed when missing.
+# Debian packages the tests run as real processes (faketime, nginx, haproxy, wrk); installed when missing.
 system-packages:
 	scripts/system-packages
 
@@ -35,7 +35,7 @@ lint: $(STAMP)
 
 # The benchmarks of issue 6 (see benchmarks/RESULTS.md); minutes, not seconds. wrk and cfssl
 # (Debian packages) are installed when missing. Not part of `make test`: that runs a smoke run of each.
-BENCHMARKS := benchmarks/issuance.py benchmarks/storm.py benchmarks/scale.py
+BENCHMARKS := benchmarks/issuance.py benchmarks/storm.py benchmarks/scale.py benchmarks/ocsp.py
 
 bench: $(STAMP) system-packages
 	scripts/bench-packages
@@ -44,6 +44,7 @@ bench: $(STAMP) system-packages
 	$(BIN)/python benchmarks/issuance.py
 	$(BIN)/python benchmarks/storm.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/ocsp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

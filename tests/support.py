@@ -77,9 +77,10 @@ def init_ca(directory: Path, database_url: str, *extra: str) -> CA:
 @contextlib.contextmanager
 def serve(ca: CA, *extra: str, tls: bool = False, prefix: tuple[str, ...] = (),
           port: int | None = None) -> Iterator[str]:
-    """A real ``certpulse ca serve`` on a free loopback port (or ``port``); yields its base URL.
-    Plain HTTP (``--insecure-http``) unless ``tls``: then the server's default, HTTPS. ``prefix``
-    runs it under another command (e.g. ``faketime -f +2d``)."""
+    """A real ``certpulse ca serve`` on a free loopback port (or ``port``, e.g. the one the CA's
+    ``public_url`` names); yields its base URL. Plain HTTP (``--insecure-http``) unless ``tls``:
+    then the server's default, HTTPS. ``prefix`` runs it under another command (e.g.
+    ``faketime -f +2d``)."""
     port = port or free_port()
     args = [*prefix, *CERTPULSE, "ca", "serve", "--dir", str(ca.dir), "--listen", f"127.0.0.1:{port}",
             *extra]
