@@ -186,6 +186,43 @@ def test_the_ca_issuers_url_serves_the_certificate_that_verifies_the_leaf(publis
         published.ca_cert("root.pem")
 
 
+def test_a_relying_party_follows_the_certificates_own_urls_and_sees_a_revocation(
+        published: Served, tmp_path: Path) -> None:
+    """End to end as a relying party that knows only the root: openssl fetches the CRLs that the
+    leaf's and the issuer's distribution points name (``-crl_download``, the whole chain checked;
+    the root, which points nowhere, is checked against the root's own CRL, given as a file) and
+    asks the responder the leaf's AIA names; after ``certpulse revoke`` both say revoked."""
+    leaf = published.enroll()
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    issuer = tmp_path / "issuer.pem"
+    issuer.write_bytes((published.ca.dir / "certs" / "issuer-issuing-1.pem").read_bytes())
+    root = published.ca.dir / "certs" / "root.pem"
+    (tmp_path / "chain.pem").write_bytes(issuer.read_bytes() + root.read_bytes())
+    root_crl = httpx.get(f"{published.public_url}/crl/root/0.crl", timeout=30)
+    assert root_crl.status_code == 200, root_crl.text
+    (tmp_path / "root.crl").write_bytes(x509.load_der_x509_crl(root_crl.content).public_bytes(
+        serialization.Encoding.PEM))
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["openssl", "verify", "-crl_check_all", "-crl_download", "-CAfile", str(root),
+                               "-CRLfile", str(tmp_path / "root.crl"), "-untrusted", str(issuer),
+                               str(tmp_path / "leaf.pem")],
+                              capture_output=True, text=True, timeout=60)
+
+    def ocsp() -> str:
+        return subprocess.run(["openssl", "ocsp", "-issuer", str(issuer), "-cert", str(tmp_path / "leaf.pem"),
+                               "-url", uris(leaf)["ocsp"][0], "-CAfile", str(tmp_path / "chain.pem"), "-no_nonce"],
+                              capture_output=True, text=True, timeout=60).stdout
+
+    before = verify()
+    assert before.returncode == 0 and before.stdout.strip().endswith(": OK"), before.stdout + before.stderr
+    assert f"{tmp_path / 'leaf.pem'}: good" in ocsp()
+    published.ca.cli("revoke", format(leaf.serial_number, "x"), "--reason", "keyCompromise")
+    after = verify()
+    assert after.returncode != 0 and "certificate revoked" in after.stdout + after.stderr, after.stdout + after.stderr
+    wait_until(lambda: f"{tmp_path / 'leaf.pem'}: revoked" in ocsp(), 30, "the responder to say revoked")
+
+
 def test_ca_certificates_are_cacheable(published: Served) -> None:
     url = f"{published.base}/ca/issuing-1.der"
     first = httpx.get(url, timeout=30)
