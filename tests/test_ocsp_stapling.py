@@ -1,4 +1,4 @@
-"""nginx staples certpulse's OCSP answers: a real nginx (``ssl_stapling on; ssl_stapling_verify
+"""nginx and haproxy staple certpulse's OCSP answers. First a real nginx (``ssl_stapling on; ssl_stapling_verify
 on;``) serving a certificate certpulse issued, its staple fetched from ``ca serve``'s responder
 and read by a real ``openssl s_client -status``; then ``certpulse revoke``.
 
@@ -19,6 +19,11 @@ the test follows and the README's "OCSP stapling with nginx" tells operators:
   server when the certificate must be stapled.) The test checks both, and that the responder's
   answer nginx got says ``revoked`` with the reason, through ``openssl ocsp``.
 
+haproxy staples whatever answer it is handed, revoked ones included: the second test fetches
+certpulse's answers with ``openssl ocsp -respout`` (an operator's timer would) and hands them to a
+real haproxy, and ``s_client -status`` shows the stapled good answer, then the revoked one with
+its reason.
+
 The certificate points at the responder by its AIA extension when certpulse writes one
 (``public_url`` is set to this server's address); without it, ``ssl_stapling_responder`` names
 the responder. SQLite only: the responder's backends are covered by tests/test_ocsp.py.
@@ -26,9 +31,11 @@ the responder. SQLite only: the responder's backends are covered by tests/test_o
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import tomllib
@@ -42,7 +49,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from services import Nginx, wait_until
+from services import Haproxy, Nginx, wait_until
 from support import CA, TEMPLATES, Client, free_port, make_csr, run_cli, serve
 
 STAPLE_WAIT = 60.0  # seconds: nginx fetches on demand, then staples from the next handshake on
@@ -166,3 +173,60 @@ def test_nginx_staples_good_then_nothing_once_revoked_and_reloaded(site: Site) -
     assert "Cert Status" not in out, out
     wait_until(lambda: REVOKED_IN_LOG in site.error_log.read_text(errors="replace"), 10,
                "nginx to log the revoked answer it would not staple")
+
+
+def test_haproxy_staples_what_the_responder_answers_good_then_revoked(site: Site, tmp_path: Path) -> None:
+    """nginx never staples a revoked answer (above); haproxy staples the answer it is given,
+    revoked ones included, which is how a client sees a revocation in the handshake itself.
+    haproxy does not fetch: an operator's timer fetches certpulse's answer (``openssl ocsp
+    -respout``) and hands it over, at start (``site.pem.ocsp``) and then through haproxy's
+    runtime API (``set ssl ocsp-response``), as haproxy's documentation describes."""
+    base = site.responder.removesuffix("/ocsp")
+    client = Client.enrolled(base, site.ca.add_principal("haproxy.example.internal", "--group", "webservers"))
+    key, csr = make_csr(cn="localhost", dns=["localhost"])
+    response = client.submit("webserver", csr)
+    assert response.status_code == 201, response.text
+    issued: dict[str, Any] = response.json()
+    leaf, issuer = tmp_path / "leaf.pem", tmp_path / "issuer.pem"
+    leaf.write_text(issued["certificate"])
+    issuer.write_text(issued["chain"][0])
+
+    def fetch(answer: Path) -> str:
+        done = subprocess.run(["openssl", "ocsp", "-issuer", str(issuer), "-cert", str(leaf), "-url", site.responder,
+                               "-CAfile", str(site.trusted), "-no_nonce", "-respout", str(answer)],
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    proxy = Haproxy(tmp_path)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    proxy.pem.write_text(issued["certificate"] + issued["chain"][0] + key_pem)
+    proxy.pem.chmod(0o600)
+    assert f"{leaf}: good" in fetch(Path(f"{proxy.pem}.ocsp"))
+    proxy.start()
+    try:
+        def handshake() -> str:
+            done = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}", "-status",
+                                   "-servername", "localhost", "-CAfile", str(site.trusted)],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False)
+            return done.stdout
+
+        good = handshake()
+        assert "OCSP Response Status: successful" in good and "Cert Status: good" in good, good
+
+        site.ca.cli("revoke", issued["serial"], "--reason", "keyCompromise")
+        wait_until(lambda: f"{leaf}: revoked" in fetch(tmp_path / "revoked.der"), 30, "the responder to say revoked")
+        command = f"set ssl ocsp-response {base64.b64encode((tmp_path / 'revoked.der').read_bytes()).decode()}\n"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as admin:
+            admin.settimeout(30)
+            admin.connect(str(proxy.socket))
+            admin.sendall(command.encode())
+            reply = b""
+            while chunk := admin.recv(4096):
+                reply += chunk
+        assert b"OCSP Response updated" in reply, reply
+        revoked = handshake()
+        assert "Cert Status: revoked" in revoked and "Revocation Reason: keyCompromise" in revoked, revoked
+    finally:
+        proxy.stop()
