@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from certpulse.ca.ca_certificates import CACertificates, PublishedCertificate
 from certpulse.ca.publishing import CA_CERT_PATH
 from certpulse.errors import Reason
+from certpulse.frontends.conditional import if_none_match
 from certpulse.frontends.problems import database_unavailable, problem
 
 MEDIA_TYPE = b"application/pkix-cert"
@@ -69,11 +70,8 @@ class CACertificateRoute:
 
 def _matches(scope: Scope, etag: str) -> bool:
     """Whether the request's ``If-None-Match`` names ``etag`` (or ``*``)."""
-    for name, value in scope["headers"]:
-        if name == b"if-none-match":
-            tags = {t.strip().removeprefix("W/") for t in value.decode("latin-1").split(",")}
-            return etag in tags or "*" in tags
-    return False
+    tags = if_none_match(scope)
+    return tags is not None and (etag.encode("latin-1") in tags or b"*" in tags)
 
 
 async def _send(send: Send, certificate: PublishedCertificate, *, not_modified: bool, head: bool) -> None:

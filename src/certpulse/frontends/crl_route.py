@@ -33,6 +33,7 @@ from certpulse.ca.results import PublishedCRL
 from certpulse.ca.service import CAService
 from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
+from certpulse.frontends.conditional import if_none_match
 from certpulse.frontends.problems import DATABASE_RETRY_AFTER, database_unavailable, problem
 
 log = logging.getLogger("certpulse.api")
@@ -86,7 +87,7 @@ class CRLRoute:
         except Exception:
             log.exception("unexpected error on GET %s", printable(scope["path"]))
             return problem(Reason.UNAVAILABLE, "internal error; the request had no effect", status=500)
-        return _crl_response(published, _headers(scope), clock.now(), head=method == "HEAD")
+        return _crl_response(published, scope, clock.now(), head=method == "HEAD")
 
     async def _current(self, authority: str) -> PublishedCRL:
         """The authority's CRL: from memory when this worker looked at the database less than
@@ -112,18 +113,13 @@ class CRLRoute:
         return held.published
 
 
-def _headers(scope: Scope) -> dict[bytes, str]:
-    wanted = (b"if-none-match", b"if-modified-since")
-    return {name: value.decode("latin-1") for name, value in scope["headers"] if name in wanted}
-
-
-def _not_modified(published: PublishedCRL, headers: dict[bytes, str]) -> bool:
+def _not_modified(published: PublishedCRL, scope: Scope) -> bool:
     """RFC 9110 13.1: If-None-Match decides when present; else If-Modified-Since."""
-    tags = headers.get(b"if-none-match")
+    tags = if_none_match(scope)
     if tags is not None:
-        listed = {tag.strip().removeprefix("W/") for tag in tags.split(",")}
-        return "*" in listed or published.etag in listed
-    since = headers.get(b"if-modified-since")
+        return b"*" in tags or published.etag.encode("latin-1") in tags
+    since = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"if-modified-since"),
+                 None)
     if since is None:
         return False
     try:
@@ -135,7 +131,7 @@ def _not_modified(published: PublishedCRL, headers: dict[bytes, str]) -> bool:
     return published.this_update <= when
 
 
-def _crl_response(published: PublishedCRL, headers: dict[bytes, str], now: dt.datetime, *, head: bool) -> Response:
+def _crl_response(published: PublishedCRL, scope: Scope, now: dt.datetime, *, head: bool) -> Response:
     max_age = max(int((published.refresh_at - now).total_seconds()), 0)
     caching = {
         "ETag": published.etag,
@@ -143,7 +139,7 @@ def _crl_response(published: PublishedCRL, headers: dict[bytes, str], now: dt.da
         "Cache-Control": f"public, max-age={max_age}, no-transform",
         "Expires": format_datetime(published.refresh_at.astimezone(dt.UTC), usegmt=True),
     }
-    if _not_modified(published, headers):
+    if _not_modified(published, scope):
         return Response(status_code=304, headers=caching)
     response = Response(b"" if head else published.der, media_type=CRL_MEDIA_TYPE, headers=caching)
     if head:

@@ -55,6 +55,7 @@ from certpulse.ca.publishing import OCSP_PATH
 from certpulse.ca.service import CAService
 from certpulse.display import printable
 from certpulse.errors import Reason
+from certpulse.frontends.conditional import if_none_match
 from certpulse.frontends.metrics import ocsp_counter
 from certpulse.frontends.problems import DATABASE_RETRY_AFTER, problem
 
@@ -118,7 +119,7 @@ class OCSPRoute:
             answer = await self._blocking(request)
         self._count(answer, source)
         get = method == "GET"
-        if get and answer.cacheable and _etag(answer) in _if_none_match(scope):
+        if get and answer.cacheable and _etag(answer) in (if_none_match(scope) or ()):
             await _send_not_modified(send, answer)
             return
         await _send(send, answer, STATUS_CODES[answer.status], get=get)
@@ -257,14 +258,6 @@ def _etag(answer: OCSPAnswer) -> bytes:
     if etag is None:
         etag = answer.memo["etag"] = b'"' + hashlib.sha1(answer.der, usedforsecurity=False).hexdigest().encode() + b'"'
     return etag
-
-
-def _if_none_match(scope: Scope) -> list[bytes]:
-    """The entity tags of the request's If-None-Match (none: an empty list)."""
-    for name, value in scope["headers"]:
-        if name == b"if-none-match":
-            return [tag.strip().removeprefix(b"W/") for tag in value.split(b",")]
-    return []
 
 
 async def _send_not_modified(send: Send, answer: OCSPAnswer) -> None:
