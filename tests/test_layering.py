@@ -11,6 +11,9 @@ including those inside functions, and ``importlib.import_module("...")`` calls. 
   framework, never an HTTP client, never a front end or anything of the machine side.
 * ``frontends`` (the only place HTTP status codes exist) talk to ``ca``'s roles, never to its
   database (``sql``, ``ca.storage``) directly, never to the machine side.
+* ``validation`` (ACME challenge validation: the one part that makes outbound connections to
+  the names being validated, as Boulder's VA) imports ``pki`` and the base; ``frontends`` run it
+  and hand its outcome to ``ca``, which never connects anywhere itself.
 * ``machine`` (the machine-local store, the event log, locks) imports ``sql``, ``pki`` and the base.
 * ``agent``, ``events`` and ``rebind`` build on ``machine``, none on another, except that the
   daemon (``agent/daemon.py``) composes events and rebind. The agent never imports the CA.
@@ -37,12 +40,14 @@ ALLOWED: dict[str, frozenset[str]] = {
     "sql": frozenset(),
     "sandbox": frozenset(),
     "ca": frozenset({"pki", "sql"}),
-    "frontends": frozenset({"ca", "pki"}),
+    "frontends": frozenset({"ca", "pki", "validation"}),
+    "validation": frozenset({"pki"}),
     "machine": frozenset({"sql", "pki"}),
     "agent": frozenset({"machine", "pki", "sql"}),
     "events": frozenset({"machine", "pki", "sql", "sandbox"}),
     "rebind": frozenset({"machine", "pki", "sql", "sandbox"}),
-    "cli": frozenset({"agent", "ca", "events", "frontends", "machine", "pki", "rebind", "sandbox", "sql"}),
+    "cli": frozenset({"agent", "ca", "events", "frontends", "machine", "pki", "rebind", "sandbox", "sql",
+                      "validation"}),
     "__main__": frozenset({"cli"}),
     "package": frozenset(),  # certpulse/__init__.py
 }
@@ -62,6 +67,7 @@ FORBIDDEN_LIBRARIES: dict[str, frozenset[str]] = {
     "pki": frozenset({"sqlalchemy", "fastapi", "starlette", "httpx"}),
     "sql": frozenset({"fastapi", "starlette", "httpx", "cryptography"}),
     "agent": frozenset({"fastapi", "starlette", "uvicorn"}),
+    "validation": frozenset({"sqlalchemy", "fastapi", "starlette", "uvicorn"}),
 }
 
 

@@ -61,6 +61,20 @@ class Reason(enum.StrEnum):
     STORE = "store"
     COMMAND_UNSAFE = "command-unsafe"  # a task's command others could change or replace
     COMMAND_CHANGED = "command-changed"  # a task's command no longer matches its pinned SHA-256
+    # ACME (RFC 8555 section 6.7, RFC 9773): each maps to its urn:ietf:params:acme:error:* type
+    BAD_NONCE = "bad-nonce"
+    BAD_SIGNATURE_ALGORITHM = "bad-signature-algorithm"
+    BAD_PUBLIC_KEY = "bad-public-key"
+    ACCOUNT_DOES_NOT_EXIST = "account-does-not-exist"
+    EXTERNAL_ACCOUNT_REQUIRED = "external-account-required"
+    USER_ACTION_REQUIRED = "user-action-required"  # the terms of service must be agreed to
+    REJECTED_IDENTIFIER = "rejected-identifier"
+    UNSUPPORTED_IDENTIFIER = "unsupported-identifier"
+    ORDER_NOT_READY = "order-not-ready"
+    BAD_REVOCATION_REASON = "bad-revocation-reason"
+    ALREADY_REPLACED = "already-replaced"
+    INVALID_PROFILE = "invalid-profile"
+    VALIDATION_FAILED = "validation-failed"  # a challenge failed; extra["acme_type"] names the ACME type
     # load
     RATE_LIMITED = "rate-limited"
     UNAVAILABLE = "unavailable"

@@ -32,6 +32,78 @@ def resolve_ca_dir(given: Path | None) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
+class ACMEConfig:
+    """``ca.toml``'s ``[acme]`` table: the ACME server (RFC 8555) of ``ca serve``.
+
+    Every field has a default, so a CA made before ACME existed serves it with these."""
+
+    enabled: bool = True
+    # Accounts must carry an external account binding (``certpulse principal acme-eab NAME``),
+    # which binds them to a principal. With false, an account without one acts as
+    # ``unbound_principal`` (a principal the operator made for this; "" refuses such accounts).
+    external_account_required: bool = True
+    unbound_principal: str = ""
+    # The template an order without a profile gets; "" picks the first template (by name) the
+    # account's principal may enroll in.
+    default_profile: str = ""
+    terms_of_service: str = ""  # URL in the directory's meta; clients must then agree
+    website: str = ""
+    # Where challenges are validated. Real deployments keep 80/443 and the system resolver;
+    # tests on loopback point them at local servers. dns_resolver is "host:port" ("" = system).
+    http01_port: int = 80
+    tlsalpn01_port: int = 443
+    dns_resolver: str = ""
+    validation_timeout: str = "10s"
+    nonce_lifetime: str = "15m"
+    order_lifetime: str = "7d"  # a pending order and its authorizations expire after this
+    eab_key_lifetime: str = "7d"  # an unused external account binding key expires after this
+    ari_retry_after: str = "6h"  # Retry-After of renewalInfo answers
+
+    def __post_init__(self) -> None:
+        for field in ("validation_timeout", "nonce_lifetime", "order_lifetime", "eab_key_lifetime",
+                      "ari_retry_after"):
+            if parse_duration(getattr(self, field)) <= dt.timedelta(0):
+                raise Refusal(Reason.INVALID_ARGUMENT, f"acme.{field} must be positive")
+        for field in ("http01_port", "tlsalpn01_port"):
+            port = getattr(self, field)
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise Refusal(Reason.INVALID_ARGUMENT, f"acme.{field} must be a port number (1-65535)")
+        if self.dns_resolver:
+            host, _, port = self.dns_resolver.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise Refusal(Reason.INVALID_ARGUMENT,
+                              f"acme.dns_resolver {self.dns_resolver!r} must be host:port, e.g. 127.0.0.1:53")
+
+    @classmethod
+    def from_toml(cls, table: object) -> ACMEConfig:
+        if not isinstance(table, dict):
+            raise ValueError("[acme] must be a table")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(table) - set(known)
+        if unknown:
+            raise ValueError(f"[acme] has unknown settings: {', '.join(sorted(unknown))}")
+        values: dict[str, object] = {}
+        for name, value in table.items():
+            default = known[name].default
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"acme.{name} must be true or false")
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"acme.{name} must be a whole number")
+            elif name in ("validation_timeout", "nonce_lifetime", "order_lifetime", "eab_key_lifetime",
+                          "ari_retry_after"):
+                value = _duration_text(value)
+            elif not isinstance(value, str):
+                raise ValueError(f"acme.{name} must be text")
+            values[name] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+    def duration(self, field: str) -> dt.timedelta:
+        return parse_duration(getattr(self, field))
+
+
+@dataclasses.dataclass(frozen=True)
 class CAConfig:
     """What ``ca.toml`` holds. The database URL may point at PostgreSQL."""
 
@@ -52,6 +124,7 @@ class CAConfig:
     # certificate lives ocsp_signer_validity and is renewed when a third of it is left.
     ocsp_validity: str = "1h"
     ocsp_signer_validity: str = "7d"
+    acme: ACMEConfig = dataclasses.field(default_factory=ACMEConfig)
 
     def __post_init__(self) -> None:
         if self.public_url is not None:
@@ -148,6 +221,7 @@ class CADir:
                 crl_validity=_duration_text(data.get("crl_validity", "7d")),
                 ocsp_validity=_duration_text(data.get("ocsp_validity", "1h")),
                 ocsp_signer_validity=_duration_text(data.get("ocsp_signer_validity", "7d")),
+                acme=ACMEConfig.from_toml(data.get("acme", {})),
             )
         except (OSError, tomllib.TOMLDecodeError, KeyError, ValueError) as exc:
             raise Refusal(Reason.STORE, f"cannot read {self.config_path}: {exc}") from None

@@ -16,6 +16,8 @@ protocol. The roles, as in Boulder's split of a CA by what each part is trusted 
   delegated signers (:mod:`.ocsp_signer`) and cached;
 * :attr:`~CAService.ca_certificates` (:mod:`.ca_certificates`): the CA certificates relying
   parties fetch (AIA caIssuers);
+* :attr:`~CAService.acme` (:mod:`.acme`): the ACME server's accounts, orders, authorizations and
+  renewal information, bound to principals and finalized through the registration authority;
 * :attr:`~CAService.audit` (:mod:`.audit`): the trail every decision and refusal is written to;
 
 over one database (:mod:`.storage`) and one cached snapshot of the slow-changing state
@@ -30,10 +32,12 @@ import datetime as dt
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from certpulse.ca.acme.service import ACMEAuthority
 from certpulse.ca.audit import AuditTrail
 from certpulse.ca.auth import Authentication
 from certpulse.ca.ca_certificates import CACertificates
 from certpulse.ca.cep import EnrollmentPolicy
+from certpulse.ca.config import ACMEConfig
 from certpulse.ca.crl import CRLs
 from certpulse.ca.issuance import CertificateAuthority
 from certpulse.ca.ocsp import OCSPResponder
@@ -47,7 +51,7 @@ from certpulse.ca.storage.statements import Statements
 
 class CAService:
     def __init__(self, engine: Engine, keyring: KeyRing, *, policy_id: str, token_lifetime: dt.timedelta,
-                 publishing: Publishing = DEFAULT_PUBLISHING) -> None:
+                 publishing: Publishing = DEFAULT_PUBLISHING, acme: ACMEConfig | None = None) -> None:
         self.engine = engine
         self.publishing = publishing  # ca.toml's public URL and CRL / OCSP periods
         self.keyring = keyring
@@ -64,6 +68,7 @@ class CAService:
         self.policy = EnrollmentPolicy(engine, self.state, policy_id)
         self.ocsp = OCSPResponder(self)
         self.ca_certificates = CACertificates(engine, self.state)  # what AIA caIssuers URLs fetch
+        self.acme = ACMEAuthority(self, acme or ACMEConfig())  # ca.toml [acme]
 
     def database_answers(self) -> bool:
         """Whether the database answers a read now (a readiness probe's question): one row of

@@ -102,7 +102,8 @@ def open_service(ca_dir: CADir, *, engine: Engine | None = None, config: CAConfi
     config = config or ca_dir.load()
     engine = engine or make_engine(config.database_url, pool_size=pool_size, writer_lock=True)
     return CAService(engine, KeyRing(ca_dir.keys), policy_id=config.policy_id,
-                     token_lifetime=dt.timedelta(hours=config.token_lifetime_hours), publishing=config.publishing())
+                     token_lifetime=dt.timedelta(hours=config.token_lifetime_hours), publishing=config.publishing(),
+                     acme=config.acme)
 
 
 def add_issuer(ca_dir: CADir, service: CAService, *, name: str, key_type: str, cost: int,

@@ -270,3 +270,103 @@ ocsp_signers = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Index(None, "authority_id", "not_after"),
 )
+
+# -- ACME (0008) ---------------------------------------------------------------------------
+# An ACME account is a public key (its JWK and RFC 7638 thumbprint) bound to a certpulse
+# principal, by external account binding (``acme_eab_keys``) or, when ca.toml allows accounts
+# without it, to the configured unbound principal. Orders, authorizations and challenges follow
+# RFC 8555's objects; an order's certificate is requested through the same registration
+# authority as a native request (``request_id``), so it is recorded, audited and revocable alike.
+acme_accounts = Table(
+    "acme_accounts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key_thumbprint", String(64), nullable=False, unique=True),  # RFC 7638, base64url SHA-256
+    Column("jwk", Text, nullable=False),  # the public key as JSON
+    Column("principal_id", Integer, ForeignKey("principals.id"), nullable=True),
+    Column("status", String(16), nullable=False),  # valid | deactivated | revoked
+    Column("contact", Text, nullable=False, default="[]"),  # JSON list of URLs
+    Column("eab_kid", String(64), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index(None, "principal_id"),
+)
+
+# External account binding keys: handed out once by ``certpulse principal acme-eab NAME``. The
+# HMAC key is longer than SHA-256's block, so HMAC itself uses only its SHA-256 (RFC 2104): that
+# digest is what is kept, and what verifies the binding. One use, then spent; expiring.
+acme_eab_keys = Table(
+    "acme_eab_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("principal_id", Integer, ForeignKey("principals.id"), nullable=False),
+    Column("key_digest", String(64), nullable=False),  # hex SHA-256 of the HMAC key
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("used_at", UTCDateTime, nullable=True),
+    Column("account_id", Integer, ForeignKey("acme_accounts.id"), nullable=True),
+    Index(None, "principal_id"),
+)
+
+acme_orders = Table(
+    "acme_orders",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, ForeignKey("acme_accounts.id"), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | ready | processing | valid | invalid
+    Column("profile", String(64), nullable=False),  # the template
+    Column("identifiers", Text, nullable=False),  # JSON list of {"type", "value"}
+    Column("not_before", UTCDateTime, nullable=True),
+    Column("not_after", UTCDateTime, nullable=True),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("replaces", Integer, ForeignKey("certificates.id"), nullable=True),  # ARI lineage
+    Column("request_id", Integer, ForeignKey("requests.id"), nullable=True),
+    Column("certificate_id", Integer, ForeignKey("certificates.id"), nullable=True),
+    Column("error", Text, nullable=True),  # JSON problem document when invalid
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index(None, "account_id", "id"),
+    Index(None, "request_id"),
+    Index(None, "replaces"),
+)
+
+acme_authorizations = Table(
+    "acme_authorizations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("order_id", Integer, ForeignKey("acme_orders.id"), nullable=False),
+    Column("account_id", Integer, ForeignKey("acme_accounts.id"), nullable=False),
+    Column("identifier_type", String(8), nullable=False),  # dns | ip
+    Column("identifier_value", String(255), nullable=False),
+    Column("wildcard", Boolean, nullable=False, default=False),
+    Column("status", String(16), nullable=False),  # pending | valid | invalid | deactivated | expired | revoked
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "order_id"),
+)
+
+acme_challenges = Table(
+    "acme_challenges",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("authorization_id", Integer, ForeignKey("acme_authorizations.id"), nullable=False),
+    Column("type", String(16), nullable=False),  # http-01 | dns-01 | tls-alpn-01
+    Column("token", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | processing | valid | invalid
+    Column("started_at", UTCDateTime, nullable=True),  # when the client asked for validation
+    Column("validated_at", UTCDateTime, nullable=True),
+    Column("error", Text, nullable=True),  # JSON problem document when invalid
+    Column("record", Text, nullable=True),  # JSON: what validation saw (address, port, URL)
+    Index(None, "authorization_id"),
+)
+
+# Nonces are stateless (an HMAC over a counter and time, keyed by a secret in ``settings``), so
+# any worker can check any nonce; a spent one is recorded here once, which makes it single-use
+# across workers. Rows older than the nonce lifetime are deleted: such a nonce fails on age.
+acme_spent_nonces = Table(
+    "acme_spent_nonces",
+    metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("spent_at", UTCDateTime, nullable=False),
+    Index(None, "spent_at"),
+)
