@@ -18,7 +18,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-from certpulse.validation.outcome import Budget
+from certpulse.validation.outcome import Budget, BudgetSpent
 from certpulse.validation.settings import ValidationSettings
 
 
@@ -69,7 +69,10 @@ def query(name: str, rdtype: str, settings: ValidationSettings, budget: Budget) 
     """The records of ``rdtype`` at ``name`` (absolute, no search list; CNAMEs are followed).
     :class:`NoRecords` when the name holds none of that type, :class:`LookupFailed` when the
     name does not exist or the resolver does not answer in time."""
-    resolver = _resolver(settings, budget)
+    try:
+        resolver = _resolver(settings, budget)
+    except BudgetSpent:
+        raise LookupFailed(f"DNS problem: no time left to look up {rdtype} for {name}") from None
     try:
         answer = resolver.resolve(dns.name.from_text(name), dns.rdatatype.from_text(rdtype),
                                   search=False, raise_on_no_answer=False)
