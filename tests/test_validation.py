@@ -8,7 +8,9 @@ by cryptography. No CA is involved: the module is self-contained and takes a few
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
+import gzip
 import hashlib
 import http.server
 import ipaddress
@@ -276,6 +278,47 @@ def test_http01_stalled_answer_times_out_as_connection(web: ChallengeHTTPServer,
     assert time.monotonic() - started < GENEROUS
 
 
+def test_http01_trickled_answer_is_cut_at_the_budget(web: ChallengeHTTPServer,
+                                                     settings: ValidationSettings) -> None:
+    """A byte now and then, each well within a read timeout: the whole budget still bounds it."""
+    token = token_for("trickle")
+
+    def trickle(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "5000")
+        handler.end_headers()
+        for _ in range(5000):
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+            if web.release.wait(0.1):
+                return
+
+    web.behaviours[token] = trickle
+    started = time.monotonic()
+    outcome = http01(token, ValidationSettings(http01_port=settings.http01_port, dns_resolver=settings.dns_resolver,
+                                               timeout=1.0))
+    assert (outcome.valid, outcome.error) == (False, "connection"), outcome
+    assert "gave up after 1 s" in outcome.detail
+    assert time.monotonic() - started < GENEROUS
+
+
+def test_http01_compressed_answer_is_not_inflated(web: ChallengeHTTPServer, settings: ValidationSettings) -> None:
+    token = token_for("gzip")
+    web.behaviours[token] = lambda h: send(h, 200, gzip.compress(key_authorization(token).encode()),
+                                           {"Content-Encoding": "gzip"})
+    assert http01(token, settings).error == "incorrectResponse"
+
+
+def test_validations_run_side_by_side_in_threads(web: ChallengeHTTPServer, settings: ValidationSettings) -> None:
+    """As the front end runs them: from a thread pool, each with its own answer."""
+    tokens = [token_for(f"pool{n}") for n in range(16)]
+    for token in tokens:
+        web.behaviours[token] = lambda h, token=token: send(h, 200, key_authorization(token).encode())
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda token: http01(token, settings), tokens))
+    assert all(outcome.valid for outcome in outcomes), outcomes
+
+
 def test_http01_closed_connection_is_a_connection_error(web: ChallengeHTTPServer,
                                                         settings: ValidationSettings) -> None:
     token = token_for("closed")
@@ -340,6 +383,12 @@ def test_malformed_requests_are_refused_without_connecting(web: ChallengeHTTPSer
     assert (outcome.valid, outcome.error) == (False, "malformed"), outcome
     assert_printable(outcome)
     assert len(web.requests) == before
+
+
+def test_no_time_budget_is_refused(settings: ValidationSettings) -> None:
+    token = token_for("t")
+    none = ValidationSettings(http01_port=settings.http01_port, dns_resolver=settings.dns_resolver, timeout=0)
+    assert validate("http-01", "dns", NAME, token, key_authorization(token), none).error == "malformed"
 
 
 def test_key_authorization_must_belong_to_the_token(settings: ValidationSettings) -> None:
@@ -531,6 +580,19 @@ def test_tlsalpn01_refused(settings: ValidationSettings) -> None:
     token = token_for("alpn")
     outcome = validate("tls-alpn-01", "dns", NAME, token, key_authorization(token), settings)  # nothing listens
     assert (outcome.valid, outcome.error) == (False, "connection"), outcome
+
+
+def test_tlsalpn01_silent_server_times_out(settings: ValidationSettings) -> None:
+    """TCP accepted, no handshake ever answered: a connection failure within the budget."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        token = token_for("alpn")
+        silent = ValidationSettings(tlsalpn01_port=listener.getsockname()[1], dns_resolver=settings.dns_resolver,
+                                    timeout=0.5)
+        started = time.monotonic()
+        outcome = validate("tls-alpn-01", "dns", NAME, token, key_authorization(token), silent)
+    assert (outcome.valid, outcome.error) == (False, "connection"), outcome
+    assert "timed out" in outcome.detail
+    assert time.monotonic() - started < GENEROUS
 
 
 def test_tlsalpn01_plain_http_is_a_tls_error(web: ChallengeHTTPServer, settings: ValidationSettings) -> None:
