@@ -309,11 +309,15 @@ def test_http01_compressed_answer_is_not_inflated(web: ChallengeHTTPServer, sett
     assert http01(token, settings).error == "incorrectResponse"
 
 
+def answering(body: bytes) -> Behaviour:
+    return lambda handler: send(handler, 200, body)
+
+
 def test_validations_run_side_by_side_in_threads(web: ChallengeHTTPServer, settings: ValidationSettings) -> None:
     """As the front end runs them: from a thread pool, each with its own answer."""
     tokens = [token_for(f"pool{n}") for n in range(16)]
     for token in tokens:
-        web.behaviours[token] = lambda h, token=token: send(h, 200, key_authorization(token).encode())
+        web.behaviours[token] = answering(key_authorization(token).encode())
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(lambda token: http01(token, settings), tokens))
     assert all(outcome.valid for outcome in outcomes), outcomes
