@@ -386,6 +386,7 @@ def test_malformed_requests_are_refused_without_connecting(web: ChallengeHTTPSer
     outcome = validate(challenge, identifier_type, value, token, key_authorization(token), settings)
     assert (outcome.valid, outcome.error) == (False, "malformed"), outcome
     assert_printable(outcome)
+    assert all(str(value).isprintable() for value in outcome.record.values())
     assert len(web.requests) == before
 
 

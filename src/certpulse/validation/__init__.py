@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from certpulse.display import printable
 from certpulse.pki.names import is_hostname
 from certpulse.validation import dns01, http01, tlsalpn01
 from certpulse.validation.dns01 import dns01_txt_value
@@ -47,7 +48,9 @@ def validate(challenge_type: str, identifier_type: str, identifier_value: str, t
     """Validate one challenge (``http-01``, ``dns-01`` or ``tls-alpn-01``) of one identifier
     (``dns`` or ``ip``). Blocking (the front end runs it in a thread), bounded by
     ``settings.timeout`` and never raising: whatever goes wrong is an invalid :class:`Outcome`."""
-    record: dict[str, object] = {"challenge": challenge_type, "identifier": f"{identifier_type}:{identifier_value}",
+    # The arguments are checked below; until then they are shown only printable and cut short.
+    record: dict[str, object] = {"challenge": printable(challenge_type)[:40],
+                                 "identifier": printable(f"{identifier_type}:{identifier_value}")[:300],
                                  "resolver": settings.resolver_label()}
     try:
         if identifier_type == "dns":
