@@ -618,3 +618,12 @@ def test_settings_from_the_acme_table() -> None:
                                           timeout=3.0)
     assert ValidationSettings.from_config(ACMEConfig()) == ValidationSettings()
     assert ValidationSettings.from_config(ACMEConfig(dns_resolver="[::1]:53")).dns_resolver == ("::1", 53)
+
+
+def test_validate_takes_the_acme_table_itself(web: ChallengeHTTPServer, dns_server: ChallTestSrv) -> None:
+    token = token_for("config")
+    web.behaviours[token] = answering(key_authorization(token).encode())
+    config = ACMEConfig(http01_port=web.port, dns_resolver=dns_server.address, validation_timeout="5s")
+    outcome = validate("http-01", "dns", NAME, token, key_authorization(token), config)
+    assert outcome.valid, outcome
+    assert outcome.record["resolver"] == dns_server.address
