@@ -337,6 +337,26 @@ def test_http01_closed_connection_is_a_connection_error(web: ChallengeHTTPServer
     assert_printable(outcome)
 
 
+def test_http01_answer_that_is_not_http(settings: ValidationSettings) -> None:
+    """A server that answers with bytes that are not HTTP (and would recolour a terminal)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(GENEROUS)
+                conn.recv(4096)
+                conn.sendall(b"\x1b[31mSSH-2.0-nothing\x1b]0;title\x07\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        odd = ValidationSettings(http01_port=listener.getsockname()[1], dns_resolver=settings.dns_resolver)
+        outcome = http01(token_for("garbage"), odd)
+        thread.join(GENEROUS)
+    assert (outcome.valid, outcome.error) == (False, "connection"), outcome
+    assert_printable(outcome)
+
+
 def test_http01_refused_connection(settings: ValidationSettings) -> None:
     closed = ValidationSettings(http01_port=free_port(), dns_resolver=settings.dns_resolver, timeout=10.0)
     outcome = http01(token_for("refused"), closed)
