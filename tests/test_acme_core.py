@@ -610,3 +610,32 @@ def test_reenroll_all_moves_the_window_into_the_past(world: World) -> None:
     world.admin.reenroll_all("trusted-web", clock.now())
     after = acme.renewal_info(ari.certificate_id(leaf), clock.now())
     assert after.end < clock.now() and after.explanation and "major version" in after.explanation
+
+
+def test_unbound_accounts_act_as_the_configured_principal(world: World) -> None:
+    acme = world.service.acme
+    now = clock.now()
+    _, key = new_key()
+    args: dict[str, Any] = {"contact": (), "terms_agreed": True, "only_return_existing": False,
+                            "external_binding": None, "url": NEW_ACCOUNT_URL, "now": now}
+    acme.accounts.config = dataclasses.replace(acme.config, external_account_required=False)
+    try:
+        refused(Reason.EXTERNAL_ACCOUNT_REQUIRED, acme.new_account, key, **args)  # no unbound principal named
+        acme.accounts.config = dataclasses.replace(acme.config, external_account_required=False,
+                                                   unbound_principal=PLAIN)
+        account, created = acme.new_account(key, **args)
+        assert created and account.principal_name == PLAIN and account.eab_kid is None
+    finally:
+        acme.accounts.config = acme.config
+
+
+def test_binding_must_be_hs256(world: World) -> None:
+    _, key = new_key()
+    made = world.admin.add_acme_eab(WEB, clock.now())
+    header = {"alg": "HS384", "kid": made["kid"], "url": NEW_ACCOUNT_URL}
+    registry = jws.JWSRegistry(header_registry={"url": HeaderParameter("ACME request URL", "str")},
+                               algorithms=["HS384"])
+    eab = dict(jws.serialize_json({"protected": header}, json.dumps(dict(key.jwk)),
+                                  OctKey.import_key(_b64(made["hmac_key"])), registry=registry))
+    refused(Reason.BAD_SIGNATURE_ALGORITHM, world.service.acme.new_account, key, contact=(), terms_agreed=True,
+            only_return_existing=False, external_binding=eab, url=NEW_ACCOUNT_URL, now=clock.now())
