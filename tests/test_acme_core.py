@@ -36,7 +36,7 @@ from certpulse.ca.admin import CAAdmin
 from certpulse.ca.config import CADir
 from certpulse.ca.model import Caller
 from certpulse.ca.service import CAService
-from certpulse.ca.setup import open_service
+from certpulse.ca.setup import open_service, rollover_root
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import ari, jose
@@ -639,3 +639,22 @@ def test_binding_must_be_hs256(world: World) -> None:
                                   OctKey.import_key(_b64(made["hmac_key"])), registry=registry))
     refused(Reason.BAD_SIGNATURE_ALGORITHM, world.service.acme.new_account, key, contact=(), terms_agreed=True,
             only_return_existing=False, external_binding=eab, url=NEW_ACCOUNT_URL, now=clock.now())
+
+
+def test_after_root_rollover_an_alternate_chain_reaches_the_old_root(world: World) -> None:
+    """Last in the module: it rolls the CA over to a new root (new issuer, old ones disabled)."""
+    acme = world.service.acme
+    account = account_for(world)
+    before, _, _ = issued(world, account, ["before.example.internal"])
+    assert acme.certificate(account, before.certificate_id or 0, 0, clock.now()).alternates == 0
+    old_root = x509.load_pem_x509_certificate((world.ca.dir / "certs" / "root.pem").read_bytes())
+    new_root, cross, _ = rollover_root(CADir(world.ca.dir), world.service, key_type="ec-p256", now=clock.now())
+    after, _, _ = issued(world, account, ["after.example.internal"])
+    main = acme.certificate(account, after.certificate_id or 0, 0, clock.now())
+    assert main.alternates == 1
+    alternate = acme.certificate(account, after.certificate_id or 0, 1, clock.now())
+    main_chain = x509.load_pem_x509_certificates(main.pem.encode())
+    other_chain = x509.load_pem_x509_certificates(alternate.pem.encode())
+    assert main_chain[0] == other_chain[0] and main_chain[-1] == new_root
+    assert other_chain[-2:] == [cross, old_root]
+    refused(Reason.NOT_FOUND, acme.certificate, account, after.certificate_id or 0, 2, clock.now())

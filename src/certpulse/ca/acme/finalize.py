@@ -25,6 +25,7 @@ from certpulse.ca.acme import problems, records
 from certpulse.ca.acme.model import Account, CertificateChains, Order
 from certpulse.ca.model import EnrollmentRequest
 from certpulse.ca.results import Issued, Pending, Replayed
+from certpulse.ca.state import Snapshot
 from certpulse.ca.storage import schema as t
 from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
@@ -147,13 +148,11 @@ class Finalization:
     # -- download -----------------------------------------------------------------------
 
     def certificate(self, account: Account, certificate_id: int, alternate: int, now: dt.datetime) -> CertificateChains:
-        """The certificate of one of the account's orders, with its issuer's chain up to the
-        root. No alternate chains: a certificate has one issuer, whose chain leads to one root;
-        after a root rollover, relying parties that know only the old root reach the new one
-        through the cross-certificate the CA publishes (``alternate`` other than 0 is not found)."""
+        """The certificate of one of the account's orders, with its issuer's chain up to its
+        root (``alternate`` 0), or up to an older root through a cross-certificate (1..n, RFC
+        8555 section 7.4.2): after ``ca rollover-root`` a client whose relying parties know only
+        the old root can fetch a chain they accept."""
         records.require_id(certificate_id, "certificate")
-        if alternate != 0:
-            raise Refusal(Reason.NOT_FOUND, f"certificate {certificate_id} has no alternate chain {alternate}")
         o = t.acme_orders.c
         with read(self.engine) as conn:
             owned = conn.execute(select(o.id).where(and_(
@@ -162,6 +161,24 @@ class Finalization:
                 t.certificates.c.id == certificate_id, t.certificates.c.status == "issued"))).first()
             if owned is None or row is None:
                 raise Refusal(Reason.NOT_FOUND, f"no certificate {certificate_id}")
-            chain = self._acme.service.state.get(conn).chain(row.authority_id)
+            snapshot = self._acme.service.state.get(conn)
+        chains = [snapshot.chain(row.authority_id), *alternate_chains(snapshot, row.authority_id)]
+        if isinstance(alternate, bool) or not 0 <= alternate < len(chains):
+            raise Refusal(Reason.NOT_FOUND, f"certificate {certificate_id} has no alternate chain {alternate}")
         leaf = pem(x509.load_der_x509_certificate(row.der))
-        return CertificateChains(pem=leaf + "".join(chain), alternates=0)
+        return CertificateChains(pem=leaf + "".join(chains[alternate]), alternates=len(chains) - 1)
+
+
+def alternate_chains(snapshot: Snapshot, issuer_id: int) -> list[tuple[str, ...]]:
+    """The issuer's chain ending instead in each cross-certificate of its root (the root's
+    subject and key, signed by an older root) and that older root's own chain."""
+    chain = snapshot.chain(issuer_id)
+    root = snapshot.authority(issuer_id)
+    while root.parent_id is not None:
+        root = snapshot.authority(root.parent_id)
+    return [
+        (*chain[:-1], pem(cross.certificate), *snapshot.chain(cross.parent_id))
+        for cross in snapshot.by_role("cross")
+        if cross.parent_id is not None and cross.certificate.subject == root.certificate.subject
+        and cross.certificate.public_key() == root.certificate.public_key()
+    ]
