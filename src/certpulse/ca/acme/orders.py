@@ -267,11 +267,11 @@ class Orders:
         with read(self.engine) as conn:
             row = self._row(conn, account, order_id)
             if not self._moves(conn, row, now):
-                return self._value(conn, row)
+                return self.value(conn, row)
         with write(self.engine) as conn:
             row = self._row(conn, account, order_id, lock=True)
             row = self.bring_up_to_date(conn, row, now)
-            return self._value(conn, row)
+            return self.value(conn, row)
 
     @staticmethod
     def _row(conn: Connection, account: Account, order_id: int, *, lock: bool = False) -> Any:
@@ -283,7 +283,8 @@ class Orders:
         return row
 
     @staticmethod
-    def _value(conn: Connection, row: Any) -> Order:
+    def value(conn: Connection, row: Any) -> Order:
+        """An order row as the value answered, with its authorizations' ids."""
         ids = tuple(conn.execute(select(t.acme_authorizations.c.id).where(
             t.acme_authorizations.c.order_id == row.id).order_by(t.acme_authorizations.c.id)).scalars())
         return records.as_order(row, ids, records.replaces_text(conn, row.replaces))
