@@ -641,6 +641,20 @@ def test_binding_must_be_hs256(world: World) -> None:
             only_return_existing=False, external_binding=eab, url=NEW_ACCOUNT_URL, now=clock.now())
 
 
+def test_without_a_profile_the_first_template_that_allows_the_names(world: World) -> None:
+    acme = world.service.acme
+    account = account_for(world)
+    now = clock.now()
+    # approval-required comes first by name but only certifies the principal's own name
+    web = acme.new_order(account, (Identifier("dns", "any.example.internal"),), profile=None, not_before=None,
+                         not_after=None, replaces=None, now=now)
+    own = acme.new_order(account, (Identifier("dns", WEB),), profile=None, not_before=None, not_after=None,
+                         replaces=None, now=now)
+    assert (web.profile, own.profile) == ("trusted-web", "approval-required")
+    refused(Reason.REJECTED_IDENTIFIER, acme.new_order, account, (Identifier("dns", "x.example.com"),), profile=None,
+            not_before=None, not_after=None, replaces=None, now=now)
+
+
 def test_after_root_rollover_an_alternate_chain_reaches_the_old_root(world: World) -> None:
     """Last in the module: it rolls the CA over to a new root (new issuer, old ones disabled)."""
     acme = world.service.acme
