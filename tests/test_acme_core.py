@@ -6,6 +6,7 @@ and tested table-style without a CA."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import json
@@ -653,6 +654,26 @@ def test_without_a_profile_the_first_template_that_allows_the_names(world: World
     assert (web.profile, own.profile) == ("trusted-web", "approval-required")
     refused(Reason.REJECTED_IDENTIFIER, acme.new_order, account, (Identifier("dns", "x.example.com"),), profile=None,
             not_before=None, not_after=None, replaces=None, now=now)
+
+
+
+def test_validations_finishing_together_make_the_order_ready(world: World) -> None:
+    acme = world.service.acme
+    account = account_for(world)
+    for round_ in range(3):
+        now = clock.now()
+        names = tuple(Identifier("dns", f"c{round_}-{i}.example.internal") for i in range(4))
+        order = acme.new_order(account, names, profile="webserver", not_before=None, not_after=None,
+                               replaces=None, now=now)
+        jobs = []
+        for authorization_id in order.authorization_ids:
+            challenge = acme.authorization(account, authorization_id, now).challenges[0]
+            job = acme.respond_to_challenge(account, challenge.id, now)[1]
+            assert job is not None
+            jobs.append(job)
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            list(pool.map(lambda job, at=now: acme.record_validation(job, ValidationResult(True), at), jobs))
+        assert acme.order(account, order.id, now).status == "ready"
 
 
 def test_after_root_rollover_an_alternate_chain_reaches_the_old_root(world: World) -> None:

@@ -142,7 +142,10 @@ class Authorizations:
     def _settle_order(self, conn: Connection, order_id: int, now: dt.datetime, problem: Problem | None) -> None:
         """A pending order after one of its authorizations changed: ready, invalid, or still pending."""
         o, a = t.acme_orders.c, t.acme_authorizations.c
-        statuses = [s for s in conn.execute(select(a.status).where(a.order_id == order_id)).scalars()]
+        # The order's row first: two validations of one order's authorizations finishing at once
+        # then read the statuses one after the other, and the second sees the first's (PostgreSQL)
+        conn.execute(select(o.id).where(o.id == order_id).with_for_update())
+        statuses = list(conn.execute(select(a.status).where(a.order_id == order_id)).scalars())
         if any(s in records.DEAD_AUTHORIZATION for s in statuses):
             error = Problem(Reason.VALIDATION_FAILED if problem is not None else Reason.UNAUTHENTICATED,
                             "an authorization of the order failed" if problem is not None
