@@ -305,7 +305,8 @@ def test_account_refusals(world: World) -> None:
         refused(reason, acme.new_account, key, external_binding=binding(world.admin, WEB, key),
                 **{**args, "contact": bad})
     assert acme.account_by_key(key.thumbprint) is None  # nothing was written by any refusal
-    refused(Reason.ACCOUNT_DOES_NOT_EXIST, acme.account, 10**9, now)
+    for unknown_id in (10**9, 0, -1, 10**30):  # any id a URL may carry: never a database error
+        refused(Reason.ACCOUNT_DOES_NOT_EXIST, acme.account, unknown_id, now)
 
 
 def test_terms_must_be_agreed_when_configured(world: World) -> None:
@@ -401,6 +402,12 @@ def test_order_lifecycle_issues_like_native(world: World) -> None:
     refused(Reason.NOT_FOUND, acme.certificate, account, done.certificate_id, 1, clock.now())
     page = acme.orders(account, after=None, limit=10, now=now)
     assert order.id in page.order_ids
+    for huge in (10**30, -5):
+        refused(Reason.NOT_FOUND, acme.order, account, huge, now)
+        refused(Reason.NOT_FOUND, acme.authorization, account, huge, now)
+        refused(Reason.NOT_FOUND, acme.challenge, account, huge, now)
+        refused(Reason.NOT_FOUND, acme.certificate, account, huge, 0, now)
+    refused(Reason.MALFORMED_REQUEST, acme.orders, account, after=10**30, limit=10, now=now)
 
 
 def test_rejected_identifiers_each_get_a_subproblem(world: World) -> None:
