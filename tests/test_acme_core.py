@@ -184,7 +184,8 @@ def refused(reason: Reason, call: Any, *args: Any, **kwargs: Any) -> Refusal:
     return caught.value
 
 
-def validate_all(w: World, account: Account, order: Order, *, valid: bool = True) -> None:
+def validate_all(w: World, account: Account, order: Order, *, valid: bool = True,
+                 seen: dict[str, Any] | None = None) -> None:
     now = clock.now()
     for authorization_id in order.authorization_ids:
         authz = w.service.acme.authorization(account, authorization_id, now)
@@ -194,8 +195,8 @@ def validate_all(w: World, account: Account, order: Order, *, valid: bool = True
         challenge, job = w.service.acme.respond_to_challenge(account, http.id, now)
         assert job is not None and challenge.status == "processing"
         assert job.key_authorization == f"{http.token}.{account.key_thumbprint}"
-        problem = None if valid else Problem(Reason.VALIDATION_FAILED, "connection refused", acme_type="connection")
-        w.service.acme.record_validation(job, ValidationResult(valid, problem, {"address": "127.0.0.1"}), now)
+        problem = None if valid else Problem(Reason.VALIDATION_FAILED, "connection refused\x00", acme_type="connection")
+        w.service.acme.record_validation(job, ValidationResult(valid, problem, seen or {"address": "127.0.0.1"}), now)
 
 
 def request_of(w: World, order_id: int) -> int:
@@ -296,6 +297,10 @@ def test_account_refusals(world: World) -> None:
     unknown_header = json.loads(_b64(unknown["protected"]))
     unknown_header["kid"] = "no-such-kid"
     refused(Reason.UNAUTHENTICATED, acme.new_account, key,
+            external_binding=mac_signed(unknown_header, json.dumps(dict(key.jwk)), OctKey.import_key(b"k" * 96)),
+            **args)
+    unknown_header["kid"] = "bad\x00kid"  # hostile: never reaches the database (PostgreSQL refuses NUL)
+    refused(Reason.MALFORMED_REQUEST, acme.new_account, key,
             external_binding=mac_signed(unknown_header, json.dumps(dict(key.jwk)), OctKey.import_key(b"k" * 96)),
             **args)
     for bad, reason in ((("tel:+1555",), Reason.UNSUPPORTED_CONTACT), (("mailto:a@b.example,c@d.example",),
@@ -442,7 +447,7 @@ def test_failed_validation_invalidates_the_order(world: World) -> None:
     account = account_for(world)
     order = acme.new_order(account, (Identifier("dns", "fail.example.internal"),), profile="webserver",
                            not_before=None, not_after=None, replaces=None, now=clock.now())
-    validate_all(world, account, order, valid=False)
+    validate_all(world, account, order, valid=False, seen={"answer": "\x00\x1b[31m" * 5000})
     now = clock.now()
     failed = acme.order(account, order.id, now)
     assert failed.status == "invalid" and failed.error is not None

@@ -183,7 +183,7 @@ class Accounts:
         if message.url != url:
             raise Refusal(Reason.MALFORMED_REQUEST, "the external account binding's 'url' is not this newAccount URL")
         kid = message.kid
-        if kid is None or not kid or len(kid) > 64:
+        if kid is None or not kid or len(kid) > 64 or not kid.isprintable():
             raise Refusal(Reason.MALFORMED_REQUEST, "the external account binding has no usable 'kid'")
         payload = message.json_payload()
         if not isinstance(payload, dict) or jose.thumbprint(payload) != key.thumbprint:
