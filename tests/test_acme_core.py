@@ -415,6 +415,32 @@ def test_order_lifecycle_issues_like_native(world: World) -> None:
     refused(Reason.MALFORMED_REQUEST, acme.orders, account, after=10**30, limit=10, now=now)
 
 
+
+def test_finalize_refusals_leave_the_order_ready_or_invalid(world: World) -> None:
+    acme = world.service.acme
+    name = "moved.example.internal"
+    world.admin.add_principal(name, "machine", clock.now(), groups=["webservers"])
+    account = account_for(world, name)
+    order = acme.new_order(account, (Identifier("dns", "k.example.internal"),), profile="webserver",
+                           not_before=None, not_after=None, replaces=None, now=clock.now())
+    validate_all(world, account, order)
+    # a key the template does not allow: the client may send another CSR
+    _, p521 = make_csr(ec.generate_private_key(ec.SECP521R1()), dns=["k.example.internal"])
+    refused(Reason.KEY_NOT_ALLOWED, acme.finalize, account, order.id,
+            x509.load_pem_x509_csr(p521.encode()).public_bytes(serialization.Encoding.DER), clock.now())
+    assert acme.order(account, order.id, clock.now()).status == "ready"
+    refused(Reason.MALFORMED_CSR, acme.finalize, account, order.id, b"not a CSR", clock.now())
+    # the principal lost its right to the template meanwhile: final, the order is invalid with it
+    world.admin.set_groups(name, clock.now(), [], ["webservers"])
+    refused(Reason.TEMPLATE_NOT_PERMITTED, acme.finalize, account, order.id, csr_der(["k.example.internal"])[1],
+            clock.now())
+    invalid = acme.order(account, order.id, clock.now())
+    assert invalid.status == "invalid" and invalid.error is not None
+    assert invalid.error.reason == Reason.TEMPLATE_NOT_PERMITTED
+    refused(Reason.ORDER_NOT_READY, acme.finalize, account, order.id, csr_der(["k.example.internal"])[1],
+            clock.now())
+
+
 def test_rejected_identifiers_each_get_a_subproblem(world: World) -> None:
     account = account_for(world)
     idents = (Identifier("dns", "ok.example.internal"), Identifier("dns", "evil.example.com"),
