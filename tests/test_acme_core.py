@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jws
 from joserfc.jwk import ECKey, OctKey
 from joserfc.registry import HeaderParameter
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from certpulse import clock
 from certpulse.ca.acme import renewal_info
@@ -33,16 +33,17 @@ from certpulse.ca.acme.model import (
     ValidationJob,
     ValidationResult,
 )
+from certpulse.ca.acme.orders import submission_key
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.config import CADir
-from certpulse.ca.model import Caller
+from certpulse.ca.model import Caller, EnrollmentRequest
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service, rollover_root
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import ari, jose
 from certpulse.pki.template_info import TEMPLATE_INFO_OID
-from certpulse.sql.db import read
+from certpulse.sql.db import read, write
 from support import CA, TEMPLATES, make_csr
 
 NEW_ACCOUNT_URL = "https://ca.test/acme/new-account"
@@ -439,6 +440,34 @@ def test_finalize_refusals_leave_the_order_ready_or_invalid(world: World) -> Non
     assert invalid.error.reason == Reason.TEMPLATE_NOT_PERMITTED
     refused(Reason.ORDER_NOT_READY, acme.finalize, account, order.id, csr_der(["k.example.internal"])[1],
             clock.now())
+
+
+
+def test_a_claim_left_by_a_dead_finalizer_is_settled(world: World) -> None:
+    """A finalize that claimed its order (processing) and died before recording the outcome:
+    the order follows the request it submitted, or is ready again when it submitted none."""
+    acme = world.service.acme
+    account = account_for(world)
+    orders = []
+    for name in ("dead1.example.internal", "dead2.example.internal"):
+        order = acme.new_order(account, (Identifier("dns", name),), profile="webserver", not_before=None,
+                               not_after=None, replaces=None, now=clock.now())
+        validate_all(world, account, order)
+        orders.append(order)
+    claimed_at = clock.now()
+    with write(world.service.engine) as conn:
+        conn.execute(update(t.acme_orders).where(t.acme_orders.c.id.in_([o.id for o in orders]))
+                     .values(status="processing", updated_at=claimed_at))
+        caller = world.service.auth.principal_by_id(conn, account.principal_id)
+    assert caller is not None
+    world.service.requests.submit(caller, EnrollmentRequest(
+        template="webserver", csr=csr_der(["dead1.example.internal"])[1],
+        idempotency_key=submission_key(orders[0].id)), claimed_at)
+    assert acme.order(account, orders[0].id, claimed_at + dt.timedelta(minutes=1)).status == "processing"
+    later = claimed_at + dt.timedelta(minutes=6)
+    settled = acme.order(account, orders[0].id, later)
+    assert settled.status == "valid" and settled.certificate_id is not None
+    assert acme.order(account, orders[1].id, later).status == "ready"
 
 
 def test_rejected_identifiers_each_get_a_subproblem(world: World) -> None:

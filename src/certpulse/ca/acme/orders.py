@@ -107,6 +107,11 @@ def identifier_problem(caller: Caller, template: Template, identifier: Identifie
     return None
 
 
+def submission_key(order_id: int) -> str:
+    """The idempotency key an order's finalize submits with: a retry never makes a second certificate."""
+    return f"acme-order-{order_id}"
+
+
 def challenge_types(identifier: Identifier) -> tuple[ChallengeType, ...]:
     if identifier.type == "ip":
         return IP_CHALLENGES
@@ -316,11 +321,16 @@ class Orders:
         transaction: expired; its request issued, denied or failed; a claim left by a finalize
         that never reached the registration authority released."""
         values: dict[str, Any] = {}
+        if row.status == "processing" and row.request_id is None and now - row.updated_at >= STALE_CLAIM:
+            submitted = self._submitted(conn, row)
+            if submitted is None:
+                values = {"status": "ready"}
+            else:  # the finalizer died after its submission was recorded: the order follows it
+                conn.execute(update(t.acme_orders).where(t.acme_orders.c.id == row.id).values(request_id=submitted))
+                row = conn.execute(select(t.acme_orders).where(t.acme_orders.c.id == row.id)).one()
         if row.status in ("pending", "ready") and now >= row.expires_at:
             values = {"status": "invalid", "error": problems.dumps(
                 Problem(Reason.MALFORMED_REQUEST, f"the order expired at {row.expires_at.isoformat()}"))}
-        elif row.status == "processing" and row.request_id is None and now - row.updated_at >= STALE_CLAIM:
-            values = {"status": "ready"}
         elif row.status == "processing" and row.request_id is not None:
             request = conn.execute(select(t.requests).where(t.requests.c.id == row.request_id)).first()
             if request is None or request.status in ("denied", "failed"):
@@ -335,6 +345,14 @@ class Orders:
             return row
         conn.execute(update(t.acme_orders).where(t.acme_orders.c.id == row.id).values(updated_at=now, **values))
         return conn.execute(select(t.acme_orders).where(t.acme_orders.c.id == row.id)).one()
+
+    @staticmethod
+    def _submitted(conn: Connection, row: Any) -> int | None:
+        """The request a claimed order's finalize submitted (by the idempotency key it used), if any."""
+        principal = select(t.acme_accounts.c.principal_id).where(t.acme_accounts.c.id == row.account_id)
+        return conn.execute(select(t.requests.c.id).where(and_(
+            t.requests.c.idempotency_key == submission_key(row.id),
+            t.requests.c.principal_id == principal.scalar_subquery()))).scalar()
 
     def orders(self, account: Account, *, after: int | None, limit: int, now: dt.datetime) -> OrderPage:
         limit = max(1, min(limit, MAX_PAGE))
