@@ -497,6 +497,16 @@ def test_profile_refusals(world: World) -> None:
             **{**args, "replaces": "not-an-identifier"})
 
 
+
+def test_a_template_no_issuer_serves_is_no_profile(world: World) -> None:
+    text = (TEMPLATES / "webserver.toml").read_text().replace('name = "webserver"', 'name = "a-unserved"')
+    world.admin.add_template(text, clock.now(), issuers=[])
+    assert "a-unserved" not in world.service.acme.directory_meta(clock.now()).profiles
+    refused(Reason.INVALID_PROFILE, world.service.acme.new_order, account_for(world),
+            (Identifier("dns", "u.example.internal"),), profile="a-unserved", not_before=None, not_after=None,
+            replaces=None, now=clock.now())
+
+
 def test_failed_validation_invalidates_the_order(world: World) -> None:
     acme = world.service.acme
     account = account_for(world)

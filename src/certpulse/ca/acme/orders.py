@@ -48,6 +48,11 @@ STALE_CLAIM = dt.timedelta(minutes=5)
 NOT_BEFORE_SLACK = dt.timedelta(days=1)
 
 
+def served(snapshot: Snapshot, template: str, now: dt.datetime) -> bool:
+    """Whether an enabled issuer, valid now, serves the template (else finalize could only fail)."""
+    return any(a.serves(template) and a.valid_at(now) for a in snapshot.authorities)
+
+
 def may_enroll(template: Template, caller: Caller) -> bool:
     rights = template.rights_of(caller.name, caller.groups)
     return "read" in rights and bool({"enroll", "autoenroll"} & rights)
@@ -139,7 +144,9 @@ class Orders:
                 caller = self._acme.caller(conn, account)
                 snapshot = self._acme.service.state.get(conn)
                 replaced = self._replaced(conn, caller, replaces) if replaces is not None else None
-            template = self._template(snapshot, caller, profile, replaced, wanted)
+            template = self._template(snapshot, caller, profile, replaced, wanted, now)
+            if not served(snapshot, template.name, now):
+                raise Refusal(Reason.INVALID_PROFILE, f"no issuer serves profile {template.name!r} now")
             refused = tuple(p for p in (identifier_problem(caller, template, i) for i in wanted) if p is not None)
             if refused:
                 first = refused[0]
@@ -168,10 +175,11 @@ class Orders:
             raise
 
     def _template(self, snapshot: Snapshot, caller: Caller, profile: str | None, replaced: Any,
-                  wanted: tuple[Identifier, ...]) -> Template:
+                  wanted: tuple[Identifier, ...], now: dt.datetime) -> Template:
         """The order's template: the profile asked for; else the replaced certificate's; else
-        ``[acme] default_profile``; else the first (by name) the principal may enroll in that
-        allows every identifier (the first of all when none does, for its refusals)."""
+        ``[acme] default_profile``; else the first (by name) the principal may enroll in, that an
+        issuer serves, that allows every identifier (the first of all when none does, for its
+        refusals)."""
         if profile is not None:
             template = snapshot.templates.get(profile)
             if template is None or "read" not in template.rights_of(caller.name, caller.groups):
@@ -191,7 +199,7 @@ class Orders:
                 raise Refusal(Reason.INVALID_PROFILE, f"the default profile {default!r} is not one {caller.actor} "
                                                       "may enroll in; name a profile")
             return template
-        choices = enrollable(snapshot, caller)
+        choices = [tpl for tpl in enrollable(snapshot, caller) if served(snapshot, tpl.name, now)]
         if not choices:
             raise Refusal(Reason.TEMPLATE_NOT_PERMITTED, f"{caller.actor} may not enroll for any profile")
         fitting = (tpl for tpl in choices if len(wanted) <= tpl.names.max
