@@ -40,6 +40,7 @@ from certpulse.ca.model import Caller, EnrollmentRequest
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service, rollover_root
 from certpulse.ca.storage import schema as t
+from certpulse.ca.templates import parse_template, parse_template_toml
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import ari, jose
 from certpulse.pki.template_info import TEMPLATE_INFO_OID
@@ -116,6 +117,19 @@ def test_certificate_identifier_garbage_is_malformed(garbage: str) -> None:
     with pytest.raises(Refusal) as refused:
         ari.decode(garbage)
     assert refused.value.reason == Reason.MALFORMED_REQUEST
+
+
+
+def test_trust_registered_names_is_a_template_option_off_by_default() -> None:
+    base = (TEMPLATES / "webserver.toml").read_text()
+    assert parse_template_toml(base, default_oid="2.999").trust_registered_names is False
+    trusting = parse_template_toml(base + "\n[acme]\ntrust_registered_names = true\n", default_oid="2.999")
+    assert trusting.trust_registered_names is True
+    assert trusting.document()["acme"] == {"trust_registered_names": True}
+    assert parse_template(trusting.document(), default_oid="2.999") == trusting
+    with pytest.raises(Refusal) as typo:
+        parse_template_toml(base + "\n[acme]\ntrust_registered_name = true\n", default_oid="2.999")
+    assert typo.value.reason == Reason.INVALID_TEMPLATE and "acme.trust_registered_name" in typo.value.detail
 
 
 # -- a CA, principals and helpers ------------------------------------------------------------
