@@ -89,9 +89,12 @@ def identifier_problem(caller: Caller, template: Template, identifier: Identifie
                        "is not supported (dns and ip are)", identifier)
     if identifier.type == "ip":
         try:
-            ipaddress.ip_address(identifier.value)
+            address = ipaddress.ip_address(identifier.value)
         except ValueError:
             return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} is not an IP address", identifier)
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} has a zone; a certificate names addresses "
+                                                       "without one", identifier)
     elif not is_hostname(identifier.value, allow_wildcard=True):
         return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} is not a valid DNS name", identifier)
     if template.subject_source == "principal":
