@@ -318,6 +318,8 @@ def test_account_refusals(world: World) -> None:
     refused(Reason.MALFORMED_REQUEST, acme.new_account, key,
             external_binding=mac_signed(unknown_header, json.dumps(dict(key.jwk)), OctKey.import_key(b"k" * 96)),
             **args)
+    for hostile in ([1, 2], "text", 5, {"protected": 1, "payload": [], "signature": None}, {}):
+        refused(Reason.MALFORMED_REQUEST, acme.new_account, key, external_binding=hostile, **args)
     for bad, reason in ((("tel:+1555",), Reason.UNSUPPORTED_CONTACT), (("mailto:a@b.example,c@d.example",),
                         Reason.INVALID_CONTACT), (("mailto:not an address",), Reason.INVALID_CONTACT),
                         (("mailto:a\x00@x.example",), Reason.INVALID_CONTACT),
