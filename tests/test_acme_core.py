@@ -512,6 +512,8 @@ def test_hostile_order_input_is_refused_cleanly(world: World) -> None:
         assert len(problem.detail) < 600 and problem.detail.isprintable()
     refused(Reason.UNSUPPORTED_IDENTIFIER, acme.new_order, account,
             (Identifier("email", "a@b.example"),), profile="webserver", replaces=None, **args)  # type: ignore[arg-type]
+    refused(Reason.MALFORMED_REQUEST, acme.new_order, account, (Identifier("dns", 5),),  # type: ignore[arg-type]
+            profile="webserver", replaces=None, **args)
     refused(Reason.INVALID_PROFILE, acme.new_order, account, (Identifier("dns", "a.example.internal"),),
             profile="p\x00" * 5000, replaces=None, **args)
     refused(Reason.MALFORMED_REQUEST, acme.new_order, account, (Identifier("dns", "a.example.internal"),),

@@ -142,6 +142,8 @@ class Orders:
                 raise Refusal(Reason.MALFORMED_REQUEST, "an order names at least one identifier")
             if len(identifiers) > MAX_IDENTIFIERS:
                 raise Refusal(Reason.REJECTED_IDENTIFIER, f"at most {MAX_IDENTIFIERS} identifiers per order")
+            if any(not isinstance(i.type, str) or not isinstance(i.value, str) for i in identifiers):
+                raise Refusal(Reason.MALFORMED_REQUEST, "every identifier has a type and a value, both strings")
             wanted = tuple(dict.fromkeys(normalized(i) for i in identifiers))
             with read(self.engine) as conn:
                 caller = self._acme.caller(conn, account)
