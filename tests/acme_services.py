@@ -295,3 +295,17 @@ def dns_test_server(folder: Path) -> Iterator[DnsTestServer]:
         yield server
     finally:
         server.stop()
+
+
+def ca_status(ca: CA, cert: x509.Certificate) -> dict[str, Any]:
+    """What the CA says of ``cert`` (``certpulse status SERIAL --json``)."""
+    status: dict[str, Any] = json.loads(ca.cli("status", serial_hex(cert), "--json").stdout)
+    assert int(status["serial"], 16) == cert.serial_number, status
+    return status
+
+
+def issued_rows(ca: CA, cert: x509.Certificate) -> list[dict[str, Any]]:
+    """The CA's ``issued`` audit rows for ``cert``."""
+    rows: list[dict[str, Any]] = json.loads(ca.cli("audit", "--json", "--limit", "10000").stdout)
+    return [row for row in rows if row["action"] == "issued" and row["serial"]
+            and int(row["serial"], 16) == cert.serial_number]
