@@ -1,8 +1,8 @@
 """Real ACME clients for the ACME tests: certbot (from the project's dev extras) and lego
 (Debian) as child processes, each with its own folders in a test directory and a bounded run
-time, and the local DNS test server (Debian's ``pebble-challtestsrv``) that answers the CA's
-look-ups: every name maps to 127.0.0.1, and TXT records for dns-01 are set through its
-management API by small hook scripts the clients run.
+time, pointed at a CA whose validation asks the local DNS test server (``tests/challtestsrv.py``:
+every name maps to 127.0.0.1; TXT records for dns-01 are set through its management API by
+small hook scripts the clients run).
 
 The hook scripts are Python with no shell in between: certbot hands them the domain and the
 validation text in its environment (``CERTBOT_DOMAIN``, ``CERTBOT_VALIDATION``), lego's ``exec``
@@ -10,7 +10,6 @@ provider as arguments; neither value is ever interpreted by a shell."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -19,21 +18,19 @@ import subprocess
 import sys
 import time
 import tomllib
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 from cryptography import x509
 
+from challtestsrv import ChallTestSrv
 from support import CA, free_port, init_ca
 
 CERTBOT = Path(sys.executable).with_name("certbot")
 LEGO = shutil.which("lego")
-CHALLTESTSRV = shutil.which("pebble-challtestsrv")
 OPENSSL = shutil.which("openssl") or "openssl"
-HINT = "run scripts/system-packages (make test does) to install lego and pebble (pebble-challtestsrv)"
+HINT = "run scripts/system-packages (make test does) to install lego"
 # One client run (account, order, validation, finalize, download) takes a few seconds on loopback;
 # the bound is there so a hung client fails the test with its output instead of hanging it.
 CLIENT_TIMEOUT = 180.0
@@ -59,52 +56,6 @@ def wait_for(check: Any, within: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         time.sleep(0.1)
-
-
-class DnsTestServer:
-    """``pebble-challtestsrv`` on loopback: DNS on ``dns_port`` answering A look-ups with
-    127.0.0.1 (and no AAAA, so validation connects to where the clients listen), TXT records
-    set through the management API. Its own HTTP challenge servers are off."""
-
-    def __init__(self, folder: Path) -> None:
-        assert CHALLTESTSRV is not None, f"pebble-challtestsrv is not installed: {HINT}"
-        self.dns_port = free_port()
-        self.management_port = free_port()
-        self.management = f"http://127.0.0.1:{self.management_port}"
-        self.log = folder / "challtestsrv.log"
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(
-                [CHALLTESTSRV, "-dns01", f"127.0.0.1:{self.dns_port}", "-management",
-                 f"127.0.0.1:{self.management_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
-                 "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self._ready, 30, "pebble-challtestsrv to answer")
-
-    @property
-    def resolver(self) -> str:
-        return f"127.0.0.1:{self.dns_port}"
-
-    def _ready(self) -> bool:
-        assert self.proc.poll() is None, self.log.read_text()
-        try:
-            self._post("/clear-txt", {"host": "ready.example.internal."})
-        except OSError:
-            return False
-        return True
-
-    def _post(self, path: str, body: dict[str, str]) -> None:
-        request = urllib.request.Request(self.management + path, data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(request, timeout=5) as response:
-            response.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 # The hook scripts: values from the clients arrive in the environment (certbot) or as arguments
@@ -138,8 +89,12 @@ elif action != "timeout":
     sys.exit("unknown action " + action)'''
 
 
-def write_hook(path: Path, dns: DnsTestServer, what: str, body: str) -> Path:
-    path.write_text(_HOOK.format(python=sys.executable, what=what, management=dns.management,
+def management_url(dns: ChallTestSrv) -> str:
+    return f"http://127.0.0.1:{dns.management_port}"
+
+
+def write_hook(path: Path, dns: ChallTestSrv, what: str, body: str) -> Path:
+    path.write_text(_HOOK.format(python=sys.executable, what=what, management=management_url(dns),
                                  log=str(path.parent / "hooks.log"), body=body))
     path.chmod(0o700)
     return path
@@ -162,7 +117,7 @@ class Endpoint:
     tlsalpn01_port: int
 
 
-def acme_ca(directory: Path, database_url: str, dns: DnsTestServer, **acme: Any) -> tuple[CA, Endpoint]:
+def acme_ca(directory: Path, database_url: str, dns: ChallTestSrv, **acme: Any) -> tuple[CA, Endpoint]:
     """A CA (example templates) whose ``ca.toml`` has an ``[acme]`` table pointing validation at
     the DNS test server and at free loopback ports for http-01 and tls-alpn-01; ``acme`` adds
     or overrides settings. The endpoint's directory URL is filled in once it is served."""
@@ -171,7 +126,7 @@ def acme_ca(directory: Path, database_url: str, dns: DnsTestServer, **acme: Any)
     config = ca.dir / "ca.toml"
     data = tomllib.loads(config.read_text())
     data["acme"] = {"http01_port": endpoint.http01_port, "tlsalpn01_port": endpoint.tlsalpn01_port,
-                    "dns_resolver": dns.resolver, "validation_timeout": "20s", **acme}
+                    "dns_resolver": dns.address, "validation_timeout": "20s", **acme}
     config.write_text(tomli_w.dumps(data))
     return ca, endpoint
 
@@ -231,7 +186,7 @@ class Certbot:
         return self.run("certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port",
                         str(self.endpoint.http01_port), "-d", name, "--cert-name", name, *extra, check=check)
 
-    def certonly_dns(self, name: str, dns: DnsTestServer, *extra: str) -> subprocess.CompletedProcess[str]:
+    def certonly_dns(self, name: str, dns: ChallTestSrv, *extra: str) -> subprocess.CompletedProcess[str]:
         """dns-01: manual hooks put the TXT record into the DNS test server the CA asks."""
         auth = write_hook(self.folder / "auth-hook.py", dns, "certbot manual auth hook", _CERTBOT_AUTH)
         cleanup = write_hook(self.folder / "cleanup-hook.py", dns, "certbot manual cleanup hook", _CERTBOT_CLEANUP)
@@ -248,7 +203,7 @@ class Certbot:
 class Lego:
     """lego (Debian) with its own ``--path``, run as a real process."""
 
-    def __init__(self, folder: Path, endpoint: Endpoint, eab: tuple[str, str], dns: DnsTestServer) -> None:
+    def __init__(self, folder: Path, endpoint: Endpoint, eab: tuple[str, str], dns: ChallTestSrv) -> None:
         assert LEGO is not None, f"lego is not installed: {HINT}"
         self.folder = folder
         self.endpoint = endpoint
@@ -286,15 +241,6 @@ class Lego:
 
     def issuer(self, name: str) -> Path:
         return self.folder / "certificates" / f"{name}.issuer.crt"
-
-
-@contextlib.contextmanager
-def dns_test_server(folder: Path) -> Iterator[DnsTestServer]:
-    server = DnsTestServer(folder)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ca_status(ca: CA, cert: x509.Certificate) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import pytest
 
 from acme_services import (
     Certbot,
-    DnsTestServer,
     Endpoint,
     acme_ca,
     ca_status,
@@ -33,6 +32,7 @@ from acme_services import (
     openssl_verify,
     serial_hex,
 )
+from challtestsrv import ChallTestSrv
 from support import CA, root_trust, serve
 
 pytestmark = pytest.mark.sqlite_only
@@ -49,7 +49,7 @@ ARI_RETRY_AFTER = "2s"
 class Site:
     ca: CA
     endpoint: Endpoint
-    dns: DnsTestServer
+    dns: ChallTestSrv
     certbot: Certbot
     base: str
 
@@ -57,7 +57,7 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     folder = tmp_path_factory.mktemp("acme-certbot")
-    dns = DnsTestServer(folder)
+    dns = ChallTestSrv(folder).start()
     try:
         ca, endpoint = acme_ca(folder / "ca", f"sqlite:///{folder / 'ca.db'}", dns,
                                default_profile="webserver", ari_retry_after=ARI_RETRY_AFTER)

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import pytest
 
 from acme_services import (
-    DnsTestServer,
     Endpoint,
     Lego,
     acme_ca,
@@ -28,6 +27,7 @@ from acme_services import (
     openssl_verify,
     serial_hex,
 )
+from challtestsrv import ChallTestSrv
 from support import CA, serve
 
 pytestmark = pytest.mark.sqlite_only
@@ -40,14 +40,14 @@ HTTP_NAME = "http.lego.example.internal"
 class Site:
     ca: CA
     endpoint: Endpoint
-    dns: DnsTestServer
+    dns: ChallTestSrv
     lego: Lego
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     folder = tmp_path_factory.mktemp("acme-lego")
-    dns = DnsTestServer(folder)
+    dns = ChallTestSrv(folder).start()
     try:
         ca, endpoint = acme_ca(folder / "ca", f"sqlite:///{folder / 'ca.db'}", dns, default_profile="webserver")
         ca.add_principal(PRINCIPAL, "--group", "webservers")
