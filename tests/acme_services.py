@@ -227,7 +227,7 @@ class Lego:
     def dns_exec(self) -> list[str]:
         # --dns.disable-cp: one look-up at the resolver, not a wait for authoritative servers
         # (the test server is the only one there is).
-        return ["--dns", "exec", "--dns.resolvers", self.dns.resolver, "--dns.disable-cp"]
+        return ["--dns", "exec", "--dns.resolvers", self.dns.address, "--dns.disable-cp"]
 
     def run(self, name: str, challenge: list[str], *action: str,
             check: bool = True) -> subprocess.CompletedProcess[str]:
