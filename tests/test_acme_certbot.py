@@ -33,7 +33,7 @@ from acme_services import (
     serial_hex,
 )
 from challtestsrv import ChallTestSrv
-from support import CA, root_trust, serve
+from support import CA, TEMPLATES, root_trust, serve
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -173,3 +173,27 @@ def test_revoke_key_compromise(site: Site) -> None:
     assert status["status"] == "revoked" and status["revocation_reason"] == "keyCompromise", status
     response = httpx.get(f"{site.base}/v1/certificates/{serial_hex(cert)}", verify=root_trust(site.ca), timeout=30)
     assert response.status_code == 200 and response.json()["status"] == "revoked", response.text
+
+
+def test_registered_name_needs_no_challenge_when_the_template_trusts_it(site: Site, tmp_path: Path) -> None:
+    """A template with `[acme] trust_registered_names = true`: an order for the principal's own
+    name is authorized without a challenge (certbot's auth hook never runs), while any other
+    name of the same template still needs its dns-01 challenge. Off by default: the webserver
+    orders above all went through their challenges."""
+    template = tmp_path / "trusted-web.toml"
+    webserver = (TEMPLATES / "webserver.toml").read_text()
+    template.write_text(webserver.replace('name = "webserver"', 'name = "trusted-web"', 1)
+                        + "\n[acme]\ntrust_registered_names = true\n")
+    site.ca.cli("template", "add", str(template))
+
+    before = len(hook_calls(site.certbot.folder))
+    site.certbot.certonly_dns(PRINCIPAL, site.dns, "--required-profile", "trusted-web")
+    assert len(hook_calls(site.certbot.folder)) == before, "a challenge was solved for the registered name"
+    assert_issued_by_ca(site, site.certbot.live(PRINCIPAL), site.certbot.live(PRINCIPAL, "chain"), [PRINCIPAL],
+                        template="trusted-web")
+
+    other = "other.certbot.example.internal"
+    site.certbot.certonly_dns(other, site.dns, "--required-profile", "trusted-web")
+    assert [c["host"] for c in hook_calls(site.certbot.folder)[before:]] == [f"_acme-challenge.{other}."] * 2
+    assert_issued_by_ca(site, site.certbot.live(other), site.certbot.live(other, "chain"), [other],
+                        template="trusted-web")
