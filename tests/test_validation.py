@@ -59,7 +59,7 @@ class ChallengeHTTPServer:
     """Answers ``/.well-known/acme-challenge/<token>`` with the behaviour registered for the
     token (404 otherwise); records every request's path and Host header."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.behaviours: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.release = threading.Event()  # set at teardown: stalled answers end
@@ -82,10 +82,12 @@ class ChallengeHTTPServer:
                 pass
 
         class Server(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # a behaviour that hangs up on purpose is not an error to print
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server((host, 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -155,6 +157,37 @@ def test_http01_for_an_ip_identifier_asks_the_address_itself(web: ChallengeHTTPS
     assert outcome.valid, outcome
     assert web.hosts_for(token) == ["127.0.0.1"]
     assert outcome.record["address_used"] == "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def web6() -> Iterator[ChallengeHTTPServer]:
+    server = ChallengeHTTPServer("::1")
+    yield server
+    server.close()
+
+
+def test_http01_falls_back_from_a_to_aaaa(dns_server: ChallTestSrv, web6: ChallengeHTTPServer,
+                                          settings: ValidationSettings) -> None:
+    """A first (127.0.0.2: nothing listens there), then AAAA (::1, where the server is)."""
+    token = token_for("dual")
+    web6.behaviours[token] = lambda h: send(h, 200, key_authorization(token).encode())
+    dns_server.add_a("dual.example.internal", "127.0.0.2")
+    dns_server.add_aaaa("dual.example.internal", "::1")
+    at_port = ValidationSettings(http01_port=web6.port, dns_resolver=settings.dns_resolver)
+    outcome = http01(token, at_port, name="dual.example.internal")
+    assert outcome.valid, outcome
+    assert outcome.record["addresses_resolved"] == ["127.0.0.2", "::1"]
+    assert outcome.record["address_used"] == "::1"
+    assert web6.hosts_for(token) == ["dual.example.internal"]
+
+
+def test_http01_for_an_ipv6_identifier(web6: ChallengeHTTPServer, settings: ValidationSettings) -> None:
+    token = token_for("ip6")
+    web6.behaviours[token] = lambda h: send(h, 200, key_authorization(token).encode())
+    outcome = http01(token, ValidationSettings(http01_port=web6.port), name="::1", identifier_type="ip")
+    assert outcome.valid, outcome
+    assert web6.hosts_for(token) == ["[::1]"]
+    assert outcome.record["url"] == f"http://[::1]:{web6.port}/.well-known/acme-challenge/{token}"
 
 
 def test_http01_uses_the_address_the_resolver_gives(dns_server: ChallTestSrv, web: ChallengeHTTPServer,

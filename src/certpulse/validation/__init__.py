@@ -1,10 +1,24 @@
-"""ACME challenge validation (RFC 8555 section 8, RFC 8737): the part trusted to connect out.
+"""ACME challenge validation (RFC 8555 section 8, RFC 8737, RFC 8738): the part trusted to connect out.
 
 Like Boulder's validation authority, this is the only part of certpulse that makes outbound
 connections to the names being validated. It holds no state and no database: given a challenge
 (type, identifier, token, key authorization) and settings (ports, resolver, timeout), it
 answers valid or a typed failure. The front end runs it off the event loop and hands the
 outcome to the CA core.
+
+The interface: :func:`validate` (blocking, thread-safe, bounded by ``settings.timeout``, never
+raising) returns an :class:`Outcome`; :class:`ValidationSettings` (``from_config`` reads
+``[acme]``); :func:`dns01_txt_value` (what a dns-01 TXT record must hold). The rules of each
+challenge type are in :mod:`.http01`, :mod:`.dns01` and :mod:`.tlsalpn01`; look-ups in
+:mod:`.resolve` (the configured resolver answers A, AAAA and TXT alike).
+
+Failures carry RFC 8555's error names: ``malformed`` (the arguments cannot be validated: a
+wildcard for http-01 or tls-alpn-01, dns-01 for an IP address, a token that is not base64url),
+``dns`` (no such name, no address, SERVFAIL, resolver timeout), ``connection`` (refused, timed
+out, hung up, budget spent), ``unauthorized`` (http-01: a status other than 200, a redirect;
+tls-alpn-01: a certificate that is not this challenge's), ``incorrectResponse`` (http-01: a
+body other than the key authorization, or over 8 KiB; dns-01: no TXT record with the value)
+and ``tls`` (handshake failed, ``acme-tls/1`` not negotiated). Nothing is logged here.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ __all__ = ["Outcome", "ValidationConfig", "ValidationSettings", "dns01_txt_value
 # not be a safe URL path segment, so it is refused before any connection.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
 _KEY_AUTHORIZATION_LIMIT = 512
+_ADDRESSES_SHOWN = 16  # a hostile zone may answer with hundreds; the record keeps the first
 
 
 def validate(challenge_type: str, identifier_type: str, identifier_value: str, token: str,
@@ -52,7 +67,7 @@ def validate(challenge_type: str, identifier_type: str, identifier_value: str, t
             addresses = addresses_of(identifier_value, settings, budget)
             host = sni = identifier_value
         record["hostname"] = identifier_value
-        record["addresses_resolved"] = addresses
+        record["addresses_resolved"] = addresses[:_ADDRESSES_SHOWN]
         if challenge_type == "http-01":
             return http01.fetch(host, addresses, token, key_authorization, settings.http01_port, budget, record)
         return tlsalpn01.handshake(identifier_type, identifier_value, sni, addresses, key_authorization,
@@ -79,9 +94,11 @@ def _refusal(challenge_type: str, identifier_type: str, identifier_value: str, t
             return f"a wildcard name ({identifier_value}) can be validated by dns-01 only"
     elif identifier_type == "ip":
         try:
-            ipaddress.ip_address(identifier_value)
+            address = ipaddress.ip_address(identifier_value)
         except ValueError:
             return f"{identifier_value!r} is not an IP address"
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            return f"{identifier_value!r} carries a zone, which no certificate can name"
         if challenge_type == "dns-01":
             return "dns-01 validates DNS names only, not IP addresses"
     else:
