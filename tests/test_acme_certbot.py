@@ -146,7 +146,7 @@ def test_renew_follows_ari(site: Site) -> None:
     nothing happens (same serial); after `certpulse template reenroll-all webserver` the window
     is in the past and the same command renews (new serial, good at the CA)."""
     first = serial_hex(first_certificate(site.certbot.live(WWW)))
-    quiet = site.certbot.run("renew", "--cert-name", WWW)
+    quiet = site.certbot.renew(WWW)
     assert "not yet due for renewal" in quiet.stdout + quiet.stderr, quiet.stdout
     assert serial_hex(first_certificate(site.certbot.live(WWW))) == first
     # certbot took its next-check time from the CA's Retry-After (2 s here), not its 6 h default.
@@ -157,7 +157,7 @@ def test_renew_follows_ari(site: Site) -> None:
     deadline = time.monotonic() + 60
     while dt.datetime.now() <= retry_after and time.monotonic() < deadline:
         time.sleep(0.2)
-    renewed = site.certbot.run("renew", "--cert-name", WWW)
+    renewed = site.certbot.renew(WWW)
     second = serial_hex(first_certificate(site.certbot.live(WWW)))
     assert second != first, renewed.stdout + renewed.stderr
     assert_issued_by_ca(site, site.certbot.live(WWW), site.certbot.live(WWW, "chain"), [WWW])

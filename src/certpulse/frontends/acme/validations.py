@@ -44,9 +44,17 @@ def validate_with_library(job: ValidationJob, config: ACMEConfig) -> ValidationR
         return failed("challenge validation is not available in this server")
     result = validate(job.type, job.identifier.type, job.identifier.value, job.token, job.key_authorization,
                       config)
-    if not isinstance(result, ValidationResult):
-        return failed("challenge validation gave no result")
-    return result
+    if isinstance(result, ValidationResult):
+        return result
+    # certpulse.validation answers with its own Outcome (valid, error, detail, record)
+    valid, record = getattr(result, "valid", None), getattr(result, "record", None)
+    if valid is True:
+        return ValidationResult(valid=True, record=record)
+    if valid is False:
+        return ValidationResult(valid=False, record=record, problem=Problem(
+            Reason.VALIDATION_FAILED, str(getattr(result, "detail", "")) or "the challenge was not met",
+            acme_type=str(getattr(result, "error", None) or "connection")))
+    return failed("challenge validation gave no result")
 
 
 def failed(detail: str, acme_type: str = "connection") -> ValidationResult:
