@@ -255,8 +255,17 @@ def ca_status(ca: CA, cert: x509.Certificate) -> dict[str, Any]:
     return status
 
 
+def audit_rows(ca: CA, action: str) -> list[dict[str, Any]]:
+    """The CA's audit rows with this action (``certpulse audit --json``), oldest first."""
+    rows: list[dict[str, Any]] = json.loads(ca.cli("audit", "--json", "--limit", "10000").stdout)
+    return sorted((row for row in rows if row["action"] == action), key=lambda row: row["id"])
+
+
 def issued_rows(ca: CA, cert: x509.Certificate) -> list[dict[str, Any]]:
     """The CA's ``issued`` audit rows for ``cert``."""
-    rows: list[dict[str, Any]] = json.loads(ca.cli("audit", "--json", "--limit", "10000").stdout)
-    return [row for row in rows if row["action"] == "issued" and row["serial"]
-            and int(row["serial"], 16) == cert.serial_number]
+    return [row for row in audit_rows(ca, "issued") if row["serial"] and int(row["serial"], 16) == cert.serial_number]
+
+
+def validated_by(ca: CA) -> list[str]:
+    """How each ACME authorization was validated, oldest first: ``http-01``, ``dns-01``..."""
+    return [row["detail"].rpartition(" by ")[2] for row in audit_rows(ca, "acme-authorization-valid")]

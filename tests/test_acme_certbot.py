@@ -23,6 +23,7 @@ from acme_services import (
     Certbot,
     Endpoint,
     acme_ca,
+    audit_rows,
     ca_status,
     dns_names,
     first_certificate,
@@ -31,6 +32,7 @@ from acme_services import (
     new_eab,
     openssl_verify,
     serial_hex,
+    validated_by,
 )
 from challtestsrv import ChallTestSrv
 from support import CA, TEMPLATES, root_trust, serve
@@ -89,17 +91,21 @@ def test_register_with_external_account_binding(site: Site) -> None:
     same binding cannot make a second account (one use)."""
     eab = new_eab(site.ca, PRINCIPAL)
     site.certbot.register(eab)
+    assert [row["actor"] for row in audit_rows(site.ca, "acme-account-created")] == [f"principal:{PRINCIPAL}"]
     again = Certbot(site.certbot.folder.parent / "certbot-again", site.endpoint)
     refused = again.run("register", "--agree-tos", "--register-unsafely-without-email",
                         "--eab-kid", eab[0], "--eab-hmac-key", eab[1], check=False)
     assert refused.returncode != 0, refused.stdout
     assert not (again.folder / "config" / "accounts").exists() or not any(
         (again.folder / "config" / "accounts").rglob("regr.json")), "a second account with a used binding"
+    assert len(audit_rows(site.ca, "acme-account-created")) == 1
+    assert [row["reason"] for row in audit_rows(site.ca, "acme-account-refused")] == ["unauthenticated"]
 
 
 def test_http01_standalone(site: Site) -> None:
     site.certbot.certonly_http(WWW)
     assert_issued_by_ca(site, site.certbot.live(WWW), site.certbot.live(WWW, "chain"), [WWW])
+    assert validated_by(site.ca)[-1] == "http-01"
 
 
 def test_dns01_manual_hooks(site: Site) -> None:
@@ -111,6 +117,7 @@ def test_dns01_manual_hooks(site: Site) -> None:
     assert [(c["call"], c["host"]) for c in calls] == [("/set-txt", f"_acme-challenge.{name}."),
                                                        ("/clear-txt", f"_acme-challenge.{name}.")]
     assert_issued_by_ca(site, site.certbot.live(name), site.certbot.live(name, "chain"), [name])
+    assert validated_by(site.ca)[-1] == "dns-01"
 
 
 def test_profiles_are_templates(site: Site) -> None:
@@ -173,6 +180,8 @@ def test_revoke_key_compromise(site: Site) -> None:
     assert status["status"] == "revoked" and status["revocation_reason"] == "keyCompromise", status
     response = httpx.get(f"{site.base}/v1/certificates/{serial_hex(cert)}", verify=root_trust(site.ca), timeout=30)
     assert response.status_code == 200 and response.json()["status"] == "revoked", response.text
+    rows = [row for row in audit_rows(site.ca, "revoked") if int(row["serial"], 16) == cert.serial_number]
+    assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "keyCompromise")], rows
 
 
 def test_registered_name_needs_no_challenge_when_the_template_trusts_it(site: Site, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from acme_services import (
     Endpoint,
     Lego,
     acme_ca,
+    audit_rows,
     ca_status,
     dns_names,
     first_certificate,
@@ -26,6 +27,7 @@ from acme_services import (
     new_eab,
     openssl_verify,
     serial_hex,
+    validated_by,
 )
 from challtestsrv import ChallTestSrv
 from support import CA, serve
@@ -77,12 +79,15 @@ def assert_issued_by_ca(site: Site, name: str) -> str:
 def test_http01(site: Site) -> None:
     site.lego.run(HTTP_NAME, site.lego.http(), "run")
     assert_issued_by_ca(site, HTTP_NAME)
+    assert [row["actor"] for row in audit_rows(site.ca, "acme-account-created")] == [f"principal:{PRINCIPAL}"]
+    assert validated_by(site.ca) == ["http-01"]
 
 
 def test_tls_alpn01(site: Site) -> None:
     name = "tls.lego.example.internal"
     site.lego.run(name, site.lego.tls(), "run")
     assert_issued_by_ca(site, name)
+    assert validated_by(site.ca)[-1] == "tls-alpn-01"
 
 
 def test_dns01_exec_provider(site: Site) -> None:
@@ -94,6 +99,7 @@ def test_dns01_exec_provider(site: Site) -> None:
     assert [(c["call"], c["host"]) for c in calls] == [("/set-txt", f"_acme-challenge.{name}."),
                                                        ("/clear-txt", f"_acme-challenge.{name}.")]
     assert_issued_by_ca(site, name)
+    assert validated_by(site.ca)[-1] == "dns-01"
 
 
 def test_renew_by_days_left(site: Site) -> None:
@@ -113,3 +119,5 @@ def test_revoke(site: Site) -> None:
     site.lego.run(HTTP_NAME, [], "revoke", "--reason", "1", "--keep")
     status = ca_status(site.ca, cert)
     assert status["status"] == "revoked" and status["revocation_reason"] == "keyCompromise", status
+    rows = [row for row in audit_rows(site.ca, "revoked") if int(row["serial"], 16) == cert.serial_number]
+    assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "keyCompromise")], rows
