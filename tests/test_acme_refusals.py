@@ -59,7 +59,7 @@ def env(ca: CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with ChallTestSrv(folder) as dns, ChallengeServer(free_port()) as web:
         configure_acme(ca.dir, http01_port=web.port, dns_resolver=dns.address, validation_timeout="10s",
                        default_profile="webserver")
-        with serve(ca) as base:
+        with serve(ca, "--max-inflight", "2", "--threads", "1") as base:  # see the shedding test
             client = ACMEClient(f"{base}/acme/directory")
             created = client.new_account(eab=eab_for(ca, PRINCIPAL))
             assert created.status_code == 201, created.text
@@ -310,3 +310,27 @@ def test_no_refusal_is_a_server_error(env: Env) -> None:
     for path in ("renewal-info/AAAA.AAAA", "renewal-info/x", "renewal-info/..", "renewal-info/" + "A" * 500):
         response = httpx.get(f"{env.base}/acme/{path}")
         assert response.status_code < 500 and problem_type(response), (path, response.text)
+
+
+@pytest.mark.sqlite_only
+def test_shed_requests_are_rate_limited_with_retry_after(env: Env) -> None:
+    """The server runs with --max-inflight 2 --threads 1: a burst of ACME requests gets some
+    answered 429 rateLimited with Retry-After (and a nonce), none a 500."""
+    import asyncio
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as http:
+            return list(await asyncio.gather(*(http.head(f"{env.base}/acme/directory") for _ in range(64))))
+
+    shed: list[httpx.Response] = []
+    for _ in range(10):  # bounded: a burst of 64 against 2 places sheds unless the server is very fast
+        answers = asyncio.run(burst())
+        assert all(a.status_code in (200, 429) for a in answers), [a.status_code for a in answers]
+        shed = [a for a in answers if a.status_code == 429]
+        if shed:
+            break
+    assert shed, "no request was shed"
+    refused = shed[0]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.headers.get("replay-nonce")
