@@ -8,7 +8,9 @@ by cryptography. No CA is involved: the module is self-contained and takes a few
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
+import gzip
 import hashlib
 import http.server
 import ipaddress
@@ -19,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dns.message
+import dns.rcode
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -276,6 +280,51 @@ def test_http01_stalled_answer_times_out_as_connection(web: ChallengeHTTPServer,
     assert time.monotonic() - started < GENEROUS
 
 
+def test_http01_trickled_answer_is_cut_at_the_budget(web: ChallengeHTTPServer,
+                                                     settings: ValidationSettings) -> None:
+    """A byte now and then, each well within a read timeout: the whole budget still bounds it."""
+    token = token_for("trickle")
+
+    def trickle(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "5000")
+        handler.end_headers()
+        for _ in range(5000):
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+            if web.release.wait(0.1):
+                return
+
+    web.behaviours[token] = trickle
+    started = time.monotonic()
+    outcome = http01(token, ValidationSettings(http01_port=settings.http01_port, dns_resolver=settings.dns_resolver,
+                                               timeout=1.0))
+    assert (outcome.valid, outcome.error) == (False, "connection"), outcome
+    assert "gave up after 1 s" in outcome.detail
+    assert time.monotonic() - started < GENEROUS
+
+
+def test_http01_compressed_answer_is_not_inflated(web: ChallengeHTTPServer, settings: ValidationSettings) -> None:
+    token = token_for("gzip")
+    web.behaviours[token] = lambda h: send(h, 200, gzip.compress(key_authorization(token).encode()),
+                                           {"Content-Encoding": "gzip"})
+    assert http01(token, settings).error == "incorrectResponse"
+
+
+def answering(body: bytes) -> Behaviour:
+    return lambda handler: send(handler, 200, body)
+
+
+def test_validations_run_side_by_side_in_threads(web: ChallengeHTTPServer, settings: ValidationSettings) -> None:
+    """As the front end runs them: from a thread pool, each with its own answer."""
+    tokens = [token_for(f"pool{n}") for n in range(16)]
+    for token in tokens:
+        web.behaviours[token] = answering(key_authorization(token).encode())
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda token: http01(token, settings), tokens))
+    assert all(outcome.valid for outcome in outcomes), outcomes
+
+
 def test_http01_closed_connection_is_a_connection_error(web: ChallengeHTTPServer,
                                                         settings: ValidationSettings) -> None:
     token = token_for("closed")
@@ -286,6 +335,26 @@ def test_http01_closed_connection_is_a_connection_error(web: ChallengeHTTPServer
 
     web.behaviours[token] = hang_up
     outcome = http01(token, settings)
+    assert (outcome.valid, outcome.error) == (False, "connection"), outcome
+    assert_printable(outcome)
+
+
+def test_http01_answer_that_is_not_http(settings: ValidationSettings) -> None:
+    """A server that answers with bytes that are not HTTP (and would recolour a terminal)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(GENEROUS)
+                conn.recv(4096)
+                conn.sendall(b"\x1b[31mSSH-2.0-nothing\x1b]0;title\x07\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        odd = ValidationSettings(http01_port=listener.getsockname()[1], dns_resolver=settings.dns_resolver)
+        outcome = http01(token_for("garbage"), odd)
+        thread.join(GENEROUS)
     assert (outcome.valid, outcome.error) == (False, "connection"), outcome
     assert_printable(outcome)
 
@@ -308,6 +377,44 @@ def test_http01_servfail_is_a_dns_error(dns_server: ChallTestSrv, settings: Vali
     dns_server.set_servfail("broken.example.internal")
     outcome = http01(token_for("servfail"), settings, name="broken.example.internal")
     assert (outcome.valid, outcome.error) == (False, "dns"), outcome
+
+
+class NxdomainResolver:
+    """A DNS server on loopback UDP that says every name does not exist (pebble-challtestsrv
+    answers every name, so the NXDOMAIN case needs its own server)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                wire, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            response = dns.message.make_response(dns.message.from_wire(wire))
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(response.to_wire(), peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("challenge", ["http-01", "dns-01", "tls-alpn-01"])
+def test_nxdomain_is_a_dns_error(web: ChallengeHTTPServer, challenge: str) -> None:
+    resolver = NxdomainResolver()
+    try:
+        token = token_for("nx")
+        outcome = validate(challenge, "dns", "gone.example.internal", token, key_authorization(token),
+                           ValidationSettings(http01_port=web.port, dns_resolver=("127.0.0.1", resolver.port)))
+    finally:
+        resolver.close()
+    assert (outcome.valid, outcome.error) == (False, "dns"), outcome
+    assert "does not exist" in outcome.detail
 
 
 def test_unanswering_resolver_is_a_dns_error(web: ChallengeHTTPServer) -> None:
@@ -339,7 +446,14 @@ def test_malformed_requests_are_refused_without_connecting(web: ChallengeHTTPSer
     outcome = validate(challenge, identifier_type, value, token, key_authorization(token), settings)
     assert (outcome.valid, outcome.error) == (False, "malformed"), outcome
     assert_printable(outcome)
+    assert all(str(value).isprintable() for value in outcome.record.values())
     assert len(web.requests) == before
+
+
+def test_no_time_budget_is_refused(settings: ValidationSettings) -> None:
+    token = token_for("t")
+    none = ValidationSettings(http01_port=settings.http01_port, dns_resolver=settings.dns_resolver, timeout=0)
+    assert validate("http-01", "dns", NAME, token, key_authorization(token), none).error == "malformed"
 
 
 def test_key_authorization_must_belong_to_the_token(settings: ValidationSettings) -> None:
@@ -533,6 +647,19 @@ def test_tlsalpn01_refused(settings: ValidationSettings) -> None:
     assert (outcome.valid, outcome.error) == (False, "connection"), outcome
 
 
+def test_tlsalpn01_silent_server_times_out(settings: ValidationSettings) -> None:
+    """TCP accepted, no handshake ever answered: a connection failure within the budget."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        token = token_for("alpn")
+        silent = ValidationSettings(tlsalpn01_port=listener.getsockname()[1], dns_resolver=settings.dns_resolver,
+                                    timeout=0.5)
+        started = time.monotonic()
+        outcome = validate("tls-alpn-01", "dns", NAME, token, key_authorization(token), silent)
+    assert (outcome.valid, outcome.error) == (False, "connection"), outcome
+    assert "timed out" in outcome.detail
+    assert time.monotonic() - started < GENEROUS
+
+
 def test_tlsalpn01_plain_http_is_a_tls_error(web: ChallengeHTTPServer, settings: ValidationSettings) -> None:
     token = token_for("alpn")
     at_http = ValidationSettings(tlsalpn01_port=web.port, dns_resolver=settings.dns_resolver, timeout=10.0)
@@ -551,3 +678,12 @@ def test_settings_from_the_acme_table() -> None:
                                           timeout=3.0)
     assert ValidationSettings.from_config(ACMEConfig()) == ValidationSettings()
     assert ValidationSettings.from_config(ACMEConfig(dns_resolver="[::1]:53")).dns_resolver == ("::1", 53)
+
+
+def test_validate_takes_the_acme_table_itself(web: ChallengeHTTPServer, dns_server: ChallTestSrv) -> None:
+    token = token_for("config")
+    web.behaviours[token] = answering(key_authorization(token).encode())
+    config = ACMEConfig(http01_port=web.port, dns_resolver=dns_server.address, validation_timeout="5s")
+    outcome = validate("http-01", "dns", NAME, token, key_authorization(token), config)
+    assert outcome.valid, outcome
+    assert outcome.record["resolver"] == dns_server.address

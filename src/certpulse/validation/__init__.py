@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from certpulse.display import printable
 from certpulse.pki.names import is_hostname
 from certpulse.validation import dns01, http01, tlsalpn01
 from certpulse.validation.dns01 import dns01_txt_value
@@ -43,11 +44,20 @@ _ADDRESSES_SHOWN = 16  # a hostile zone may answer with hundreds; the record kee
 
 
 def validate(challenge_type: str, identifier_type: str, identifier_value: str, token: str,
-             key_authorization: str, settings: ValidationSettings) -> Outcome:
+             key_authorization: str, settings: ValidationSettings | ValidationConfig) -> Outcome:
     """Validate one challenge (``http-01``, ``dns-01`` or ``tls-alpn-01``) of one identifier
     (``dns`` or ``ip``). Blocking (the front end runs it in a thread), bounded by
-    ``settings.timeout`` and never raising: whatever goes wrong is an invalid :class:`Outcome`."""
-    record: dict[str, object] = {"challenge": challenge_type, "identifier": f"{identifier_type}:{identifier_value}",
+    ``settings.timeout`` and never raising: whatever goes wrong is an invalid :class:`Outcome`.
+    ``settings`` may also be the ``[acme]`` configuration itself (read with
+    :meth:`ValidationSettings.from_config`)."""
+    if not isinstance(settings, ValidationSettings):
+        try:
+            settings = ValidationSettings.from_config(settings)
+        except Exception as exc:  # a configuration the CA would have refused at start
+            return failed(MALFORMED, f"the validation settings are not usable: {exc}", {})
+    # The arguments are checked below; until then they are shown only printable and cut short.
+    record: dict[str, object] = {"challenge": printable(challenge_type)[:40],
+                                 "identifier": printable(f"{identifier_type}:{identifier_value}")[:300],
                                  "resolver": settings.resolver_label()}
     try:
         if identifier_type == "dns":
