@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dns.message
+import dns.rcode
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -375,6 +377,44 @@ def test_http01_servfail_is_a_dns_error(dns_server: ChallTestSrv, settings: Vali
     dns_server.set_servfail("broken.example.internal")
     outcome = http01(token_for("servfail"), settings, name="broken.example.internal")
     assert (outcome.valid, outcome.error) == (False, "dns"), outcome
+
+
+class NxdomainResolver:
+    """A DNS server on loopback UDP that says every name does not exist (pebble-challtestsrv
+    answers every name, so the NXDOMAIN case needs its own server)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                wire, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            response = dns.message.make_response(dns.message.from_wire(wire))
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(response.to_wire(), peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("challenge", ["http-01", "dns-01", "tls-alpn-01"])
+def test_nxdomain_is_a_dns_error(web: ChallengeHTTPServer, challenge: str) -> None:
+    resolver = NxdomainResolver()
+    try:
+        token = token_for("nx")
+        outcome = validate(challenge, "dns", "gone.example.internal", token, key_authorization(token),
+                           ValidationSettings(http01_port=web.port, dns_resolver=("127.0.0.1", resolver.port)))
+    finally:
+        resolver.close()
+    assert (outcome.valid, outcome.error) == (False, "dns"), outcome
+    assert "does not exist" in outcome.detail
 
 
 def test_unanswering_resolver_is_a_dns_error(web: ChallengeHTTPServer) -> None:
