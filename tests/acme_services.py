@@ -25,7 +25,7 @@ import tomli_w
 from cryptography import x509
 
 from challtestsrv import ChallTestSrv
-from support import CA, free_port, init_ca
+from support import CA, Client, free_port, init_ca
 
 CERTBOT = Path(sys.executable).with_name("certbot")
 LEGO = shutil.which("lego")
@@ -248,24 +248,29 @@ class Lego:
         return self.folder / "certificates" / f"{name}.issuer.crt"
 
 
-def ca_status(ca: CA, cert: x509.Certificate) -> dict[str, Any]:
-    """What the CA says of ``cert`` (``certpulse status SERIAL --json``)."""
-    status: dict[str, Any] = json.loads(ca.cli("status", serial_hex(cert), "--json").stdout)
+def ca_status(admin: Client, cert: x509.Certificate) -> dict[str, Any]:
+    """What the CA says of ``cert`` (``GET /v1/certificates/SERIAL``, as ``certpulse status``)."""
+    response = admin.http.get(f"/v1/certificates/{serial_hex(cert)}")
+    assert response.status_code == 200, response.text
+    status: dict[str, Any] = response.json()
     assert int(status["serial"], 16) == cert.serial_number, status
     return status
 
 
-def audit_rows(ca: CA, action: str) -> list[dict[str, Any]]:
-    """The CA's audit rows with this action (``certpulse audit --json``), oldest first."""
-    rows: list[dict[str, Any]] = json.loads(ca.cli("audit", "--json", "--limit", "10000").stdout)
+def audit_rows(admin: Client, action: str) -> list[dict[str, Any]]:
+    """The CA's audit rows with this action (``GET /v1/audit``), oldest first."""
+    response = admin.http.get("/v1/audit", params={"limit": 10_000})
+    assert response.status_code == 200, response.text
+    rows: list[dict[str, Any]] = response.json()
     return sorted((row for row in rows if row["action"] == action), key=lambda row: row["id"])
 
 
-def issued_rows(ca: CA, cert: x509.Certificate) -> list[dict[str, Any]]:
+def issued_rows(admin: Client, cert: x509.Certificate) -> list[dict[str, Any]]:
     """The CA's ``issued`` audit rows for ``cert``."""
-    return [row for row in audit_rows(ca, "issued") if row["serial"] and int(row["serial"], 16) == cert.serial_number]
+    return [row for row in audit_rows(admin, "issued")
+            if row["serial"] and int(row["serial"], 16) == cert.serial_number]
 
 
-def validated_by(ca: CA) -> list[str]:
+def validated_by(admin: Client) -> list[str]:
     """How each ACME authorization was validated, oldest first: ``http-01``, ``dns-01``..."""
-    return [row["detail"].rpartition(" by ")[2] for row in audit_rows(ca, "acme-authorization-valid")]
+    return [row["detail"].rpartition(" by ")[2] for row in audit_rows(admin, "acme-authorization-valid")]

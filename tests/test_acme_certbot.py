@@ -35,7 +35,7 @@ from acme_services import (
     validated_by,
 )
 from challtestsrv import ChallTestSrv
-from support import CA, TEMPLATES, root_trust, serve
+from support import CA, TEMPLATES, Client, cli_json, root_trust, serve
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -53,7 +53,7 @@ class Site:
     endpoint: Endpoint
     dns: ChallTestSrv
     certbot: Certbot
-    base: str
+    admin: Client  # the CA's admin API key: its certificates and audit trail over HTTP
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         ca.add_principal(PRINCIPAL, "--group", "webservers")
         with serve(ca, tls=True) as base:
             endpoint.directory = f"{base}/acme/directory"
-            yield Site(ca, endpoint, dns, Certbot(folder / "certbot", endpoint), base)
+            yield Site(ca, endpoint, dns, Certbot(folder / "certbot", endpoint),
+                       Client(base, ca.admin_key, verify=root_trust(ca)))
     finally:
         dns.stop()
 
@@ -78,9 +79,9 @@ def assert_issued_by_ca(site: Site, cert_path: Path, chain_path: Path, names: li
     openssl_verify(site.endpoint.trust, cert_path, chain_path)
     cert = first_certificate(cert_path)
     assert sorted(dns_names(cert)) == sorted(names)
-    status = ca_status(site.ca, cert)
+    status = ca_status(site.admin, cert)
     assert status["status"] == "good" and status["template"] == template, status
-    rows = issued_rows(site.ca, cert)
+    rows = issued_rows(site.admin, cert)
     assert [row["actor"] for row in rows] == [f"principal:{PRINCIPAL}"], rows
     assert sorted(rows[0]["names"]) == sorted(names), rows
     return serial_hex(cert)
@@ -91,21 +92,21 @@ def test_register_with_external_account_binding(site: Site) -> None:
     same binding cannot make a second account (one use)."""
     eab = new_eab(site.ca, PRINCIPAL)
     site.certbot.register(eab)
-    assert [row["actor"] for row in audit_rows(site.ca, "acme-account-created")] == [f"principal:{PRINCIPAL}"]
+    assert [row["actor"] for row in audit_rows(site.admin, "acme-account-created")] == [f"principal:{PRINCIPAL}"]
     again = Certbot(site.certbot.folder.parent / "certbot-again", site.endpoint)
     refused = again.run("register", "--agree-tos", "--register-unsafely-without-email",
                         "--eab-kid", eab[0], "--eab-hmac-key", eab[1], check=False)
     assert refused.returncode != 0, refused.stdout
     assert not (again.folder / "config" / "accounts").exists() or not any(
         (again.folder / "config" / "accounts").rglob("regr.json")), "a second account with a used binding"
-    assert len(audit_rows(site.ca, "acme-account-created")) == 1
-    assert [row["reason"] for row in audit_rows(site.ca, "acme-account-refused")] == ["unauthenticated"]
+    assert len(audit_rows(site.admin, "acme-account-created")) == 1
+    assert [row["reason"] for row in audit_rows(site.admin, "acme-account-refused")] == ["unauthenticated"]
 
 
 def test_http01_standalone(site: Site) -> None:
     site.certbot.certonly_http(WWW)
     assert_issued_by_ca(site, site.certbot.live(WWW), site.certbot.live(WWW, "chain"), [WWW])
-    assert validated_by(site.ca)[-1] == "http-01"
+    assert validated_by(site.admin)[-1] == "http-01"
 
 
 def test_dns01_manual_hooks(site: Site) -> None:
@@ -117,7 +118,7 @@ def test_dns01_manual_hooks(site: Site) -> None:
     assert [(c["call"], c["host"]) for c in calls] == [("/set-txt", f"_acme-challenge.{name}."),
                                                        ("/clear-txt", f"_acme-challenge.{name}.")]
     assert_issued_by_ca(site, site.certbot.live(name), site.certbot.live(name, "chain"), [name])
-    assert validated_by(site.ca)[-1] == "dns-01"
+    assert validated_by(site.admin)[-1] == "dns-01"
 
 
 def test_profiles_are_templates(site: Site) -> None:
@@ -176,11 +177,11 @@ def test_revoke_key_compromise(site: Site) -> None:
     cert = first_certificate(cert_path)
     site.certbot.run("revoke", "--cert-path", str(cert_path), "--reason", "keycompromise",
                      "--no-delete-after-revoke")
-    status = ca_status(site.ca, cert)
+    status = ca_status(site.admin, cert)
     assert status["status"] == "revoked" and status["revocation_reason"] == "keyCompromise", status
-    response = httpx.get(f"{site.base}/v1/certificates/{serial_hex(cert)}", verify=root_trust(site.ca), timeout=30)
-    assert response.status_code == 200 and response.json()["status"] == "revoked", response.text
-    rows = [row for row in audit_rows(site.ca, "revoked") if int(row["serial"], 16) == cert.serial_number]
+    shown = cli_json(site.ca, "status", serial_hex(cert))  # the operator's view: certpulse status
+    assert (shown["status"], shown["revocation_reason"]) == ("revoked", "keyCompromise"), shown
+    rows = [row for row in audit_rows(site.admin, "revoked") if int(row["serial"], 16) == cert.serial_number]
     assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "keyCompromise")], rows
 
 

@@ -30,7 +30,7 @@ from acme_services import (
     validated_by,
 )
 from challtestsrv import ChallTestSrv
-from support import CA, serve
+from support import CA, Client, root_trust, serve
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -44,6 +44,7 @@ class Site:
     endpoint: Endpoint
     dns: ChallTestSrv
     lego: Lego
+    admin: Client  # the CA's admin API key: its certificates and audit trail over HTTP
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         with serve(ca, tls=True) as base:
             endpoint.directory = f"{base}/acme/directory"
             # lego registers the account (with this binding) on its first run and keeps it in --path.
-            yield Site(ca, endpoint, dns, Lego(folder / "lego", endpoint, new_eab(ca, PRINCIPAL), dns))
+            yield Site(ca, endpoint, dns, Lego(folder / "lego", endpoint, new_eab(ca, PRINCIPAL), dns),
+                       Client(base, ca.admin_key, verify=root_trust(ca)))
     finally:
         dns.stop()
 
@@ -69,9 +71,9 @@ def assert_issued_by_ca(site: Site, name: str) -> str:
     openssl_verify(site.endpoint.trust, cert_path, site.lego.issuer(name))
     cert = first_certificate(cert_path)
     assert dns_names(cert) == [name]
-    status = ca_status(site.ca, cert)
+    status = ca_status(site.admin, cert)
     assert status["status"] == "good" and status["template"] == "webserver", status
-    rows = issued_rows(site.ca, cert)
+    rows = issued_rows(site.admin, cert)
     assert [row["actor"] for row in rows] == [f"principal:{PRINCIPAL}"], rows
     return serial_hex(cert)
 
@@ -79,15 +81,15 @@ def assert_issued_by_ca(site: Site, name: str) -> str:
 def test_http01(site: Site) -> None:
     site.lego.run(HTTP_NAME, site.lego.http(), "run")
     assert_issued_by_ca(site, HTTP_NAME)
-    assert [row["actor"] for row in audit_rows(site.ca, "acme-account-created")] == [f"principal:{PRINCIPAL}"]
-    assert validated_by(site.ca) == ["http-01"]
+    assert [row["actor"] for row in audit_rows(site.admin, "acme-account-created")] == [f"principal:{PRINCIPAL}"]
+    assert validated_by(site.admin) == ["http-01"]
 
 
 def test_tls_alpn01(site: Site) -> None:
     name = "tls.lego.example.internal"
     site.lego.run(name, site.lego.tls(), "run")
     assert_issued_by_ca(site, name)
-    assert validated_by(site.ca)[-1] == "tls-alpn-01"
+    assert validated_by(site.admin)[-1] == "tls-alpn-01"
 
 
 def test_dns01_exec_provider(site: Site) -> None:
@@ -99,7 +101,7 @@ def test_dns01_exec_provider(site: Site) -> None:
     assert [(c["call"], c["host"]) for c in calls] == [("/set-txt", f"_acme-challenge.{name}."),
                                                        ("/clear-txt", f"_acme-challenge.{name}.")]
     assert_issued_by_ca(site, name)
-    assert validated_by(site.ca)[-1] == "dns-01"
+    assert validated_by(site.admin)[-1] == "dns-01"
 
 
 def test_renew_by_days_left(site: Site) -> None:
@@ -117,7 +119,7 @@ def test_revoke(site: Site) -> None:
     """`lego revoke --reason 1`: the CA then says revoked, reason keyCompromise."""
     cert = first_certificate(site.lego.certificate(HTTP_NAME))
     site.lego.run(HTTP_NAME, [], "revoke", "--reason", "1", "--keep")
-    status = ca_status(site.ca, cert)
+    status = ca_status(site.admin, cert)
     assert status["status"] == "revoked" and status["revocation_reason"] == "keyCompromise", status
-    rows = [row for row in audit_rows(site.ca, "revoked") if int(row["serial"], 16) == cert.serial_number]
+    rows = [row for row in audit_rows(site.admin, "revoked") if int(row["serial"], 16) == cert.serial_number]
     assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "keyCompromise")], rows
