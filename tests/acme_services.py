@@ -50,6 +50,37 @@ def run_tool(args: list[str], *, env: dict[str, str] | None = None, check: bool 
     return result
 
 
+class Background:
+    """A client running in the background (its output in a file), for a test that acts at the
+    CA while the client waits; :meth:`finish` waits for it within a bound."""
+
+    def __init__(self, args: list[str], env: dict[str, str], output: Path) -> None:
+        self.output = output
+        with output.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **env})
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self, timeout: float = CLIENT_TIMEOUT) -> str:
+        """Its output, once it has exited 0 (killed and failed when it takes over ``timeout``)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+        assert self.proc.returncode == 0, f"{self.proc.args!r} failed ({self.proc.returncode}):\n{self.text()}"
+        return self.text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
 def wait_for(check: Any, within: float, what: str) -> None:
     deadline = time.monotonic() + within
     while not check():
@@ -186,12 +217,20 @@ class Certbot:
         return self.run("certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port",
                         str(self.endpoint.http01_port), "-d", name, "--cert-name", name, *extra, check=check)
 
-    def certonly_dns(self, name: str, dns: ChallTestSrv, *extra: str) -> subprocess.CompletedProcess[str]:
-        """dns-01: manual hooks put the TXT record into the DNS test server the CA asks."""
+    def dns_args(self, name: str, dns: ChallTestSrv) -> list[str]:
+        """certonly for ``name`` by dns-01: manual hooks put the TXT record into the DNS test
+        server the CA asks."""
         auth = write_hook(self.folder / "auth-hook.py", dns, "certbot manual auth hook", _CERTBOT_AUTH)
         cleanup = write_hook(self.folder / "cleanup-hook.py", dns, "certbot manual cleanup hook", _CERTBOT_CLEANUP)
-        return self.run("certonly", "--manual", "--preferred-challenges", "dns", "--manual-auth-hook", str(auth),
-                        "--manual-cleanup-hook", str(cleanup), "-d", name, "--cert-name", name, *extra)
+        return ["certonly", "--manual", "--preferred-challenges", "dns", "--manual-auth-hook", str(auth),
+                "--manual-cleanup-hook", str(cleanup), "-d", name, "--cert-name", name]
+
+    def certonly_dns(self, name: str, dns: ChallTestSrv, *extra: str) -> subprocess.CompletedProcess[str]:
+        return self.run(*self.dns_args(name, dns), *extra)
+
+    def start(self, *args: str) -> Background:
+        return Background(self.command(*args), {"REQUESTS_CA_BUNDLE": str(self.endpoint.trust)},
+                          self.folder / "certbot.out")
 
     def renew(self, name: str) -> subprocess.CompletedProcess[str]:
         """``certbot renew`` for one lineage, as its timer runs it but without the random delay
@@ -234,11 +273,17 @@ class Lego:
         # (the test server is the only one there is).
         return ["--dns", "exec", "--dns.resolvers", self.dns.address, "--dns.disable-cp"]
 
+    def env(self) -> dict[str, str]:
+        # lego trusts exactly this bundle for the ACME server; its exec provider runs our script.
+        return {"LEGO_CA_CERTIFICATES": str(self.endpoint.trust), "EXEC_PATH": str(self.exec_script),
+                "EXEC_POLLING_INTERVAL": "1", "EXEC_PROPAGATION_TIMEOUT": "60"}
+
     def run(self, name: str, challenge: list[str], *action: str,
             check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {"LEGO_CA_CERTIFICATES": str(self.endpoint.trust), "EXEC_PATH": str(self.exec_script),
-               "EXEC_POLLING_INTERVAL": "1", "EXEC_PROPAGATION_TIMEOUT": "60"}
-        return run_tool([*self.command(name, *challenge), *action], env=env, check=check)
+        return run_tool([*self.command(name, *challenge), *action], env=self.env(), check=check)
+
+    def start(self, name: str, challenge: list[str], *action: str) -> Background:
+        return Background([*self.command(name, *challenge), *action], self.env(), self.folder / "lego.out")
 
     def certificate(self, name: str) -> Path:
         """The certificate lego saved: leaf then issuer (lego bundles them)."""

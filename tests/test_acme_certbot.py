@@ -15,11 +15,13 @@ import datetime as dt
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from acme_services import (
+    Background,
     Certbot,
     Endpoint,
     acme_ca,
@@ -72,17 +74,34 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         dns.stop()
 
 
+@pytest.fixture(scope="module")
+def approval(site: Site) -> Iterator[tuple[Certbot, Background]]:
+    """A second certbot (its own account and folders: certbot runs one at a time per folder)
+    ordering under the `approval-required` profile in the background, from the first test that
+    asks for it to the last: the CA answers its processing order with Retry-After: 60 and
+    certbot honours it, so the minute passes while the other tests run."""
+    bot = Certbot(site.certbot.folder.parent / "certbot-approval", site.endpoint)
+    bot.register(new_eab(site.ca, PRINCIPAL))
+    run = bot.start(*bot.dns_args(PRINCIPAL, site.dns), "--required-profile", "approval-required",
+                    "--issuance-timeout", "170")
+    try:
+        yield bot, run
+    finally:
+        run.stop()
+
+
 def assert_issued_by_ca(site: Site, cert_path: Path, chain_path: Path, names: list[str],
-                        template: str = "webserver") -> str:
+                        template: str = "webserver", actor: str = f"principal:{PRINCIPAL}") -> str:
     """The certificate verifies up to the CA's root with openssl, names exactly ``names``, and
-    the CA lists it (good, under ``template``) with an ``issued`` audit row for the principal."""
+    the CA lists it (good, under ``template``) with an ``issued`` audit row (the principal's,
+    or the approving CA manager's)."""
     openssl_verify(site.endpoint.trust, cert_path, chain_path)
     cert = first_certificate(cert_path)
     assert sorted(dns_names(cert)) == sorted(names)
     status = ca_status(site.admin, cert)
     assert status["status"] == "good" and status["template"] == template, status
     rows = issued_rows(site.admin, cert)
-    assert [row["actor"] for row in rows] == [f"principal:{PRINCIPAL}"], rows
+    assert [row["actor"] for row in rows] == [actor], rows
     assert sorted(rows[0]["names"]) == sorted(names), rows
     return serial_hex(cert)
 
@@ -101,6 +120,22 @@ def test_register_with_external_account_binding(site: Site) -> None:
         (again.folder / "config" / "accounts").rglob("regr.json")), "a second account with a used binding"
     assert len(audit_rows(site.admin, "acme-account-created")) == 1
     assert [row["reason"] for row in audit_rows(site.admin, "acme-account-refused")] == ["unauthenticated"]
+
+
+def test_order_under_approval_is_processing(site: Site, approval: tuple[Certbot, Background]) -> None:
+    """A profile whose template needs CA-manager approval: after validation and finalize the
+    request is pending at the CA and certbot keeps polling its processing order; a CA manager
+    approves it with `certpulse request approve` (certbot's certificate is checked at the end)."""
+    _, run = approval
+    deadline = time.monotonic() + 90
+    pending: list[dict[str, Any]] = []
+    while not pending and run.running() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        pending = site.admin.http.get("/v1/requests", params={"status": "pending"}).json()
+    assert [p["template"] for p in pending] == ["approval-required"], (pending, run.text())
+    assert run.running(), run.text()
+    site.ca.cli("request", "approve", str(pending[0]["id"]))
+    assert [row["request_id"] for row in audit_rows(site.admin, "approved")] == [pending[0]["id"]]
 
 
 def test_http01_standalone(site: Site) -> None:
@@ -196,9 +231,10 @@ def test_registered_name_needs_no_challenge_when_the_template_trusts_it(site: Si
                         + "\n[acme]\ntrust_registered_names = true\n")
     site.ca.cli("template", "add", str(template))
 
-    before = len(hook_calls(site.certbot.folder))
+    before, validations = len(hook_calls(site.certbot.folder)), len(validated_by(site.admin))
     site.certbot.certonly_dns(PRINCIPAL, site.dns, "--required-profile", "trusted-web")
     assert len(hook_calls(site.certbot.folder)) == before, "a challenge was solved for the registered name"
+    assert len(validated_by(site.admin)) == validations, "the CA validated a challenge for the registered name"
     assert_issued_by_ca(site, site.certbot.live(PRINCIPAL), site.certbot.live(PRINCIPAL, "chain"), [PRINCIPAL],
                         template="trusted-web")
 
@@ -207,3 +243,14 @@ def test_registered_name_needs_no_challenge_when_the_template_trusts_it(site: Si
     assert [c["host"] for c in hook_calls(site.certbot.folder)[before:]] == [f"_acme-challenge.{other}."] * 2
     assert_issued_by_ca(site, site.certbot.live(other), site.certbot.live(other, "chain"), [other],
                         template="trusted-web")
+
+
+
+def test_approved_order_reaches_certbot(site: Site, approval: tuple[Certbot, Background]) -> None:
+    """The order approved in the first test: certbot got its certificate (the principal's own
+    name: that template takes names from the principal), issued under that template at the
+    approving manager's word."""
+    bot, run = approval
+    run.finish()
+    assert_issued_by_ca(site, bot.live(PRINCIPAL), bot.live(PRINCIPAL, "chain"), [PRINCIPAL],
+                        template="approval-required", actor="operator:root")
