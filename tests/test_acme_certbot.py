@@ -146,9 +146,10 @@ def test_http01_standalone(site: Site) -> None:
 
 def test_dns01_manual_hooks(site: Site) -> None:
     """The auth hook put the TXT record the CA looked up at the DNS test server; the cleanup
-    hook removed it."""
+    hook removed it. (With `--preferred-profile webserver`: certbot sends it, the directory
+    offering it.)"""
     name = "dns.certbot.example.internal"
-    site.certbot.certonly_dns(name, site.dns)
+    site.certbot.certonly_dns(name, site.dns, "--preferred-profile", "webserver")
     calls = hook_calls(site.certbot.folder)
     assert [(c["call"], c["host"]) for c in calls] == [("/set-txt", f"_acme-challenge.{name}."),
                                                        ("/clear-txt", f"_acme-challenge.{name}.")]
