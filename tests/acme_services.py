@@ -186,6 +186,18 @@ def dns_names(cert: x509.Certificate) -> list[str]:
         x509.DNSName)
 
 
+TEMPLATE_INFORMATION = x509.ObjectIdentifier("1.3.6.1.4.1.311.21.7")  # AD CS certificate template
+
+
+def has_template_extension(cert: x509.Certificate) -> bool:
+    """The certificate carries the template-information extension, as a native one does."""
+    try:
+        cert.extensions.get_extension_for_oid(TEMPLATE_INFORMATION)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
 def serial_hex(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 

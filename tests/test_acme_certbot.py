@@ -29,6 +29,7 @@ from acme_services import (
     ca_status,
     dns_names,
     first_certificate,
+    has_template_extension,
     hook_calls,
     issued_rows,
     new_eab,
@@ -98,6 +99,7 @@ def assert_issued_by_ca(site: Site, cert_path: Path, chain_path: Path, names: li
     openssl_verify(site.endpoint.trust, cert_path, chain_path)
     cert = first_certificate(cert_path)
     assert sorted(dns_names(cert)) == sorted(names)
+    assert has_template_extension(cert)
     status = ca_status(site.admin, cert)
     assert status["status"] == "good" and status["template"] == template, status
     rows = issued_rows(site.admin, cert)

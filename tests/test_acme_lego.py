@@ -22,6 +22,7 @@ from acme_services import (
     ca_status,
     dns_names,
     first_certificate,
+    has_template_extension,
     hook_calls,
     issued_rows,
     new_eab,
@@ -71,6 +72,7 @@ def assert_issued_by_ca(site: Site, name: str) -> str:
     openssl_verify(site.endpoint.trust, cert_path, site.lego.issuer(name))
     cert = first_certificate(cert_path)
     assert dns_names(cert) == [name]
+    assert has_template_extension(cert)
     status = ca_status(site.admin, cert)
     assert status["status"] == "good" and status["template"] == "webserver", status
     rows = issued_rows(site.admin, cert)
