@@ -178,9 +178,11 @@ class ACMERoutes:
 
     # -- refusals -------------------------------------------------------------------------
 
-    @staticmethod
-    def refusal_answer(refusal: Refusal, urls: Urls) -> Answer:
+    def refusal_answer(self, refusal: Refusal, urls: Urls) -> Answer:
         status, document = refusal_document(refusal)
+        terms = self.acme.config.terms_of_service
+        if refusal.reason is Reason.USER_ACTION_REQUIRED and terms:  # RFC 8555 section 7.3.3
+            document["instance"] = terms
         answer = Answer.problem(status, document)
         retry_after = refusal.extra.get("retry_after")
         if isinstance(retry_after, int):
@@ -188,6 +190,8 @@ class ACMERoutes:
         existing = refusal.extra.get("account_id")
         if refusal.reason is Reason.CONFLICT and isinstance(existing, int):  # keyChange: the key's account
             answer.header("location", urls.account(existing))
+        if "instance" in document:
+            answer.link(terms, "terms-of-service")
         return answer
 
     def outer_refusal(self, scope: Scope, refusal: Refusal) -> ASGIApp | None:
