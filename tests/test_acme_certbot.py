@@ -187,6 +187,13 @@ def stored_retry_after(site: Site, name: str) -> dt.datetime:
     raise AssertionError(f"certbot recorded no ari_retry_after for {name}")
 
 
+def wait_past(moment: dt.datetime) -> None:
+    """Until certbot's stored next-check time (naive local time) has passed; bounded."""
+    deadline = time.monotonic() + 60
+    while dt.datetime.now() <= moment and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_renew_follows_ari(site: Site) -> None:
     """`certbot renew` asks the CA's renewalInfo: a fresh certificate's window is weeks away, so
     nothing happens (same serial); after `certpulse template reenroll-all webserver` the window
@@ -200,9 +207,7 @@ def test_renew_follows_ari(site: Site) -> None:
     assert retry_after < dt.datetime.now() + dt.timedelta(minutes=5), retry_after
 
     site.ca.cli("template", "reenroll-all", "webserver")
-    deadline = time.monotonic() + 60
-    while dt.datetime.now() <= retry_after and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_past(retry_after)
     renewed = site.certbot.renew(WWW)
     second = serial_hex(first_certificate(site.certbot.live(WWW)))
     assert second != first, renewed.stdout + renewed.stderr
@@ -210,7 +215,8 @@ def test_renew_follows_ari(site: Site) -> None:
 
 
 def test_revoke_key_compromise(site: Site) -> None:
-    """`certbot revoke` with the account key: the CA then says revoked, reason keyCompromise."""
+    """`certbot revoke` with the account key: the CA then says revoked, reason keyCompromise;
+    its renewal information then says "renew now", and `certbot renew` does."""
     cert_path = site.certbot.live(WWW)
     cert = first_certificate(cert_path)
     site.certbot.run("revoke", "--cert-path", str(cert_path), "--reason", "keycompromise",
@@ -221,6 +227,12 @@ def test_revoke_key_compromise(site: Site) -> None:
     assert (shown["status"], shown["revocation_reason"]) == ("revoked", "keyCompromise"), shown
     rows = [row for row in audit_rows(site.admin, "revoked") if int(row["serial"], 16) == cert.serial_number]
     assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "keyCompromise")], rows
+
+    wait_past(stored_retry_after(site, WWW))
+    site.certbot.renew(WWW)
+    replacement = first_certificate(site.certbot.live(WWW))
+    assert replacement.serial_number != cert.serial_number
+    assert_issued_by_ca(site, site.certbot.live(WWW), site.certbot.live(WWW, "chain"), [WWW])
 
 
 def test_registered_name_needs_no_challenge_when_the_template_trusts_it(site: Site, tmp_path: Path) -> None:
