@@ -269,3 +269,19 @@ def test_approved_order_reaches_certbot(site: Site, approval: tuple[Certbot, Bac
     run.finish()
     assert_issued_by_ca(site, bot.live(PRINCIPAL), bot.live(PRINCIPAL, "chain"), [PRINCIPAL],
                         template="approval-required", actor="operator:root")
+
+
+def test_failed_validation_reaches_certbot(site: Site) -> None:
+    """The name resolves (at the CA's resolver) to 127.0.0.2, where certbot's web server does
+    not listen: the CA's http-01 validation fails, certbot shows the CA's problem (type and
+    detail), and nothing is issued."""
+    name = "unreachable.certbot.example.internal"
+    site.dns.add_a(name, "127.0.0.2")
+    issued_before = len(audit_rows(site.admin, "issued"))
+    failed = site.certbot.certonly_http(name, check=False)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0, output
+    assert "Type:   connection" in output and "127.0.0.2" in output, output
+    assert not site.certbot.live(name).exists()
+    assert len(audit_rows(site.admin, "issued")) == issued_before
+    assert audit_rows(site.admin, "acme-authorization-invalid"), "the failed validation is not audited"

@@ -125,3 +125,17 @@ def test_revoke(site: Site) -> None:
     assert status["status"] == "revoked" and status["revocation_reason"] == "keyCompromise", status
     rows = [row for row in audit_rows(site.admin, "revoked") if int(row["serial"], 16) == cert.serial_number]
     assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "keyCompromise")], rows
+
+
+def test_name_the_template_forbids(site: Site) -> None:
+    """A name outside the webserver template's rules: the CA refuses the order
+    (rejectedIdentifier), lego shows it, and nothing is issued or validated."""
+    issued_before = len(audit_rows(site.admin, "issued"))
+    refused = site.lego.run("www.example.com", site.lego.http(), "run", check=False)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0, output
+    assert "urn:ietf:params:acme:error:rejectedIdentifier" in output, output
+    assert len(audit_rows(site.admin, "issued")) == issued_before
+    rows = audit_rows(site.admin, "acme-order-refused")
+    assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "rejected-identifier")]
+    assert "www.example.com" in rows[0]["detail"], rows
