@@ -318,6 +318,8 @@ def test_account_refusals(world: World) -> None:
     refused(Reason.MALFORMED_REQUEST, acme.new_account, key,
             external_binding=mac_signed(unknown_header, json.dumps(dict(key.jwk)), OctKey.import_key(b"k" * 96)),
             **args)
+    for hostile in ([1, 2], "text", 5, {"protected": 1, "payload": [], "signature": None}, {}):
+        refused(Reason.MALFORMED_REQUEST, acme.new_account, key, external_binding=hostile, **args)
     for bad, reason in ((("tel:+1555",), Reason.UNSUPPORTED_CONTACT), (("mailto:a@b.example,c@d.example",),
                         Reason.INVALID_CONTACT), (("mailto:not an address",), Reason.INVALID_CONTACT),
                         (("mailto:a\x00@x.example",), Reason.INVALID_CONTACT),
@@ -493,6 +495,32 @@ def test_rejected_identifiers_each_get_a_subproblem(world: World) -> None:
     subs = problem.extra["subproblems"]
     assert [s.identifier.value for s in subs] == ["evil.example.com", "*.example.internal", "192.0.2.1", "bad..name"]
     assert all(s.reason == Reason.REJECTED_IDENTIFIER for s in subs)
+
+
+
+def test_hostile_order_input_is_refused_cleanly(world: World) -> None:
+    """Oversized, unprintable and odd values from the network: a clear refusal, never a database
+    error (PostgreSQL refuses NUL in text and values longer than their column)."""
+    acme = world.service.acme
+    account = account_for(world)
+    args: dict[str, Any] = {"not_before": None, "not_after": None, "now": clock.now()}
+    for identifier in (Identifier("dns", "a" * 10_000 + ".example.internal"),
+                       Identifier("dns", "x\x00.example.internal"), Identifier("ip", "::1%eth0"),
+                       Identifier("ip", "1.2.3.4.5"), Identifier("dns", "\u202e.example")):
+        problem = refused(Reason.REJECTED_IDENTIFIER, acme.new_order, account, (identifier,), profile="webserver",
+                          replaces=None, **args)
+        assert len(problem.detail) < 600 and problem.detail.isprintable()
+    refused(Reason.UNSUPPORTED_IDENTIFIER, acme.new_order, account,
+            (Identifier("email", "a@b.example"),), profile="webserver", replaces=None, **args)  # type: ignore[arg-type]
+    refused(Reason.MALFORMED_REQUEST, acme.new_order, account, (Identifier("dns", 5),),  # type: ignore[arg-type]
+            profile="webserver", replaces=None, **args)
+    refused(Reason.INVALID_PROFILE, acme.new_order, account, (Identifier("dns", "a.example.internal"),),
+            profile="p\x00" * 5000, replaces=None, **args)
+    refused(Reason.MALFORMED_REQUEST, acme.new_order, account, (Identifier("dns", "a.example.internal"),),
+            profile="webserver", replaces="A" * 5000 + "." + "B" * 5000, **args)
+    refused(Reason.REJECTED_IDENTIFIER, acme.new_order, account,
+            tuple(Identifier("dns", f"n{i}.example.internal") for i in range(101)), profile="webserver",
+            replaces=None, **args)
 
 
 def test_profile_refusals(world: World) -> None:

@@ -308,6 +308,10 @@ def test_no_refusal_is_a_server_error(env: Env) -> None:
             assert response.status_code != 500 and response.status_code < 500, (url, payload, response.text)
             if response.status_code >= 400:
                 assert problem_type(response), (url, payload, response.text)
+    deep = b"[" * 30000 + b"]" * 30000
+    assert_refused(client.send(client.url("newOrder"), deep), "malformed", 400)
+    assert_refused(client.post(client.url("newOrder"), b'{"identifiers": ' + b"[" * 20000 + b"]" * 20000 + b"}"),
+                   "malformed", 400)
     for path in ("renewal-info/AAAA.AAAA", "renewal-info/x", "renewal-info/..", "renewal-info/" + "A" * 500):
         response = httpx.get(f"{env.base}/acme/{path}")
         assert response.status_code < 500 and problem_type(response), (path, response.text)

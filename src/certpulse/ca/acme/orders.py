@@ -89,9 +89,12 @@ def identifier_problem(caller: Caller, template: Template, identifier: Identifie
                        "is not supported (dns and ip are)", identifier)
     if identifier.type == "ip":
         try:
-            ipaddress.ip_address(identifier.value)
+            address = ipaddress.ip_address(identifier.value)
         except ValueError:
             return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} is not an IP address", identifier)
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} has a zone; a certificate names addresses "
+                                                       "without one", identifier)
     elif not is_hostname(identifier.value, allow_wildcard=True):
         return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} is not a valid DNS name", identifier)
     if template.subject_source == "principal":
@@ -139,6 +142,8 @@ class Orders:
                 raise Refusal(Reason.MALFORMED_REQUEST, "an order names at least one identifier")
             if len(identifiers) > MAX_IDENTIFIERS:
                 raise Refusal(Reason.REJECTED_IDENTIFIER, f"at most {MAX_IDENTIFIERS} identifiers per order")
+            if any(not isinstance(i.type, str) or not isinstance(i.value, str) for i in identifiers):
+                raise Refusal(Reason.MALFORMED_REQUEST, "every identifier has a type and a value, both strings")
             wanted = tuple(dict.fromkeys(normalized(i) for i in identifiers))
             with read(self.engine) as conn:
                 caller = self._acme.caller(conn, account)
