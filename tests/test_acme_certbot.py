@@ -1,8 +1,11 @@
 """certbot (the PyPI release in the dev extras) against a real ``certpulse ca serve --tls``: an
 account bound by EAB, http-01 through certbot's own web server, dns-01 through manual hooks and
-the local DNS test server, profiles (templates), ``certbot renew`` deciding by ARI, and
-``certbot revoke``. Every certificate is then checked at the CA: it chains to the CA's root,
-carries the names asked for, is listed with its template and has its audit row.
+the local DNS test server, profiles (templates), an order waiting for CA-manager approval, a
+template trusting the principal's registered name, ``certbot renew`` deciding by ARI (before the
+window, after ``template reenroll-all``, after revocation), ``certbot revoke``, and a failed
+validation as certbot shows it. Every certificate is then checked at the CA: it chains to the
+CA's root (openssl), carries the names asked for and the template extension, is listed with its
+template and has its audit row.
 
 One CA and one server for the module (SQLite: the ACME flow does not depend on the database;
 the protocol and the store are tested on both backends elsewhere). Tests run in order and build
@@ -118,6 +121,7 @@ def test_register_with_external_account_binding(site: Site) -> None:
     refused = again.run("register", "--agree-tos", "--register-unsafely-without-email",
                         "--eab-kid", eab[0], "--eab-hmac-key", eab[1], check=False)
     assert refused.returncode != 0, refused.stdout
+    assert "already used" in refused.stdout + refused.stderr, refused.stderr  # the CA's detail, shown
     assert not (again.folder / "config" / "accounts").exists() or not any(
         (again.folder / "config" / "accounts").rglob("regr.json")), "a second account with a used binding"
     assert len(audit_rows(site.admin, "acme-account-created")) == 1

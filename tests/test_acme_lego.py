@@ -1,8 +1,9 @@
 """lego (Debian's package) against a real ``certpulse ca serve --tls``: an account bound by EAB,
 http-01 and tls-alpn-01 through lego's own listeners, dns-01 through its ``exec`` provider and
-the local DNS test server, ``lego renew`` (by days left: this lego predates ARI) and
-``lego revoke``. Every certificate is checked at the CA: it chains to the CA's root, carries
-the names asked for, is listed with its template and has its audit row.
+the local DNS test server, ``lego renew`` (by days left: this lego predates ARI),
+``lego revoke``, and a name the template forbids as lego shows it. Every certificate is checked
+at the CA: it chains to the CA's root (openssl), carries the names asked for and the template
+extension, is listed with its template and has its audit row.
 
 One CA and one server for the module (SQLite: the ACME flow does not depend on the database).
 Tests run in order and build on each other, as an operator would."""
