@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from acme_services import (
     Endpoint,
@@ -89,9 +90,12 @@ def test_http01(site: Site) -> None:
 
 
 def test_tls_alpn01(site: Site) -> None:
+    """tls-alpn-01, with an RSA certificate key this time (the webserver template allows RSA)."""
     name = "tls.lego.example.internal"
-    site.lego.run(name, site.lego.tls(), "run")
+    site.lego.run(name, [*site.lego.tls(), "--key-type", "rsa2048"], "run")
     assert_issued_by_ca(site, name)
+    key = first_certificate(site.lego.certificate(name)).public_key()
+    assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048
     assert validated_by(site.admin)[-1] == "tls-alpn-01"
 
 
