@@ -75,6 +75,8 @@ class Reason(enum.StrEnum):
     ALREADY_REPLACED = "already-replaced"
     INVALID_PROFILE = "invalid-profile"
     VALIDATION_FAILED = "validation-failed"  # a challenge failed; extra["acme_type"] names the ACME type
+    INVALID_CONTACT = "invalid-contact"  # an account contact that is not a single printable mailto: address
+    UNSUPPORTED_CONTACT = "unsupported-contact"  # a contact URL scheme other than mailto:
     # load
     RATE_LIMITED = "rate-limited"
     UNAVAILABLE = "unavailable"

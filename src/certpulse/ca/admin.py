@@ -9,9 +9,12 @@ writes an audit row with the acting operator.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import json
 import re
+import secrets
 from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
@@ -224,6 +227,10 @@ class CAAdmin:
                                     .values(principal_id=None)).rowcount
             conn.execute(delete(t.group_members).where(t.group_members.c.principal_id == row.id))
             conn.execute(delete(t.enrollment_tokens).where(t.enrollment_tokens.c.principal_id == row.id))
+            # ACME: its binding keys go; its accounts stay on record, bound to nothing (they open nothing)
+            conn.execute(delete(t.acme_eab_keys).where(t.acme_eab_keys.c.principal_id == row.id))
+            conn.execute(update(t.acme_accounts).where(t.acme_accounts.c.principal_id == row.id)
+                         .values(principal_id=None, status="deactivated", updated_at=now))
             conn.execute(delete(t.principals).where(t.principals.c.id == row.id))
             bump_generation(conn)
             self._audit(conn, now, "principal-removed",
@@ -272,6 +279,39 @@ class CAAdmin:
                  "enabled": r.enabled, "created_at": r.created_at.isoformat()}
                 for r in conn.execute(select(t.principals).order_by(t.principals.c.name))
             ]
+
+    # -- ACME external account binding ---------------------------------------------------
+
+    def add_acme_eab(self, name: str, now: dt.datetime, expires: dt.timedelta | None = None) -> dict[str, Any]:
+        """A one-time external account binding key for the principal ``name``: the ACME account
+        a client makes with it acts as that principal. Returned once: the key id and the HMAC key
+        (base64url of 96 random bytes). Only the SHA-256 of the key is kept: being longer than
+        SHA-256's 64-byte block, the key enters HMAC-SHA256 (HS256) as that digest (RFC 2104),
+        so the digest verifies the binding and the key itself is never stored or logged."""
+        lifetime = expires if expires is not None else self.service.acme.config.duration("eab_key_lifetime")
+        if lifetime <= dt.timedelta(0):
+            raise Refusal(Reason.INVALID_ARGUMENT, "a binding key's lifetime must be positive")
+        raw = secrets.token_bytes(96)
+        kid = secrets.token_urlsafe(24)
+        expires_at = now + lifetime
+        try:
+            with write(self.engine) as conn:
+                row = conn.execute(select(t.principals.c.id, t.principals.c.enabled)
+                                   .where(t.principals.c.name == name)).first()
+                if row is None:
+                    raise Refusal(Reason.NOT_FOUND, f"no principal named {name!r}")
+                if not row.enabled:
+                    raise Refusal(Reason.INVALID_ARGUMENT, f"principal {name!r} is disabled; enable it first")
+                conn.execute(t.acme_eab_keys.insert().values(
+                    kid=kid, principal_id=row.id, key_digest=hashlib.sha256(raw).hexdigest(), created_at=now,
+                    expires_at=expires_at))
+                self._audit(conn, now, "acme-eab-created",
+                            detail=f"principal {name}; key id {kid}; expires {expires_at.isoformat()}")
+        except Refusal as refusal:
+            self.service.audit.refusal(self.caller.actor, "acme-eab-refused", refusal, now)
+            raise
+        return {"principal": name, "kid": kid, "hmac_key": base64.urlsafe_b64encode(raw).rstrip(b"=").decode(),
+                "expires_at": expires_at.isoformat()}
 
     # -- issuers ------------------------------------------------------------------------
 

@@ -70,6 +70,10 @@ class EnrollmentRequest:
     ra_signatures: tuple[Evidence, ...] = ()
     archived_key: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
+    # The certificate (id) this request replaces, vouched for by a trusted front end that checked
+    # it belongs to the requester (ACME's ``replaces``): recorded as the request's renewal_of and
+    # kind "renewal", the lineage a native renewal gets from its evidence. Never from a client.
+    lineage: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

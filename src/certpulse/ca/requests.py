@@ -103,8 +103,9 @@ class RegistrationAuthority:
                 if not decision.pending:
                     return self._issue(conn, unsigned or self._ca.prepare(decision), now, generation,
                                        actor=caller.actor, principal_id=caller.principal_id,
-                                       new_by=caller, idempotency_key=req.idempotency_key)
-                request_id = self._insert_request(conn, caller, decision, now, req.idempotency_key)
+                                       new_by=caller, idempotency_key=req.idempotency_key, lineage=req.lineage)
+                request_id = self._insert_request(conn, caller, decision, now, req.idempotency_key,
+                                                  lineage=req.lineage)
                 self._audit.record(conn, now, caller.actor, "pending", template=decision.template.name,
                                    request_id=request_id, names=decision.names.all(),
                                    detail=f"{decision.kind} request awaits CA-manager approval")
@@ -203,13 +204,17 @@ class RegistrationAuthority:
         )
 
     def _insert_request(self, conn: Connection, caller: Caller, d: request_policy.Decision, now: dt.datetime,
-                        idempotency_key: str | None = None, certificate_id: int | None = None) -> int:
-        """The request's row: pending, or (with ``certificate_id``) issued now."""
+                        idempotency_key: str | None = None, certificate_id: int | None = None,
+                        lineage: int | None = None) -> int:
+        """The request's row: pending, or (with ``certificate_id``) issued now. ``lineage``: the
+        certificate a trusted front end says it replaces, when it presented no renewal evidence."""
+        renewal_of = d.renewal_of.id if d.renewal_of else lineage
         cursor = self._insert_request_row.run(conn, {
             "principal_id": caller.principal_id, "requester": caller.actor, "template_name": d.template.name,
             "template_major": d.template.major_version, "template_minor": d.template.minor_version,
-            "kind": d.kind, "csr_der": d.csr_der, "subject": d.subject_text(), "names": d.names_json(),
-            "renewal_of": d.renewal_of.id if d.renewal_of else None, "authority_id": d.issuer.id,
+            "kind": "renewal" if renewal_of is not None else d.kind, "csr_der": d.csr_der,
+            "subject": d.subject_text(), "names": d.names_json(),
+            "renewal_of": renewal_of, "authority_id": d.issuer.id,
             "status": "issued" if certificate_id is not None else "pending", "created_at": now,
             "decided_at": now if certificate_id is not None else None, "decided_by": None,
             "certificate_id": certificate_id, "idempotency_key": idempotency_key, "key_sha256": d.key_sha256,
@@ -227,7 +232,7 @@ class RegistrationAuthority:
 
     def _issue(self, conn: Connection, unsigned: Unsigned, now: dt.datetime, generation: int, *, actor: str,
                principal_id: int | None, request_id: int | None = None, new_by: Caller | None = None,
-               idempotency_key: str | None = None) -> Issued:
+               idempotency_key: str | None = None, lineage: int | None = None) -> Issued:
         """Sign and record, in ``conn``'s transaction. ``request_id`` names a pending request being
         approved; a new submission by ``new_by`` has its request row written issued once the
         certificate's row exists (one statement fewer than writing it and then updating it)."""
@@ -236,7 +241,7 @@ class RegistrationAuthority:
         if request_id is None:
             assert new_by is not None
             request_id = self._insert_request(conn, new_by, d, now, idempotency_key,
-                                              certificate_id=signed.certificate_id)
+                                              certificate_id=signed.certificate_id, lineage=lineage)
         else:
             conn.execute(REQUEST_ISSUED, {
                 "request_id": request_id, "certificate_id": signed.certificate_id, "decided_at": now,

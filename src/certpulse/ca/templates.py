@@ -122,6 +122,11 @@ class Template:
     # check another way (a closed system with its own CRL distribution).
     crl_distribution_point: bool = True
     authority_information_access: bool = True
+    # ACME (``[acme] trust_registered_names``): an order's identifier that is the principal's own
+    # registered name (a machine principal's name as a DNS name) gets an authorization that is
+    # valid without a challenge; the CA already knows that machine (the autoenrollment case).
+    # Off by default: with it on, whoever holds the principal's EAB key gets its name unproven.
+    trust_registered_names: bool = False
 
     @property
     def version(self) -> str:
@@ -188,6 +193,7 @@ class Template:
                 "user_interaction": self.user_interaction,
                 "check_directory": self.check_directory,
             },
+            "acme": {"trust_registered_names": self.trust_registered_names},
             "permissions": [
                 {
                     **({"principal": p.principal} if p.principal else {"group": p.group}),
@@ -445,6 +451,10 @@ def parse_template(document: Mapping[str, Any], *, default_oid: str) -> Template
     check_directory = handling.boolean("check_directory", False)
     handling.done()
 
+    acme = top.sub("acme")
+    trust_registered_names = acme.boolean("trust_registered_names", False)
+    acme.done()
+
     raw_permissions = top._get("permissions", [])
     if not isinstance(raw_permissions, list):
         raise _invalid("permissions", "must be a list of tables ([[permissions]])")
@@ -495,4 +505,5 @@ def parse_template(document: Mapping[str, Any], *, default_oid: str) -> Template
         permissions=tuple(permissions),
         crl_distribution_point=crl_distribution_point,
         authority_information_access=authority_information_access,
+        trust_registered_names=trust_registered_names,
     )

@@ -653,6 +653,36 @@ def principal_groups(
     console.print(f"[green]groups of {shown(repr(name))} updated[/green]")
 
 
+@principal_app.command("acme-eab")
+def principal_acme_eab(
+    name: str,
+    dir_: DirOption = None,
+    expires: Annotated[str | None, typer.Option(
+        "--expires", help="Lifetime of the unused key, e.g. 7d (default: ca.toml [acme] eab_key_lifetime)")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Make a one-time ACME external account binding key for a principal (printed once).
+
+    An ACME client registers its account with it (certbot --eab-kid/--eab-hmac-key, lego
+    --eab --kid/--hmac); the account then acts as the principal."""
+    lifetime = parse_duration(expires) if expires is not None else None
+    result = _admin(dir_).add_acme_eab(name, clock.now(), lifetime)
+    if json_:
+        emit_json(result)
+        return
+    kid, key = result["kid"], result["hmac_key"]
+    console.print(f"ACME account binding for {shown(repr(name))} (shown once; one use; "
+                  f"expires {shown(result['expires_at'])}):")
+    print_fields(("kid", kid), ("hmac_key", key))
+    directory = "https://CA-HOST:PORT/acme/directory"
+    console.print("certbot:", soft_wrap=True)
+    console.print(f"  certbot register --server {directory} --eab-kid {kid} --eab-hmac-key {key}",
+                  soft_wrap=True, markup=False)
+    console.print("lego:", soft_wrap=True)
+    console.print(f"  lego --server {directory} --eab --kid {kid} --hmac {key} --email ADDRESS run ...",
+                  soft_wrap=True, markup=False)
+
+
 # -- requests, revocation, audit ----------------------------------------------------------
 
 @request_app.command("list")

@@ -50,6 +50,7 @@ from certpulse.ca.setup import open_service
 from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends import documents, read_deadline
+from certpulse.frontends.acme import ACMERoutes, add_acme_paths
 from certpulse.frontends.environment import whole_number_setting
 from certpulse.frontends.health import DatabaseProbe, liveness, readiness, worker_health
 from certpulse.frontends.lifecycle import (
@@ -526,14 +527,19 @@ def create_app(service: CAService, *, max_body: int = 64 * 1024, max_inflight: i
         service.audit.refusal(ANONYMOUS.actor, "refused",
                               Refusal(refusal.reason, f"{scope.get('method')} {scope.get('path')}"), clock.now())
 
-    inner: ASGIApp = SubmitRoute(app, service)
+    # ACME (RFC 8555) beside the API, inside the same thread limit, shedding and body limit; its
+    # refusals there are ACME problem documents (frontends/acme/)
+    acme = ACMERoutes(SubmitRoute(app, service), service)
+    add_acme_paths(app)
+    inner: ASGIApp = acme
     if threads is not None:
         inner = limit_threads(inner, threads)
-    shed = shed_load(inner, max_inflight, threads=threads or 1)
+    shed = shed_load(inner, max_inflight, threads=threads or 1, refusals=acme.outer_refusal)
     app.state.shedding = shed if isinstance(shed, LoadShedding) else None
     # CRLs, OCSP and CA certificates answer outside the shedding limit (frontends/publication.py)
     published = PublicationRoutes(shed, public_routes(service) if publish else [])
-    return BodyLimit(published, max_body, _logged(on_body_refused), read_timeout=read_timeout)
+    return BodyLimit(published, max_body, _logged(on_body_refused), read_timeout=read_timeout,
+                     refusals=acme.outer_refusal)
 
 
 def app_from_environment() -> Any:

@@ -35,8 +35,11 @@ _BODILESS = frozenset({"GET", "HEAD"})
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int, on_refusal: Callable[[Scope, Refusal], None], *,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
+                 read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 refusals: Callable[[Scope, Refusal], ASGIApp | None] | None = None) -> None:
         self.app = app
+        # another protocol's answer on its own paths (ACME's problem documents); None: the API's
+        self.refusals = refusals
         self.max_bytes = max_bytes
         self.on_refusal = on_refusal
         self.read_timeout = read_timeout
@@ -100,6 +103,10 @@ class BodyLimit:
         # audited before the answer, as every refusal is; in the loop's default executor, neither
         # blocking the loop nor queueing behind (or taking) a handler thread
         await asyncio.get_running_loop().run_in_executor(None, self.on_refusal, scope, refusal)
+        other = self.refusals(scope, refusal) if self.refusals is not None else None
+        if other is not None:
+            await other(scope, receive, send)
+            return
         response = problem(refusal.reason, refusal.detail)
         response.headers["Connection"] = "close"
         await response(scope, receive, send)

@@ -135,6 +135,36 @@ OCSP_RESPONSES = Counter(
 )
 
 
+# The ACME server (frontends/acme/): every request, by operation (newOrder, finalize, ...) and
+# outcome (ok, or the ACME error type it was refused with: badNonce, malformed, ...).
+ACME_REQUESTS = Counter(
+    "certpulse_acme_requests",
+    "ACME requests by operation (directory, newNonce, newAccount, newOrder, finalize, challenge, ...) and "
+    "outcome: ok, or the ACME error type of the refusal (badNonce, malformed, unauthorized, rateLimited, ...)",
+    ["operation", "outcome"], registry=_PROCESS_REGISTRY,
+)
+ACME_SECONDS = Histogram(
+    "certpulse_acme_request_seconds",
+    "Time an ACME request took in this server, from its body read to its answer, by operation",
+    ["operation"], buckets=LATENCY_BUCKETS, registry=_PROCESS_REGISTRY,
+)
+_acme_children: dict[tuple[str, str], Any] = {}
+_acme_timers: dict[str, Any] = {}
+
+
+def observe_acme(operation: str, outcome: str, started: float) -> None:
+    """One ACME request answered, ``started`` from :func:`time.perf_counter` (label children are
+    kept: looking them up on every request would cost more than counting)."""
+    counter = _acme_children.get((operation, outcome))
+    if counter is None:
+        counter = _acme_children[(operation, outcome)] = ACME_REQUESTS.labels(operation, outcome)
+    timer = _acme_timers.get(operation)
+    if timer is None:
+        timer = _acme_timers[operation] = ACME_SECONDS.labels(operation)
+    counter.inc()
+    timer.observe(time.perf_counter() - started)
+
+
 def ocsp_counter(status: str, source: str) -> Any:
     """The counter child of one (status, source), for the route to keep: ``labels()`` on every
     answer would cost more than the rest of a cached answer's bookkeeping."""

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from certpulse.errors import Reason
+from certpulse.errors import Reason, Refusal
 from certpulse.frontends.environment import whole_number_setting
 from certpulse.frontends.metrics import (
     observe_inflight,
@@ -52,6 +52,9 @@ MAX_INFLIGHT_ENV = "CERTPULSE_MAX_INFLIGHT"
 DEFAULT_MAX_INFLIGHT = 64
 EXEMPT_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 _T = TypeVar("_T")
+# Another protocol's answer to a refusal on its own paths (the ACME routes answer RFC 8555
+# problems); None: the API's own problem document.
+RefusalAnswers = Callable[[Scope, Refusal], ASGIApp | None]
 
 
 class LoadShedding:
@@ -59,7 +62,7 @@ class LoadShedding:
 
     def __init__(self, app: ASGIApp, max_inflight: int, *, schedule: RetrySchedule | None = None,
                  exempt: Iterable[str] = EXEMPT_PATHS, monotonic: Callable[[], float] = time.monotonic,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, refusals: RefusalAnswers | None = None) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.app = app
@@ -69,6 +72,7 @@ class LoadShedding:
         self.monotonic = monotonic
         self.peak = 0
         self.threads = threads or self.schedule.saturated_at  # handler threads (frontends/threads.py)
+        self.refusals = refusals
         self.full_since: float | None = None  # since when every place has been taken (None: not now)
         self.busy_since: float | None = None  # since when every handler thread has had a request
         set_inflight_limit(max_inflight)
@@ -121,6 +125,13 @@ class LoadShedding:
         observe_shed()
         client = client_digest(scope)
         seconds = self._measure(lambda now: self.schedule.shed(now, client))
+        detail = (f"the server is at its limit of {self.max_inflight} requests in progress; "
+                  f"retry after {seconds} s")
+        other = self.refusals(scope, Refusal(Reason.RATE_LIMITED, detail, retry_after=seconds)) \
+            if self.refusals is not None else None
+        if other is not None:
+            await other(scope, receive, send)
+            return
         response = problem(Reason.UNAVAILABLE,
                            f"the server is at its limit of {self.max_inflight} requests in progress; "
                            f"retry after {seconds} s", status=503, retry_after=seconds)
@@ -143,14 +154,16 @@ def max_inflight_from_environment() -> int:
                                 requirement="a whole number (0 = no limit)")
 
 
-def shed_load(app: ASGIApp, max_inflight: int | None = None, *, threads: int = 1) -> ASGIApp:
+def shed_load(app: ASGIApp, max_inflight: int | None = None, *, threads: int = 1,
+              refusals: RefusalAnswers | None = None) -> ASGIApp:
     """``app`` behind a :class:`LoadShedding` limit (from the environment when not given); ``app``
     itself when the limit is 0. ``threads``: the worker's handler threads, the requests in
     progress at which it is saturated (see :class:`RetrySchedule`)."""
     limit = max_inflight_from_environment() if max_inflight is None else max_inflight
     if limit == 0:
         return app
-    return LoadShedding(app, limit, schedule=RetrySchedule(saturated_at=min(limit, threads)), threads=threads)
+    return LoadShedding(app, limit, schedule=RetrySchedule(saturated_at=min(limit, threads)), threads=threads,
+                        refusals=refusals)
 
 
 __all__ = ["DEFAULT_MAX_INFLIGHT", "MAX_INFLIGHT_ENV", "LoadShedding", "client_digest",

@@ -1,0 +1,167 @@
+"""Finalize (RFC 8555 section 7.4) and certificate download (section 7.4.2).
+
+A ready order's CSR goes to the same registration authority as a native request
+(:meth:`certpulse.ca.requests.RegistrationAuthority.submit`), as the account's principal, under
+the order's profile: so an ACME certificate is decided by the same policy chain, recorded,
+audited, revocable and counted exactly like a native one. A template that needs a CA manager's
+approval leaves the order ``processing`` until the request is approved or denied. An order that
+``replaces`` a certificate (RFC 9773) is submitted with it as its lineage, as a native renewal is.
+
+The order is claimed (``processing``) in a transaction of its own before submission, so two
+finalize calls for one order never make two certificates; the submission is idempotent by the
+order's id besides, should a claimed order be finalized again after its finalizer died.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from sqlalchemy import Connection, and_, select, update
+
+from certpulse.ca.acme import problems, records
+from certpulse.ca.acme.model import Account, CertificateChains, Order
+from certpulse.ca.model import EnrollmentRequest
+from certpulse.ca.results import Issued, Pending, Replayed
+from certpulse.ca.storage import schema as t
+from certpulse.display import printable
+from certpulse.errors import Reason, Refusal
+from certpulse.pki.certs import load_csr, pem
+from certpulse.pki.names import csr_sans, names_of_sans
+from certpulse.sql.db import read, write
+
+if TYPE_CHECKING:
+    from certpulse.ca.acme.service import ACMEAuthority
+
+# Refusals about the CSR itself or a passing condition: the order stays ready, and the client
+# may finalize again with another CSR (or later). Every other refusal is final: the order is
+# invalid with it as its error.
+RETRYABLE = frozenset({
+    Reason.MALFORMED_CSR, Reason.BAD_CSR_SIGNATURE, Reason.WEAK_SIGNATURE_ALGORITHM, Reason.KEY_NOT_ALLOWED,
+    Reason.KEY_BLOCKED, Reason.KEY_OF_ANOTHER_PRINCIPAL, Reason.STORE, Reason.UNAVAILABLE, Reason.RATE_LIMITED,
+    Reason.CONFLICT,
+})
+
+
+def csr_names(csr: x509.CertificateSigningRequest) -> set[str]:
+    """Every name a CSR asks for, spelled as order identifiers are: its SANs and its common name."""
+    try:
+        names = names_of_sans(csr_sans(csr))
+        common = [str(a.value) for a in csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    except (ValueError, Refusal) as exc:
+        raise Refusal(Reason.MALFORMED_CSR, f"the CSR's names cannot be read: {exc}") from None
+    found: set[str] = {n.lower().removesuffix(".") for n in names.dns}
+    found |= {str(ipaddress.ip_address(n)) for n in names.ip}
+    found |= set(names.email) | set(names.uri)
+    for name in common:
+        try:
+            found.add(str(ipaddress.ip_address(name)))
+        except ValueError:
+            found.add(name.lower().removesuffix("."))
+    return found
+
+
+def check_csr_names(order: Order, csr: x509.CertificateSigningRequest) -> None:
+    """MALFORMED_CSR ("badCSR") unless the CSR names exactly the order's identifiers."""
+    wanted = {i.value for i in order.identifiers}
+    found = csr_names(csr)
+    missing, extra = sorted(wanted - found), sorted(found - wanted)
+    if missing or extra:
+        parts = []
+        if extra:
+            parts.append("names the order does not: " + ", ".join(printable(n[:255]) for n in extra[:10]))
+        if missing:
+            parts.append("lacks the order's " + ", ".join(printable(n) for n in missing[:10]))
+        raise Refusal(Reason.MALFORMED_CSR, "the CSR must name exactly the order's identifiers; it "
+                      + "; it ".join(parts))
+
+
+class Finalization:
+    def __init__(self, authority: ACMEAuthority) -> None:
+        self._acme = authority
+        self.engine = authority.service.engine
+
+    def finalize(self, account: Account, order_id: int, csr_der: bytes, now: dt.datetime) -> Order:
+        orders = self._acme.ordering
+        order = orders.order(account, order_id, now)
+        if order.status != "ready":
+            raise Refusal(Reason.ORDER_NOT_READY, f"order {order_id} is {order.status}, not ready"
+                          + (" (it has authorizations left to validate)" if order.status == "pending" else ""))
+        csr = load_csr(csr_der)
+        check_csr_names(order, csr)
+        with write(self.engine) as conn:
+            row = self._claim(conn, account, order_id, now)
+            replaces = row.replaces
+        try:
+            with read(self.engine) as conn:
+                caller = self._acme.caller(conn, account)
+            submission = self._acme.service.requests.submit(caller, EnrollmentRequest(
+                template=order.profile, csr=csr_der, idempotency_key=f"acme-order-{order_id}",
+                lineage=replaces), now)
+        except Refusal as refusal:
+            self._after_refusal(order_id, refusal, now)
+            raise
+        with write(self.engine) as conn:
+            self._record(conn, order_id, submission, now)
+        return orders.order(account, order_id, now)
+
+    @staticmethod
+    def _claim(conn: Connection, account: Account, order_id: int, now: dt.datetime) -> Any:
+        o = t.acme_orders.c
+        row = conn.execute(select(t.acme_orders).where(and_(o.id == order_id, o.account_id == account.id))
+                           .with_for_update()).one()
+        if row.status != "ready":
+            raise Refusal(Reason.ORDER_NOT_READY, f"order {order_id} is {row.status}, not ready")
+        if row.replaces is not None:
+            done = conn.execute(select(o.id).where(and_(
+                o.replaces == row.replaces, o.id != order_id, o.status.in_(("processing", "valid"))))).first()
+            if done is not None:
+                raise Refusal(Reason.ALREADY_REPLACED, f"order {done.id} already replaced this certificate")
+        conn.execute(update(t.acme_orders).where(o.id == order_id).values(status="processing", updated_at=now))
+        return row
+
+    def _after_refusal(self, order_id: int, refusal: Refusal, now: dt.datetime) -> None:
+        """The claimed order after the registration authority refused its CSR (the refusal is
+        audited there): ready again for a refusal the client can mend, invalid otherwise."""
+        if refusal.reason in RETRYABLE:
+            values: dict[str, Any] = {"status": "ready"}
+        else:
+            values = {"status": "invalid", "error": problems.dumps(problems.from_refusal(refusal))}
+        with write(self.engine) as conn:
+            conn.execute(update(t.acme_orders).where(and_(
+                t.acme_orders.c.id == order_id, t.acme_orders.c.status == "processing",
+                t.acme_orders.c.request_id.is_(None))).values(updated_at=now, **values))
+
+    @staticmethod
+    def _record(conn: Connection, order_id: int, submission: Issued | Pending | Replayed, now: dt.datetime) -> None:
+        request_id = submission.request.request_id if isinstance(submission, Replayed) else submission.request_id
+        request = conn.execute(select(t.requests.c.status, t.requests.c.certificate_id)
+                               .where(t.requests.c.id == request_id)).one()
+        values: dict[str, Any] = {"request_id": request_id, "updated_at": now}
+        if request.status == "issued":
+            values.update(status="valid", certificate_id=request.certificate_id)
+        conn.execute(update(t.acme_orders).where(t.acme_orders.c.id == order_id).values(**values))
+
+    # -- download -----------------------------------------------------------------------
+
+    def certificate(self, account: Account, certificate_id: int, alternate: int, now: dt.datetime) -> CertificateChains:
+        """The certificate of one of the account's orders, with its issuer's chain up to the
+        root. No alternate chains: a certificate has one issuer, whose chain leads to one root;
+        after a root rollover, relying parties that know only the old root reach the new one
+        through the cross-certificate the CA publishes (``alternate`` other than 0 is not found)."""
+        records.require_id(certificate_id, "certificate")
+        if alternate != 0:
+            raise Refusal(Reason.NOT_FOUND, f"certificate {certificate_id} has no alternate chain {alternate}")
+        o = t.acme_orders.c
+        with read(self.engine) as conn:
+            owned = conn.execute(select(o.id).where(and_(
+                o.account_id == account.id, o.certificate_id == certificate_id, o.status == "valid"))).first()
+            row = conn.execute(select(t.certificates).where(and_(
+                t.certificates.c.id == certificate_id, t.certificates.c.status == "issued"))).first()
+            if owned is None or row is None:
+                raise Refusal(Reason.NOT_FOUND, f"no certificate {certificate_id}")
+            chain = self._acme.service.state.get(conn).chain(row.authority_id)
+        leaf = pem(x509.load_der_x509_certificate(row.der))
+        return CertificateChains(pem=leaf + "".join(chain), alternates=0)
