@@ -36,7 +36,7 @@ from certpulse.ca.admin import CAAdmin
 from certpulse.ca.config import CADir
 from certpulse.ca.model import Caller
 from certpulse.ca.service import CAService
-from certpulse.ca.setup import open_service
+from certpulse.ca.setup import open_service, rollover_root
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import ari, jose
@@ -610,3 +610,65 @@ def test_reenroll_all_moves_the_window_into_the_past(world: World) -> None:
     world.admin.reenroll_all("trusted-web", clock.now())
     after = acme.renewal_info(ari.certificate_id(leaf), clock.now())
     assert after.end < clock.now() and after.explanation and "major version" in after.explanation
+
+
+def test_unbound_accounts_act_as_the_configured_principal(world: World) -> None:
+    acme = world.service.acme
+    now = clock.now()
+    _, key = new_key()
+    args: dict[str, Any] = {"contact": (), "terms_agreed": True, "only_return_existing": False,
+                            "external_binding": None, "url": NEW_ACCOUNT_URL, "now": now}
+    acme.accounts.config = dataclasses.replace(acme.config, external_account_required=False)
+    try:
+        refused(Reason.EXTERNAL_ACCOUNT_REQUIRED, acme.new_account, key, **args)  # no unbound principal named
+        acme.accounts.config = dataclasses.replace(acme.config, external_account_required=False,
+                                                   unbound_principal=PLAIN)
+        account, created = acme.new_account(key, **args)
+        assert created and account.principal_name == PLAIN and account.eab_kid is None
+    finally:
+        acme.accounts.config = acme.config
+
+
+def test_binding_must_be_hs256(world: World) -> None:
+    _, key = new_key()
+    made = world.admin.add_acme_eab(WEB, clock.now())
+    header = {"alg": "HS384", "kid": made["kid"], "url": NEW_ACCOUNT_URL}
+    registry = jws.JWSRegistry(header_registry={"url": HeaderParameter("ACME request URL", "str")},
+                               algorithms=["HS384"])
+    eab = dict(jws.serialize_json({"protected": header}, json.dumps(dict(key.jwk)),
+                                  OctKey.import_key(_b64(made["hmac_key"])), registry=registry))
+    refused(Reason.BAD_SIGNATURE_ALGORITHM, world.service.acme.new_account, key, contact=(), terms_agreed=True,
+            only_return_existing=False, external_binding=eab, url=NEW_ACCOUNT_URL, now=clock.now())
+
+
+def test_without_a_profile_the_first_template_that_allows_the_names(world: World) -> None:
+    acme = world.service.acme
+    account = account_for(world)
+    now = clock.now()
+    # approval-required comes first by name but only certifies the principal's own name
+    web = acme.new_order(account, (Identifier("dns", "any.example.internal"),), profile=None, not_before=None,
+                         not_after=None, replaces=None, now=now)
+    own = acme.new_order(account, (Identifier("dns", WEB),), profile=None, not_before=None, not_after=None,
+                         replaces=None, now=now)
+    assert (web.profile, own.profile) == ("trusted-web", "approval-required")
+    refused(Reason.REJECTED_IDENTIFIER, acme.new_order, account, (Identifier("dns", "x.example.com"),), profile=None,
+            not_before=None, not_after=None, replaces=None, now=now)
+
+
+def test_after_root_rollover_an_alternate_chain_reaches_the_old_root(world: World) -> None:
+    """Last in the module: it rolls the CA over to a new root (new issuer, old ones disabled)."""
+    acme = world.service.acme
+    account = account_for(world)
+    before, _, _ = issued(world, account, ["before.example.internal"])
+    assert acme.certificate(account, before.certificate_id or 0, 0, clock.now()).alternates == 0
+    old_root = x509.load_pem_x509_certificate((world.ca.dir / "certs" / "root.pem").read_bytes())
+    new_root, cross, _ = rollover_root(CADir(world.ca.dir), world.service, key_type="ec-p256", now=clock.now())
+    after, _, _ = issued(world, account, ["after.example.internal"])
+    main = acme.certificate(account, after.certificate_id or 0, 0, clock.now())
+    assert main.alternates == 1
+    alternate = acme.certificate(account, after.certificate_id or 0, 1, clock.now())
+    main_chain = x509.load_pem_x509_certificates(main.pem.encode())
+    other_chain = x509.load_pem_x509_certificates(alternate.pem.encode())
+    assert main_chain[0] == other_chain[0] and main_chain[-1] == new_root
+    assert other_chain[-2:] == [cross, old_root]
+    refused(Reason.NOT_FOUND, acme.certificate, account, after.certificate_id or 0, 2, clock.now())

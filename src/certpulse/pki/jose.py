@@ -51,6 +51,9 @@ _REGISTRY = joserfc_jws.JWSRegistry(
     },
     algorithms=[*ALGORITHMS, *MAC_ALGORITHMS],
 )
+# joserfc refuses protected headers over 512 bytes by default; an ACME header carries the account's
+# JWK, and an RSA key's alone is longer (2048 bits: about 550 bytes encoded, 4096: about 900).
+_REGISTRY.max_header_length = 4096
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

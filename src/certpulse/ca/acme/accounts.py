@@ -50,26 +50,32 @@ def actor_of(account: Account) -> str:
     return f"principal:{account.principal_name}" if account.principal_name else f"acme-account:{account.id}"
 
 
+def _contact_refusal(detail: str, *, unsupported: bool = False) -> Refusal:
+    """A contact refused, with the ACME error the front end names it by."""
+    if unsupported:
+        return Refusal(Reason.UNSUPPORTED_CONTACT, detail, acme_type="unsupportedContact")
+    return Refusal(Reason.INVALID_CONTACT, detail, acme_type="invalidContact")
+
+
 def checked_contacts(contact: tuple[str, ...]) -> tuple[str, ...]:
     """Contacts an account may hold: at most :data:`MAX_CONTACTS` ``mailto:`` URLs, each one
     mailbox (no second address, no header fields), printable and bounded."""
     if len(contact) > MAX_CONTACTS:
-        raise Refusal(Reason.INVALID_CONTACT, f"at most {MAX_CONTACTS} contacts are accepted")
+        raise _contact_refusal(f"at most {MAX_CONTACTS} contacts are accepted")
     checked: list[str] = []
     for url in contact:
         if not isinstance(url, str) or len(url) > MAX_CONTACT_LENGTH or not url.isprintable():
-            raise Refusal(Reason.INVALID_CONTACT, f"the contact {printable(str(url)[:80])} is not a printable URL "
-                                                  f"of at most {MAX_CONTACT_LENGTH} characters")
+            raise _contact_refusal(f"the contact {printable(str(url)[:80])} is not a printable URL of at most "
+                                   f"{MAX_CONTACT_LENGTH} characters")
         scheme, sep, address = url.partition(":")
         if not sep or scheme.lower() != "mailto":
-            raise Refusal(Reason.UNSUPPORTED_CONTACT, f"the contact {printable(url[:80])} is not a mailto: URL; "
-                                                      "only mailto: contacts are accepted")
-        if any(c in address for c in ",?&;%") :
-            raise Refusal(Reason.INVALID_CONTACT, f"the contact {printable(url[:80])} must be one address, "
-                                                  "without header fields")
+            raise _contact_refusal(f"the contact {printable(url[:80])} is not a mailto: URL; only mailto: contacts "
+                                   "are accepted", unsupported=True)
+        if any(c in address for c in ",?&;%"):
+            raise _contact_refusal(f"the contact {printable(url[:80])} must be one address, without header fields")
         problem = mailbox.mailbox_problem(address)
         if problem is not None:
-            raise Refusal(Reason.INVALID_CONTACT, f"the contact {printable(url[:80])}: the address {problem}")
+            raise _contact_refusal(f"the contact {printable(url[:80])}: the address {problem}")
         checked.append(f"mailto:{address}")
     return tuple(dict.fromkeys(checked))
 

@@ -22,9 +22,11 @@ from cryptography import x509
 from sqlalchemy import Connection, and_, select, update
 
 from certpulse.ca.acme import problems, records
-from certpulse.ca.acme.model import Account, CertificateChains, Order
-from certpulse.ca.model import EnrollmentRequest
+from certpulse.ca.acme.accounts import actor_of
+from certpulse.ca.acme.model import Account, CertificateChains, Identifier, Order
+from certpulse.ca.model import Caller, EnrollmentRequest
 from certpulse.ca.results import Issued, Pending, Replayed
+from certpulse.ca.state import Snapshot
 from certpulse.ca.storage import schema as t
 from certpulse.display import printable
 from certpulse.errors import Reason, Refusal
@@ -63,9 +65,9 @@ def csr_names(csr: x509.CertificateSigningRequest) -> set[str]:
     return found
 
 
-def check_csr_names(order: Order, csr: x509.CertificateSigningRequest) -> None:
+def check_csr_names(identifiers: tuple[Identifier, ...], csr: x509.CertificateSigningRequest) -> None:
     """MALFORMED_CSR ("badCSR") unless the CSR names exactly the order's identifiers."""
-    wanted = {i.value for i in order.identifiers}
+    wanted = {i.value for i in identifiers}
     found = csr_names(csr)
     missing, extra = sorted(wanted - found), sorted(found - wanted)
     if missing or extra:
@@ -84,43 +86,46 @@ class Finalization:
         self.engine = authority.service.engine
 
     def finalize(self, account: Account, order_id: int, csr_der: bytes, now: dt.datetime) -> Order:
-        orders = self._acme.ordering
-        order = orders.order(account, order_id, now)
-        if order.status != "ready":
-            raise Refusal(Reason.ORDER_NOT_READY, f"order {order_id} is {order.status}, not ready"
-                          + (" (it has authorizations left to validate)" if order.status == "pending" else ""))
-        csr = load_csr(csr_der)
-        check_csr_names(order, csr)
-        with write(self.engine) as conn:
-            row = self._claim(conn, account, order_id, now)
-            replaces = row.replaces
+        records.require_id(order_id, "order")
         try:
-            with read(self.engine) as conn:
-                caller = self._acme.caller(conn, account)
-            submission = self._acme.service.requests.submit(caller, EnrollmentRequest(
-                template=order.profile, csr=csr_der, idempotency_key=f"acme-order-{order_id}",
-                lineage=replaces), now)
+            csr = load_csr(csr_der)
+            with write(self.engine) as conn:
+                row, caller = self._claim(conn, account, order_id, csr, now)
         except Refusal as refusal:
+            self._acme.service.audit.refusal(actor_of(account), "acme-finalize-refused", refusal, now)
+            raise
+        try:
+            submission = self._acme.service.requests.submit(caller, EnrollmentRequest(
+                template=row.profile, csr=csr_der, idempotency_key=f"acme-order-{order_id}",
+                lineage=row.replaces), now)
+        except Refusal as refusal:  # audited by the registration authority
             self._after_refusal(order_id, refusal, now)
             raise
         with write(self.engine) as conn:
-            self._record(conn, order_id, submission, now)
-        return orders.order(account, order_id, now)
+            return self._record(conn, order_id, submission, now)
 
-    @staticmethod
-    def _claim(conn: Connection, account: Account, order_id: int, now: dt.datetime) -> Any:
+    def _claim(self, conn: Connection, account: Account, order_id: int, csr: x509.CertificateSigningRequest,
+               now: dt.datetime) -> tuple[Any, Caller]:
+        """The order, claimed for this finalize (``processing``) once it is ready and the CSR names
+        exactly its identifiers; with the principal the account acts as."""
         o = t.acme_orders.c
         row = conn.execute(select(t.acme_orders).where(and_(o.id == order_id, o.account_id == account.id))
-                           .with_for_update()).one()
+                           .with_for_update()).first()
+        if row is None:
+            raise Refusal(Reason.NOT_FOUND, f"no order {order_id}")
+        row = self._acme.ordering.bring_up_to_date(conn, row, now)
         if row.status != "ready":
-            raise Refusal(Reason.ORDER_NOT_READY, f"order {order_id} is {row.status}, not ready")
+            raise Refusal(Reason.ORDER_NOT_READY, f"order {order_id} is {row.status}, not ready"
+                          + (" (it has authorizations left to validate)" if row.status == "pending" else ""))
+        check_csr_names(records.identifiers_of(row.identifiers), csr)
         if row.replaces is not None:
             done = conn.execute(select(o.id).where(and_(
                 o.replaces == row.replaces, o.id != order_id, o.status.in_(("processing", "valid"))))).first()
             if done is not None:
                 raise Refusal(Reason.ALREADY_REPLACED, f"order {done.id} already replaced this certificate")
+        caller = self._acme.caller(conn, account)
         conn.execute(update(t.acme_orders).where(o.id == order_id).values(status="processing", updated_at=now))
-        return row
+        return row, caller
 
     def _after_refusal(self, order_id: int, refusal: Refusal, now: dt.datetime) -> None:
         """The claimed order after the registration authority refused its CSR (the refusal is
@@ -134,8 +139,9 @@ class Finalization:
                 t.acme_orders.c.id == order_id, t.acme_orders.c.status == "processing",
                 t.acme_orders.c.request_id.is_(None))).values(updated_at=now, **values))
 
-    @staticmethod
-    def _record(conn: Connection, order_id: int, submission: Issued | Pending | Replayed, now: dt.datetime) -> None:
+    def _record(self, conn: Connection, order_id: int, submission: Issued | Pending | Replayed,
+                now: dt.datetime) -> Order:
+        """The order after its submission: valid with its certificate, or processing with its request."""
         request_id = submission.request.request_id if isinstance(submission, Replayed) else submission.request_id
         request = conn.execute(select(t.requests.c.status, t.requests.c.certificate_id)
                                .where(t.requests.c.id == request_id)).one()
@@ -143,17 +149,17 @@ class Finalization:
         if request.status == "issued":
             values.update(status="valid", certificate_id=request.certificate_id)
         conn.execute(update(t.acme_orders).where(t.acme_orders.c.id == order_id).values(**values))
+        row = conn.execute(select(t.acme_orders).where(t.acme_orders.c.id == order_id)).one()
+        return self._acme.ordering.value(conn, self._acme.ordering.bring_up_to_date(conn, row, now))
 
     # -- download -----------------------------------------------------------------------
 
     def certificate(self, account: Account, certificate_id: int, alternate: int, now: dt.datetime) -> CertificateChains:
-        """The certificate of one of the account's orders, with its issuer's chain up to the
-        root. No alternate chains: a certificate has one issuer, whose chain leads to one root;
-        after a root rollover, relying parties that know only the old root reach the new one
-        through the cross-certificate the CA publishes (``alternate`` other than 0 is not found)."""
+        """The certificate of one of the account's orders, with its issuer's chain up to its
+        root (``alternate`` 0), or up to an older root through a cross-certificate (1..n, RFC
+        8555 section 7.4.2): after ``ca rollover-root`` a client whose relying parties know only
+        the old root can fetch a chain they accept."""
         records.require_id(certificate_id, "certificate")
-        if alternate != 0:
-            raise Refusal(Reason.NOT_FOUND, f"certificate {certificate_id} has no alternate chain {alternate}")
         o = t.acme_orders.c
         with read(self.engine) as conn:
             owned = conn.execute(select(o.id).where(and_(
@@ -162,6 +168,24 @@ class Finalization:
                 t.certificates.c.id == certificate_id, t.certificates.c.status == "issued"))).first()
             if owned is None or row is None:
                 raise Refusal(Reason.NOT_FOUND, f"no certificate {certificate_id}")
-            chain = self._acme.service.state.get(conn).chain(row.authority_id)
+            snapshot = self._acme.service.state.get(conn)
+        chains = [snapshot.chain(row.authority_id), *alternate_chains(snapshot, row.authority_id)]
+        if isinstance(alternate, bool) or not 0 <= alternate < len(chains):
+            raise Refusal(Reason.NOT_FOUND, f"certificate {certificate_id} has no alternate chain {alternate}")
         leaf = pem(x509.load_der_x509_certificate(row.der))
-        return CertificateChains(pem=leaf + "".join(chain), alternates=0)
+        return CertificateChains(pem=leaf + "".join(chains[alternate]), alternates=len(chains) - 1)
+
+
+def alternate_chains(snapshot: Snapshot, issuer_id: int) -> list[tuple[str, ...]]:
+    """The issuer's chain ending instead in each cross-certificate of its root (the root's
+    subject and key, signed by an older root) and that older root's own chain."""
+    chain = snapshot.chain(issuer_id)
+    root = snapshot.authority(issuer_id)
+    while root.parent_id is not None:
+        root = snapshot.authority(root.parent_id)
+    return [
+        (*chain[:-1], pem(cross.certificate), *snapshot.chain(cross.parent_id))
+        for cross in snapshot.by_role("cross")
+        if cross.parent_id is not None and cross.certificate.subject == root.certificate.subject
+        and cross.certificate.public_key() == root.certificate.public_key()
+    ]

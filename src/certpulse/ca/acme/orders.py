@@ -134,7 +134,7 @@ class Orders:
                 caller = self._acme.caller(conn, account)
                 snapshot = self._acme.service.state.get(conn)
                 replaced = self._replaced(conn, caller, replaces) if replaces is not None else None
-            template = self._template(snapshot, caller, profile, replaced)
+            template = self._template(snapshot, caller, profile, replaced, wanted)
             refused = tuple(p for p in (identifier_problem(caller, template, i) for i in wanted) if p is not None)
             if refused:
                 first = refused[0]
@@ -162,7 +162,11 @@ class Orders:
             self._acme.service.audit.refusal(actor, "acme-order-refused", refusal, now, template=profile)
             raise
 
-    def _template(self, snapshot: Snapshot, caller: Caller, profile: str | None, replaced: Any) -> Template:
+    def _template(self, snapshot: Snapshot, caller: Caller, profile: str | None, replaced: Any,
+                  wanted: tuple[Identifier, ...]) -> Template:
+        """The order's template: the profile asked for; else the replaced certificate's; else
+        ``[acme] default_profile``; else the first (by name) the principal may enroll in that
+        allows every identifier (the first of all when none does, for its refusals)."""
         if profile is not None:
             template = snapshot.templates.get(profile)
             if template is None or "read" not in template.rights_of(caller.name, caller.groups):
@@ -185,7 +189,9 @@ class Orders:
         choices = enrollable(snapshot, caller)
         if not choices:
             raise Refusal(Reason.TEMPLATE_NOT_PERMITTED, f"{caller.actor} may not enroll for any profile")
-        return choices[0]
+        fitting = (tpl for tpl in choices if len(wanted) <= tpl.names.max
+                   and all(identifier_problem(caller, tpl, i) is None for i in wanted))
+        return next(fitting, choices[0])
 
     def _check_validity(self, template: Template, not_before: dt.datetime | None, not_after: dt.datetime | None,
                         now: dt.datetime) -> None:
@@ -267,11 +273,11 @@ class Orders:
         with read(self.engine) as conn:
             row = self._row(conn, account, order_id)
             if not self._moves(conn, row, now):
-                return self._value(conn, row)
+                return self.value(conn, row)
         with write(self.engine) as conn:
             row = self._row(conn, account, order_id, lock=True)
             row = self.bring_up_to_date(conn, row, now)
-            return self._value(conn, row)
+            return self.value(conn, row)
 
     @staticmethod
     def _row(conn: Connection, account: Account, order_id: int, *, lock: bool = False) -> Any:
@@ -283,7 +289,8 @@ class Orders:
         return row
 
     @staticmethod
-    def _value(conn: Connection, row: Any) -> Order:
+    def value(conn: Connection, row: Any) -> Order:
+        """An order row as the value answered, with its authorizations' ids."""
         ids = tuple(conn.execute(select(t.acme_authorizations.c.id).where(
             t.acme_authorizations.c.order_id == row.id).order_by(t.acme_authorizations.c.id)).scalars())
         return records.as_order(row, ids, records.replaces_text(conn, row.replaces))

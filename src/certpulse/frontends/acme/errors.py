@@ -65,6 +65,8 @@ ACME_ERRORS: dict[Reason, tuple[str, int]] = {
     Reason.ISSUER_RENEWAL_ONLY: ("invalidProfile", 400),
     Reason.RA_SIGNATURES_MISSING: ("invalidProfile", 400),
     Reason.KEY_ARCHIVAL_REQUIRED: ("invalidProfile", 400),
+    Reason.INVALID_CONTACT: ("invalidContact", 400),
+    Reason.UNSUPPORTED_CONTACT: ("unsupportedContact", 400),
     Reason.RATE_LIMITED: ("rateLimited", 429),
     Reason.UNAVAILABLE: ("serverInternal", 503),
     Reason.STORE: ("serverInternal", 503),

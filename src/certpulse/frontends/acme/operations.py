@@ -24,7 +24,7 @@ from certpulse.frontends.acme.validations import ValidationRunner
 from certpulse.pki import jose
 
 PEM_CHAIN_MEDIA_TYPE = "application/pem-certificate-chain"
-ORDERS_PAGE = 100  # order URLs per page of an account's orders list
+ORDERS_PAGE = 50  # order URLs per page of an account's orders list
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,7 +162,7 @@ def authz(call: Call) -> Answer:
         if status != "deactivated":
             raise payloads.malformed("an authorization's status can only be changed to 'deactivated'")
         item = call.acme.deactivate_authorization(current, call.ids[0], call.now)
-    return Answer.json(resources.authorization(call.urls, item))
+    return Answer.json(resources.authorization(call.urls, item)).link(call.urls.order(item.order_id), "up")
 
 
 def challenge(call: Call) -> Answer:

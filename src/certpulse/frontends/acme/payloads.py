@@ -42,16 +42,14 @@ def flag(payload: dict[str, Any], field: str) -> bool:
 
 
 def contacts(payload: dict[str, Any]) -> tuple[str, ...] | None:
+    """The ``contact`` list as sent (its URLs are the core's to judge: INVALID_CONTACT,
+    UNSUPPORTED_CONTACT); None when absent."""
     value = payload.get("contact")
     if value is None:
         return None
     if not isinstance(value, list) or len(value) > MAX_CONTACTS or not all(
-            isinstance(item, str) and 0 < len(item) <= 320 for item in value):
-        raise malformed(f"'contact' must be a list of at most {MAX_CONTACTS} URLs")
-    for item in value:
-        if not item.startswith("mailto:") or not item.isprintable():
-            raise Refusal(Reason.MALFORMED_REQUEST, f"unsupported contact {printable(item[:80])!r}: only mailto: URLs",
-                          acme_type="unsupportedContact")
+            isinstance(item, str) and len(item) <= 1024 for item in value):
+        raise Refusal(Reason.INVALID_CONTACT, f"'contact' must be a list of at most {MAX_CONTACTS} URLs")
     return tuple(value)
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from urllib.parse import urlsplit
 
 from starlette.types import Scope
 
 PREFIX = "/acme/"
 _ID = r"([0-9]{1,9})"  # a row id: within a 32-bit integer column on every database
+_ACCOUNT_PATH = re.compile(rf"/acme/account/{_ID}")
 
 # operation -> (path pattern, methods)
 ROUTES: dict[str, tuple[re.Pattern[str], frozenset[str]]] = {
@@ -134,12 +136,17 @@ class Urls:
         return f"{url}/{alternate}" if alternate else url
 
     def account_id(self, kid: str) -> int | None:
-        """The account a JWS ``kid`` names: exactly one of this server's account URLs."""
-        prefix = self.base + "/acme/account/"
-        if not kid.startswith(prefix):
+        """The account a JWS ``kid`` names: one of this server's account URLs. Only its path
+        counts: a client that registered through another name or port of this server (a proxy,
+        localhost and 127.0.0.1) keeps its account; the signature is what proves it."""
+        try:
+            parts = urlsplit(kid)
+        except ValueError:
             return None
-        rest = kid[len(prefix):]
-        return int(rest) if rest.isdigit() and len(rest) <= 9 and rest.isascii() else None
+        found = _ACCOUNT_PATH.fullmatch(parts.path)
+        if found is None or parts.scheme not in ("http", "https") or parts.query or parts.fragment:
+            return None
+        return int(found.group(1))
 
 
 __all__ = ["PREFIX", "ROUTES", "Match", "Urls", "match"]

@@ -20,11 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from certpulse import clock
+from certpulse import clock, validation
 from certpulse.ca.acme.model import Problem, ValidationJob, ValidationResult
 from certpulse.ca.acme.service import ACMEAuthority
 from certpulse.ca.config import ACMEConfig
 from certpulse.errors import Reason
+from certpulse.validation import ValidationSettings
 
 log = logging.getLogger("certpulse.acme")
 
@@ -36,17 +37,15 @@ Validator = Callable[[ValidationJob, ACMEConfig], ValidationResult]
 
 
 def validate_with_library(job: ValidationJob, config: ACMEConfig) -> ValidationResult:
-    """Validate ``job`` with :mod:`certpulse.validation`."""
-    from certpulse import validation
-
-    validate = getattr(validation, "validate", None)
-    if validate is None:
-        return failed("challenge validation is not available in this server")
-    result = validate(job.type, job.identifier.type, job.identifier.value, job.token, job.key_authorization,
-                      config)
-    if not isinstance(result, ValidationResult):
-        return failed("challenge validation gave no result")
-    return result
+    """Validate ``job`` with :mod:`certpulse.validation` under ``[acme]``'s ports, resolver and
+    timeout; its outcome as the core's :class:`ValidationResult`."""
+    outcome = validation.validate(job.type, job.identifier.type, job.identifier.value, job.token,
+                                  job.key_authorization, ValidationSettings.from_config(config))
+    if outcome.valid:
+        return ValidationResult(valid=True, record=outcome.record)
+    problem = Problem(Reason.VALIDATION_FAILED, outcome.detail or "the challenge was not met",
+                      identifier=job.identifier, acme_type=outcome.error or "connection")
+    return ValidationResult(valid=False, problem=problem, record=outcome.record)
 
 
 def failed(detail: str, acme_type: str = "connection") -> ValidationResult:
