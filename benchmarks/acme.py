@@ -46,6 +46,7 @@ holds (at least 2x pebble's orders/s, 0 errors). Exits 1 when any order failed.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -60,6 +61,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -82,6 +84,7 @@ from issuance import (
     machine_description,
     mmm,
     postgres_pids,
+    process_tree,
     run,
     stop_process,
 )
@@ -359,6 +362,112 @@ def stalled(run: Run) -> bool:
     return run.errors > 0 and all("no answer" in kind for kind in run.error_kinds)
 
 
+# -- where certpulse's time goes -------------------------------------------------------------
+
+# What kind of code burns the time: the first frame from the leaf up that matches decides
+PROFILE_KINDS = (
+    ("waiting for the SQLite writer lock (the GIL idle)", ("WriterLock.held",)),
+    ("SQL (SQLAlchemy and the driver, Python side)", ("sqlalchemy/", "psycopg", "sqlite3")),
+    ("JWS and JWK (joserfc)", ("joserfc/",)),
+    ("X.509 and signing (cryptography, certpulse.pki)", ("cryptography/", "certpulse/pki/")),
+    ("challenge validation (certpulse.validation, dnspython, httpx)",
+     ("certpulse/validation/", "dns/", "httpx/", "httpcore/", "h11/")),
+    ("metrics", ("prometheus_client",)),
+    ("HTTP framework (Starlette, FastAPI, pydantic, anyio)", ("fastapi/", "pydantic", "starlette/", "anyio/")),
+    ("server and event loop (uvicorn, httptools, asyncio)", ("uvicorn/", "httptools", "asyncio/", "uvloop")),
+    ("certpulse's own code", ("certpulse/",)),
+    ("threads and locks", ("threading.py", "queue.py", "concurrent/")),
+)
+# Parts of an order (inclusive: everything under the frame); "function@file" is that function in
+# that file, anything else a part of the frame's text
+OPS = "frontends/acme/operations.py"
+PROFILE_STEPS = (
+    ("JWS parse and verify, nonce, account (every request)", ("verify@frontends/acme/signed.py",
+                                                             "parse@frontends/acme/signed.py")),
+    ("newOrder", (f"new_order@{OPS}",)),
+    ("POST-as-GET order (polls)", (f"order@{OPS}",)),
+    ("POST-as-GET authorization (and polls)", (f"authz@{OPS}",)),
+    ("challenge POST", (f"challenge@{OPS}",)),
+    ("validation (in its threads) and recording it", ("ValidationRunner", "record_validation")),
+    ("finalize (issuance through the registration authority)", (f"finalize@{OPS}",)),
+    ("certificate download", (f"certificate@{OPS}",)),
+    ("write transactions (lock wait included)", ("write (certpulse/sql/db.py)", "write@certpulse/sql/db.py")),
+    ("audit rows", ("AuditTrail.record",)),
+)
+
+
+def _matches(frame: str, needle: str) -> bool:
+    name, at, file = needle.partition("@")
+    return frame.startswith(f"{name} (") and file in frame if at else needle in frame
+
+
+SKIP_FRAMES = ("Thread._bootstrap", "<module>", "_run_module_as_main", "_run_code", "Thread.run", "_worker (")
+
+
+def profile_summary(raw: str, top: int = 25) -> str:
+    """py-spy raw samples (``frame;frame;... count`` a line) as shares by kind, by part of an
+    order, and the top frames inclusive and self."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
+    steps: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] += samples
+        own[frames[-1]] += samples
+        kind = next((k for f in reversed(frames) for k, needles in PROFILE_KINDS if any(n in f for n in needles)),
+                    "other")
+        kinds[kind] += samples
+        for step, needles in PROFILE_STEPS:
+            if any(_matches(f, n) for f in frames for n in needles):
+                steps[step] += samples
+    if not total:
+        return "no samples"
+    lines = [f"{total} samples holding the GIL", "", "by kind of code (leaf first):"]
+    lines += [f"  {100 * n / total:5.1f}%  {kind}" for kind, n in kinds.most_common()]
+    lines += ["", "by part of an order (inclusive):"]
+    lines += [f"  {100 * steps[step] / total:5.1f}%  {step}" for step, _ in PROFILE_STEPS]
+    lines += ["", "inclusive:"]
+    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top + 10)
+              if not f.startswith(SKIP_FRAMES)][:top]
+    lines += ["", "self:"]
+    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
+    return "\n".join(lines)
+
+
+def profile_workers(peer: Peer, dns_pid: int, http01_port: int, level: int, seconds: float, work: Path) -> str:
+    """Drive ``peer`` at ``level`` while py-spy (``--gil``) samples each of its worker processes
+    for ``seconds``; the summary of the samples."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(pyspy).exists():
+        raise BenchError("py-spy is not installed (make bench, or pip install -e '.[bench]')")
+    workers = [p for p in process_tree(peer.proc.pid) if p != peer.proc.pid]
+    result: list[Run] = []
+    load = threading.Thread(target=lambda: result.append(
+        measure(peer, dns_pid, http01_port, level, seconds + 4, 1.0, 0, work)))
+    load.start()
+    time.sleep(3)  # the generator's start and warm-up
+    raws = [work / f"spy-{pid}.txt" for pid in workers]
+    spies = [subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration", str(round(seconds)), "--rate", "200",
+                               "--gil", "--nonblocking", "--format", "raw", "--output", str(raw)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for pid, raw in zip(workers, raws, strict=True)]
+    for spy in spies:
+        spy.wait(timeout=seconds + 60)
+    load.join(timeout=seconds + 400)
+    head = f"py-spy --gil at 200/s for {seconds:g} s over {peer.name}'s workers {workers}, concurrency {level}"
+    if result:
+        head += "; meanwhile: " + describe(result[0]).strip()
+    return head + "\n" + profile_summary("".join(r.read_text() for r in raws if r.exists()))
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -450,6 +559,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--postgres", default=PG_URL, help="PostgreSQL server for certpulse-postgres")
     parser.add_argument("--json", type=Path, help="also write every run as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs, CAs, configs)")
+    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                        help="after the runs, sample certpulse's workers with py-spy for this long at the highest "
+                             "level and print where the time goes")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of a few seconds: levels 1 and 8, 2 s each, one repetition "
                              "(--targets still applies)")
@@ -505,11 +617,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                             break
                         runs.append(result)
                         print(describe(result), flush=True)
+            profiles = [profile_workers(lasting[name], dns.pid, peers.http01_port, max(levels), args.profile, work)
+                        for name in lasting] if args.profile > 0 else []
         print()
         print(report(runs, targets, levels, args.repeat))
         print()
         for line in goal(runs, targets, levels, args.repeat):
             print(line)
+        for summary in profiles:
+            print(summary)
+            print()
         if stalls:
             print(f"pebble stalled {len(stalls)} time(s) and the run was repeated on a fresh pebble "
                   f"(a lock-order deadlock in its in-memory store under concurrent newOrders): {'; '.join(stalls)}")
