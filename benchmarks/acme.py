@@ -334,7 +334,7 @@ def measure(peer: Peer, dns_pid: int, http01_port: int, level: int, duration: fl
             "--warmup", str(warmup), "--http01-port", str(http01_port), "--server-pid",
             str(peer.proc.pid), "--also-pid", str(dns_pid), "--json", str(out)]
     if peer.eab is not None:
-        args += ["--eab-kid", peer.eab[0], "--eab-key", peer.eab[1]]
+        args += [f"--eab-kid={peer.eab[0]}", f"--eab-key={peer.eab[1]}"]  # (either may begin with "-")
     pg = postgres_pids() if peer.postgres else []
     pg_before = cpu_seconds(pg)
     busy_before, total_before = machine_busy()
