@@ -20,7 +20,8 @@ Peers (``--targets``, default ``certpulse,pebble``):
   for every run (its store is scanned under one lock on every newOrder, so it slows as it fills;
   and under concurrent newOrders its store can deadlock: its lock order differs between a
   newOrder scanning for reusable authorizations and one adding a challenge. A pebble run in which
-  every failed order waited in vain for an answer is run once more on a fresh pebble, and said so).
+  every failed order waited in vain for an answer is run again on a fresh pebble, up to twice, and
+  said so).
 
 Both peers therefore do the same work per order over TLS: verify every JWS, check the nonce,
 create the order and its authorization, resolve the name (pebble-challtestsrv answers every A
@@ -97,6 +98,7 @@ ALL_TARGETS = ("certpulse", "certpulse-postgres", "pebble")
 OURS = ("certpulse", "certpulse-postgres")
 LEVELS = "1,8,32"
 GOAL_RATIO = 2.0
+STALL_AFTER = 10.0  # seconds without a completed order: the server stopped answering
 PEBBLE_ENV = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
 PEBBLE_HOW = f"pebble ({' '.join(f'{k}={v}' for k, v in PEBBLE_ENV.items())}, EAB required, in memory)"
 
@@ -316,6 +318,7 @@ class Run:
     generator_cpu_s: float
     inline_csrs: int
     machine_busy: float
+    stalled_after_s: float | None = None  # the server stopped completing orders (the rate counts until then)
 
     @property
     def server_ms_per_order(self) -> float:
@@ -331,7 +334,8 @@ def measure(peer: Peer, dns_pid: int, http01_port: int, level: int, duration: fl
     out = work / f"run-{peer.name}-{level}-{repeat}.json"
     args = [sys.executable, str(LOAD), "--directory", peer.directory, "--ca-file", str(peer.ca_file),
             "--account-key", str(peer.account_key), "--concurrency", str(level), "--duration", str(duration),
-            "--warmup", str(warmup), "--http01-port", str(http01_port), "--server-pid",
+            "--warmup", str(warmup), "--stall-after", str(STALL_AFTER), "--http01-port", str(http01_port),
+            "--server-pid",
             str(peer.proc.pid), "--also-pid", str(dns_pid), "--json", str(out)]
     if peer.eab is not None:
         args += [f"--eab-kid={peer.eab[0]}", f"--eab-key={peer.eab[1]}"]  # (either may begin with "-")
@@ -353,13 +357,13 @@ def measure(peer: Peer, dns_pid: int, http01_port: int, level: int, duration: fl
                server_cpu_s=r["server_cpu_s"] or 0.0,
                db_cpu_s=sum(pg_after[p] - pg_before.get(p, 0.0) for p in pg_after) if peer.postgres else None,
                dns_cpu_s=r["also_cpu_s"] or 0.0, generator_cpu_s=r["generator_cpu_s"],
-               inline_csrs=r["inline_csrs"],
+               inline_csrs=r["inline_csrs"], stalled_after_s=r["stalled_after_s"],
                machine_busy=(busy_after - busy_before) / max(1e-9, total_after - total_before))
 
 
 def stalled(run: Run) -> bool:
-    """Every failed order of the run waited in vain for an answer: the server stopped answering."""
-    return run.errors > 0 and all("no answer" in kind for kind in run.error_kinds)
+    """The server stopped completing orders for STALL_AFTER seconds during the run."""
+    return run.stalled_after_s is not None
 
 
 # -- where certpulse's time goes -------------------------------------------------------------
@@ -473,6 +477,8 @@ def profile_workers(peer: Peer, dns_pid: int, http01_port: int, level: int, seco
 
 def describe(r: Run) -> str:
     db = f"  DB {1000 * r.db_cpu_s / r.orders:5.1f} ms/order" if r.db_cpu_s is not None and r.orders else ""
+    if r.stalled_after_s is not None:
+        db += f"  STALLED after {r.stalled_after_s:.1f} s (rate until then)"
     return (f"  #{r.repeat + 1} c={r.concurrency:<3} {r.target:<19} {r.orders_per_s:8.1f} orders/s "
             f"({r.orders} in {r.seconds:.1f} s)  p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms  "
             f"errors {r.errors}  server {r.server_ms_per_order:5.1f} ms CPU/order "
@@ -521,6 +527,11 @@ def report(runs: list[Run], targets: list[str], levels: list[int], repeats: int)
         for level in levels:
             cells = [mmm(ratios(runs, level, a, b, repeats), "{:.2f}") for a, b in pairs]
             lines.append(f"| {level} | " + " | ".join(cells) + " |")
+    kept = [r for r in runs if stalled(r)]
+    if kept:
+        lines += ["", f"Stalled (no order completed for {STALL_AFTER:g} s; orders/s counts until the last one): "
+                  + "; ".join(f"{r.target} c={r.concurrency} #{r.repeat + 1} after {r.stalled_after_s:.1f} s"
+                              for r in kept)]
     errors = [r for r in runs if r.error_kinds]
     if errors:
         lines += ["", "Errors: " + "; ".join(f"{r.target} c={r.concurrency} #{r.repeat + 1}: {r.error_kinds}"
@@ -601,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for repeat in range(args.repeat):
                 for level in levels:
                     for name in targets:
-                        for attempt in (1, 2):
+                        for attempt in (1, 2, 3):
                             peer = lasting[name] if name in lasting else peers.start(name)
                             try:
                                 result = measure(peer, dns.pid, peers.http01_port, level, args.duration,
@@ -609,10 +620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             finally:
                                 if name not in lasting:
                                     stop_process(peer.proc)
-                            if name == "pebble" and attempt == 1 and stalled(result):
-                                stalls.append(f"c={level} #{repeat + 1}: {result.error_kinds}")
-                                print(f"  pebble stalled (c={level} #{repeat + 1}, {result.error_kinds}); "
-                                      "run again on a fresh pebble", flush=True)
+                            if name == "pebble" and attempt < 3 and stalled(result):
+                                stalls.append(f"c={level} #{repeat + 1} after {result.stalled_after_s:.1f} s")
+                                print(f"  pebble stalled (c={level} #{repeat + 1}: no order completed for "
+                                      f"{STALL_AFTER:g} s after {result.stalled_after_s:.1f} s, "
+                                      f"{result.orders} orders until then); run again on a fresh pebble", flush=True)
                                 continue
                             break
                         runs.append(result)
@@ -639,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "machine": machine_description(), "duration": args.duration, "workers": args.workers,
                 "runs": [{**dataclasses.asdict(r), "server_ms_per_order": r.server_ms_per_order,
                           "generator_ms_per_order": r.generator_ms_per_order} for r in runs]}, indent=1))
-        if any(r.errors for r in runs):
+        if any(r.errors or (r.target in OURS and stalled(r)) for r in runs):
             return 1
     except BenchError as exc:
         print(f"acme: {exc}", file=sys.stderr)

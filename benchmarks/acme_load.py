@@ -461,6 +461,7 @@ class Result:
     challenges_served: int
     challenges_unknown: int
     warmup_orders: int
+    stalled_after_s: float | None  # the server stopped completing orders this long into the window
     connections_opened: int  # in the timed window (keep-alive: 0 when no server closed one)
 
     @property
@@ -503,6 +504,24 @@ async def drive(args: argparse.Namespace) -> Result:
     warmup_orders = 0
     checked: set[int] = set()
 
+    progress = [time.perf_counter()]  # when the last order completed
+    stalled_at: list[float] = []  # when the server stopped completing orders, if it did
+
+    async def phase(until: float) -> list[float]:
+        """Every task until ``until``; with --stall-after, the phase ends early when no order has
+        completed for that long (a server that stopped answering), at its last completed order."""
+        tasks = [asyncio.create_task(task(i, until)) for i in range(args.concurrency)]
+        progress[0] = time.perf_counter()
+        while args.stall_after and not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=0.25)
+            if time.perf_counter() - progress[0] > args.stall_after and not all(t.done() for t in tasks):
+                stalled_at.append(progress[0])
+                for t in tasks:
+                    t.cancel()
+                break
+        ends = await asyncio.gather(*tasks, return_exceptions=True)
+        return [e for e in ends if isinstance(e, float)] or [progress[0]]
+
     async def task(number: int, until: float) -> float:
         nonlocal warmup_orders
         conn = connections[number]
@@ -528,6 +547,7 @@ async def drive(args: argparse.Namespace) -> Result:
                 last = time.perf_counter()
                 continue
             last = time.perf_counter()
+            progress[0] = last
             if counting:
                 latencies.append(last - started)
             else:
@@ -537,7 +557,7 @@ async def drive(args: argparse.Namespace) -> Result:
     try:
         await client.register(connections[0], args.eab_kid, args.eab_key)
         if args.warmup > 0:
-            await asyncio.gather(*(task(i, time.perf_counter() + args.warmup) for i in range(args.concurrency)))
+            await phase(time.perf_counter() + args.warmup)
         requests_before, bad_before = client.requests, client.bad_nonces
         served_before, unknown_before = responder.served, responder.unknown
         opened_before = sum(c.opened for c in connections)
@@ -546,8 +566,8 @@ async def drive(args: argparse.Namespace) -> Result:
         cpu_before = time.process_time()
         counting = True
         started = time.perf_counter()
-        ends = await asyncio.gather(*(task(i, started + args.duration) for i in range(args.concurrency)))
-        finished = max(ends)
+        ends = await phase(started + args.duration) if not stalled_at else [started]
+        finished = max(stalled_at[0], started) if stalled_at else max(ends)
         cpu = time.process_time() - cpu_before
         server_after = tree_cpu(args.server_pid) if args.server_pid else {}
         also_after = tree_cpu(args.also_pid) if args.also_pid else {}
@@ -570,6 +590,7 @@ async def drive(args: argparse.Namespace) -> Result:
         inline_csrs=names.inline, inline_csr_cpu_s=names.inline_cpu,
         challenges_served=responder.served - served_before, challenges_unknown=responder.unknown - unknown_before,
         error_examples=examples, warmup_orders=warmup_orders,
+        stalled_after_s=max(0.0, stalled_at[0] - started) if stalled_at else None,
         connections_opened=sum(c.opened for c in connections) - opened_before)
 
 
@@ -591,6 +612,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="measure this process tree's CPU in the timed window (repeatable)")
     parser.add_argument("--also-pid", type=int, action="append", default=[],
                         help="measure this process tree's CPU apart (e.g. the DNS server; repeatable)")
+    parser.add_argument("--stall-after", type=float, default=0.0, metavar="SECONDS",
+                        help="end the run when no order has completed for this long (a server that stopped "
+                             "answering): the rate counts up to its last completed order, and the result says so")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
