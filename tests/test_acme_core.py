@@ -6,6 +6,7 @@ and tested table-style without a CA."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import json
@@ -183,7 +184,8 @@ def refused(reason: Reason, call: Any, *args: Any, **kwargs: Any) -> Refusal:
     return caught.value
 
 
-def validate_all(w: World, account: Account, order: Order, *, valid: bool = True) -> None:
+def validate_all(w: World, account: Account, order: Order, *, valid: bool = True,
+                 seen: dict[str, Any] | None = None) -> None:
     now = clock.now()
     for authorization_id in order.authorization_ids:
         authz = w.service.acme.authorization(account, authorization_id, now)
@@ -193,8 +195,8 @@ def validate_all(w: World, account: Account, order: Order, *, valid: bool = True
         challenge, job = w.service.acme.respond_to_challenge(account, http.id, now)
         assert job is not None and challenge.status == "processing"
         assert job.key_authorization == f"{http.token}.{account.key_thumbprint}"
-        problem = None if valid else Problem(Reason.VALIDATION_FAILED, "connection refused", acme_type="connection")
-        w.service.acme.record_validation(job, ValidationResult(valid, problem, {"address": "127.0.0.1"}), now)
+        problem = None if valid else Problem(Reason.VALIDATION_FAILED, "connection refused\x00", acme_type="connection")
+        w.service.acme.record_validation(job, ValidationResult(valid, problem, seen or {"address": "127.0.0.1"}), now)
 
 
 def request_of(w: World, order_id: int) -> int:
@@ -297,6 +299,10 @@ def test_account_refusals(world: World) -> None:
     refused(Reason.UNAUTHENTICATED, acme.new_account, key,
             external_binding=mac_signed(unknown_header, json.dumps(dict(key.jwk)), OctKey.import_key(b"k" * 96)),
             **args)
+    unknown_header["kid"] = "bad\x00kid"  # hostile: never reaches the database (PostgreSQL refuses NUL)
+    refused(Reason.MALFORMED_REQUEST, acme.new_account, key,
+            external_binding=mac_signed(unknown_header, json.dumps(dict(key.jwk)), OctKey.import_key(b"k" * 96)),
+            **args)
     for bad, reason in ((("tel:+1555",), Reason.UNSUPPORTED_CONTACT), (("mailto:a@b.example,c@d.example",),
                         Reason.INVALID_CONTACT), (("mailto:not an address",), Reason.INVALID_CONTACT),
                         (("mailto:a\x00@x.example",), Reason.INVALID_CONTACT),
@@ -304,7 +310,8 @@ def test_account_refusals(world: World) -> None:
         refused(reason, acme.new_account, key, external_binding=binding(world.admin, WEB, key),
                 **{**args, "contact": bad})
     assert acme.account_by_key(key.thumbprint) is None  # nothing was written by any refusal
-    refused(Reason.ACCOUNT_DOES_NOT_EXIST, acme.account, 10**9, now)
+    for unknown_id in (10**9, 0, -1, 10**30):  # any id a URL may carry: never a database error
+        refused(Reason.ACCOUNT_DOES_NOT_EXIST, acme.account, unknown_id, now)
 
 
 def test_terms_must_be_agreed_when_configured(world: World) -> None:
@@ -400,6 +407,12 @@ def test_order_lifecycle_issues_like_native(world: World) -> None:
     refused(Reason.NOT_FOUND, acme.certificate, account, done.certificate_id, 1, clock.now())
     page = acme.orders(account, after=None, limit=10, now=now)
     assert order.id in page.order_ids
+    for huge in (10**30, -5):
+        refused(Reason.NOT_FOUND, acme.order, account, huge, now)
+        refused(Reason.NOT_FOUND, acme.authorization, account, huge, now)
+        refused(Reason.NOT_FOUND, acme.challenge, account, huge, now)
+        refused(Reason.NOT_FOUND, acme.certificate, account, huge, 0, now)
+    refused(Reason.MALFORMED_REQUEST, acme.orders, account, after=10**30, limit=10, now=now)
 
 
 def test_rejected_identifiers_each_get_a_subproblem(world: World) -> None:
@@ -434,7 +447,7 @@ def test_failed_validation_invalidates_the_order(world: World) -> None:
     account = account_for(world)
     order = acme.new_order(account, (Identifier("dns", "fail.example.internal"),), profile="webserver",
                            not_before=None, not_after=None, replaces=None, now=clock.now())
-    validate_all(world, account, order, valid=False)
+    validate_all(world, account, order, valid=False, seen={"answer": "\x00\x1b[31m" * 5000})
     now = clock.now()
     failed = acme.order(account, order.id, now)
     assert failed.status == "invalid" and failed.error is not None
@@ -653,6 +666,26 @@ def test_without_a_profile_the_first_template_that_allows_the_names(world: World
     assert (web.profile, own.profile) == ("trusted-web", "approval-required")
     refused(Reason.REJECTED_IDENTIFIER, acme.new_order, account, (Identifier("dns", "x.example.com"),), profile=None,
             not_before=None, not_after=None, replaces=None, now=now)
+
+
+
+def test_validations_finishing_together_make_the_order_ready(world: World) -> None:
+    acme = world.service.acme
+    account = account_for(world)
+    for round_ in range(3):
+        now = clock.now()
+        names = tuple(Identifier("dns", f"c{round_}-{i}.example.internal") for i in range(4))
+        order = acme.new_order(account, names, profile="webserver", not_before=None, not_after=None,
+                               replaces=None, now=now)
+        jobs = []
+        for authorization_id in order.authorization_ids:
+            challenge = acme.authorization(account, authorization_id, now).challenges[0]
+            job = acme.respond_to_challenge(account, challenge.id, now)[1]
+            assert job is not None
+            jobs.append(job)
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            list(pool.map(lambda job, at=now: acme.record_validation(job, ValidationResult(True), at), jobs))
+        assert acme.order(account, order.id, now).status == "ready"
 
 
 def test_after_root_rollover_an_alternate_chain_reaches_the_old_root(world: World) -> None:

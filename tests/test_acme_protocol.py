@@ -291,3 +291,40 @@ def test_nonces_work_and_are_spent_once_across_workers(env: Env) -> None:
                               headers={"content-type": "application/jose+json"})
         assert replayed.status_code == 400 and problem_type(replayed) == "badNonce", replayed.text
         assert replayed.headers["replay-nonce"]
+
+
+def test_key_change_to_a_key_another_account_has_is_a_conflict(env: Env) -> None:
+    client, other = env.client(), env.client()
+    response = client.key_change(other.key)
+    assert response.status_code == 409 and problem_type(response) == "malformed", response.text
+    assert response.headers["location"] == other.account_url
+    assert client.get(client.account_url or "").status_code == 200  # the old key still signs
+
+
+def test_order_waiting_for_approval_is_processing_with_retry_after(env: Env) -> None:
+    """A profile with manager approval: finalize leaves the order processing (Retry-After) until a
+    CA manager approves the request through the native API; then the certificate is there."""
+    machine = f"approve-{uuid.uuid4().hex[:8]}.example.internal"
+    env.ca.cli("principal", "add", machine, "--group", "machines")
+    client = ACMEClient(env.directory)
+    assert client.new_account(eab=eab_for(env.ca, machine)).status_code == 201
+    response = client.new_order([machine], profile="approval-required")
+    assert response.status_code == 201, response.text
+    order_url = response.headers["location"]
+    validate_all(env, client, response.json())
+    assert client.poll(order_url, ("ready", "invalid"))["status"] == "ready"
+    _, csr = csr_for([machine])
+    finalized = client.finalize(response.json(), csr)
+    assert finalized.status_code == 200, finalized.text
+    assert finalized.json()["status"] == "processing"
+    assert int(finalized.headers["retry-after"]) >= 1
+    polled = client.get(order_url)
+    assert polled.json()["status"] == "processing" and int(polled.headers["retry-after"]) >= 1
+    admin = httpx.Client(base_url=env.base, headers={"Authorization": f"Bearer {env.ca.admin_key}"}, timeout=30)
+    pending = admin.get("/v1/requests", params={"status": "pending"}).json()
+    mine = [r for r in pending if r["template"] == "approval-required"]
+    assert mine, pending
+    assert admin.post(f"/v1/requests/{mine[-1]['id']}/approve").status_code == 200
+    order = client.poll(order_url, ("valid", "invalid"))
+    assert order["status"] == "valid", order
+    assert client.get(order["certificate"]).status_code == 200

@@ -51,8 +51,10 @@ _REGISTRY = joserfc_jws.JWSRegistry(
     },
     algorithms=[*ALGORITHMS, *MAC_ALGORITHMS],
 )
-# joserfc refuses protected headers over 512 bytes by default; an ACME header carries the account's
-# JWK, and an RSA key's alone is longer (2048 bits: about 550 bytes encoded, 4096: about 900).
+# joserfc refuses protected headers over 512 bytes by default, but a newAccount request carries
+# the account key's JWK in its header: an RSA key's alone is about 400 bytes (2048 bits) to 1400
+# (8192 bits), so certbot's and lego's RSA accounts were refused. The server's request body
+# limit already bounds the whole JWS; this bound only has to admit the largest key allowed.
 _REGISTRY.max_header_length = 4096
 
 

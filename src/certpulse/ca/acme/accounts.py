@@ -94,6 +94,8 @@ class Accounts:
         return as_account(row) if row is not None else None
 
     def account(self, account_id: int, now: dt.datetime) -> Account:
+        if isinstance(account_id, bool) or not isinstance(account_id, int) or not 0 < account_id < 2**63:
+            raise Refusal(Reason.ACCOUNT_DOES_NOT_EXIST, f"no account {str(account_id)[:24]}")
         with read(self.engine) as conn:
             row = conn.execute(_ACCOUNT.where(t.acme_accounts.c.id == account_id)).first()
         if row is None:
@@ -181,7 +183,7 @@ class Accounts:
         if message.url != url:
             raise Refusal(Reason.MALFORMED_REQUEST, "the external account binding's 'url' is not this newAccount URL")
         kid = message.kid
-        if kid is None or not kid or len(kid) > 64:
+        if kid is None or not kid or len(kid) > 64 or not kid.isprintable():
             raise Refusal(Reason.MALFORMED_REQUEST, "the external account binding has no usable 'kid'")
         payload = message.json_payload()
         if not isinstance(payload, dict) or jose.thumbprint(payload) != key.thumbprint:

@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 MAX_RECORD = 4000  # what validation saw, as stored
 
 
+def _record_json(result: ValidationResult) -> str | None:
+    """What validation saw, as stored: JSON, cut to a bounded size (still JSON when cut)."""
+    if result.record is None:
+        return None
+    text = json.dumps(dict(result.record), default=str)
+    return text if len(text) <= MAX_RECORD else json.dumps({"truncated": text[:MAX_RECORD // 2]})
+
+
 class Authorizations:
     def __init__(self, authority: ACMEAuthority) -> None:
         self._acme = authority
@@ -122,7 +130,7 @@ class Authorizations:
                 Reason.VALIDATION_FAILED, "the challenge did not validate", acme_type="unauthorized"))
             if problem is not None and problem.identifier is None:
                 problem = Problem(problem.reason, problem.detail, identifier, problem.subproblems, problem.acme_type)
-            seen = json.dumps(dict(result.record), default=str)[:MAX_RECORD] if result.record is not None else None
+            seen = _record_json(result)
             conn.execute(update(t.acme_challenges).where(c.id == row.id).values(
                 status="valid" if result.valid else "invalid", validated_at=now if result.valid else None,
                 error=problems.dumps(problem), record=seen))
@@ -142,7 +150,10 @@ class Authorizations:
     def _settle_order(self, conn: Connection, order_id: int, now: dt.datetime, problem: Problem | None) -> None:
         """A pending order after one of its authorizations changed: ready, invalid, or still pending."""
         o, a = t.acme_orders.c, t.acme_authorizations.c
-        statuses = [s for s in conn.execute(select(a.status).where(a.order_id == order_id)).scalars()]
+        # The order's row first: two validations of one order's authorizations finishing at once
+        # then read the statuses one after the other, and the second sees the first's (PostgreSQL)
+        conn.execute(select(o.id).where(o.id == order_id).with_for_update())
+        statuses = list(conn.execute(select(a.status).where(a.order_id == order_id)).scalars())
         if any(s in records.DEAD_AUTHORIZATION for s in statuses):
             error = Problem(Reason.VALIDATION_FAILED if problem is not None else Reason.UNAUTHENTICATED,
                             "an authorization of the order failed" if problem is not None

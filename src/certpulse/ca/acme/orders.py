@@ -338,6 +338,8 @@ class Orders:
 
     def orders(self, account: Account, *, after: int | None, limit: int, now: dt.datetime) -> OrderPage:
         limit = max(1, min(limit, MAX_PAGE))
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or not 0 <= after < 2**63):
+            raise Refusal(Reason.MALFORMED_REQUEST, "the orders page cursor is not one this server gave")
         o = t.acme_orders.c
         query = select(o.id).where(o.account_id == account.id)
         if after is not None:

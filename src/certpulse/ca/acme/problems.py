@@ -13,20 +13,11 @@ MAX_DETAIL = 1000  # a stored detail is cut here: a validator's answer can be lo
 
 
 def from_refusal(refusal: Refusal, identifier: Identifier | None = None) -> Problem:
+    """The problem a refusal leaves on what it made invalid (a finalize's order)."""
     subproblems = refusal.extra.get("subproblems", ())
     return Problem(refusal.reason, refusal.detail, identifier,
                    tuple(p for p in subproblems if isinstance(p, Problem)),
                    refusal.extra.get("acme_type") if isinstance(refusal.extra.get("acme_type"), str) else None)
-
-
-def to_refusal(problem: Problem) -> Refusal:
-    """The refusal that answers with ``problem`` (its subproblems and ACME type in ``extra``)."""
-    extra: dict[str, Any] = {}
-    if problem.subproblems:
-        extra["subproblems"] = problem.subproblems
-    if problem.acme_type:
-        extra["acme_type"] = problem.acme_type
-    return Refusal(problem.reason, problem.detail, **extra)
 
 
 def _document(problem: Problem) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def identifiers_of(text: str) -> tuple[Identifier, ...]:
 def require_id(value: int, what: str) -> None:
     """Ids come from URLs: anything but a plausible row id is simply not found."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
-        raise Refusal(Reason.NOT_FOUND, f"no {what} {value}")
+        raise Refusal(Reason.NOT_FOUND, f"no {what} {str(value)[:24]}")
 
 
 def replaces_text(conn: Connection, certificate_id: int | None) -> str | None:

@@ -33,7 +33,7 @@ from certpulse.ca.acme.model import (
     ValidationJob,
     ValidationResult,
 )
-from certpulse.ca.acme.orders import Orders, may_enroll
+from certpulse.ca.acme.orders import Orders
 from certpulse.ca.acme.revocation import ACMERevocation
 from certpulse.ca.config import ACMEConfig
 from certpulse.ca.model import Caller
@@ -66,11 +66,6 @@ class ACMEAuthority:
         if caller is None:
             raise Refusal(Reason.UNAUTHENTICATED, f"the principal of account {account.id} is disabled or removed")
         return caller
-
-    def profiles_of(self, conn: Connection, account: Account) -> list[str]:
-        """The profiles (templates) the account's principal may enroll in now."""
-        caller = self.caller(conn, account)
-        return sorted(tpl.name for tpl in self._service.state.get(conn).templates.values() if may_enroll(tpl, caller))
 
     # -- directory ------------------------------------------------------------------------
 
