@@ -342,7 +342,10 @@ def measure(peer: Peer, dns_pid: int, http01_port: int, level: int, duration: fl
     pg = postgres_pids() if peer.postgres else []
     pg_before = cpu_seconds(pg)
     busy_before, total_before = machine_busy()
-    done = subprocess.run(args, capture_output=True, text=True, timeout=duration + warmup + 300, check=False)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=duration + warmup + 300, check=False)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"the load generator against {peer.name} did not finish (c={level})") from None
     busy_after, total_after = machine_busy()
     pg_after = cpu_seconds(pg)
     if done.returncode != 0 or not out.exists():

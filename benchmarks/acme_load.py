@@ -229,11 +229,16 @@ class Connection:
         self.h11 = h11.Connection(h11.CLIENT)
         self.opened += 1
 
-    async def close(self) -> None:
+    async def close(self, *, abort: bool = False) -> None:
+        """Close the connection; ``abort``: at once, without the TLS goodbye (whose answer a
+        server that stopped answering never sends)."""
         if self.writer is not None:
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            if abort:
+                self.writer.transport.abort()
+            else:
+                self.writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.writer.wait_closed(), 2)
         self.reader = self.writer = None
 
     async def request(self, method: str, url: str, body: bytes = b"",
@@ -246,10 +251,10 @@ class Connection:
             try:
                 return await asyncio.wait_for(self._exchange(method, url, body, content_type), REQUEST_TIMEOUT)
             except TimeoutError:  # (before OSError, of which it is a kind)
-                await self.close()
+                await self.close(abort=True)
                 raise OrderFailed("HTTP: no answer", f"{method} {url}: none within {REQUEST_TIMEOUT:g} s") from None
             except (OSError, h11.ProtocolError, ConnectionError, asyncio.IncompleteReadError) as exc:
-                await self.close()
+                await self.close(abort=True)
                 if fresh or attempt == 2:
                     raise OrderFailed(f"HTTP: {type(exc).__name__}", f"{method} {url}: {exc}") from None
         raise AssertionError("unreachable")
@@ -573,7 +578,7 @@ async def drive(args: argparse.Namespace) -> Result:
         also_after = tree_cpu(args.also_pid) if args.also_pid else {}
     finally:
         for conn in connections:
-            await conn.close()
+            await conn.close(abort=bool(stalled_at))
         await responder.stop()
     seconds = finished - started
     done = len(latencies)
