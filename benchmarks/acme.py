@@ -325,6 +325,15 @@ class Run:
         return 1000 * self.server_cpu_s / self.orders if self.orders else 0.0
 
     @property
+    def server_cores(self) -> float:
+        """The server's CPU seconds per wall second (0 for a run that never started: stalled in its warm-up)."""
+        return self.server_cpu_s / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def generator_cores(self) -> float:
+        return self.generator_cpu_s / self.seconds if self.seconds > 0 else 0.0
+
+    @property
     def generator_ms_per_order(self) -> float:
         return 1000 * self.generator_cpu_s / self.orders if self.orders else 0.0
 
@@ -485,8 +494,8 @@ def describe(r: Run) -> str:
     return (f"  #{r.repeat + 1} c={r.concurrency:<3} {r.target:<19} {r.orders_per_s:8.1f} orders/s "
             f"({r.orders} in {r.seconds:.1f} s)  p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms  "
             f"errors {r.errors}  server {r.server_ms_per_order:5.1f} ms CPU/order "
-            f"({r.server_cpu_s / r.seconds:4.2f} cores){db}  generator {r.generator_ms_per_order:5.1f} ms/order "
-            f"({r.generator_cpu_s / r.seconds:4.2f} cores)  machine busy {r.machine_busy:4.0%}")
+            f"({r.server_cores:4.2f} cores){db}  generator {r.generator_ms_per_order:5.1f} ms/order "
+            f"({r.generator_cores:4.2f} cores)  machine busy {r.machine_busy:4.0%}")
 
 
 def ratios(runs: list[Run], level: int, ours: str, peer: str, repeats: int) -> list[float]:
@@ -516,11 +525,11 @@ def report(runs: list[Run], targets: list[str], levels: list[int], repeats: int)
                 f"| {name} | {level} | {mmm([r.orders_per_s for r in rs])} | {mmm([r.p50_ms for r in rs])} "
                 f"| {mmm([r.p99_ms for r in rs])} | {sum(r.errors for r in rs)} "
                 f"| {mmm([r.server_ms_per_order for r in rs], '{:.2f}')} "
-                f"| {mmm([r.server_cpu_s / r.seconds for r in rs], '{:.2f}')} "
+                f"| {mmm([r.server_cores for r in rs], '{:.2f}')} "
                 f"| {mmm(db, '{:.2f}') if db else '-'} "
                 f"| {mmm([1000 * r.dns_cpu_s / max(1, r.orders) for r in rs], '{:.2f}')} "
                 f"| {mmm([r.generator_ms_per_order for r in rs], '{:.2f}')} "
-                f"| {mmm([r.generator_cpu_s / r.seconds for r in rs], '{:.2f}')} "
+                f"| {mmm([r.generator_cores for r in rs], '{:.2f}')} "
                 f"| {mmm([r.requests / max(1, r.orders) for r in rs], '{:.1f}')} |")
     pairs = [(ours, "pebble") for ours in OURS if ours in targets and "pebble" in targets]
     if pairs:
