@@ -25,7 +25,7 @@ import tomli_w
 from cryptography import x509
 
 from challtestsrv import ChallTestSrv
-from support import CA, free_port, init_ca
+from support import CA, Client, free_port, init_ca
 
 CERTBOT = Path(sys.executable).with_name("certbot")
 LEGO = shutil.which("lego")
@@ -48,6 +48,37 @@ def run_tool(args: list[str], *, env: dict[str, str] | None = None, check: bool 
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+class Background:
+    """A client running in the background (its output in a file), for a test that acts at the
+    CA while the client waits; :meth:`finish` waits for it within a bound."""
+
+    def __init__(self, args: list[str], env: dict[str, str], output: Path) -> None:
+        self.output = output
+        with output.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **env})
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self, timeout: float = CLIENT_TIMEOUT) -> str:
+        """Its output, once it has exited 0 (killed and failed when it takes over ``timeout``)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+        assert self.proc.returncode == 0, f"{self.proc.args!r} failed ({self.proc.returncode}):\n{self.text()}"
+        return self.text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
 
 def wait_for(check: Any, within: float, what: str) -> None:
@@ -155,6 +186,18 @@ def dns_names(cert: x509.Certificate) -> list[str]:
         x509.DNSName)
 
 
+TEMPLATE_INFORMATION = x509.ObjectIdentifier("1.3.6.1.4.1.311.21.7")  # AD CS certificate template
+
+
+def has_template_extension(cert: x509.Certificate) -> bool:
+    """The certificate carries the template-information extension, as a native one does."""
+    try:
+        cert.extensions.get_extension_for_oid(TEMPLATE_INFORMATION)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
 def serial_hex(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 
@@ -186,12 +229,20 @@ class Certbot:
         return self.run("certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port",
                         str(self.endpoint.http01_port), "-d", name, "--cert-name", name, *extra, check=check)
 
-    def certonly_dns(self, name: str, dns: ChallTestSrv, *extra: str) -> subprocess.CompletedProcess[str]:
-        """dns-01: manual hooks put the TXT record into the DNS test server the CA asks."""
+    def dns_args(self, name: str, dns: ChallTestSrv) -> list[str]:
+        """certonly for ``name`` by dns-01: manual hooks put the TXT record into the DNS test
+        server the CA asks."""
         auth = write_hook(self.folder / "auth-hook.py", dns, "certbot manual auth hook", _CERTBOT_AUTH)
         cleanup = write_hook(self.folder / "cleanup-hook.py", dns, "certbot manual cleanup hook", _CERTBOT_CLEANUP)
-        return self.run("certonly", "--manual", "--preferred-challenges", "dns", "--manual-auth-hook", str(auth),
-                        "--manual-cleanup-hook", str(cleanup), "-d", name, "--cert-name", name, *extra)
+        return ["certonly", "--manual", "--preferred-challenges", "dns", "--manual-auth-hook", str(auth),
+                "--manual-cleanup-hook", str(cleanup), "-d", name, "--cert-name", name]
+
+    def certonly_dns(self, name: str, dns: ChallTestSrv, *extra: str) -> subprocess.CompletedProcess[str]:
+        return self.run(*self.dns_args(name, dns), *extra)
+
+    def start(self, *args: str) -> Background:
+        return Background(self.command(*args), {"REQUESTS_CA_BUNDLE": str(self.endpoint.trust)},
+                          self.folder / "certbot.out")
 
     def renew(self, name: str) -> subprocess.CompletedProcess[str]:
         """``certbot renew`` for one lineage, as its timer runs it but without the random delay
@@ -234,11 +285,17 @@ class Lego:
         # (the test server is the only one there is).
         return ["--dns", "exec", "--dns.resolvers", self.dns.address, "--dns.disable-cp"]
 
+    def env(self) -> dict[str, str]:
+        # lego trusts exactly this bundle for the ACME server; its exec provider runs our script.
+        return {"LEGO_CA_CERTIFICATES": str(self.endpoint.trust), "EXEC_PATH": str(self.exec_script),
+                "EXEC_POLLING_INTERVAL": "1", "EXEC_PROPAGATION_TIMEOUT": "60"}
+
     def run(self, name: str, challenge: list[str], *action: str,
             check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {"LEGO_CA_CERTIFICATES": str(self.endpoint.trust), "EXEC_PATH": str(self.exec_script),
-               "EXEC_POLLING_INTERVAL": "1", "EXEC_PROPAGATION_TIMEOUT": "60"}
-        return run_tool([*self.command(name, *challenge), *action], env=env, check=check)
+        return run_tool([*self.command(name, *challenge), *action], env=self.env(), check=check)
+
+    def start(self, name: str, challenge: list[str], *action: str) -> Background:
+        return Background([*self.command(name, *challenge), *action], self.env(), self.folder / "lego.out")
 
     def certificate(self, name: str) -> Path:
         """The certificate lego saved: leaf then issuer (lego bundles them)."""
@@ -248,24 +305,29 @@ class Lego:
         return self.folder / "certificates" / f"{name}.issuer.crt"
 
 
-def ca_status(ca: CA, cert: x509.Certificate) -> dict[str, Any]:
-    """What the CA says of ``cert`` (``certpulse status SERIAL --json``)."""
-    status: dict[str, Any] = json.loads(ca.cli("status", serial_hex(cert), "--json").stdout)
+def ca_status(admin: Client, cert: x509.Certificate) -> dict[str, Any]:
+    """What the CA says of ``cert`` (``GET /v1/certificates/SERIAL``, as ``certpulse status``)."""
+    response = admin.http.get(f"/v1/certificates/{serial_hex(cert)}")
+    assert response.status_code == 200, response.text
+    status: dict[str, Any] = response.json()
     assert int(status["serial"], 16) == cert.serial_number, status
     return status
 
 
-def audit_rows(ca: CA, action: str) -> list[dict[str, Any]]:
-    """The CA's audit rows with this action (``certpulse audit --json``), oldest first."""
-    rows: list[dict[str, Any]] = json.loads(ca.cli("audit", "--json", "--limit", "10000").stdout)
+def audit_rows(admin: Client, action: str) -> list[dict[str, Any]]:
+    """The CA's audit rows with this action (``GET /v1/audit``), oldest first."""
+    response = admin.http.get("/v1/audit", params={"limit": 10_000})
+    assert response.status_code == 200, response.text
+    rows: list[dict[str, Any]] = response.json()
     return sorted((row for row in rows if row["action"] == action), key=lambda row: row["id"])
 
 
-def issued_rows(ca: CA, cert: x509.Certificate) -> list[dict[str, Any]]:
+def issued_rows(admin: Client, cert: x509.Certificate) -> list[dict[str, Any]]:
     """The CA's ``issued`` audit rows for ``cert``."""
-    return [row for row in audit_rows(ca, "issued") if row["serial"] and int(row["serial"], 16) == cert.serial_number]
+    return [row for row in audit_rows(admin, "issued")
+            if row["serial"] and int(row["serial"], 16) == cert.serial_number]
 
 
-def validated_by(ca: CA) -> list[str]:
+def validated_by(admin: Client) -> list[str]:
     """How each ACME authorization was validated, oldest first: ``http-01``, ``dns-01``..."""
-    return [row["detail"].rpartition(" by ")[2] for row in audit_rows(ca, "acme-authorization-valid")]
+    return [row["detail"].rpartition(" by ")[2] for row in audit_rows(admin, "acme-authorization-valid")]

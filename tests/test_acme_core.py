@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jws
 from joserfc.jwk import ECKey, OctKey
 from joserfc.registry import HeaderParameter
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from certpulse import clock
 from certpulse.ca.acme import renewal_info
@@ -33,16 +33,18 @@ from certpulse.ca.acme.model import (
     ValidationJob,
     ValidationResult,
 )
+from certpulse.ca.acme.orders import submission_key
 from certpulse.ca.admin import CAAdmin
 from certpulse.ca.config import CADir
-from certpulse.ca.model import Caller
+from certpulse.ca.model import Caller, EnrollmentRequest
 from certpulse.ca.service import CAService
 from certpulse.ca.setup import open_service, rollover_root
 from certpulse.ca.storage import schema as t
+from certpulse.ca.templates import parse_template, parse_template_toml
 from certpulse.errors import Reason, Refusal
 from certpulse.pki import ari, jose
 from certpulse.pki.template_info import TEMPLATE_INFO_OID
-from certpulse.sql.db import read
+from certpulse.sql.db import read, write
 from support import CA, TEMPLATES, make_csr
 
 NEW_ACCOUNT_URL = "https://ca.test/acme/new-account"
@@ -115,6 +117,19 @@ def test_certificate_identifier_garbage_is_malformed(garbage: str) -> None:
     with pytest.raises(Refusal) as refused:
         ari.decode(garbage)
     assert refused.value.reason == Reason.MALFORMED_REQUEST
+
+
+
+def test_trust_registered_names_is_a_template_option_off_by_default() -> None:
+    base = (TEMPLATES / "webserver.toml").read_text()
+    assert parse_template_toml(base, default_oid="2.999").trust_registered_names is False
+    trusting = parse_template_toml(base + "\n[acme]\ntrust_registered_names = true\n", default_oid="2.999")
+    assert trusting.trust_registered_names is True
+    assert trusting.document()["acme"] == {"trust_registered_names": True}
+    assert parse_template(trusting.document(), default_oid="2.999") == trusting
+    with pytest.raises(Refusal) as typo:
+        parse_template_toml(base + "\n[acme]\ntrust_registered_name = true\n", default_oid="2.999")
+    assert typo.value.reason == Reason.INVALID_TEMPLATE and "acme.trust_registered_name" in typo.value.detail
 
 
 # -- a CA, principals and helpers ------------------------------------------------------------
@@ -303,6 +318,8 @@ def test_account_refusals(world: World) -> None:
     refused(Reason.MALFORMED_REQUEST, acme.new_account, key,
             external_binding=mac_signed(unknown_header, json.dumps(dict(key.jwk)), OctKey.import_key(b"k" * 96)),
             **args)
+    for hostile in ([1, 2], "text", 5, {"protected": 1, "payload": [], "signature": None}, {}):
+        refused(Reason.MALFORMED_REQUEST, acme.new_account, key, external_binding=hostile, **args)
     for bad, reason in ((("tel:+1555",), Reason.UNSUPPORTED_CONTACT), (("mailto:a@b.example,c@d.example",),
                         Reason.INVALID_CONTACT), (("mailto:not an address",), Reason.INVALID_CONTACT),
                         (("mailto:a\x00@x.example",), Reason.INVALID_CONTACT),
@@ -415,6 +432,60 @@ def test_order_lifecycle_issues_like_native(world: World) -> None:
     refused(Reason.MALFORMED_REQUEST, acme.orders, account, after=10**30, limit=10, now=now)
 
 
+
+def test_finalize_refusals_leave_the_order_ready_or_invalid(world: World) -> None:
+    acme = world.service.acme
+    name = "moved.example.internal"
+    world.admin.add_principal(name, "machine", clock.now(), groups=["webservers"])
+    account = account_for(world, name)
+    order = acme.new_order(account, (Identifier("dns", "k.example.internal"),), profile="webserver",
+                           not_before=None, not_after=None, replaces=None, now=clock.now())
+    validate_all(world, account, order)
+    # a key the template does not allow: the client may send another CSR
+    _, p521 = make_csr(ec.generate_private_key(ec.SECP521R1()), dns=["k.example.internal"])
+    refused(Reason.KEY_NOT_ALLOWED, acme.finalize, account, order.id,
+            x509.load_pem_x509_csr(p521.encode()).public_bytes(serialization.Encoding.DER), clock.now())
+    assert acme.order(account, order.id, clock.now()).status == "ready"
+    refused(Reason.MALFORMED_CSR, acme.finalize, account, order.id, b"not a CSR", clock.now())
+    # the principal lost its right to the template meanwhile: final, the order is invalid with it
+    world.admin.set_groups(name, clock.now(), [], ["webservers"])
+    refused(Reason.TEMPLATE_NOT_PERMITTED, acme.finalize, account, order.id, csr_der(["k.example.internal"])[1],
+            clock.now())
+    invalid = acme.order(account, order.id, clock.now())
+    assert invalid.status == "invalid" and invalid.error is not None
+    assert invalid.error.reason == Reason.TEMPLATE_NOT_PERMITTED
+    refused(Reason.ORDER_NOT_READY, acme.finalize, account, order.id, csr_der(["k.example.internal"])[1],
+            clock.now())
+
+
+
+def test_a_claim_left_by_a_dead_finalizer_is_settled(world: World) -> None:
+    """A finalize that claimed its order (processing) and died before recording the outcome:
+    the order follows the request it submitted, or is ready again when it submitted none."""
+    acme = world.service.acme
+    account = account_for(world)
+    orders = []
+    for name in ("dead1.example.internal", "dead2.example.internal"):
+        order = acme.new_order(account, (Identifier("dns", name),), profile="webserver", not_before=None,
+                               not_after=None, replaces=None, now=clock.now())
+        validate_all(world, account, order)
+        orders.append(order)
+    claimed_at = clock.now()
+    with write(world.service.engine) as conn:
+        conn.execute(update(t.acme_orders).where(t.acme_orders.c.id.in_([o.id for o in orders]))
+                     .values(status="processing", updated_at=claimed_at))
+        caller = world.service.auth.principal_by_id(conn, account.principal_id)
+    assert caller is not None
+    world.service.requests.submit(caller, EnrollmentRequest(
+        template="webserver", csr=csr_der(["dead1.example.internal"])[1],
+        idempotency_key=submission_key(orders[0].id)), claimed_at)
+    assert acme.order(account, orders[0].id, claimed_at + dt.timedelta(minutes=1)).status == "processing"
+    later = claimed_at + dt.timedelta(minutes=6)
+    settled = acme.order(account, orders[0].id, later)
+    assert settled.status == "valid" and settled.certificate_id is not None
+    assert acme.order(account, orders[1].id, later).status == "ready"
+
+
 def test_rejected_identifiers_each_get_a_subproblem(world: World) -> None:
     account = account_for(world)
     idents = (Identifier("dns", "ok.example.internal"), Identifier("dns", "evil.example.com"),
@@ -424,6 +495,32 @@ def test_rejected_identifiers_each_get_a_subproblem(world: World) -> None:
     subs = problem.extra["subproblems"]
     assert [s.identifier.value for s in subs] == ["evil.example.com", "*.example.internal", "192.0.2.1", "bad..name"]
     assert all(s.reason == Reason.REJECTED_IDENTIFIER for s in subs)
+
+
+
+def test_hostile_order_input_is_refused_cleanly(world: World) -> None:
+    """Oversized, unprintable and odd values from the network: a clear refusal, never a database
+    error (PostgreSQL refuses NUL in text and values longer than their column)."""
+    acme = world.service.acme
+    account = account_for(world)
+    args: dict[str, Any] = {"not_before": None, "not_after": None, "now": clock.now()}
+    for identifier in (Identifier("dns", "a" * 10_000 + ".example.internal"),
+                       Identifier("dns", "x\x00.example.internal"), Identifier("ip", "::1%eth0"),
+                       Identifier("ip", "1.2.3.4.5"), Identifier("dns", "\u202e.example")):
+        problem = refused(Reason.REJECTED_IDENTIFIER, acme.new_order, account, (identifier,), profile="webserver",
+                          replaces=None, **args)
+        assert len(problem.detail) < 600 and problem.detail.isprintable()
+    refused(Reason.UNSUPPORTED_IDENTIFIER, acme.new_order, account,
+            (Identifier("email", "a@b.example"),), profile="webserver", replaces=None, **args)  # type: ignore[arg-type]
+    refused(Reason.MALFORMED_REQUEST, acme.new_order, account, (Identifier("dns", 5),),  # type: ignore[arg-type]
+            profile="webserver", replaces=None, **args)
+    refused(Reason.INVALID_PROFILE, acme.new_order, account, (Identifier("dns", "a.example.internal"),),
+            profile="p\x00" * 5000, replaces=None, **args)
+    refused(Reason.MALFORMED_REQUEST, acme.new_order, account, (Identifier("dns", "a.example.internal"),),
+            profile="webserver", replaces="A" * 5000 + "." + "B" * 5000, **args)
+    refused(Reason.REJECTED_IDENTIFIER, acme.new_order, account,
+            tuple(Identifier("dns", f"n{i}.example.internal") for i in range(101)), profile="webserver",
+            replaces=None, **args)
 
 
 def test_profile_refusals(world: World) -> None:
@@ -440,6 +537,16 @@ def test_profile_refusals(world: World) -> None:
     refused(Reason.MALFORMED_REQUEST, acme.new_order, account, (), profile="webserver", **args)
     refused(Reason.MALFORMED_REQUEST, acme.new_order, account, one, profile="webserver",
             **{**args, "replaces": "not-an-identifier"})
+
+
+
+def test_a_template_no_issuer_serves_is_no_profile(world: World) -> None:
+    text = (TEMPLATES / "webserver.toml").read_text().replace('name = "webserver"', 'name = "a-unserved"')
+    world.admin.add_template(text, clock.now(), issuers=[])
+    assert "a-unserved" not in world.service.acme.directory_meta(clock.now()).profiles
+    refused(Reason.INVALID_PROFILE, world.service.acme.new_order, account_for(world),
+            (Identifier("dns", "u.example.internal"),), profile="a-unserved", not_before=None, not_after=None,
+            replaces=None, now=clock.now())
 
 
 def test_failed_validation_invalidates_the_order(world: World) -> None:

@@ -1,8 +1,9 @@
 """lego (Debian's package) against a real ``certpulse ca serve --tls``: an account bound by EAB,
 http-01 and tls-alpn-01 through lego's own listeners, dns-01 through its ``exec`` provider and
-the local DNS test server, ``lego renew`` (by days left: this lego predates ARI) and
-``lego revoke``. Every certificate is checked at the CA: it chains to the CA's root, carries
-the names asked for, is listed with its template and has its audit row.
+the local DNS test server, ``lego renew`` (by days left: this lego predates ARI),
+``lego revoke``, and a name the template forbids as lego shows it. Every certificate is checked
+at the CA: it chains to the CA's root (openssl), carries the names asked for and the template
+extension, is listed with its template and has its audit row.
 
 One CA and one server for the module (SQLite: the ACME flow does not depend on the database).
 Tests run in order and build on each other, as an operator would."""
@@ -13,6 +14,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from acme_services import (
     Endpoint,
@@ -22,6 +24,7 @@ from acme_services import (
     ca_status,
     dns_names,
     first_certificate,
+    has_template_extension,
     hook_calls,
     issued_rows,
     new_eab,
@@ -30,7 +33,7 @@ from acme_services import (
     validated_by,
 )
 from challtestsrv import ChallTestSrv
-from support import CA, serve
+from support import CA, Client, root_trust, serve
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -44,6 +47,7 @@ class Site:
     endpoint: Endpoint
     dns: ChallTestSrv
     lego: Lego
+    admin: Client  # the CA's admin API key: its certificates and audit trail over HTTP
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         with serve(ca, tls=True) as base:
             endpoint.directory = f"{base}/acme/directory"
             # lego registers the account (with this binding) on its first run and keeps it in --path.
-            yield Site(ca, endpoint, dns, Lego(folder / "lego", endpoint, new_eab(ca, PRINCIPAL), dns))
+            yield Site(ca, endpoint, dns, Lego(folder / "lego", endpoint, new_eab(ca, PRINCIPAL), dns),
+                       Client(base, ca.admin_key, verify=root_trust(ca)))
     finally:
         dns.stop()
 
@@ -69,9 +74,10 @@ def assert_issued_by_ca(site: Site, name: str) -> str:
     openssl_verify(site.endpoint.trust, cert_path, site.lego.issuer(name))
     cert = first_certificate(cert_path)
     assert dns_names(cert) == [name]
-    status = ca_status(site.ca, cert)
+    assert has_template_extension(cert)
+    status = ca_status(site.admin, cert)
     assert status["status"] == "good" and status["template"] == "webserver", status
-    rows = issued_rows(site.ca, cert)
+    rows = issued_rows(site.admin, cert)
     assert [row["actor"] for row in rows] == [f"principal:{PRINCIPAL}"], rows
     return serial_hex(cert)
 
@@ -79,15 +85,18 @@ def assert_issued_by_ca(site: Site, name: str) -> str:
 def test_http01(site: Site) -> None:
     site.lego.run(HTTP_NAME, site.lego.http(), "run")
     assert_issued_by_ca(site, HTTP_NAME)
-    assert [row["actor"] for row in audit_rows(site.ca, "acme-account-created")] == [f"principal:{PRINCIPAL}"]
-    assert validated_by(site.ca) == ["http-01"]
+    assert [row["actor"] for row in audit_rows(site.admin, "acme-account-created")] == [f"principal:{PRINCIPAL}"]
+    assert validated_by(site.admin) == ["http-01"]
 
 
 def test_tls_alpn01(site: Site) -> None:
+    """tls-alpn-01, with an RSA certificate key this time (the webserver template allows RSA)."""
     name = "tls.lego.example.internal"
-    site.lego.run(name, site.lego.tls(), "run")
+    site.lego.run(name, [*site.lego.tls(), "--key-type", "rsa2048"], "run")
     assert_issued_by_ca(site, name)
-    assert validated_by(site.ca)[-1] == "tls-alpn-01"
+    key = first_certificate(site.lego.certificate(name)).public_key()
+    assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048
+    assert validated_by(site.admin)[-1] == "tls-alpn-01"
 
 
 def test_dns01_exec_provider(site: Site) -> None:
@@ -99,7 +108,7 @@ def test_dns01_exec_provider(site: Site) -> None:
     assert [(c["call"], c["host"]) for c in calls] == [("/set-txt", f"_acme-challenge.{name}."),
                                                        ("/clear-txt", f"_acme-challenge.{name}.")]
     assert_issued_by_ca(site, name)
-    assert validated_by(site.ca)[-1] == "dns-01"
+    assert validated_by(site.admin)[-1] == "dns-01"
 
 
 def test_renew_by_days_left(site: Site) -> None:
@@ -117,7 +126,21 @@ def test_revoke(site: Site) -> None:
     """`lego revoke --reason 1`: the CA then says revoked, reason keyCompromise."""
     cert = first_certificate(site.lego.certificate(HTTP_NAME))
     site.lego.run(HTTP_NAME, [], "revoke", "--reason", "1", "--keep")
-    status = ca_status(site.ca, cert)
+    status = ca_status(site.admin, cert)
     assert status["status"] == "revoked" and status["revocation_reason"] == "keyCompromise", status
-    rows = [row for row in audit_rows(site.ca, "revoked") if int(row["serial"], 16) == cert.serial_number]
+    rows = [row for row in audit_rows(site.admin, "revoked") if int(row["serial"], 16) == cert.serial_number]
     assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "keyCompromise")], rows
+
+
+def test_name_the_template_forbids(site: Site) -> None:
+    """A name outside the webserver template's rules: the CA refuses the order
+    (rejectedIdentifier), lego shows it, and nothing is issued or validated."""
+    issued_before = len(audit_rows(site.admin, "issued"))
+    refused = site.lego.run("www.example.com", site.lego.http(), "run", check=False)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0, output
+    assert "urn:ietf:params:acme:error:rejectedIdentifier" in output, output
+    assert len(audit_rows(site.admin, "issued")) == issued_before
+    rows = audit_rows(site.admin, "acme-order-refused")
+    assert [(row["actor"], row["reason"]) for row in rows] == [(f"principal:{PRINCIPAL}", "rejected-identifier")]
+    assert "www.example.com" in rows[0]["detail"], rows

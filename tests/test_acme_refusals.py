@@ -30,7 +30,8 @@ from challtestsrv import ChallTestSrv
 from support import CA, free_port, serve
 
 PRINCIPAL = "acme-refusals"
-READER = "acme-reader"  # in group machines: may read the webserver profile, not enroll in it
+READER = "acme-reader"
+TERMS = "https://ca.example.internal/terms"  # in group machines: may read the webserver profile, not enroll in it
 
 
 @dataclass
@@ -58,7 +59,7 @@ def env(ca: CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     ca.cli("principal", "add", READER, "--group", "machines")
     with ChallTestSrv(folder) as dns, ChallengeServer(free_port()) as web:
         configure_acme(ca.dir, http01_port=web.port, dns_resolver=dns.address, validation_timeout="10s",
-                       default_profile="webserver")
+                       default_profile="webserver", terms_of_service=TERMS, website="https://ca.example.internal/")
         with serve(ca, "--max-inflight", "2", "--threads", "1") as base:  # see the shedding test
             client = ACMEClient(f"{base}/acme/directory")
             created = client.new_account(eab=eab_for(ca, PRINCIPAL))
@@ -307,6 +308,10 @@ def test_no_refusal_is_a_server_error(env: Env) -> None:
             assert response.status_code != 500 and response.status_code < 500, (url, payload, response.text)
             if response.status_code >= 400:
                 assert problem_type(response), (url, payload, response.text)
+    deep = b"[" * 30000 + b"]" * 30000
+    assert_refused(client.send(client.url("newOrder"), deep), "malformed", 400)
+    assert_refused(client.post(client.url("newOrder"), b'{"identifiers": ' + b"[" * 20000 + b"]" * 20000 + b"}"),
+                   "malformed", 400)
     for path in ("renewal-info/AAAA.AAAA", "renewal-info/x", "renewal-info/..", "renewal-info/" + "A" * 500):
         response = httpx.get(f"{env.base}/acme/{path}")
         assert response.status_code < 500 and problem_type(response), (path, response.text)
@@ -334,3 +339,25 @@ def test_shed_requests_are_rate_limited_with_retry_after(env: Env) -> None:
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.headers["content-type"].startswith("application/problem+json")
     assert refused.headers.get("replay-nonce")
+
+
+@pytest.mark.sqlite_only
+def test_terms_not_agreed_is_user_action_required(env: Env) -> None:
+    meta = httpx.get(env.directory).json()["meta"]
+    assert meta["termsOfService"] == TERMS and meta["website"] == "https://ca.example.internal/"
+    client = ACMEClient(env.directory)
+    response = client.new_account(eab=eab_for(env.ca, PRINCIPAL), terms=False)
+    document = assert_refused(response, "userActionRequired", 403)
+    assert document["instance"] == TERMS
+    assert f'<{TERMS}>;rel="terms-of-service"' in response.headers.get_list("link")
+
+
+@pytest.mark.sqlite_only
+def test_revocation_reasons_must_be_crl_reason_codes(env: Env) -> None:
+    client = env.client
+    url = client.url("revokeCert")
+    for reason in (7, 11, -1, 99):  # 7 is unassigned in RFC 5280; 11 is beyond the list
+        response = client.post(url, {"certificate": b64(b"\x30\x03\x02\x01\x01"), "reason": reason})
+        assert_refused(response, "badRevocationReason", 400)
+    assert_refused(client.post(url, {"certificate": b64(b"\x30\x00"), "reason": "keyCompromise"}),
+                   "badRevocationReason", 400)

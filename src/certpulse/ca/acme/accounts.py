@@ -174,6 +174,8 @@ class Accounts:
         """The key id and principal of a verified external account binding (RFC 8555 section
         7.3.4): a JWS over the account's public key, MACed with the binding key, naming the
         newAccount URL; its key known, unused, unexpired, of an enabled principal."""
+        if not isinstance(binding, Mapping):
+            raise Refusal(Reason.MALFORMED_REQUEST, "externalAccountBinding must be a JWS object")
         message = jose.parse(binding, account_request=False)
         if message.algorithm != "HS256":
             # the key is longer than HMAC's block for HS384/HS512 too, but then HMAC uses it as

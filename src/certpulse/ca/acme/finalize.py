@@ -24,6 +24,7 @@ from sqlalchemy import Connection, and_, select, update
 from certpulse.ca.acme import problems, records
 from certpulse.ca.acme.accounts import actor_of
 from certpulse.ca.acme.model import Account, CertificateChains, Identifier, Order
+from certpulse.ca.acme.orders import submission_key
 from certpulse.ca.model import Caller, EnrollmentRequest
 from certpulse.ca.results import Issued, Pending, Replayed
 from certpulse.ca.state import Snapshot
@@ -96,7 +97,7 @@ class Finalization:
             raise
         try:
             submission = self._acme.service.requests.submit(caller, EnrollmentRequest(
-                template=row.profile, csr=csr_der, idempotency_key=f"acme-order-{order_id}",
+                template=row.profile, csr=csr_der, idempotency_key=submission_key(order_id),
                 lineage=row.replaces), now)
         except Refusal as refusal:  # audited by the registration authority
             self._after_refusal(order_id, refusal, now)

@@ -48,6 +48,11 @@ STALE_CLAIM = dt.timedelta(minutes=5)
 NOT_BEFORE_SLACK = dt.timedelta(days=1)
 
 
+def served(snapshot: Snapshot, template: str, now: dt.datetime) -> bool:
+    """Whether an enabled issuer, valid now, serves the template (else finalize could only fail)."""
+    return any(a.serves(template) and a.valid_at(now) for a in snapshot.authorities)
+
+
 def may_enroll(template: Template, caller: Caller) -> bool:
     rights = template.rights_of(caller.name, caller.groups)
     return "read" in rights and bool({"enroll", "autoenroll"} & rights)
@@ -84,9 +89,12 @@ def identifier_problem(caller: Caller, template: Template, identifier: Identifie
                        "is not supported (dns and ip are)", identifier)
     if identifier.type == "ip":
         try:
-            ipaddress.ip_address(identifier.value)
+            address = ipaddress.ip_address(identifier.value)
         except ValueError:
             return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} is not an IP address", identifier)
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} has a zone; a certificate names addresses "
+                                                       "without one", identifier)
     elif not is_hostname(identifier.value, allow_wildcard=True):
         return Problem(Reason.REJECTED_IDENTIFIER, f"{shown} is not a valid DNS name", identifier)
     if template.subject_source == "principal":
@@ -105,6 +113,11 @@ def identifier_problem(caller: Caller, template: Template, identifier: Identifie
     except Refusal as refusal:
         return Problem(Reason.REJECTED_IDENTIFIER, refusal.detail, identifier)
     return None
+
+
+def submission_key(order_id: int) -> str:
+    """The idempotency key an order's finalize submits with: a retry never makes a second certificate."""
+    return f"acme-order-{order_id}"
 
 
 def challenge_types(identifier: Identifier) -> tuple[ChallengeType, ...]:
@@ -129,12 +142,16 @@ class Orders:
                 raise Refusal(Reason.MALFORMED_REQUEST, "an order names at least one identifier")
             if len(identifiers) > MAX_IDENTIFIERS:
                 raise Refusal(Reason.REJECTED_IDENTIFIER, f"at most {MAX_IDENTIFIERS} identifiers per order")
+            if any(not isinstance(i.type, str) or not isinstance(i.value, str) for i in identifiers):
+                raise Refusal(Reason.MALFORMED_REQUEST, "every identifier has a type and a value, both strings")
             wanted = tuple(dict.fromkeys(normalized(i) for i in identifiers))
             with read(self.engine) as conn:
                 caller = self._acme.caller(conn, account)
                 snapshot = self._acme.service.state.get(conn)
                 replaced = self._replaced(conn, caller, replaces) if replaces is not None else None
-            template = self._template(snapshot, caller, profile, replaced, wanted)
+            template = self._template(snapshot, caller, profile, replaced, wanted, now)
+            if not served(snapshot, template.name, now):
+                raise Refusal(Reason.INVALID_PROFILE, f"no issuer serves profile {template.name!r} now")
             refused = tuple(p for p in (identifier_problem(caller, template, i) for i in wanted) if p is not None)
             if refused:
                 first = refused[0]
@@ -163,10 +180,11 @@ class Orders:
             raise
 
     def _template(self, snapshot: Snapshot, caller: Caller, profile: str | None, replaced: Any,
-                  wanted: tuple[Identifier, ...]) -> Template:
+                  wanted: tuple[Identifier, ...], now: dt.datetime) -> Template:
         """The order's template: the profile asked for; else the replaced certificate's; else
-        ``[acme] default_profile``; else the first (by name) the principal may enroll in that
-        allows every identifier (the first of all when none does, for its refusals)."""
+        ``[acme] default_profile``; else the first (by name) the principal may enroll in, that an
+        issuer serves, that allows every identifier (the first of all when none does, for its
+        refusals)."""
         if profile is not None:
             template = snapshot.templates.get(profile)
             if template is None or "read" not in template.rights_of(caller.name, caller.groups):
@@ -186,7 +204,7 @@ class Orders:
                 raise Refusal(Reason.INVALID_PROFILE, f"the default profile {default!r} is not one {caller.actor} "
                                                       "may enroll in; name a profile")
             return template
-        choices = enrollable(snapshot, caller)
+        choices = [tpl for tpl in enrollable(snapshot, caller) if served(snapshot, tpl.name, now)]
         if not choices:
             raise Refusal(Reason.TEMPLATE_NOT_PERMITTED, f"{caller.actor} may not enroll for any profile")
         fitting = (tpl for tpl in choices if len(wanted) <= tpl.names.max
@@ -316,11 +334,16 @@ class Orders:
         transaction: expired; its request issued, denied or failed; a claim left by a finalize
         that never reached the registration authority released."""
         values: dict[str, Any] = {}
+        if row.status == "processing" and row.request_id is None and now - row.updated_at >= STALE_CLAIM:
+            submitted = self._submitted(conn, row)
+            if submitted is None:
+                values = {"status": "ready"}
+            else:  # the finalizer died after its submission was recorded: the order follows it
+                conn.execute(update(t.acme_orders).where(t.acme_orders.c.id == row.id).values(request_id=submitted))
+                row = conn.execute(select(t.acme_orders).where(t.acme_orders.c.id == row.id)).one()
         if row.status in ("pending", "ready") and now >= row.expires_at:
             values = {"status": "invalid", "error": problems.dumps(
                 Problem(Reason.MALFORMED_REQUEST, f"the order expired at {row.expires_at.isoformat()}"))}
-        elif row.status == "processing" and row.request_id is None and now - row.updated_at >= STALE_CLAIM:
-            values = {"status": "ready"}
         elif row.status == "processing" and row.request_id is not None:
             request = conn.execute(select(t.requests).where(t.requests.c.id == row.request_id)).first()
             if request is None or request.status in ("denied", "failed"):
@@ -335,6 +358,14 @@ class Orders:
             return row
         conn.execute(update(t.acme_orders).where(t.acme_orders.c.id == row.id).values(updated_at=now, **values))
         return conn.execute(select(t.acme_orders).where(t.acme_orders.c.id == row.id)).one()
+
+    @staticmethod
+    def _submitted(conn: Connection, row: Any) -> int | None:
+        """The request a claimed order's finalize submitted (by the idempotency key it used), if any."""
+        principal = select(t.acme_accounts.c.principal_id).where(t.acme_accounts.c.id == row.account_id)
+        return conn.execute(select(t.requests.c.id).where(and_(
+            t.requests.c.idempotency_key == submission_key(row.id),
+            t.requests.c.principal_id == principal.scalar_subquery()))).scalar()
 
     def orders(self, account: Account, *, after: int | None, limit: int, now: dt.datetime) -> OrderPage:
         limit = max(1, min(limit, MAX_PAGE))

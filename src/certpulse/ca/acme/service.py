@@ -33,7 +33,7 @@ from certpulse.ca.acme.model import (
     ValidationJob,
     ValidationResult,
 )
-from certpulse.ca.acme.orders import Orders
+from certpulse.ca.acme.orders import Orders, served
 from certpulse.ca.acme.revocation import ACMERevocation
 from certpulse.ca.config import ACMEConfig
 from certpulse.ca.model import Caller
@@ -70,11 +70,13 @@ class ACMEAuthority:
     # -- directory ------------------------------------------------------------------------
 
     def directory_meta(self, now: dt.datetime) -> DirectoryMeta:
-        """The directory's ``meta``: every template some principal may enroll in, as a profile."""
+        """The directory's ``meta``: every template some principal may enroll in (and an issuer
+        serves), as a profile."""
         with read(self._service.engine) as conn:
-            templates = self._service.state.get(conn).templates
-        offered = sorted((tpl for tpl in templates.values()
-                          if any({"enroll", "autoenroll"} & p.rights for p in tpl.permissions)),
+            snapshot = self._service.state.get(conn)
+        offered = sorted((tpl for tpl in snapshot.templates.values()
+                          if any({"enroll", "autoenroll"} & p.rights for p in tpl.permissions)
+                          and served(snapshot, tpl.name, now)),
                          key=lambda tpl: tpl.name)
         default = self.config.default_profile or (offered[0].name if offered else None)
         return DirectoryMeta(

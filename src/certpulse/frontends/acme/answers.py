@@ -43,7 +43,9 @@ class Answer:
         return self.header("link", f'<{url}>;rel="{rel}"')
 
     async def send(self, send: Send, *, head: bool = False) -> None:
-        headers: Headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
+        headers: Headers = list(self.headers)
+        if self.status != 204:  # a 204 has no content, nor a length (RFC 9110 section 8.6)
+            headers.append((b"content-length", str(len(self.body)).encode()))
         if self.media_type is not None:
             headers.append((b"content-type", self.media_type.encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": headers})

@@ -122,7 +122,8 @@ class ACMERoutes:
                 assert found.text is not None
                 info = self.acme.renewal_info(found.text, now)
                 return Answer.json(resources.renewal_info(info)).header("retry-after", seconds(info.retry_after))
-            return Answer(204 if scope["method"] == "GET" else 200)  # newNonce, before the secret was loaded
+            self.nonces.load()  # newNonce at a worker's first request: refused (503) when the database is down
+            return Answer(204 if scope["method"] == "GET" else 200)
 
         return self._guarded(work, urls, scope)
 
@@ -140,6 +141,9 @@ class ACMERoutes:
             answer = work()
         except Refusal as refusal:
             answer = self.refusal_answer(refusal, urls)
+        except RecursionError:  # json.loads of a body or payload nested thousands deep
+            answer = self.refusal_answer(Refusal(Reason.MALFORMED_REQUEST, "the request's JSON nests too deeply"),
+                                         urls)
         except OperationalError as exc:
             log.error("database unavailable: %s", printable(str(exc.orig)))
             answer = self.refusal_answer(Refusal(
@@ -178,9 +182,11 @@ class ACMERoutes:
 
     # -- refusals -------------------------------------------------------------------------
 
-    @staticmethod
-    def refusal_answer(refusal: Refusal, urls: Urls) -> Answer:
+    def refusal_answer(self, refusal: Refusal, urls: Urls) -> Answer:
         status, document = refusal_document(refusal)
+        terms = self.acme.config.terms_of_service
+        if refusal.reason is Reason.USER_ACTION_REQUIRED and terms:  # RFC 8555 section 7.3.3
+            document["instance"] = terms
         answer = Answer.problem(status, document)
         retry_after = refusal.extra.get("retry_after")
         if isinstance(retry_after, int):
@@ -188,6 +194,8 @@ class ACMERoutes:
         existing = refusal.extra.get("account_id")
         if refusal.reason is Reason.CONFLICT and isinstance(existing, int):  # keyChange: the key's account
             answer.header("location", urls.account(existing))
+        if "instance" in document:
+            answer.link(terms, "terms-of-service")
         return answer
 
     def outer_refusal(self, scope: Scope, refusal: Refusal) -> ASGIApp | None:

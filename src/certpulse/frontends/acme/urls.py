@@ -47,8 +47,18 @@ class Match:
     text: str | None  # renewalInfo's certificate identifier
 
 
+# The paths without an id, looked up directly (the others are few enough to try one by one)
+_FIXED: dict[str, Match] = {
+    pattern.pattern: Match(name, methods, (), None) for name, (pattern, methods) in ROUTES.items()
+    if "(" not in pattern.pattern
+}
+
+
 def match(path: str) -> Match | None:
     """The operation ``path`` names (None: no ACME resource is there)."""
+    fixed = _FIXED.get(path)
+    if fixed is not None:
+        return fixed
     for name, (pattern, methods) in ROUTES.items():
         found = pattern.fullmatch(path)
         if found is not None:
