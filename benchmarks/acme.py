@@ -562,8 +562,10 @@ def goal(runs: list[Run], targets: list[str], levels: list[int], repeats: int) -
             errors = sum(r.errors for r in runs if r.target == ours and r.concurrency == level)
             ratio = statistics.median(rs)
             met = ratio >= GOAL_RATIO and errors == 0
+            cut = [r for r in runs if r.target == "pebble" and r.concurrency == level and stalled(r)]
+            note = f" (pebble stalled in {len(cut)} run(s): its rate until then)" if cut else ""
             lines.append(f"goal {ours} c={level}: {ours}/pebble {ratio:.2f}x (median; goal >= {GOAL_RATIO:g}x), "
-                         f"{errors} errors: {'met' if met else 'MISSED'}")
+                         f"{errors} errors: {'met' if met else 'MISSED'}{note}")
     return lines
 
 
