@@ -328,3 +328,15 @@ def test_order_waiting_for_approval_is_processing_with_retry_after(env: Env) -> 
     order = client.poll(order_url, ("valid", "invalid"))
     assert order["status"] == "valid", order
     assert client.get(order["certificate"]).status_code == 200
+
+
+def test_authorization_deactivation(env: Env) -> None:
+    client = env.client()
+    response = client.new_order([name()])
+    assert response.status_code == 201, response.text
+    authz_url = response.json()["authorizations"][0]
+    deactivated = client.post(authz_url, {"status": "deactivated"})
+    assert deactivated.status_code == 200, deactivated.text
+    assert deactivated.json()["status"] == "deactivated"
+    assert f'<{response.headers["location"]}>;rel="up"' in deactivated.headers.get_list("link")
+    assert client.get(authz_url).json()["status"] == "deactivated"

@@ -350,3 +350,14 @@ def test_terms_not_agreed_is_user_action_required(env: Env) -> None:
     document = assert_refused(response, "userActionRequired", 403)
     assert document["instance"] == TERMS
     assert f'<{TERMS}>;rel="terms-of-service"' in response.headers.get_list("link")
+
+
+@pytest.mark.sqlite_only
+def test_revocation_reasons_must_be_crl_reason_codes(env: Env) -> None:
+    client = env.client
+    url = client.url("revokeCert")
+    for reason in (7, 11, -1, 99):  # 7 is unassigned in RFC 5280; 11 is beyond the list
+        response = client.post(url, {"certificate": b64(b"\x30\x03\x02\x01\x01"), "reason": reason})
+        assert_refused(response, "badRevocationReason", 400)
+    assert_refused(client.post(url, {"certificate": b64(b"\x30\x00"), "reason": "keyCompromise"}),
+                   "badRevocationReason", 400)
