@@ -35,7 +35,7 @@ lint: $(STAMP)
 
 # The benchmarks of issue 6 (see benchmarks/RESULTS.md); minutes, not seconds. wrk and cfssl
 # (Debian packages) are installed when missing. Not part of `make test`: that runs a smoke run of each.
-BENCHMARKS := benchmarks/issuance.py benchmarks/storm.py benchmarks/scale.py benchmarks/ocsp.py
+BENCHMARKS := benchmarks/issuance.py benchmarks/storm.py benchmarks/scale.py benchmarks/ocsp.py benchmarks/acme.py
 
 bench: $(STAMP) system-packages
 	scripts/bench-packages
@@ -45,6 +45,7 @@ bench: $(STAMP) system-packages
 	$(BIN)/python benchmarks/storm.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/ocsp.py
+	$(BIN)/python benchmarks/acme.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
