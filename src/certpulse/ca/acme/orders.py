@@ -135,6 +135,9 @@ ORDER_OF_ACCOUNT_LOCKED = ORDER_OF_ACCOUNT.with_for_update()
 ORDER = select(t.acme_orders).where(t.acme_orders.c.id == bindparam("p_id"))
 _AUTHORIZATION_IDS = (select(t.acme_authorizations.c.id).where(t.acme_authorizations.c.order_id == bindparam("p_id"))
                       .order_by(t.acme_authorizations.c.id))
+_INSERT_ORDER = t.acme_orders.insert().returning(t.acme_orders.c.id)
+_INSERT_AUTHORIZATION = t.acme_authorizations.insert().returning(t.acme_authorizations.c.id)
+_INSERT_CHALLENGES = t.acme_challenges.insert()
 _REQUEST_STATUS = select(t.requests.c.status).where(t.requests.c.id == bindparam("p_id"))
 
 class Orders:
@@ -269,27 +272,27 @@ class Orders:
         expires = now + self._acme.config.duration("order_lifetime")
         trusted = [i.type == "dns" and own is not None and i.value == own for i in wanted]
         status = "ready" if all(trusted) else "pending"
-        order_id = int(conn.execute(t.acme_orders.insert().values(
+        order_id = int(conn.execute(_INSERT_ORDER, dict(
             account_id=account.id, status=status, profile=template.name,
             identifiers=records.identifiers_json(wanted), not_before=not_before, not_after=not_after,
             expires_at=expires, replaces=replaced_id, created_at=now, updated_at=now,
-        ).returning(t.acme_orders.c.id)).scalar_one())
+        )).scalar_one())
         authorization_ids: list[int] = []
         challenges: list[dict[str, Any]] = []
         for identifier, valid in zip(wanted, trusted, strict=True):
             wildcard = identifier.value.startswith("*.")
-            authorization_id = int(conn.execute(t.acme_authorizations.insert().values(
+            authorization_id = int(conn.execute(_INSERT_AUTHORIZATION, dict(
                 order_id=order_id, account_id=account.id, identifier_type=identifier.type,
                 identifier_value=identifier.value.removeprefix("*."), wildcard=wildcard,
                 status="valid" if valid else "pending", expires_at=expires, created_at=now,
-            ).returning(t.acme_authorizations.c.id)).scalar_one())
+            )).scalar_one())
             authorization_ids.append(authorization_id)
             if not valid:
                 challenges += [{"authorization_id": authorization_id, "type": kind,
                                 "token": secrets.token_urlsafe(32), "status": "pending"}
                                for kind in challenge_types(identifier)]
         if challenges:
-            conn.execute(t.acme_challenges.insert(), challenges)
+            conn.execute(_INSERT_CHALLENGES, challenges)
         return Order(id=order_id, account_id=account.id, status=status, expires_at=expires, identifiers=wanted,
                      profile=template.name, not_before=not_before, not_after=not_after,
                      authorization_ids=tuple(authorization_ids), certificate_id=None, error=None, retry_after=None,
