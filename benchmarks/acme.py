@@ -20,8 +20,8 @@ Peers (``--targets``, default ``certpulse,pebble``):
   for every run (its store is scanned under one lock on every newOrder, so it slows as it fills;
   and under concurrent newOrders its store can deadlock: its lock order differs between a
   newOrder scanning for reusable authorizations and one adding a challenge. A pebble run in which
-  every failed order waited in vain for an answer is run again on a fresh pebble, up to twice, and
-  said so).
+  no order completed for 10 s is run again on a fresh pebble, up to twice, and said so; when every
+  attempt stalled, the one with the most orders counts, its rate up to its last completed order).
 
 Both peers therefore do the same work per order over TLS: verify every JWS, check the nonce,
 create the order and its authorization, resolve the name (pebble-challtestsrv answers every A
@@ -562,8 +562,10 @@ def goal(runs: list[Run], targets: list[str], levels: list[int], repeats: int) -
             errors = sum(r.errors for r in runs if r.target == ours and r.concurrency == level)
             ratio = statistics.median(rs)
             met = ratio >= GOAL_RATIO and errors == 0
+            cut = [r for r in runs if r.target == "pebble" and r.concurrency == level and stalled(r)]
+            note = f" (pebble stalled in {len(cut)} run(s): its rate until then)" if cut else ""
             lines.append(f"goal {ours} c={level}: {ours}/pebble {ratio:.2f}x (median; goal >= {GOAL_RATIO:g}x), "
-                         f"{errors} errors: {'met' if met else 'MISSED'}")
+                         f"{errors} errors: {'met' if met else 'MISSED'}{note}")
     return lines
 
 
@@ -611,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="certpulse-acme-"))
     runs: list[Run] = []
     stalls: list[str] = []
+    tried: list[Run] = []  # the stalled attempts of the current run
     try:
         with Peers(work, args.workers, args.postgres) as peers:
             dns = peers.start_dns()
@@ -637,8 +640,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 print(f"  pebble stalled (c={level} #{repeat + 1}: no order completed for "
                                       f"{STALL_AFTER:g} s after {result.stalled_after_s:.1f} s, "
                                       f"{result.orders} orders until then); run again on a fresh pebble", flush=True)
+                                tried.append(result)
                                 continue
                             break
+                        if stalled(result) and tried:  # every attempt stalled: keep the longest stretch
+                            result = max([*tried, result], key=lambda r: r.orders)
+                        tried.clear()
                         runs.append(result)
                         print(describe(result), flush=True)
             profiles = [profile_workers(lasting[name], dns.pid, peers.http01_port, max(levels), args.profile, work)

@@ -38,7 +38,10 @@ of that process and its descendants (``/proc/<pid>/stat``), and with ``--also-pi
 other processes (e.g. the DNS server both peers use). Per order: its latency (newOrder sent to
 certificate received). Any failed order (an HTTP error, a problem document, an invalid
 authorization or order, a wrong certificate, a poll that never ends) counts as an error with
-its kind, and the task goes on with the next order.
+its kind, and the task goes on with the next order. With ``--stall-after S``, a run in which no
+order completed for S seconds (a server that stopped answering) ends there: its rate counts the
+orders up to the last completed one, the result says when (``stalled_after_s``), and the
+connections are aborted rather than closed politely.
 
 The result is one JSON object on stdout (``--json`` writes it to a file too).
 """
