@@ -159,7 +159,8 @@ def _signing_account(message: jose.SignedMessage, account_id: int, acme: ACMEAut
         except Refusal as refusal:
             if refusal.reason is Reason.BAD_NONCE:  # the account was confirmed: the nonce is the problem
                 raise
-            known.forget(account_id)  # maybe signed with a key the account changed to: check afresh
+            # Maybe signed with a key the account changed to: checked afresh below. The remembered
+            # account stays (a forged request must not make its owner's next one slower).
     for _ in range(CHECK_ATTEMPTS):
         account = acme.account(account_id, now)  # refuses (and audits) an unknown or unusable account
         key = jose.verify(message, account.jwk)
