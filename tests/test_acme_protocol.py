@@ -293,6 +293,34 @@ def test_nonces_work_and_are_spent_once_across_workers(env: Env) -> None:
         assert replayed.headers["replay-nonce"]
 
 
+def _post_as_get_anywhere(env: Env, client: ACMEClient, key: Any = None) -> httpx.Response:
+    """A POST-as-GET of the client's account on a connection of its own (either worker)."""
+    url = client.account_url or ""
+    nonce = httpx.head(f"{env.base}/acme/new-nonce").headers["replay-nonce"]
+    return httpx.post(url, content=json.dumps(client.body(url, None, nonce=nonce, key=key)),
+                      headers={"content-type": "application/jose+json"})
+
+
+def test_workers_that_remember_an_account_see_its_deactivation_and_key_change_at_once(env: Env) -> None:
+    """Both workers remember an account once it has signed there; a key change or deactivation
+    answered by one worker holds on the next request wherever it lands: the old key no longer
+    signs, a deactivated account is refused."""
+    client = env.client()
+    for _ in range(8):  # spread over both workers: each remembers the account and its key
+        assert _post_as_get_anywhere(env, client).status_code == 200
+    old_key = client.key
+    new_key, _ = new_account_key("ES256")
+    assert client.key_change(new_key).status_code == 200
+    for _ in range(8):
+        stale = _post_as_get_anywhere(env, client, key=old_key)
+        assert stale.status_code == 403 and problem_type(stale) == "unauthorized", stale.text
+        assert _post_as_get_anywhere(env, client).status_code == 200  # the new key, remembered again
+    assert client.post(client.account_url or "", {"status": "deactivated"}).status_code == 200
+    for _ in range(8):
+        refused = _post_as_get_anywhere(env, client)
+        assert refused.status_code == 403 and problem_type(refused) == "unauthorized", refused.text
+
+
 def test_key_change_to_a_key_another_account_has_is_a_conflict(env: Env) -> None:
     client, other = env.client(), env.client()
     response = client.key_change(other.key)

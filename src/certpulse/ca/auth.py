@@ -28,7 +28,7 @@ import datetime as dt
 import threading
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, select, update
 
 from certpulse.ca.audit import AuditTrail
 from certpulse.ca.model import ANONYMOUS, IMPLICIT_GROUPS, Caller, hash_secret, new_secret
@@ -38,6 +38,10 @@ from certpulse.ca.storage import schema as t
 from certpulse.ca.storage.statements import Statements
 from certpulse.errors import Reason, Refusal
 from certpulse.sql.db import read, write
+
+# Built once (bound parameters): every ACME newOrder and finalize reads its principal this way
+_PRINCIPAL_BY_ID = select(t.principals).where(t.principals.c.id == bindparam("p_id"))
+_GROUPS_OF = select(t.group_members.c.group_name).where(t.group_members.c.principal_id == bindparam("p_id"))
 
 # Principals remembered by credential (re-checked inside each write transaction that acts for them)
 REMEMBERED_CALLERS = 65_536
@@ -110,7 +114,7 @@ class Authentication:
         when it is disabled or gone: the requester of a request being approved."""
         if principal_id is None:
             return None
-        row = conn.execute(select(t.principals).where(t.principals.c.id == principal_id)).first()
+        row = conn.execute(_PRINCIPAL_BY_ID, {"p_id": principal_id}).first()
         return self._as_caller(conn, row, None, read_generation(conn))
 
     @staticmethod
@@ -118,11 +122,7 @@ class Authentication:
         """An enabled principal's row as a caller, with its groups (None when disabled or absent)."""
         if row is None or not row.enabled:
             return None
-        groups = set(
-            conn.execute(
-                select(t.group_members.c.group_name).where(t.group_members.c.principal_id == row.id)
-            ).scalars()
-        )
+        groups = set(conn.execute(_GROUPS_OF, {"p_id": row.id}).scalars())
         groups.add(IMPLICIT_GROUPS[row.kind])
         return Caller(
             kind="principal", name=row.name, principal_id=row.id, principal_kind=row.kind,

@@ -201,11 +201,15 @@ def _key_fits(alg: str, key: PublicKey, jwk: Mapping[str, Any]) -> bool:
     return alg == "EdDSA" and isinstance(key, OKPKey)
 
 
-def verify(message: SignedMessage, jwk: Mapping[str, Any]) -> PublicKey:
+def verify(message: SignedMessage, jwk: Mapping[str, Any], key: PublicKey | None = None) -> PublicKey:
     """Verify ``message`` with the public key ``jwk`` (the header's own, or the account's that
     its ``kid`` names). UNAUTHENTICATED when the signature does not verify;
-    BAD_SIGNATURE_ALGORITHM when the algorithm does not fit the key."""
-    key = public_key(jwk)
+    BAD_SIGNATURE_ALGORITHM when the algorithm does not fit the key.
+
+    ``key`` is ``jwk`` as :func:`public_key` imported it before (the value this returned for the
+    same ``jwk``): a caller verifying many requests of one account imports its key once."""
+    if key is None:
+        key = public_key(jwk)
     if not _key_fits(message.algorithm, key, jwk):
         raise Refusal(Reason.BAD_SIGNATURE_ALGORITHM,
                       f"the algorithm {printable_alg(message.algorithm)} does not fit the account key",

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, and_, bindparam, select, update
 
 from certpulse.ca.acme import problems, records
 from certpulse.ca.acme.accounts import actor_of
@@ -35,6 +35,35 @@ if TYPE_CHECKING:
 
 MAX_RECORD = 4000  # what validation saw, as stored
 
+# The statements of every order's requests, built once: building a statement and its cache key
+# at each call cost more CPU than running it.
+_a, _c = t.acme_authorizations.c, t.acme_challenges.c
+_AUTHORIZATION = select(t.acme_authorizations).where(and_(_a.id == bindparam("p_id"),
+                                                          _a.account_id == bindparam("p_account")))
+_AUTHORIZATION_LOCKED = _AUTHORIZATION.with_for_update()
+_CHALLENGES = select(t.acme_challenges).where(_c.authorization_id == bindparam("p_id")).order_by(_c.id)
+_CHALLENGE = (select(t.acme_challenges, _a.account_id, _a.status.label("authorization_status"), _a.expires_at,
+                     _a.identifier_type, _a.identifier_value, _a.order_id)
+              .join(t.acme_authorizations, _a.id == _c.authorization_id)
+              .where(and_(_c.id == bindparam("p_id"), _a.account_id == bindparam("p_account"))))
+_CHALLENGE_LOCKED = _CHALLENGE.with_for_update()
+_START = (update(t.acme_challenges).where(_c.id == bindparam("p_id"))
+          .values(status="processing", started_at=bindparam("p_now")))
+_RECORDED_CHALLENGE = (select(t.acme_challenges, _a.order_id, _a.account_id, _a.status.label("authorization_status"),
+                              _a.identifier_type, _a.identifier_value, _a.wildcard)
+                       .join(t.acme_authorizations, _a.id == _c.authorization_id)
+                       .where(_c.id == bindparam("p_id")).with_for_update())
+_DECIDE_CHALLENGE = (update(t.acme_challenges).where(_c.id == bindparam("p_id"))
+                     .values(status=bindparam("p_status"), validated_at=bindparam("p_validated"),
+                             error=bindparam("p_error"), record=bindparam("p_record")))
+_DECIDE_AUTHORIZATION = update(t.acme_authorizations).where(_a.id == bindparam("p_id")).values(
+    status=bindparam("p_status"))
+_LOCK_ORDER = select(t.acme_orders.c.id).where(t.acme_orders.c.id == bindparam("p_id")).with_for_update()
+_ORDER_STATUSES = select(_a.status).where(_a.order_id == bindparam("p_id"))
+_ORDER_READY = (update(t.acme_orders).where(and_(t.acme_orders.c.id == bindparam("p_id"),
+                                                 t.acme_orders.c.status == "pending"))
+                .values(status="ready", updated_at=bindparam("p_now")))
+
 
 def _record_json(result: ValidationResult) -> str | None:
     """What validation saw, as stored: JSON, cut to a bounded size (still JSON when cut)."""
@@ -55,18 +84,15 @@ class Authorizations:
     def _authorization_row(conn: Connection, account: Account, authorization_id: int, *,
                            lock: bool = False) -> Any:
         records.require_id(authorization_id, "authorization")
-        a = t.acme_authorizations.c
-        query = select(t.acme_authorizations).where(and_(a.id == authorization_id, a.account_id == account.id))
-        row = conn.execute(query.with_for_update() if lock else query).first()
+        row = conn.execute(_AUTHORIZATION_LOCKED if lock else _AUTHORIZATION,
+                           {"p_id": authorization_id, "p_account": account.id}).first()
         if row is None:
             raise Refusal(Reason.NOT_FOUND, f"no authorization {authorization_id}")
         return row
 
     @staticmethod
     def _challenges(conn: Connection, authorization_id: int) -> tuple[Challenge, ...]:
-        c = t.acme_challenges.c
-        return tuple(records.as_challenge(row) for row in conn.execute(
-            select(t.acme_challenges).where(c.authorization_id == authorization_id).order_by(c.id)))
+        return tuple(records.as_challenge(row) for row in conn.execute(_CHALLENGES, {"p_id": authorization_id}))
 
     def authorization(self, account: Account, authorization_id: int, now: dt.datetime) -> Authorization:
         with read(self.engine) as conn:
@@ -76,12 +102,8 @@ class Authorizations:
     @staticmethod
     def _challenge_row(conn: Connection, account: Account, challenge_id: int, *, lock: bool = False) -> Any:
         records.require_id(challenge_id, "challenge")
-        c, a = t.acme_challenges.c, t.acme_authorizations.c
-        query = (select(t.acme_challenges, a.account_id, a.status.label("authorization_status"),
-                        a.expires_at, a.identifier_type, a.identifier_value, a.order_id)
-                 .join(t.acme_authorizations, a.id == c.authorization_id)
-                 .where(and_(c.id == challenge_id, a.account_id == account.id)))
-        row = conn.execute(query.with_for_update() if lock else query).first()
+        row = conn.execute(_CHALLENGE_LOCKED if lock else _CHALLENGE,
+                           {"p_id": challenge_id, "p_account": account.id}).first()
         if row is None:
             raise Refusal(Reason.NOT_FOUND, f"no challenge {challenge_id}")
         return row
@@ -104,8 +126,7 @@ class Authorizations:
                 row.status == "processing" and (row.started_at is None or row.started_at <= stale))
             if row.authorization_status != "pending" or not startable:
                 return records.as_challenge(row), None
-            conn.execute(update(t.acme_challenges).where(t.acme_challenges.c.id == row.id)
-                         .values(status="processing", started_at=now))
+            conn.execute(_START, {"p_id": row.id, "p_now": now})
             row = self._challenge_row(conn, account, challenge_id)
         job = ValidationJob(challenge_id=row.id, type=row.type,
                             identifier=Identifier(row.identifier_type, row.identifier_value), token=row.token,
@@ -116,13 +137,8 @@ class Authorizations:
         """A validation's outcome: the challenge and its authorization valid or invalid, and the
         order ready when every authorization is valid, invalid as soon as one is not. An outcome
         for a challenge no longer processing (handed out again, or decided) changes nothing."""
-        c, a = t.acme_challenges.c, t.acme_authorizations.c
         with write(self.engine) as conn:
-            row = conn.execute(
-                select(t.acme_challenges, a.order_id, a.account_id, a.status.label("authorization_status"),
-                       a.identifier_type, a.identifier_value, a.wildcard)
-                .join(t.acme_authorizations, a.id == c.authorization_id)
-                .where(c.id == job.challenge_id).with_for_update()).first()
+            row = conn.execute(_RECORDED_CHALLENGE, {"p_id": job.challenge_id}).first()
             if row is None or row.status != "processing" or row.token != job.token:
                 return
             identifier = Identifier(row.identifier_type, row.identifier_value)
@@ -131,13 +147,13 @@ class Authorizations:
             if problem is not None and problem.identifier is None:
                 problem = Problem(problem.reason, problem.detail, identifier, problem.subproblems, problem.acme_type)
             seen = _record_json(result)
-            conn.execute(update(t.acme_challenges).where(c.id == row.id).values(
-                status="valid" if result.valid else "invalid", validated_at=now if result.valid else None,
-                error=problems.dumps(problem), record=seen))
+            conn.execute(_DECIDE_CHALLENGE, {
+                "p_id": row.id, "p_status": "valid" if result.valid else "invalid",
+                "p_validated": now if result.valid else None, "p_error": problems.dumps(problem), "p_record": seen})
             if row.authorization_status != "pending":
                 return
-            conn.execute(update(t.acme_authorizations).where(a.id == row.authorization_id)
-                         .values(status="valid" if result.valid else "invalid"))
+            conn.execute(_DECIDE_AUTHORIZATION, {"p_id": row.authorization_id,
+                                                 "p_status": "valid" if result.valid else "invalid"})
             shown = ("*." if row.wildcard else "") + row.identifier_value
             self._acme.service.audit.record(
                 conn, now, f"acme-account:{row.account_id}",
@@ -149,11 +165,11 @@ class Authorizations:
 
     def _settle_order(self, conn: Connection, order_id: int, now: dt.datetime, problem: Problem | None) -> None:
         """A pending order after one of its authorizations changed: ready, invalid, or still pending."""
-        o, a = t.acme_orders.c, t.acme_authorizations.c
+        o = t.acme_orders.c
         # The order's row first: two validations of one order's authorizations finishing at once
         # then read the statuses one after the other, and the second sees the first's (PostgreSQL)
-        conn.execute(select(o.id).where(o.id == order_id).with_for_update())
-        statuses = list(conn.execute(select(a.status).where(a.order_id == order_id)).scalars())
+        conn.execute(_LOCK_ORDER, {"p_id": order_id})
+        statuses = list(conn.execute(_ORDER_STATUSES, {"p_id": order_id}).scalars())
         if any(s in records.DEAD_AUTHORIZATION for s in statuses):
             error = Problem(Reason.VALIDATION_FAILED if problem is not None else Reason.UNAUTHENTICATED,
                             "an authorization of the order failed" if problem is not None
@@ -163,8 +179,7 @@ class Authorizations:
             conn.execute(update(t.acme_orders).where(and_(o.id == order_id, o.status.in_(("pending", "ready"))))
                          .values(status="invalid", error=problems.dumps(error), updated_at=now))
         elif all(s == "valid" for s in statuses):
-            conn.execute(update(t.acme_orders).where(and_(o.id == order_id, o.status == "pending"))
-                         .values(status="ready", updated_at=now))
+            conn.execute(_ORDER_READY, {"p_id": order_id, "p_now": now})
 
     def deactivate(self, account: Account, authorization_id: int, now: dt.datetime) -> Authorization:
         """The client gives up an authorization (RFC 8555 section 7.5.2); its order can no longer

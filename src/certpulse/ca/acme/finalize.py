@@ -19,12 +19,12 @@ import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, and_, bindparam, select, update
 
 from certpulse.ca.acme import problems, records
 from certpulse.ca.acme.accounts import actor_of
 from certpulse.ca.acme.model import Account, CertificateChains, Identifier, Order
-from certpulse.ca.acme.orders import submission_key
+from certpulse.ca.acme.orders import ORDER, ORDER_OF_ACCOUNT_LOCKED, submission_key
 from certpulse.ca.model import Caller, EnrollmentRequest
 from certpulse.ca.results import Issued, Pending, Replayed
 from certpulse.ca.state import Snapshot
@@ -81,6 +81,22 @@ def check_csr_names(identifiers: tuple[Identifier, ...], csr: x509.CertificateSi
                       + "; it ".join(parts))
 
 
+
+# Built once (bound parameters), as in orders.py
+_o = t.acme_orders.c
+_CLAIM = update(t.acme_orders).where(_o.id == bindparam("p_id")).values(status="processing",
+                                                                       updated_at=bindparam("p_now"))
+_REQUEST_OUTCOME = select(t.requests.c.status, t.requests.c.certificate_id).where(t.requests.c.id == bindparam("p_id"))
+_ISSUED = update(t.acme_orders).where(_o.id == bindparam("p_id")).values(
+    request_id=bindparam("p_request"), updated_at=bindparam("p_now"), status="valid",
+    certificate_id=bindparam("p_certificate"))
+_SUBMITTED = update(t.acme_orders).where(_o.id == bindparam("p_id")).values(
+    request_id=bindparam("p_request"), updated_at=bindparam("p_now"))
+_OWNED = select(_o.id).where(and_(_o.account_id == bindparam("p_account"), _o.certificate_id == bindparam("p_id"),
+                                  _o.status == "valid"))
+_ISSUED_CERTIFICATE = select(t.certificates).where(and_(t.certificates.c.id == bindparam("p_id"),
+                                                        t.certificates.c.status == "issued"))
+
 class Finalization:
     def __init__(self, authority: ACMEAuthority) -> None:
         self._acme = authority
@@ -110,8 +126,7 @@ class Finalization:
         """The order, claimed for this finalize (``processing``) once it is ready and the CSR names
         exactly its identifiers; with the principal the account acts as."""
         o = t.acme_orders.c
-        row = conn.execute(select(t.acme_orders).where(and_(o.id == order_id, o.account_id == account.id))
-                           .with_for_update()).first()
+        row = conn.execute(ORDER_OF_ACCOUNT_LOCKED, {"p_id": order_id, "p_account": account.id}).first()
         if row is None:
             raise Refusal(Reason.NOT_FOUND, f"no order {order_id}")
         row = self._acme.ordering.bring_up_to_date(conn, row, now)
@@ -125,7 +140,7 @@ class Finalization:
             if done is not None:
                 raise Refusal(Reason.ALREADY_REPLACED, f"order {done.id} already replaced this certificate")
         caller = self._acme.caller(conn, account)
-        conn.execute(update(t.acme_orders).where(o.id == order_id).values(status="processing", updated_at=now))
+        conn.execute(_CLAIM, {"p_id": order_id, "p_now": now})
         return row, caller
 
     def _after_refusal(self, order_id: int, refusal: Refusal, now: dt.datetime) -> None:
@@ -144,13 +159,13 @@ class Finalization:
                 now: dt.datetime) -> Order:
         """The order after its submission: valid with its certificate, or processing with its request."""
         request_id = submission.request.request_id if isinstance(submission, Replayed) else submission.request_id
-        request = conn.execute(select(t.requests.c.status, t.requests.c.certificate_id)
-                               .where(t.requests.c.id == request_id)).one()
-        values: dict[str, Any] = {"request_id": request_id, "updated_at": now}
+        request = conn.execute(_REQUEST_OUTCOME, {"p_id": request_id}).one()
         if request.status == "issued":
-            values.update(status="valid", certificate_id=request.certificate_id)
-        conn.execute(update(t.acme_orders).where(t.acme_orders.c.id == order_id).values(**values))
-        row = conn.execute(select(t.acme_orders).where(t.acme_orders.c.id == order_id)).one()
+            conn.execute(_ISSUED, {"p_id": order_id, "p_request": request_id, "p_now": now,
+                                   "p_certificate": request.certificate_id})
+        else:
+            conn.execute(_SUBMITTED, {"p_id": order_id, "p_request": request_id, "p_now": now})
+        row = conn.execute(ORDER, {"p_id": order_id}).one()
         return self._acme.ordering.value(conn, self._acme.ordering.bring_up_to_date(conn, row, now))
 
     # -- download -----------------------------------------------------------------------
@@ -161,12 +176,9 @@ class Finalization:
         8555 section 7.4.2): after ``ca rollover-root`` a client whose relying parties know only
         the old root can fetch a chain they accept."""
         records.require_id(certificate_id, "certificate")
-        o = t.acme_orders.c
         with read(self.engine) as conn:
-            owned = conn.execute(select(o.id).where(and_(
-                o.account_id == account.id, o.certificate_id == certificate_id, o.status == "valid"))).first()
-            row = conn.execute(select(t.certificates).where(and_(
-                t.certificates.c.id == certificate_id, t.certificates.c.status == "issued"))).first()
+            owned = conn.execute(_OWNED, {"p_id": certificate_id, "p_account": account.id}).first()
+            row = conn.execute(_ISSUED_CERTIFICATE, {"p_id": certificate_id}).first()
             if owned is None or row is None:
                 raise Refusal(Reason.NOT_FOUND, f"no certificate {certificate_id}")
             snapshot = self._acme.service.state.get(conn)

@@ -21,15 +21,17 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
 import struct
 import threading
 
-from sqlalchemy import Engine, bindparam, delete, select
+from sqlalchemy import Connection, Engine, bindparam, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from certpulse.ca.acme.model import Account
 from certpulse.ca.storage import schema as t
 from certpulse.errors import Reason, Refusal
 from certpulse.sql.db import DirectStatement, read, write
@@ -50,6 +52,11 @@ PURGE_BATCH = 5000
 CLOCK_SLACK = dt.timedelta(seconds=5)
 
 
+class AccountChanged(Exception):
+    """The account a request was checked against is no longer the database's (deactivated, its
+    key or contacts or principal changed): the spend was rolled back; check the request afresh."""
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
@@ -67,6 +74,13 @@ class Nonces:
         self._spend = DirectStatement(
             insert(t.acme_spent_nonces).on_conflict_do_nothing(index_elements=["nonce"]), engine.dialect,
             ("nonce", "spent_at"))
+        # What a request signed by an account relies on, read inside the spend's transaction
+        accounts, principals = t.acme_accounts, t.principals
+        self._confirm = DirectStatement(
+            select(accounts.c.status, accounts.c.key_thumbprint, accounts.c.principal_id, accounts.c.contact,
+                   principals.c.name, principals.c.enabled)
+            .select_from(accounts.outerjoin(principals, principals.c.id == accounts.c.principal_id))
+            .where(accounts.c.id == bindparam("id")), engine.dialect)
         self._make_secret = insert(t.settings).values(name=SECRET_SETTING, value=bindparam("value")) \
             .on_conflict_do_nothing(index_elements=["name"])
 
@@ -124,15 +138,32 @@ class Nonces:
             raise Refusal(Reason.BAD_NONCE, "the nonce has expired; use the one from the last answer or ask "
                                             "newNonce for another")
 
-    def spend(self, nonce: str, now: dt.datetime) -> None:
+    def spend(self, nonce: str, now: dt.datetime, account: Account | None = None) -> None:
         """Check ``nonce`` and mark it used, once across every worker: BAD_NONCE when it is not
-        ours, too old, or already spent. One short write transaction."""
+        ours, too old, or already spent. One short write transaction.
+
+        With ``account`` (the one whose key verified the request, maybe as this process
+        remembered it), the same transaction first confirms that the database still has it as it
+        was: valid, same key, same contacts, same enabled principal. So a request is never
+        accepted for an account another worker has just deactivated or re-keyed, without a read
+        transaction of its own per request. :class:`AccountChanged` (nothing written) otherwise."""
         self.check(nonce, now)
         with write(self.engine) as conn:
+            if account is not None and not self._unchanged(conn, account):
+                raise AccountChanged(account.id)
             inserted = self._spend.run(conn, {"nonce": nonce, "spent_at": now}).rowcount
         if inserted != 1:
             raise Refusal(Reason.BAD_NONCE, "the nonce has already been used; use the one from the last answer")
         self._purge_now_and_then(now)
+
+    def _unchanged(self, conn: Connection, account: Account) -> bool:
+        row = self._confirm.run(conn, {"id": account.id}).fetchone()
+        if row is None:
+            return False
+        status, thumbprint, principal_id, contact, principal_name, enabled = row
+        return (status == "valid" and bool(enabled) and principal_id is not None
+                and principal_id == account.principal_id and principal_name == account.principal_name
+                and thumbprint == account.key_thumbprint and tuple(json.loads(contact)) == account.contact)
 
     def _purge_now_and_then(self, now: dt.datetime) -> None:
         due = self._next_purge
@@ -156,4 +187,4 @@ class Nonces:
             return 0
 
 
-__all__ = ["ENCODED_LENGTH", "Nonces"]
+__all__ = ["ENCODED_LENGTH", "AccountChanged", "Nonces"]

@@ -172,8 +172,8 @@ def challenge(call: Call) -> Answer:
     else:
         call.request.payload()  # "{}": the client is ready (RFC 8555 section 7.5.1)
         item, job = call.acme.respond_to_challenge(current, call.ids[0], call.now)
-        if job is not None:
-            call.runner.start(job)
+        if job is not None and call.runner.recorded(call.runner.start(job)):
+            item = call.acme.challenge(current, item.id, call.now)  # decided: answered as it is now
     return Answer.json(resources.challenge(call.urls, item)).link(call.urls.authz(item.authorization_id), "up")
 
 

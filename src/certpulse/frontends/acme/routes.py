@@ -59,6 +59,7 @@ class ACMERoutes:
         self.acme = service.acme
         self.nonces = Nonces(service.engine, service.acme.config.duration("nonce_lifetime"))
         self.runner = runner or ValidationRunner(service.acme)
+        self.known_accounts = signed.KnownAccounts()
         self._meta: tuple[float, DirectoryMeta] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,7 +102,7 @@ class ACMERoutes:
                 headers = dict(scope["headers"])
                 signed.check_media_type(signed.media_type(headers))
                 message = signed.parse(body, urls.request(scope), found.operation)
-                request = signed.verify(message, urls, self.acme, self.nonces, now)
+                request = signed.verify(message, urls, self.acme, self.nonces, now, self.known_accounts)
             except Refusal as refusal:
                 self._audit(found.operation, refusal, now)
                 raise

@@ -12,10 +12,19 @@ In order, each refusing with its own ACME error:
 6. the signature verifies with the ``jwk``, or with the key of the account that the ``kid``
    (this server's account URL) names (``accountDoesNotExist``, ``unauthorized`` when that
    account is deactivated);
-7. the nonce is spent (``badNonce`` when it already was, on any worker).
+7. the nonce is spent (``badNonce`` when it already was, on any worker), and, in that same
+   write transaction, the account is confirmed to be still as it was checked.
 
 The nonce is spent last, so a request that fails any check writes nothing, and nobody who
 cannot sign can make the server write.
+
+Every ACME client signs all its requests with one account, so each worker remembers the
+accounts it has checked and their imported keys (:class:`KnownAccounts`): a request of a known
+account is verified with the remembered key and needs no read transaction; step 7 then confirms
+in the database that the account is still valid, with the same key, contacts and enabled
+principal. If it is not (deactivated or re-keyed by another worker a moment ago), nothing is
+written and the request is checked again from the database, exactly as for an unknown account,
+with the same answers and audit rows.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from certpulse.ca.acme.model import Account, AccountKey
-from certpulse.ca.acme.nonces import Nonces
+from certpulse.ca.acme.nonces import AccountChanged, Nonces
 from certpulse.ca.acme.service import ACMEAuthority
 from certpulse.errors import Reason, Refusal
 from certpulse.frontends.acme.urls import Urls
@@ -37,6 +46,28 @@ JOSE_MEDIA_TYPE = "application/jose+json"
 JWK_OPERATIONS = frozenset({"newAccount", "revokeCert"})
 KID_OPERATIONS = frozenset({"account", "orders", "keyChange", "newOrder", "order", "finalize", "authz",
                             "challenge", "certificate", "revokeCert"})
+KNOWN_ACCOUNTS = 4096  # accounts a worker remembers; all are forgotten when it would remember more
+CHECK_ATTEMPTS = 3  # reads of an account that keeps changing under a request before it is refused
+
+
+class KnownAccounts:
+    """The accounts this worker has checked, with their imported keys: only ever a first guess,
+    confirmed in the nonce's write transaction (:meth:`Nonces.spend`)."""
+
+    def __init__(self, limit: int = KNOWN_ACCOUNTS) -> None:
+        self.limit = limit
+        self._known: dict[int, tuple[Account, jose.PublicKey]] = {}
+
+    def get(self, account_id: int) -> tuple[Account, jose.PublicKey] | None:
+        return self._known.get(account_id)
+
+    def remember(self, account: Account, key: jose.PublicKey) -> None:
+        if len(self._known) >= self.limit:
+            self._known.clear()
+        self._known[account.id] = (account, key)
+
+    def forget(self, account_id: int) -> None:
+        self._known.pop(account_id, None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,27 +121,57 @@ def parse(body: bytes, request_url: str, operation: str) -> jose.SignedMessage:
 
 
 def verify(message: jose.SignedMessage, urls: Urls, acme: ACMEAuthority, nonces: Nonces,
-           now: dt.datetime) -> SignedRequest:
-    """Steps 5-7, in a handler thread (a database read for a ``kid``, a write for the nonce)."""
+           now: dt.datetime, known: KnownAccounts | None = None) -> SignedRequest:
+    """Steps 5-7, in a handler thread (a write for the nonce; a read for a ``kid`` whose account
+    this worker does not know yet)."""
     nonce = message.nonce
     if nonce is None:  # jose.parse refuses it first; kept for the type
         raise Refusal(Reason.BAD_NONCE, "the JWS protected header has no 'nonce'")
     nonces.check(nonce, now)
-    account: Account | None = None
-    key: AccountKey | None = None
     if message.kid is not None:
         account_id = urls.account_id(message.kid)
         if account_id is None:
             raise Refusal(Reason.ACCOUNT_DOES_NOT_EXIST, "the JWS 'kid' is not an account URL of this server")
-        account = acme.account(account_id, now)
-        jose.verify(message, account.jwk)
-    else:
-        jwk = message.jwk
-        assert jwk is not None  # jose.parse: exactly one of jwk and kid
-        jose.verify(message, jwk)
-        key = AccountKey(jwk=dict(jwk), thumbprint=jose.thumbprint(jwk))
+        return SignedRequest(message, _signing_account(message, account_id, acme, nonces, now,
+                                                       known or KnownAccounts()), None)
+    jwk = message.jwk
+    assert jwk is not None  # jose.parse: exactly one of jwk and kid
+    jose.verify(message, jwk)
+    key = AccountKey(jwk=dict(jwk), thumbprint=jose.thumbprint(jwk))
     nonces.spend(nonce, now)
-    return SignedRequest(message, account, key)
+    return SignedRequest(message, None, key)
 
 
-__all__ = ["JOSE_MEDIA_TYPE", "SignedRequest", "check_media_type", "media_type", "parse", "verify"]
+def _signing_account(message: jose.SignedMessage, account_id: int, acme: ACMEAuthority, nonces: Nonces,
+                     now: dt.datetime, known: KnownAccounts) -> Account:
+    """The account that signed ``message``, its nonce spent (steps 6 and 7 for a ``kid``)."""
+    nonce = message.nonce
+    assert nonce is not None
+    remembered = known.get(account_id)
+    if remembered is not None:
+        account, key = remembered
+        try:
+            jose.verify(message, account.jwk, key)
+            nonces.spend(nonce, now, account)
+            return account
+        except AccountChanged:
+            known.forget(account_id)
+        except Refusal as refusal:
+            if refusal.reason is Reason.BAD_NONCE:  # the account was confirmed: the nonce is the problem
+                raise
+            # Maybe signed with a key the account changed to: checked afresh below. The remembered
+            # account stays (a forged request must not make its owner's next one slower).
+    for _ in range(CHECK_ATTEMPTS):
+        account = acme.account(account_id, now)  # refuses (and audits) an unknown or unusable account
+        key = jose.verify(message, account.jwk)
+        try:
+            nonces.spend(nonce, now, account)
+        except AccountChanged:
+            continue
+        known.remember(account, key)
+        return account
+    raise Refusal(Reason.UNAUTHENTICATED, f"account {account_id} kept changing while this request was checked; "
+                                          "send it again")
+
+
+__all__ = ["JOSE_MEDIA_TYPE", "KnownAccounts", "SignedRequest", "check_media_type", "media_type", "parse", "verify"]

@@ -1,11 +1,16 @@
 """Running challenge validations: off the event loop, bounded, and never left unfinished.
 
 A challenge POST makes the core mark the challenge ``processing`` and hand back a
-:class:`~certpulse.ca.acme.model.ValidationJob`; the answer goes out at once (RFC 8555 section
-7.5.1: the client polls). The job then runs here, in a small thread pool of its own
-(:data:`VALIDATION_THREADS` per worker process), so that validations, which wait on other
-hosts for up to ``[acme] validation_timeout``, never hold a handler thread. What
+:class:`~certpulse.ca.acme.model.ValidationJob`. The job runs here, in a small thread pool of
+its own (:data:`VALIDATION_THREADS` per worker process), so that validations, which wait on
+other hosts for up to ``[acme] validation_timeout``, never run in a handler thread. What
 :mod:`certpulse.validation` finds goes back to the core (``record_validation``).
+
+The challenge's answer waits for the job at most :data:`ANSWER_WAIT` seconds (RFC 8555 section
+7.5.1 lets it carry the challenge as it is then): a validation of a host that answers at once
+is usually recorded by then, so the client's first poll of the authorization finds it decided
+instead of polling again and again. A slower host only delays that answer by the bound; the
+client then polls as usual.
 
 Whatever goes wrong in the validator (a bug, an exception it did not expect) is that challenge's
 failure, recorded as an ACME ``connection`` problem with a plain sentence; recording itself is
@@ -30,6 +35,7 @@ from certpulse.validation import ValidationSettings
 log = logging.getLogger("certpulse.acme")
 
 VALIDATION_THREADS = 8
+ANSWER_WAIT = 1.0  # seconds a challenge's answer waits for its validation to be recorded
 RECORD_ATTEMPTS = 5
 RECORD_BACKOFF = 2.0  # seconds, doubled after each failed attempt
 
@@ -63,16 +69,25 @@ class ValidationRunner:
         self._threads = threads
         self._lock = threading.Lock()
 
-    def start(self, job: ValidationJob) -> None:
-        """Run ``job`` in the background (callable from any thread)."""
+    def start(self, job: ValidationJob) -> concurrent.futures.Future[bool]:
+        """Run ``job`` in the background (callable from any thread); done when its outcome is
+        recorded (True) or could not be (False)."""
         with self._lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
                                                                    thread_name_prefix="acme-validation")
             pool = self._pool
-        pool.submit(self.run, job)
+        return pool.submit(self.run, job)
 
-    def run(self, job: ValidationJob) -> None:
+    @staticmethod
+    def recorded(running: concurrent.futures.Future[bool], wait: float = ANSWER_WAIT) -> bool:
+        """Whether ``running``'s outcome was recorded within ``wait`` seconds."""
+        try:
+            return running.result(timeout=wait)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            return False
+
+    def run(self, job: ValidationJob) -> bool:
         try:
             result = self.validator(job, self.acme.config)
         except Exception as exc:
@@ -82,15 +97,16 @@ class ValidationRunner:
         for attempt in range(1, RECORD_ATTEMPTS + 1):
             try:
                 self.acme.record_validation(job, result, clock.now())
-                return
+                return True
             except Exception:
                 if attempt == RECORD_ATTEMPTS:
                     log.exception("could not record the validation of challenge %d", job.challenge_id)
-                    return
+                    return False
                 log.warning("could not record the validation of challenge %d; retrying in %.0f s",
                             job.challenge_id, delay)
                 time.sleep(delay)
                 delay *= 2
+        return False
 
     def stop(self) -> None:
         with self._lock:
@@ -99,4 +115,4 @@ class ValidationRunner:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["VALIDATION_THREADS", "ValidationRunner", "Validator", "failed", "validate_with_library"]
+__all__ = ["ANSWER_WAIT", "VALIDATION_THREADS", "ValidationRunner", "Validator", "failed", "validate_with_library"]
