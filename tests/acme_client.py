@@ -265,12 +265,16 @@ class ChallengeServer:
         self.port = port
         self.answers: dict[str, str] = {}
         self.requests: list[str] = []
-        answers, seen = self.answers, self.requests
+        # tokens whose answer waits until the test sets the event (a validation kept in progress)
+        self.held: dict[str, threading.Event] = {}
+        answers, seen, held = self.answers, self.requests, self.held
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 seen.append(self.path)
                 token = self.path.removeprefix("/.well-known/acme-challenge/")
+                if token in held:
+                    held[token].wait(60)
                 body = answers.get(token)
                 if body is None:
                     self.send_error(404)

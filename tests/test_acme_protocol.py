@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,6 +178,30 @@ def test_order_validate_finalize_download(env: Env) -> None:
     assert final["certificate"].startswith(f"{env.base}/acme/cert/")
     orders = listed.json()["orders"]
     assert any(url.startswith(f"{env.base}/acme/order/") for url in orders)
+
+
+def test_a_validation_in_progress_asks_the_client_back_in_a_second(env: Env) -> None:
+    """While the client's server has not answered yet, the challenge is processing and the
+    challenge and authorization answers carry Retry-After: 1 (lego would wait 5 s otherwise)."""
+    client = env.client()
+    order = client.new_order([name()]).json()
+    authz_url = order["authorizations"][0]
+    challenge = next(c for c in client.get(authz_url).json()["challenges"] if c["type"] == "http-01")
+    env.web.answers[challenge["token"]] = client.key_authorization(challenge["token"])
+    release = env.web.held[challenge["token"]] = threading.Event()
+    try:
+        response = client.post(challenge["url"], {})
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "processing"
+        assert response.headers["retry-after"] == "1"
+        authz = client.get(authz_url)
+        assert authz.json()["status"] == "pending"
+        assert authz.headers["retry-after"] == "1"
+    finally:
+        release.set()
+    assert client.poll(authz_url, ("valid", "invalid"))["status"] == "valid"
+    decided = client.get(authz_url)
+    assert "retry-after" not in decided.headers
 
 
 def test_orders_list_pages_with_a_next_link(env: Env) -> None:
