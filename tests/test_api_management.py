@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from certpulse.ca.config import CADir
 from certpulse.ca.revocation import SerialQuery
 from certpulse.ca.setup import open_service
+from certpulse.frontends.acme import urls as acme_urls
 from certpulse.frontends.http import create_app
 from certpulse.pki import template_info
 from support import (
@@ -431,7 +432,16 @@ def test_openapi_documents_every_route(ca: CA, server: str) -> None:
         routes = {(r.path, m) for r in app.routes if isinstance(r, APIRoute) for m in r.methods or ()}
     finally:
         service.engine.dispose()
-    assert routes and routes == documented
+    # The ACME routes are plain ASGI (frontends/acme), documented by hand: each documented path and
+    # method is one the ACME router answers, and every ACME operation is documented.
+    acme_documented = {(path, method) for path, method in documented if path.startswith("/acme/")}
+    assert routes and routes == documented - acme_documented
+    served = set()
+    for path, method in acme_documented:
+        found = acme_urls.match(path.replace("{id}", "7").replace("{certID}", "aGVsbG8.AQ"))
+        assert found is not None and method in found.methods, (path, method)
+        served.add(found.operation)
+    assert served == set(acme_urls.ROUTES)
 
     required = {
         ("/healthz", "GET"), ("/livez", "GET"), ("/readyz", "GET"),
