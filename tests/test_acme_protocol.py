@@ -302,6 +302,19 @@ def test_acme_metrics(env: Env) -> None:
     assert 'certpulse_acme_requests_total{operation="newNonce",outcome="ok"}' in text
 
 
+def _issued_count(env: Env) -> float:
+    text = httpx.get(f"{env.base}/metrics").text
+    line = next(x for x in text.splitlines() if x.startswith("certpulse_ca_issuance_seconds_count"))
+    return float(line.split()[-1])
+
+
+def test_an_acme_issuance_is_counted_with_native_ones(env: Env) -> None:
+    """The CA's issuance histogram counts a certificate issued over ACME as it counts a native one."""
+    before = _issued_count(env)
+    issue(env, env.client(), [name()])
+    assert _issued_count(env) == before + 1
+
+
 def test_nonces_work_and_are_spent_once_across_workers(env: Env) -> None:
     """Each nonce fetched, used and replayed on connections of their own (so spread over the two
     workers): used once it works wherever it was issued, replayed it is refused wherever it lands."""
