@@ -66,7 +66,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +80,7 @@ from issuance import (
     BenchError,
     cpu_seconds,
     free_port,
+    fresh_pg_schema,
     machine_busy,
     machine_description,
     mmm,
@@ -238,26 +238,7 @@ class Peers(contextlib.ExitStack):
         return Peer("pebble", directory, ca_file, proc, folder / "account.pem", (kid, mac_key), PEBBLE_HOW)
 
     def _pg_schema(self) -> str:
-        from sqlalchemy import create_engine, text
-
-        schema = f"bench_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(self.pg_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-        try:
-            with admin.connect() as conn:
-                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        except Exception as exc:
-            admin.dispose()
-            raise BenchError(f"PostgreSQL is not reachable at {self.pg_url} ({type(exc).__name__}); start it, "
-                             "name another with --postgres URL, or leave out certpulse-postgres with --targets") \
-                from None
-
-        def drop() -> None:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            admin.dispose()
-
-        self.callback(drop)
-        return f"{self.pg_url}?options=-csearch_path%3D{schema}"
+        return fresh_pg_schema(self, self.pg_url)
 
     def _certpulse(self, name: str, database_url: str, *, postgres: bool = False) -> Peer:
         folder = self.work / name

@@ -259,6 +259,31 @@ def write_bodies(path: Path, bodies: list[dict[str, Any]]) -> Path:
 # -- targets ------------------------------------------------------------------------------
 
 
+def fresh_pg_schema(stack: contextlib.ExitStack, pg_url: str) -> str:
+    """A schema of its own in the PostgreSQL database at ``pg_url``, dropped when ``stack`` closes;
+    the URL that puts a certpulse CA in it."""
+    from sqlalchemy import create_engine, text
+
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:
+        admin.dispose()
+        raise BenchError(f"PostgreSQL is not reachable at {pg_url} ({type(exc).__name__}); "
+                         f"start it, name another with --postgres URL, or leave out certpulse-postgres "
+                         f"with --targets") from None
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    stack.callback(drop)
+    return f"{pg_url}?options=-csearch_path%3D{schema}"
+
+
 @dataclasses.dataclass
 class Target:
     name: str
@@ -301,26 +326,7 @@ class Targets(contextlib.ExitStack):
         return proc, log
 
     def _pg_schema(self) -> str:
-        from sqlalchemy import create_engine, text
-
-        schema = f"bench_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(self.pg_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-        try:
-            with admin.connect() as conn:
-                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        except Exception as exc:
-            admin.dispose()
-            raise BenchError(f"PostgreSQL is not reachable at {self.pg_url} ({type(exc).__name__}); "
-                             f"start it, name another with --postgres URL, or leave out certpulse-postgres "
-                             f"with --targets") from None
-
-        def drop() -> None:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            admin.dispose()
-
-        self.callback(drop)
-        return f"{self.pg_url}?options=-csearch_path%3D{schema}"
+        return fresh_pg_schema(self, self.pg_url)
 
     def _certpulse(self, name: str, database_url: str, *, postgres: bool = False) -> Target:
         folder = self.work / name
