@@ -4,7 +4,6 @@ exponential backoff every retry uses."""
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import re
 
 from certpulse.errors import Reason, Refusal
@@ -14,21 +13,7 @@ _PART = re.compile(r"(\d+)([smhdwy])")
 
 
 def parse_duration(text: str | int) -> dt.timedelta:
-    """``"1y"`` is 365 days; parts add up (``"1d12h"``); a bare integer is seconds.
-
-    The few durations of the configuration are read on every request of some routes, so short
-    spellings are parsed once (a refusal is never remembered)."""
-    if isinstance(text, bool) or not isinstance(text, str | int) or (isinstance(text, str) and len(text) > 32):
-        return _parse(text)
-    return _remembered(text)
-
-
-@functools.lru_cache(maxsize=256, typed=True)
-def _remembered(text: str | int) -> dt.timedelta:
-    return _parse(text)
-
-
-def _parse(text: str | int) -> dt.timedelta:
+    """``"1y"`` is 365 days; parts add up (``"1d12h"``); a bare integer is seconds."""
     if isinstance(text, int) and not isinstance(text, bool):
         seconds = text
     elif isinstance(text, str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import os
 import tomllib
 from pathlib import Path
@@ -29,6 +30,10 @@ def resolve_ca_dir(given: Path | None) -> Path:
         return given
     env = os.environ.get("CERTPULSE_CA_DIR")
     return Path(env) if env else SYSTEM_CA_DIR
+
+
+# The [acme] settings that are durations
+ACME_DURATIONS = ("validation_timeout", "nonce_lifetime", "order_lifetime", "eab_key_lifetime", "ari_retry_after")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +65,8 @@ class ACMEConfig:
     ari_retry_after: str = "6h"  # Retry-After of renewalInfo answers
 
     def __post_init__(self) -> None:
-        for field in ("validation_timeout", "nonce_lifetime", "order_lifetime", "eab_key_lifetime",
-                      "ari_retry_after"):
-            if parse_duration(getattr(self, field)) <= dt.timedelta(0):
+        for field in ACME_DURATIONS:
+            if self.duration(field) <= dt.timedelta(0):
                 raise Refusal(Reason.INVALID_ARGUMENT, f"acme.{field} must be positive")
         for field in ("http01_port", "tlsalpn01_port"):
             port = getattr(self, field)
@@ -91,8 +95,7 @@ class ACMEConfig:
             elif isinstance(default, int):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"acme.{name} must be a whole number")
-            elif name in ("validation_timeout", "nonce_lifetime", "order_lifetime", "eab_key_lifetime",
-                          "ari_retry_after"):
+            elif name in ACME_DURATIONS:
                 value = _duration_text(value)
             elif not isinstance(value, str):
                 raise ValueError(f"acme.{name} must be text")
@@ -100,7 +103,13 @@ class ACMEConfig:
         return cls(**values)  # type: ignore[arg-type]
 
     def duration(self, field: str) -> dt.timedelta:
-        return parse_duration(getattr(self, field))
+        """One of :data:`ACME_DURATIONS`, parsed once: the ACME routes read them on every request."""
+        return self._durations[field]
+
+    @functools.cached_property
+    def _durations(self) -> dict[str, dt.timedelta]:
+        # not a dataclass field: neither compared nor written back to ca.toml
+        return {field: parse_duration(getattr(self, field)) for field in ACME_DURATIONS}
 
 
 @dataclasses.dataclass(frozen=True)
